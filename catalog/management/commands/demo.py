@@ -1,0 +1,70 @@
+"""`manage.py demo`: the README's first command ends here. Migrates, makes an admin, starts a real Celery worker,
+loads the sample catalog (when the sample-shop command is available) and serves the shop."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import call_command, get_commands
+from django.core.management.base import BaseCommand
+
+from shop_search import embedded
+
+WORKER_QUEUES = "search,embed,train"
+
+
+class Command(BaseCommand):
+    help = "Run the demo shop: database, worker, sample catalog and web server on the embedded defaults."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--addrport", default=os.environ.get("DEMO_ADDRPORT", "127.0.0.1:8000"))
+        parser.add_argument("--no-catalog", action="store_true", help="skip loading the sample catalog")
+        parser.add_argument("--products", type=int, default=int(os.environ.get("DEMO_PRODUCTS", "1000")))
+
+    def handle(self, *args, addrport: str, no_catalog: bool, products: int, **options) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        password = self._admin_password()
+        worker = self._start_worker()
+        # SIGTERM (not only Ctrl-C) must also stop the worker: turn it into the SystemExit `finally` handles.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            if not no_catalog and "demo_catalog" in get_commands():
+                call_command("demo_catalog", products=products)
+            host = addrport if ":" in addrport else f"127.0.0.1:{addrport}"
+            self.stdout.write(self.style.SUCCESS("\nshop_search demo is up"))
+            self.stdout.write(f"  shop:    http://{host}/")
+            self.stdout.write(f"  API:     http://{host}/api/docs/")
+            self.stdout.write(f"  admin:   http://{host}/admin/  (user 'admin', password '{password}')")
+            self.stdout.write(f"  health:  http://{host}/healthz")
+            self.stdout.write(f"  worker:  pid {worker.pid}, queues {WORKER_QUEUES}; redis {settings.REDIS_URL}")
+            self.stdout.write("  Ctrl-C stops the web and the worker; `manage.py embedded stop` the databases.\n")
+            call_command("runserver", addrport, use_reloader=False)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)
+
+    def _admin_password(self) -> str:
+        """A random admin password made once per checkout (kept in var/, shown at every start)."""
+        password_file = embedded.VAR_DIR / "demo-admin-password"
+        if not password_file.exists():
+            password_file.write_text(secrets.token_urlsafe(12))
+        password = password_file.read_text().strip()
+        user, _ = get_user_model().objects.get_or_create(
+            username="admin", defaults={"is_staff": True, "is_superuser": True, "email": "admin@example.com"}
+        )
+        user.set_password(password)
+        user.save()
+        return password
+
+    def _start_worker(self) -> subprocess.Popen:
+        command = [
+            sys.executable, "-m", "celery", "-A", "shop_search", "worker",
+            "-Q", WORKER_QUEUES, "--concurrency", "1", "--loglevel", "WARNING", "-n", "demo@%h",
+        ]  # fmt: skip
+        return subprocess.Popen(command, cwd=settings.BASE_DIR, env=os.environ.copy())

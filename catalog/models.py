@@ -1,0 +1,219 @@
+"""The data model (ARCHITECTURE.md section 4).
+
+Codes and fc7 vectors are stored unsized (`bit`, `vector`) because model versions may differ in code length and
+fc7 size; each version gets its own partial HNSW index on `code::bit(B)` when it is activated
+(`services.model_version_activate`), which is how pgvector indexes mixed-size columns.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from pgvector.django import BitField, VectorField
+
+
+class CodeField(BitField):
+    """A binary code of any length: `bit varying`, since a bare `bit` column in PostgreSQL means `bit(1)`."""
+
+    def db_type(self, connection) -> str:
+        return "bit varying" if self.length is None else f"bit({int(self.length)})"
+
+
+class Merchant(models.Model):
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    users = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="merchants", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Product(models.Model):
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, related_name="products")
+    sku = models.CharField(max_length=100)
+    title = models.CharField(max_length=300)
+    description = models.TextField(blank=True)
+    category = models.CharField(max_length=100, blank=True, db_index=True)
+    attributes = models.JSONField(default=list, blank=True)  # attribute names, e.g. ["red", "striped"]
+    price = models.DecimalField(max_digits=12, decimal_places=2, null=True, blank=True)
+    url = models.URLField(max_length=1000, blank=True)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["merchant_id", "sku"]
+        constraints = [models.UniqueConstraint(fields=["merchant", "sku"], name="product_sku_unique_per_merchant")]
+
+    def __str__(self) -> str:
+        return f"{self.sku}: {self.title}"
+
+
+class ProductImage(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        EMBEDDED = "embedded"
+        FAILED = "failed"
+
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="images")
+    file = models.ImageField(upload_to="products/%Y/%m/", width_field="width", height_field="height")
+    sha256 = models.CharField(max_length=64, db_index=True)
+    width = models.PositiveIntegerField(null=True, blank=True)
+    height = models.PositiveIntegerField(null=True, blank=True)
+    size_bytes = models.PositiveIntegerField(default=0)
+    position = models.PositiveSmallIntegerField(default=0)  # 0 = the product's main image
+    source_url = models.URLField(max_length=2000, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["product_id", "position", "id"]
+        constraints = [models.UniqueConstraint(fields=["product", "sha256"], name="image_unique_per_product")]
+
+    def __str__(self) -> str:
+        return f"image {self.pk} of {self.product_id}"
+
+
+class ModelVersion(models.Model):
+    class Status(models.TextChoices):
+        TRAINING = "training"
+        READY = "ready"
+        INDEXING = "indexing"
+        ACTIVE = "active"
+        RETIRED = "retired"
+        FAILED = "failed"
+
+    class Kind(models.TextChoices):
+        BASELINE = "baseline", "pretrained backbone + PCA + ITQ"
+        FASHIONNET = "fashionnet", "trained multi-task network"
+
+    name = models.CharField(max_length=100, unique=True)
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.BASELINE)
+    config = models.JSONField(default=dict, blank=True)
+    checkpoint = models.CharField(max_length=500, blank=True)  # path under MODELS_DIR (or absolute)
+    code_bits = models.PositiveSmallIntegerField(default=64)
+    fc7_dim = models.PositiveIntegerField(default=512)
+    metrics = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.READY, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    activated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            # Search reads exactly one version's vectors: the database, not the code, guarantees there is one.
+            models.UniqueConstraint(
+                fields=["status"], condition=Q(status="active"), name="exactly_one_active_model_version"
+            ),
+            models.CheckConstraint(
+                condition=Q(code_bits__gte=8) & Q(code_bits__lte=1024), name="model_version_code_bits_range"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.status})"
+
+
+class ImageEmbedding(models.Model):
+    image = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="embeddings")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="embeddings")
+    # Denormalised from image.product so the coarse and fine stages need no join to group by product.
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="embeddings")
+    code = CodeField()  # B bits; B = model_version.code_bits
+    fc7 = VectorField()  # D floats; D = model_version.fc7_dim
+    category = models.CharField(max_length=100, blank=True)  # predicted
+    category_confidence = models.FloatField(null=True, blank=True)
+    attributes = models.JSONField(default=dict, blank=True)  # predicted: name -> probability (top ones)
+    landmarks = models.JSONField(default=list, blank=True)  # predicted: [[x, y, visibility], ...] in [0, 1]
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["image", "model_version"], name="embedding_unique_per_image_version")
+        ]
+        indexes = [models.Index(fields=["model_version", "product"], name="embedding_version_product")]
+
+    def __str__(self) -> str:
+        return f"embedding of image {self.image_id} by version {self.model_version_id}"
+
+
+class IndexChange(models.Model):
+    """The change sequence in-memory coarse indexes follow: written by database triggers (migration 0002), so
+    no write path (service, admin, bulk delete, cascade) can forget it. Rows are notifications, not state:
+    a reader re-reads the current rows of whatever ids it is told about."""
+
+    class Op(models.TextChoices):
+        EMBEDDING = "embedding"  # an embedding row was inserted, updated or deleted
+        PRODUCT = "product"  # a product's visibility (active) changed or it was deleted
+
+    id = models.BigAutoField(primary_key=True)
+    op = models.CharField(max_length=16, choices=Op.choices)
+    embedding_id = models.BigIntegerField(null=True)
+    product_id = models.BigIntegerField(null=True)
+    model_version_id = models.BigIntegerField(null=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"change {self.pk}: {self.op} e={self.embedding_id} p={self.product_id}"
+
+
+class ImportJob(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, related_name="import_jobs")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True)
+    source_name = models.CharField(max_length=300, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
+    total = models.PositiveIntegerField(default=0)
+    processed = models.PositiveIntegerField(default=0)
+    ok = models.PositiveIntegerField(default=0)
+    rejected = models.PositiveIntegerField(default=0)
+    errors = models.JSONField(default=list, blank=True)  # [{"line": 12, "sku": "...", "error": "..."}]
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"import {self.pk} for {self.merchant_id} ({self.state})"
+
+
+class TrainingRun(models.Model):
+    class State(models.TextChoices):
+        PENDING = "pending"
+        RUNNING = "running"
+        DONE = "done"
+        FAILED = "failed"
+
+    config = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    progress = models.FloatField(default=0.0)  # 0..1
+    epoch_metrics = models.JSONField(default=list, blank=True)  # one dict per epoch, for the dashboard's curves
+    log = models.TextField(blank=True)
+    model_version = models.OneToOneField(
+        ModelVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="training_run"
+    )
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"training run {self.pk} ({self.state})"

@@ -1,0 +1,4 @@
+# Celery's Django guide: import the app here so that @shared_task binds to it when Django starts.
+from .celery import app as celery_app
+
+__all__ = ("celery_app",)
