@@ -1,0 +1,179 @@
+"""Version 0: a shop that has never trained still searches well.
+
+The packaged ImageNet EfficientNet-Lite0, globally pooled, L2-normalised; PCA fitted on the shop's own catalog
+gives fc7, and ITQ (iterative quantization, Gong & Lazebnik, CVPR 2011) rotates the top PCA components so
+that their signs lose as little as possible: those signs are the code bits. An optional nearest-class-mean
+classifier predicts the category when the catalog has categories. Fitting 1-3k images takes seconds.
+
+The result is an ordinary checkpoint of kind "baseline": `Encoder.load` returns the same `Encoding` as for a
+trained network (no attributes or landmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from workers.ml.backbone import PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD, create_pooled_model
+from workers.ml.checkpoint import build_checkpoint, save_checkpoint
+from workers.ml.preprocess import Preprocessing, preprocess_batch
+from workers.ml.records import LabelSpace
+
+BASELINE_INPUT_SIZE = 112  # ImageNet features stay useful at this size and 3000 images encode in ~10 s
+ITQ_ITERATIONS = 50  # Gong & Lazebnik: the loss has flattened well before 50
+CLASS_MEAN_TEMPERATURE = 20.0  # cosine similarities in [-1, 1] -> softmax that is decisive but not one-hot
+FEATURE_BATCH_SIZE = 64
+MIN_SAMPLES = 2  # PCA needs at least two images to find a direction
+
+
+def extract_features(
+    model: torch.nn.Module, images: Sequence[Image.Image], prep: Preprocessing, batch_size: int = FEATURE_BATCH_SIZE
+) -> np.ndarray:
+    """Pooled backbone features, L2-normalised, (N, F) float32."""
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch, _ = preprocess_batch(images[start : start + batch_size], prep)
+            pooled = model(batch.contiguous(memory_format=torch.channels_last))
+            chunks.append(F.normalize(pooled, dim=1).numpy())
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def itq_rotation(projected: np.ndarray, iterations: int = ITQ_ITERATIONS, seed: int = 0) -> np.ndarray:
+    """Orthogonal R (k, k) minimising ||sign(V R) - V R||_F for zero-centred V (N, k)."""
+    k = projected.shape[1]
+    rng = np.random.default_rng(seed)
+    rotation, _ = np.linalg.qr(rng.standard_normal((k, k)))
+    for _ in range(iterations):
+        codes = np.where(projected @ rotation >= 0, 1.0, -1.0)
+        u, _, vt = np.linalg.svd(projected.T @ codes)  # Procrustes: R = U W^T for V^T B = U S W^T
+        rotation = u @ vt
+    return rotation
+
+
+def fit_baseline(
+    images: Sequence[Image.Image],
+    *,
+    out_path: str | Path,
+    categories: Sequence[str | None] | None = None,
+    code_bits: int = 64,
+    fc7_dim: int = 256,
+    input_size: int = BASELINE_INPUT_SIZE,
+    backbone: str = PACKAGED_BACKBONE,
+    seed: int = 0,
+    num_threads: int | None = None,
+) -> Path:
+    """Fit PCA + ITQ (+ class means) on catalog images and write a "baseline" checkpoint to `out_path`.
+
+    fc7_dim is clamped to what the sample allows (at most N - 1 and the feature width); the checkpoint records
+    the actual width. If fewer than `code_bits` PCA directions exist, the extra bits are signs of seeded random
+    projections of fc7 (LSH), so every code still has `code_bits` bits.
+    """
+    if len(images) < MIN_SAMPLES:
+        raise ValueError(f"need at least {MIN_SAMPLES} images to fit a baseline, got {len(images)}")
+    if not (32 <= code_bits <= 256 and code_bits % 8 == 0):
+        raise ValueError(f"code_bits must be a multiple of 8 in [32, 256], got {code_bits}")
+    if backbone != PACKAGED_BACKBONE:
+        raise ValueError(f"the baseline needs pretrained weights, which ship only for {PACKAGED_BACKBONE}")
+    if categories is not None and len(categories) != len(images):
+        raise ValueError("categories must align with images")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+
+    prep = Preprocessing(input_size, PACKAGED_MEAN, PACKAGED_STD)
+    model = create_pooled_model(backbone, packaged_weights=True).eval().to(memory_format=torch.channels_last)
+    features = extract_features(model, images, prep)
+
+    mean = features.mean(axis=0)
+    centred = features - mean
+    _, _, vt = np.linalg.svd(centred.astype(np.float64), full_matrices=False)
+    rank = min(len(images) - 1, features.shape[1])
+    fc7_dim = min(fc7_dim, rank)
+    components = vt[: max(fc7_dim, min(code_bits, rank))].T  # (F, k) — codes may use more than fc7's width
+    projected = centred @ components
+
+    itq_dims = min(code_bits, components.shape[1])
+    rotation = itq_rotation(projected[:, :itq_dims], seed=seed)
+    hash_projection = components[:, :itq_dims] @ rotation  # (F, itq_dims)
+    if itq_dims < code_bits:
+        rng = np.random.default_rng(seed + 1)
+        extra = components @ rng.standard_normal((components.shape[1], code_bits - itq_dims))
+        hash_projection = np.concatenate([hash_projection, extra], axis=1)
+
+    fc7_projection = components[:, :fc7_dim]
+    label_space = LabelSpace()
+    state = {
+        "feature_mean": torch.from_numpy(mean.astype(np.float32)),
+        "fc7_projection": torch.from_numpy(fc7_projection.astype(np.float32)),
+        "hash_projection": torch.from_numpy(hash_projection.astype(np.float32)),
+    }
+    if categories is not None:
+        names = sorted({c for c in categories if c})
+        if names:
+            label_space = LabelSpace(categories=tuple(names))
+            fc7 = _normalise(projected[:, :fc7_dim])
+            means = np.zeros((len(names), fc7_dim))
+            for index, name in enumerate(names):
+                members = [i for i, c in enumerate(categories) if c == name]
+                means[index] = fc7[members].mean(axis=0)
+            state["class_means"] = torch.from_numpy(_normalise(means).astype(np.float32))
+    state.update({f"backbone.{key}": value for key, value in model.state_dict().items()})
+
+    checkpoint = build_checkpoint(
+        kind="baseline",
+        model_config={
+            "backbone": backbone,
+            "pooling": "gap",
+            "input_size": input_size,
+            "fit_samples": len(images),
+            "itq_dims": int(itq_dims),
+        },
+        label_space=label_space.to_dict(),
+        preprocessing=prep.to_dict(),
+        code_bits=code_bits,
+        fc7_dim=fc7_dim,
+        state_dict=state,
+    )
+    return save_checkpoint(checkpoint, out_path)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+class BaselineRunner:
+    """Encoder's network for "baseline" checkpoints."""
+
+    def __init__(self, checkpoint: dict) -> None:
+        import timm
+
+        state = checkpoint["state_dict"]
+        self.model = timm.create_model(checkpoint["model_config"]["backbone"], pretrained=False)
+        self.model.reset_classifier(0)
+        backbone_state = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
+        self.model.load_state_dict(backbone_state, strict=True)
+        self.model.eval().to(memory_format=torch.channels_last)
+        self.mean = state["feature_mean"]
+        self.fc7_projection = state["fc7_projection"]
+        self.hash_projection = state["hash_projection"]
+        self.class_means = state.get("class_means")
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
+        features = F.normalize(self.model(batch.contiguous(memory_format=torch.channels_last)), dim=1) - self.mean
+        fc7 = F.normalize(features @ self.fc7_projection, dim=1)
+        category_probs = None
+        if self.class_means is not None:
+            category_probs = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1).numpy()
+        return {
+            "bits": (features @ self.hash_projection > 0).numpy(),
+            "fc7": fc7.numpy(),
+            "category_probs": category_probs,
+            "attribute_probs": None,
+            "landmarks": None,
+            "visibility": None,
+        }

@@ -1,0 +1,242 @@
+"""Benchmark datasets and the Fashion-MNIST retrieval benchmark (a command, not a test).
+
+Fashion-MNIST with held-out instances: training sees only the `train` split (minus a small validation
+hold-out taken from `train` too); the catalog is the first N images of `t10k` and the queries are shopper
+views (workers.ml.augment, strength "query", fixed seed) of catalog items. Each t10k image is its own product,
+so R@1 asks: of 2,000 look-alike product photos, is the one this shopper photo shows ranked first?
+
+    python -m workers.ml.benchmark --config configs/fashion_mnist.json --out var/bench/fashion_mnist.json
+
+runs: version 0 (baseline fitted on the catalog) -> evaluate; train (resumable) -> evaluate; one JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.ml.records import LabelSpace, Record
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+VALIDATION_HOLDOUT = 1000  # train-split images kept out of training to watch retrieval per epoch
+VALIDATION_QUERY_SEED = 12345
+EVALUATION_QUERY_SEED = 2024  # fixed: every model version is measured on the same shopper photos
+DEFAULT_CATALOG_SIZE = 2000
+QUERY_STRENGTH = "query"
+
+
+@dataclass(frozen=True)
+class EvaluationSets:
+    catalog: list[Record]
+    queries: list[Record]
+    label_space: LabelSpace
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def fashion_mnist_records(split: str) -> tuple[list[Record], LabelSpace]:
+    """Fashion-MNIST as Records (instance id = index within the split), from the data side's loader."""
+    try:
+        from workers.ml.datasets import fashion_mnist
+    except ImportError:  # the data side's loader has not landed yet: read an already unpacked copy
+        return _unpacked_fashion_mnist(split)
+    records = fashion_mnist.load_records(split)
+    return list(records), fashion_mnist.LABEL_SPACE
+
+
+def _unpacked_fashion_mnist(split: str) -> tuple[list[Record], LabelSpace]:
+    import gzip
+    import os
+
+    from PIL import Image
+
+    root = Path(os.environ.get("FASHION_MNIST_DIR", "var/data/fashion-mnist"))
+    with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
+        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    records = [
+        Record(Image.fromarray(image).convert("RGB"), instance_id=i, category=int(label))
+        for i, (image, label) in enumerate(zip(pixels, labels))
+    ]
+    return records, LabelSpace(categories=FASHION_MNIST_CLASSES)
+
+
+def _query_views(records: Sequence[Record], seed: int, strength: str = QUERY_STRENGTH) -> list[Record]:
+    from workers.ml.augment import shopper_view
+
+    rng = np.random.default_rng(seed)
+    return [shopper_view(record, rng, strength) for record in records]
+
+
+def evaluation_sets(name: str, *, catalog_size: int, num_queries: int, seed: int = 0) -> EvaluationSets:
+    """Catalog and shopper-photo queries for `evaluate`, never drawn from training data."""
+    if name == "fashion-mnist":
+        records, label_space = fashion_mnist_records("t10k")
+        catalog = records[:catalog_size]
+    elif name == "renderer":
+        from workers.ml.datasets import render
+
+        label_space = render.LABEL_SPACE
+        catalog = [render.render_product(render.EVAL_FIRST_SEED + i, 0) for i in range(catalog_size)]
+    else:
+        raise ValueError(f"unknown evaluation dataset {name!r} (fashion-mnist | renderer)")
+    picks = [catalog[i % len(catalog)] for i in range(num_queries)]
+    queries = _query_views(picks, EVALUATION_QUERY_SEED + seed)
+    return EvaluationSets(catalog, queries, label_space)
+
+
+def training_data(spec: dict, *, seed: int):
+    """(InstanceDataset, validate callback) for train.py from a JSON spec {"name": ..., ...}."""
+    from workers.ml.train import AugmentedRecords, shopper_augment
+
+    name = spec["name"]
+    strength = spec.get("strength", "strong")
+    if name == "fashion-mnist":
+        records, label_space = fashion_mnist_records("train")
+        limit = spec.get("limit")
+        holdout = int(spec.get("holdout", VALIDATION_HOLDOUT))
+        train_records = records[: len(records) - holdout]
+        if limit:
+            train_records = train_records[: int(limit)]
+        validation = records[len(records) - holdout :]
+        data = AugmentedRecords(train_records, label_space, shopper_augment(strength))
+        return data, retrieval_validator(validation, label_space) if holdout else None
+    if name == "renderer":
+        from workers.ml.datasets import render
+
+        count = int(spec.get("products", 20000))
+        data = RenderedProducts(count, strength)
+        validation = [render.render_product(render.EVAL_FIRST_SEED - 1 - i, 0) for i in range(500)]
+        return data, retrieval_validator(validation, render.LABEL_SPACE)
+    raise ValueError(f"unknown training dataset {name!r} (fashion-mnist | renderer)")
+
+
+class RenderedProducts:
+    """Renderer products as an InstanceDataset: a view = another catalog view of the product, shopper-augmented."""
+
+    def __init__(self, count: int, strength: str, views: int = 3) -> None:
+        from workers.ml.datasets import render
+
+        self.render = render
+        self.label_space = render.LABEL_SPACE
+        self.count = count
+        self.views = views
+        self.strength = strength
+
+    def instance_ids(self) -> np.ndarray:
+        return np.arange(self.render.TRAIN_FIRST_SEED, self.render.TRAIN_FIRST_SEED + self.count, dtype=np.int64)
+
+    def view(self, instance_id: int, rng: np.random.Generator) -> Record:
+        from workers.ml.augment import shopper_view
+
+        record = self.render.render_product(int(instance_id), int(rng.integers(self.views)))
+        return shopper_view(record, rng, self.strength)
+
+
+def retrieval_validator(catalog: Sequence[Record], label_space: LabelSpace) -> Callable:
+    """Per-epoch check: R@1 of the three modes and head metrics on held-out training-side data."""
+    queries = _query_views(catalog, VALIDATION_QUERY_SEED)
+
+    def validate(model, prep) -> dict:
+        from workers.ml.encoder import Encoder
+        from workers.ml.evaluate import evaluate_encoder
+
+        encoder = Encoder.from_model(model, label_space=label_space, preprocessing=prep)
+        report = evaluate_encoder(encoder, catalog, queries)
+        summary = {mode: round(report[mode]["R@1"], 4) for mode in ("fc7", "hamming", "cascade")}
+        summary["bit_balance"] = round(report["bit_balance"]["balance"], 4)
+        for key in ("category_accuracy", "landmark_pck@0.1"):
+            if key in report:
+                summary[key] = round(report[key], 4)
+        return summary
+
+    return validate
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import torch
+
+    from workers.ml.baseline import fit_baseline
+    from workers.ml.encoder import Encoder
+    from workers.ml.evaluate import evaluate_encoder
+    from workers.ml.train import TrainConfig, train
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TrainConfig JSON (dataset fashion-mnist)")
+    parser.add_argument("--checkpoint", type=Path, help="evaluate this checkpoint instead of training")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--catalog-size", type=int, default=DEFAULT_CATALOG_SIZE)
+    parser.add_argument("--queries", type=int, default=DEFAULT_CATALOG_SIZE)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("var/bench/fashion_mnist.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    sets = evaluation_sets(args.dataset, catalog_size=args.catalog_size, num_queries=args.queries)
+    report: dict = {"dataset": args.dataset, "catalog": len(sets.catalog), "queries": len(sets.queries)}
+
+    if not args.skip_baseline:
+        started = time.perf_counter()
+        baseline_path = fit_baseline(
+            [r.image for r in sets.catalog],
+            categories=[sets.label_space.categories[r.category] if r.category >= 0 else None for r in sets.catalog],
+            out_path=args.out.with_suffix(".baseline.pt"),
+        )
+        fit_seconds = time.perf_counter() - started
+        baseline = evaluate_encoder(Encoder.load(baseline_path), sets.catalog, sets.queries)
+        report["baseline"] = {"fit_seconds": round(fit_seconds, 1), **baseline}
+        _print_summary("baseline (version 0)", baseline)
+
+    checkpoint = args.checkpoint
+    if checkpoint is None and args.config is not None:
+        started = time.perf_counter()
+        checkpoint = train(TrainConfig.from_dict(json.loads(args.config.read_text())))
+        report["train_seconds"] = round(time.perf_counter() - started, 1)
+    if checkpoint is not None:
+        trained = evaluate_encoder(Encoder.load(checkpoint), sets.catalog, sets.queries)
+        report["trained"] = {"checkpoint": str(checkpoint), **trained}
+        _print_summary("trained", trained)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    sys.stdout.write(f"wrote {args.out}\n")
+    return 0
+
+
+def _print_summary(title: str, report: dict) -> None:
+    line = "  ".join(
+        f"{mode} R@1={report[mode]['R@1']:.4f} R@10={report[mode]['R@10']:.4f} mAP={report[mode]['mAP']:.4f}"
+        for mode in ("fc7", "hamming", "cascade")
+    )
+    sys.stdout.write(
+        f"{title}: {line}  coarse_recall={report['cascade']['coarse_recall']:.4f} "
+        f"balance={report['bit_balance']['balance']:.3f}\n"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Encoder: load a checkpoint once, then batch-encode PIL images into a named `Encoding`.
+
+    encoder = Encoder.load("var/models/v3.pt", num_threads=1)   # once per worker process
+    encoding = encoder.encode(images)                             # cheap, repeatable
+    encoding.codes   # (N, B/8) uint8, np.packbits big-endian: bit 0 = MSB of byte 0 (pgvector's order)
+
+Both checkpoint kinds — a trained FashionNet and the untrained "version 0" baseline — give the same Encoding.
+Calls to `encode` are serialised by a lock, so one Encoder can be shared by the threads of a worker process.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from workers.ml.checkpoint import FORMAT_VERSION, load_checkpoint
+from workers.ml.codes import pack_bits
+from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.preprocess import Letterbox, Preprocessing, preprocess_batch
+from workers.ml.records import LabelSpace
+
+DEFAULT_BATCH_SIZE = 64  # large enough to amortise per-call overhead, small enough to stay in cache
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Per-image outputs for N images, row i for images[i]. Optional heads are None when the model lacks them."""
+
+    bits: np.ndarray  # (N, B) bool; bit = hash activation > 0.5
+    codes: np.ndarray  # (N, B/8) uint8 = np.packbits(bits, axis=1), big-endian within each byte
+    fc7: np.ndarray  # (N, D) float32, L2-normalised: compare with exact L2
+    category_probs: np.ndarray | None  # (N, C) float32, rows sum to 1
+    attribute_probs: np.ndarray | None  # (N, A) float32, independent sigmoids
+    landmarks: np.ndarray | None  # (N, K, 2) float32, x/y in [0, 1] of the *original* image
+    visibility: np.ndarray | None  # (N, K) float32 probabilities
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+
+class _Network:
+    """What Encoder needs from a model: a preprocessed batch -> dict of numpy outputs (landmarks in input units)."""
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
+        raise NotImplementedError
+
+
+class _FashionNetRunner(_Network):
+    def __init__(self, model: FashionNet) -> None:
+        self.model = model
+        self.model.eval().to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> _FashionNetRunner:
+        config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
+        model = FashionNet(config)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        return cls(model)
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
+        out = self.model(batch.contiguous(memory_format=torch.channels_last))
+        return {
+            "bits": (out.hash_probs > 0.5).numpy(),
+            "fc7": out.fc7.float().numpy(),
+            "category_probs": out.category_logits.softmax(1).numpy() if out.category_logits is not None else None,
+            "attribute_probs": torch.sigmoid(out.attribute_logits).numpy()
+            if out.attribute_logits is not None
+            else None,
+            "landmarks": out.landmarks.numpy() if out.landmarks is not None else None,
+            "visibility": torch.sigmoid(out.visibility_logits).numpy() if out.visibility_logits is not None else None,
+        }
+
+
+class Encoder:
+    def __init__(self, checkpoint: dict, network: _Network, path: Path | None = None) -> None:
+        self.checkpoint_meta = {
+            key: value for key, value in checkpoint.items() if key not in ("state_dict", "training")
+        }
+        self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+        self._network = network
+        self._path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: str | Path, *, num_threads: int | None = None) -> Encoder:
+        """Load a checkpoint of any kind. `num_threads` pins torch's intra-op threads (process-wide)."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        checkpoint = load_checkpoint(path)
+        return cls.from_checkpoint(checkpoint, path=Path(path))
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, *, path: Path | None = None) -> Encoder:
+        if checkpoint["kind"] == "fashionnet":
+            network: _Network = _FashionNetRunner.from_checkpoint(checkpoint)
+        else:
+            from workers.ml.baseline import BaselineRunner
+
+            network = BaselineRunner(checkpoint)
+        return cls(checkpoint, network, path)
+
+    @classmethod
+    def from_model(cls, model: FashionNet, *, label_space: LabelSpace, preprocessing: Preprocessing) -> Encoder:
+        """Wrap a live network (validation during training): puts it in eval mode, shares its weights."""
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": "fashionnet",
+            "created_at": "",
+            "model_config": model.config.to_dict(),
+            "label_space": label_space.to_dict(),
+            "preprocessing": preprocessing.to_dict(),
+            "code_bits": model.config.code_bits,
+            "fc7_dim": model.config.fc7_dim,
+        }
+        return cls(meta, _FashionNetRunner(model))
+
+    @property
+    def code_bits(self) -> int:
+        return int(self.checkpoint_meta["code_bits"])
+
+    @property
+    def fc7_dim(self) -> int:
+        return int(self.checkpoint_meta["fc7_dim"])
+
+    @property
+    def label_space(self) -> LabelSpace:
+        return LabelSpace.from_dict(self.checkpoint_meta["label_space"])
+
+    @property
+    def metrics(self) -> dict:
+        return dict(self.checkpoint_meta.get("metrics", {}))
+
+    @property
+    def version_info(self) -> dict:
+        """What a ModelVersion row records about where these encodings came from."""
+        meta = self.checkpoint_meta
+        return {
+            "kind": meta["kind"],
+            "format_version": meta["format_version"],
+            "created_at": meta["created_at"],
+            "backbone": meta["model_config"].get("backbone"),
+            "code_bits": self.code_bits,
+            "fc7_dim": self.fc7_dim,
+            "input_size": self.preprocessing.input_size,
+            "path": str(self._path) if self._path else None,
+        }
+
+    def encode(self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH_SIZE) -> Encoding:
+        """Encode PIL images (any mode, any size) into one Encoding, in input order."""
+        parts: list[dict[str, np.ndarray | None]] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = images[start : start + batch_size]
+                batch, boxes = preprocess_batch(chunk, self.preprocessing)
+                result = self._network(batch)
+                if result["landmarks"] is not None:
+                    result["landmarks"] = _landmarks_to_original(result["landmarks"], boxes)
+                parts.append(result)
+        if not parts:
+            return self._empty()
+        merged = {
+            key: (np.concatenate([p[key] for p in parts]) if parts[0][key] is not None else None) for key in parts[0]
+        }
+        bits = merged["bits"].astype(bool)
+        return Encoding(
+            bits=bits,
+            codes=pack_bits(bits),
+            fc7=merged["fc7"].astype(np.float32),
+            category_probs=_float32(merged["category_probs"]),
+            attribute_probs=_float32(merged["attribute_probs"]),
+            landmarks=_float32(merged["landmarks"]),
+            visibility=_float32(merged["visibility"]),
+        )
+
+    def _empty(self) -> Encoding:
+        labels = self.label_space
+        k = labels.num_landmarks if self.checkpoint_meta["kind"] == "fashionnet" else 0
+        return Encoding(
+            bits=np.zeros((0, self.code_bits), bool),
+            codes=np.zeros((0, self.code_bits // 8), np.uint8),
+            fc7=np.zeros((0, self.fc7_dim), np.float32),
+            category_probs=np.zeros((0, len(labels.categories)), np.float32) if labels.categories else None,
+            attribute_probs=np.zeros((0, len(labels.attributes)), np.float32)
+            if labels.attributes and self.checkpoint_meta["kind"] == "fashionnet"
+            else None,
+            landmarks=np.zeros((0, k, 2), np.float32) if k else None,
+            visibility=np.zeros((0, k), np.float32) if k else None,
+        )
+
+
+def _float32(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else array.astype(np.float32)
+
+
+def _landmarks_to_original(points: np.ndarray, boxes: list[Letterbox]) -> np.ndarray:
+    return np.stack([box.to_original(p) for p, box in zip(points, boxes)]).clip(0.0, 1.0)
