@@ -3,10 +3,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from workers.ml.datasets import Preprocess, RecordDataset, RenderedProducts, pk_loader
+from workers.ml.datasets import RecordDataset, RenderedProducts, pk_loader
 from workers.ml.datasets.render import LABEL_SPACE
+from workers.ml.preprocess import Preprocessing
 from workers.ml.sampler import CLEAN_VIEW, PKBatchSampler, SampleKey
 
+PREP = Preprocessing(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 # 10 instances: instance i has (i % 3) + 1 images.
 INSTANCE_IDS = [i for i in range(10) for _ in range(i % 3 + 1)]
 
@@ -44,7 +46,7 @@ def test_more_batches_than_one_pass():
 
 
 def test_pk_loader_collates_augmented_views():
-    dataset = RecordDataset(RenderedProducts(6, size=48), Preprocess(size=32), augment="mild", seed=0)
+    dataset = RecordDataset(RenderedProducts(6, size=48), PREP, augment="mild", seed=0)
     loader = pk_loader(dataset, LABEL_SPACE, p=3, k=2, seed=0)
     batches = list(loader)
     assert len(batches) == 2
@@ -60,8 +62,8 @@ def test_pk_loader_collates_augmented_views():
 
 
 def test_plain_int_index_is_augmented_deterministically():
-    dataset = RecordDataset(RenderedProducts(2, size=48), Preprocess(size=32), augment="query", seed=3)
+    dataset = RecordDataset(RenderedProducts(2, size=48), PREP, augment="query", seed=3)
     assert torch.equal(dataset[1][0], dataset[1][0])
-    clean = RecordDataset(RenderedProducts(2, size=48), Preprocess(size=32))
+    clean = RecordDataset(RenderedProducts(2, size=48), PREP)
     assert not torch.equal(clean[1][0], dataset[1][0])
     assert np.array_equal(dataset.instance_ids, [0, 1])

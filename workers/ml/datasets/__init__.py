@@ -1,8 +1,8 @@
 """Every source of labelled images, each yielding `workers.ml.records.Record`s.
 
 - `render`: procedural garments/shoes/bags with landmarks, attributes and instance identity (`RenderedProducts`).
-- `torch_dataset`: `Preprocess`, `RecordDataset` (Records -> (tensor, Record), optional shopper views),
-  `pk_loader` / `plain_loader`.
+- `torch_dataset`: `RecordDataset` (Records -> (letterboxed tensor, Record), optional shopper views),
+  `pk_loader` / `plain_loader`, `prepare_record`.
 
 Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `workers.ml.sampler`.
 """
@@ -10,23 +10,21 @@ Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `w
 from workers.ml.datasets.render import LABEL_SPACE as RENDER_LABEL_SPACE
 from workers.ml.datasets.render import RenderedProducts, product_spec, render_product
 from workers.ml.datasets.torch_dataset import (
-    Preprocess,
     RecordDataset,
     instance_ids,
     pk_loader,
     plain_loader,
-    preprocess_image,
+    prepare_record,
 )
 
 __all__ = [
     "RENDER_LABEL_SPACE",
-    "Preprocess",
     "RecordDataset",
     "RenderedProducts",
     "instance_ids",
     "pk_loader",
     "plain_loader",
-    "preprocess_image",
+    "prepare_record",
     "product_spec",
     "render_product",
 ]

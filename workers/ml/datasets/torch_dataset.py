@@ -1,56 +1,33 @@
 """Records -> (tensor, Record) pairs for torch: preprocessing, optional shopper-view augmentation, loaders.
 
-`Preprocess` is the one description of how an image becomes the network's input (stored in checkpoints):
-resize to `size` x `size` (aspect not kept, so normalised landmarks stay valid), scale to [0, 1], normalise
-with `mean`/`std`. `RecordDataset` applies it, after an optional augmentation seeded per sample, and is
-indexed either by a plain int or by a `SampleKey` from the P x K sampler.
+Preprocessing is the project's one convention, `workers.ml.preprocess` (letterbox to a square input, the
+settings stored in checkpoints); landmark targets move into the input square's coordinates with it.
+`RecordDataset` applies it after an optional augmentation seeded per sample, and is indexed either by a plain
+int or by a `SampleKey` from the P x K sampler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from workers.ml.augment import AugmentStrength, as_strength, shopper_view
+from workers.ml.preprocess import Preprocessing, preprocess
 from workers.ml.records import LabelSpace, Record, collate
 from workers.ml.sampler import CLEAN_VIEW, PKBatchSampler, SampleKey
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the pretrained backbones were trained with these
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Image -> input tensor: square resize, [0, 1], per-channel normalisation."""
-
-    size: int = 128
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        return preprocess_image(image, self)
-
-    def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Preprocess:
-        return cls(int(data["size"]), tuple(data["mean"]), tuple(data["std"]))  # type: ignore[arg-type]
-
-
-def preprocess_image(image: Image.Image, preprocess: Preprocess) -> torch.Tensor:
-    """(3, size, size) float32 tensor."""
-    resized = image.convert("RGB").resize((preprocess.size, preprocess.size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(preprocess.mean).view(3, 1, 1)
-    std = torch.tensor(preprocess.std).view(3, 1, 1)
-    return (pixels - mean) / std
+def prepare_record(record: Record, prep: Preprocessing) -> tuple[torch.Tensor, Record]:
+    """Letterbox the image into the input tensor; landmarks are re-expressed in the input square."""
+    tensor, box = preprocess(record.image, prep)
+    if record.landmarks is not None:
+        record = replace(record, landmarks=box.to_input(record.landmarks))
+    return tensor, record
 
 
 def instance_ids(records: Sequence[Record]) -> np.ndarray:
@@ -71,12 +48,12 @@ class RecordDataset(Dataset):
     def __init__(
         self,
         records: Sequence[Record],
-        preprocess: Preprocess,
+        prep: Preprocessing,
         augment: AugmentStrength | str | None = None,
         seed: int = 0,
     ) -> None:
         self.records = records
-        self.preprocess = preprocess
+        self.prep = prep
         self.augment = as_strength(augment) if augment is not None else None
         self.seed = seed
 
@@ -92,7 +69,7 @@ class RecordDataset(Dataset):
         record = self.records[index]
         if self.augment is not None and rng_seed is not None:
             record = shopper_view(record, np.random.default_rng(rng_seed), self.augment)
-        return self.preprocess(record.image), record
+        return prepare_record(record, self.prep)
 
     @property
     def instance_ids(self) -> np.ndarray:
