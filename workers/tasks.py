@@ -1,11 +1,74 @@
-"""Celery tasks: thin. Each takes primary keys, loads rows, calls one service; retries and time limits live here."""
+"""Celery tasks: thin. Each takes primary keys (or bytes for a query photo), loads rows, calls one service.
+Retries and time limits live here. Torch is imported inside task bodies only: web processes import this module
+to enqueue and must stay free of it.
+"""
+
+from __future__ import annotations
+
+import base64
 
 from celery import shared_task
+from django.db import OperationalError
+
+from catalog import selectors, services
+from catalog.models import ModelVersion
+
+INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
+QUERY_ENCODE_TIME_LIMIT_S = 30  # a shopper waits on this: fail fast rather than hang the page
 
 
 @shared_task(name="workers.tasks.ping_database", acks_late=True)
 def ping_database() -> dict:
-    """Round trip through broker, worker and database: used by tests and the demo's readiness check."""
-    from catalog.models import ModelVersion
-
+    """Round trip through broker, worker and database: used by tests and readiness checks."""
     return {"model_versions": ModelVersion.objects.count()}
+
+
+@shared_task(
+    name="workers.tasks.embed_images",
+    acks_late=True,
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=5,
+)
+def embed_images(image_ids: list[int]) -> dict:
+    """Embed these images under every serving version (active, and one being indexed). Idempotent."""
+    from workers.encoders import encoder_for
+
+    return services.images_embed(image_ids=image_ids, encoder_for=encoder_for)
+
+
+@shared_task(
+    name="workers.tasks.encode_query",
+    soft_time_limit=QUERY_ENCODE_TIME_LIMIT_S,
+    time_limit=QUERY_ENCODE_TIME_LIMIT_S + 5,
+    acks_late=False,  # a query nobody waits for any more is not worth running twice
+)
+def encode_query(image_b64: str, model_version_id: int) -> dict:
+    """Encode a validated, re-encoded shopper photo with the given version; returns plain JSON."""
+    from workers.encoders import encoder_for
+
+    version = ModelVersion.objects.get(pk=model_version_id)
+    return services.query_encode(data=base64.b64decode(image_b64), version=version, encoder_for=encoder_for)
+
+
+@shared_task(name="workers.tasks.train_baseline", acks_late=True, soft_time_limit=3000, time_limit=3600)
+def train_baseline(model_version_id: int) -> dict:
+    """Fit version 0 (pretrained backbone + PCA + ITQ) on the catalog, then start indexing with it."""
+    from workers.encoders import encoder_for
+    from workers.ml.baseline import fit_baseline
+
+    version = ModelVersion.objects.get(pk=model_version_id)
+    services.model_version_fit_baseline(version=version, fit=fit_baseline, encoder_for=encoder_for)
+    return {"model_version": version.pk, "status": version.status}
+
+
+@shared_task(name="workers.tasks.embed_finish_indexing", bind=True, max_retries=None, acks_late=True)
+def embed_finish_indexing(self, model_version_id: int) -> dict:
+    """Activate an indexing version once every image has its embedding; until then, look again shortly."""
+    version = ModelVersion.objects.get(pk=model_version_id)
+    if version.status != ModelVersion.Status.INDEXING:
+        return {"model_version": version.pk, "status": version.status}
+    if not services.model_version_finish_indexing(version=version):
+        missing = selectors.images_missing_embedding(version=version).count()
+        raise self.retry(countdown=INDEXING_POLL_S, exc=RuntimeError(f"{missing} images still to embed"))
+    return {"model_version": version.pk, "status": version.status}

@@ -1,0 +1,72 @@
+"""Version 0 end to end on a real worker: fit the baseline on the catalog, index it, activate it, encode a query."""
+
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from celery.contrib.testing.worker import start_worker
+from django.core.files.base import ContentFile
+from django.db import transaction
+from PIL import Image, ImageDraw
+
+from catalog import services
+from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from shop_search.celery import app
+from tests import factories
+from workers import tasks
+
+
+def _picture(seed: int) -> bytes:
+    """A distinct little product shot per seed: a coloured shape on a light background."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(200, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+    x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
+    if seed % 2:
+        draw.ellipse([x0, y0, x0 + 30, y0 + 36], fill=colour)
+    else:
+        draw.rectangle([x0, y0, x0 + 34, y0 + 28], fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path
+    merchant = factories.merchant()
+    for i in range(12):
+        product = factories.product(merchant, sku=f"SKU-{i}", category="dress" if i % 2 else "bag")
+        row = ProductImage(product=product, sha256=f"{i:064d}")
+        row.file.save(f"p{i}.png", ContentFile(_picture(i)), save=True)
+
+    app.control.purge()
+    with start_worker(app, queues=["train", "embed", "search"], pool="solo", perform_ping_check=False):
+        with transaction.atomic():
+            version = services.model_version_bootstrap(code_bits=32, fc7_dim=8)
+        # train_baseline -> embed_images -> embed_finish_indexing (which polls until every image is in)
+        deadline_s, waited = 120, 0.0
+        while ModelVersion.objects.get(pk=version.pk).status != ModelVersion.Status.ACTIVE and waited < deadline_s:
+            time.sleep(0.5)
+            waited += 0.5
+        version.refresh_from_db()
+        assert version.status == ModelVersion.Status.ACTIVE, version.metrics
+        assert ImageEmbedding.objects.filter(model_version=version).count() == 12
+        assert set(ProductImage.objects.values_list("status", flat=True)) == {"embedded"}
+        assert version.code_bits == 32 and 1 <= version.fc7_dim <= 8
+
+        encoded = tasks.encode_query.delay(base64.b64encode(_picture(3)).decode(), version.pk).get(timeout=60)
+    assert len(encoded["bits"]) == 32 and set(encoded["bits"]) <= {"0", "1"}
+    assert len(encoded["fc7"]) == version.fc7_dim
+    assert encoded["category"] in {"dress", "bag"}
+    # The query is a catalog image: its code is the stored one, and its fc7 is the nearest.
+    stored = ImageEmbedding.objects.get(image__sha256=f"{3:064d}", model_version=version)
+    assert stored.code == encoded["bits"]
+    nearest = min(
+        ImageEmbedding.objects.filter(model_version=version),
+        key=lambda e: float(np.linalg.norm(np.asarray(e.fc7) - np.asarray(encoded["fc7"]))),
+    )
+    assert nearest.pk == stored.pk
