@@ -5,18 +5,21 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from django.conf import settings
+from django.core.files.base import ContentFile
 from django.db import connection, transaction
 from django.utils import timezone
 from pgvector import Bit
 from PIL import Image
 
-from catalog import selectors
-from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog import intake, selectors
+from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,82 @@ CATEGORY_TOP = 5  # category probabilities returned with a query encoding
 # `encoder_for(checkpoint path) -> workers.ml.encoder.Encoder`, passed in by the worker's task so that this
 # module (imported by web processes too) never imports torch.
 EncoderFor = Callable[[str | Path], Any]
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    product: Product
+    created: bool
+    changed: bool  # False when the same data was written again (idempotent re-upload)
+
+
+PRODUCT_FIELDS = ("title", "description", "category", "attributes", "price", "url", "active")
+
+
+def product_upsert(
+    *,
+    merchant: Merchant,
+    sku: str,
+    title: str,
+    description: str = "",
+    category: str = "",
+    attributes: Sequence[str] = (),
+    price: Decimal | None = None,
+    url: str = "",
+    active: bool = True,
+) -> UpsertResult:
+    """Create or update the product (merchant, sku); writes nothing when nothing changed."""
+    values = {
+        "title": title,
+        "description": description,
+        "category": category,
+        "attributes": sorted(set(attributes)),
+        "price": None if price is None else Decimal(price).quantize(Decimal("0.01")),
+        "url": url,
+        "active": active,
+    }
+    with transaction.atomic():
+        product = Product.objects.select_for_update().filter(merchant=merchant, sku=sku).first()
+        if product is None:
+            return UpsertResult(Product.objects.create(merchant=merchant, sku=sku, **values), True, True)
+        changed = [name for name in PRODUCT_FIELDS if getattr(product, name) != values[name]]
+        for name in changed:
+            setattr(product, name, values[name])
+        if changed:
+            product.save(update_fields=[*changed, "updated_at"])
+        return UpsertResult(product, False, bool(changed))
+
+
+@dataclass(frozen=True)
+class ImageAddResult:
+    image: ProductImage
+    created: bool  # False: this product already had this exact file (same sha256): nothing stored or re-embedded
+
+
+def image_add(*, product: Product, data: bytes, position: int = 0, source_url: str = "") -> ImageAddResult:
+    """Validate an untrusted image, store its re-encoded copy and queue its embedding (after commit).
+
+    Idempotent on the sha256 of the uploaded bytes: the same file for the same product is neither stored again
+    nor re-embedded. Raises intake.IntakeError for unusable input (nothing is stored then).
+    """
+    validated = intake.image_validate(data)
+    existing = ProductImage.objects.filter(product=product, sha256=validated.sha256).first()
+    if existing is not None:
+        if existing.position != position:
+            existing.position = position
+            existing.save(update_fields=["position"])
+        return ImageAddResult(existing, False)
+    image = ProductImage(
+        product=product,
+        sha256=validated.sha256,
+        size_bytes=len(validated.data),
+        position=position,
+        source_url=source_url,
+    )
+    image.file.save(f"{validated.sha256[:32]}.{validated.extension}", ContentFile(validated.data), save=False)
+    image.save()
+    images_embed_enqueue(image_ids=[image.pk])
+    return ImageAddResult(image, True)
 
 
 def code_index_name(version: ModelVersion) -> str:
