@@ -1,12 +1,16 @@
 """Every source of labelled images, each yielding `workers.ml.records.Record`s.
 
 - `render`: procedural garments/shoes/bags with landmarks, attributes and instance identity (`RenderedProducts`).
+- `fashion_mnist`: the Debian package's 70k Zalando photos (`load_records("train" | "t10k")`, `LABEL_SPACE`).
 - `torch_dataset`: `RecordDataset` (Records -> (letterboxed tensor, Record), optional shopper views),
   `pk_loader` / `plain_loader`, `prepare_record`.
 
 Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `workers.ml.sampler`.
 """
 
+from workers.ml.datasets.fashion_mnist import LABEL_SPACE as FASHION_MNIST_LABEL_SPACE
+from workers.ml.datasets.fashion_mnist import FashionMnist, ensure_fashion_mnist
+from workers.ml.datasets.fashion_mnist import load_records as fashion_mnist_records
 from workers.ml.datasets.render import LABEL_SPACE as RENDER_LABEL_SPACE
 from workers.ml.datasets.render import RenderedProducts, product_spec, render_product
 from workers.ml.datasets.torch_dataset import (
@@ -18,6 +22,10 @@ from workers.ml.datasets.torch_dataset import (
 )
 
 __all__ = [
+    "FASHION_MNIST_LABEL_SPACE",
+    "FashionMnist",
+    "ensure_fashion_mnist",
+    "fashion_mnist_records",
     "RENDER_LABEL_SPACE",
     "RecordDataset",
     "RenderedProducts",
