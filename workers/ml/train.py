@@ -302,7 +302,7 @@ def train(
             scheduler.step()
             sums["loss"] += float(loss.detach())
             for name, value in parts.items():
-                sums[name] += float(value)
+                sums[name] += float(value.detach())
             if step % LOG_EVERY_STEPS == 0 or step == len(source) - 1:
                 bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
                 if progress is not None:
@@ -329,8 +329,6 @@ def train(
         with metrics_path.open("a") as log:
             log.write(json.dumps(epoch_metrics) + "\n")
         last_metrics = epoch_metrics
-        if progress is not None:
-            progress({"epoch": epoch, "epochs": config.epochs, "done": True, "metrics": epoch_metrics})
         save_checkpoint(
             _checkpoint(model, model_config, label_space, prep, epoch_metrics, config)
             | {
@@ -344,6 +342,8 @@ def train(
             },
             resume_path,
         )
+        if progress is not None:  # after last.pt is written, so "done" means "survives a restart"
+            progress({"epoch": epoch, "epochs": config.epochs, "done": True, "metrics": epoch_metrics})
 
     if not last_metrics and metrics_path.exists():  # resumed after the last epoch had already finished
         lines = metrics_path.read_text().strip().splitlines()

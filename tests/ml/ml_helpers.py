@@ -1,0 +1,51 @@
+"""Tiny models and records for the ML tests: random init, 32 px, a few thousand parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from workers.ml.model import FashionNetConfig
+from workers.ml.records import LabelSpace, Record
+
+TINY_BACKBONE = "test_efficientnet"  # timm's own test model: same structure as EfficientNet, 82k params
+LABELS = LabelSpace(categories=("a", "b", "c"), attributes=("red", "striped", "long"), num_landmarks=4)
+
+
+def tiny_config(**overrides) -> FashionNetConfig:
+    fields = {
+        "backbone": TINY_BACKBONE,
+        "packaged_weights": False,
+        "input_size": 32,
+        "num_landmarks": LABELS.num_landmarks,
+        "num_categories": len(LABELS.categories),
+        "num_attributes": len(LABELS.attributes),
+        "local_channels": 8,
+        "fc6_global_dim": 32,
+        "fc6_local_dim": 16,
+        "fc7_dim": 32,
+        "code_bits": 32,
+    }
+    fields.update(overrides)
+    return FashionNetConfig(**fields)
+
+
+def random_image(rng: np.random.Generator, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def random_records(count: int, *, seed: int = 0, instances: int | None = None, labelled: bool = True) -> list[Record]:
+    """Records with every label when `labelled`, none (but an instance id) otherwise."""
+    rng = np.random.default_rng(seed)
+    instances = instances or count
+    records = []
+    for i in range(count):
+        record = Record(random_image(rng), instance_id=i % instances)
+        if labelled:
+            record.category = int(rng.integers(len(LABELS.categories)))
+            record.attributes = rng.integers(0, 2, len(LABELS.attributes)).astype(np.float32)
+            record.landmarks = rng.uniform(0.1, 0.9, (LABELS.num_landmarks, 2)).astype(np.float32)
+            record.visibility = (rng.random(LABELS.num_landmarks) > 0.3).astype(np.float32)
+        records.append(record)
+    return records

@@ -1,0 +1,103 @@
+import contextlib
+import json
+
+import numpy as np
+import torch
+
+from tests.ml.ml_helpers import LABELS, random_records, tiny_config
+from workers.ml.checkpoint import load_checkpoint
+from workers.ml.losses import MultiTaskLoss
+from workers.ml.model import FashionNet
+from workers.ml.records import collate
+from workers.ml.train import AugmentedRecords, TrainConfig, prepare_sample, preprocessing_for, train
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    model = tiny_config().to_dict()
+    for key in ("num_landmarks", "num_categories", "num_attributes"):
+        model.pop(key)  # filled in from the dataset's label space
+    fields = dict(
+        out_dir=str(tmp_path / "run"),
+        model=model,
+        epochs=2,
+        steps_per_epoch=3,
+        instances_per_batch=4,
+        views_per_instance=2,
+        loader_workers=0,
+        num_threads=1,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def _mixed_dataset() -> AugmentedRecords:
+    """Mixed label availability: half the records have every label, half only instance ids."""
+    labelled = random_records(8, seed=1, instances=4)
+    bare = random_records(8, seed=2, instances=4, labelled=False)
+    for record in bare:
+        record.instance_id += 4
+    return AugmentedRecords(labelled + bare, LABELS)
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    config = tiny_config(dropout=0.0)
+    net = FashionNet(config)
+    prep = preprocessing_for(config)
+    records = random_records(8, instances=4)
+    batch = collate([prepare_sample(r, prep) for r in records], LABELS)
+    criterion = MultiTaskLoss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        total, _ = criterion(net(batch["image"]), batch)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+
+
+def test_train_writes_a_self_describing_checkpoint_and_metrics(tmp_path):
+    events = []
+    path = train(_config(tmp_path), dataset=_mixed_dataset(), progress=events.append)
+    checkpoint = torch.load(path, weights_only=True)  # plain types and tensors only
+    assert checkpoint["kind"] == "fashionnet" and checkpoint["format_version"] == 1
+    assert checkpoint["label_space"] == LABELS.to_dict()
+    assert checkpoint["preprocessing"]["input_size"] == 32 and len(checkpoint["preprocessing"]["mean"]) == 3
+    assert checkpoint["code_bits"] == 32 and checkpoint["fc7_dim"] == 32
+    assert checkpoint["model_config"]["num_landmarks"] == LABELS.num_landmarks
+    assert "training" not in checkpoint  # the final checkpoint carries no optimizer state
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1]
+    assert all(np.isfinite(line["loss"]) and "landmarks" in line for line in lines)
+    assert any(event.get("done") for event in events) and events[-1]["epoch"] == 1
+
+
+def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
+    straight = load_checkpoint(train(_config(tmp_path / "a"), dataset=_mixed_dataset()))
+    again = load_checkpoint(train(_config(tmp_path / "b"), dataset=_mixed_dataset()))
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, again["state_dict"][key]), key  # same seed -> same weights
+
+    # Interrupt after the first of two epochs, then run again: it resumes from last.pt.
+    config = _config(tmp_path / "c")
+    _train_one_epoch_then_stop(config)
+    last = load_checkpoint(tmp_path / "c" / "run" / "last.pt")
+    assert last["training"]["epoch"] == 0 and "optimizer" in last["training"]
+    resumed = load_checkpoint(train(config, dataset=_mixed_dataset()))
+    for key, value in straight["state_dict"].items():
+        assert torch.allclose(value.float(), resumed["state_dict"][key].float(), atol=1e-6), key
+
+
+def _train_one_epoch_then_stop(config: TrainConfig) -> None:
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_epoch(event):
+        if event.get("done"):
+            raise Stop
+
+    with contextlib.suppress(Stop):
+        train(config, dataset=_mixed_dataset(), progress=stop_after_first_epoch)
