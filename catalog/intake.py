@@ -61,23 +61,25 @@ def image_validate(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> Validate
         raise IntakeError(f"the image could not be decoded: {exc}") from exc
 
     image_format = image.format or "PNG"
-    image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF; the pixels must be upright
-    if min(image.size) < MIN_IMAGE_SIDE:
-        raise IntakeError(f"the image is {image.width}x{image.height}; each side must be at least {MIN_IMAGE_SIDE}")
-    image = image.convert("RGB")
+    upright = ImageOps.exif_transpose(image)  # phones store rotation in EXIF; the pixels must be upright
+    if min(upright.size) < MIN_IMAGE_SIDE:
+        raise IntakeError(
+            f"the image is {upright.width}x{upright.height}; each side must be at least {MIN_IMAGE_SIDE}"
+        )
+    rgb = upright.convert("RGB")
     output = io.BytesIO()
     if image_format == "PNG":
-        image.save(output, format="PNG", optimize=False)
+        rgb.save(output, format="PNG", optimize=False)
     else:
-        image.save(output, format="JPEG", quality=REENCODE_QUALITY)
+        rgb.save(output, format="JPEG", quality=REENCODE_QUALITY)
     extension = "png" if image_format == "PNG" else "jpg"
     return ValidatedImage(
-        image=image,
+        image=rgb,
         data=output.getvalue(),
         extension=extension,
         sha256=hashlib.sha256(data).hexdigest(),
-        width=image.width,
-        height=image.height,
+        width=rgb.width,
+        height=rgb.height,
     )
 
 
