@@ -2,15 +2,19 @@
 
 - `render`: procedural garments/shoes/bags with landmarks, attributes and instance identity (`RenderedProducts`).
 - `fashion_mnist`: the Debian package's 70k Zalando photos (`load_records("train" | "t10k")`, `LABEL_SPACE`).
+- `catalog_export`: an exported shop catalog (`manifest.jsonl` + images; format in its docstring).
+- `products`: demo catalogs and shopper photos (`render_catalog`, `fashion_mnist_products`, `shopper_query`).
 - `torch_dataset`: `RecordDataset` (Records -> (letterboxed tensor, Record), optional shopper views),
   `pk_loader` / `plain_loader`, `prepare_record`.
 
 Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `workers.ml.sampler`.
 """
 
+from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
 from workers.ml.datasets.fashion_mnist import LABEL_SPACE as FASHION_MNIST_LABEL_SPACE
 from workers.ml.datasets.fashion_mnist import FashionMnist, ensure_fashion_mnist
 from workers.ml.datasets.fashion_mnist import load_records as fashion_mnist_records
+from workers.ml.datasets.products import fashion_mnist_products, render_catalog, shopper_query
 from workers.ml.datasets.render import LABEL_SPACE as RENDER_LABEL_SPACE
 from workers.ml.datasets.render import RenderedProducts, product_spec, render_product
 from workers.ml.datasets.torch_dataset import (
@@ -22,6 +26,12 @@ from workers.ml.datasets.torch_dataset import (
 )
 
 __all__ = [
+    "CatalogExport",
+    "CatalogProduct",
+    "write_catalog_export",
+    "fashion_mnist_products",
+    "render_catalog",
+    "shopper_query",
     "FASHION_MNIST_LABEL_SPACE",
     "FashionMnist",
     "ensure_fashion_mnist",
