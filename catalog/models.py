@@ -173,9 +173,19 @@ class ImportJob(models.Model):
         DONE = "done"
         FAILED = "failed"
 
+    class Format(models.TextChoices):
+        CSV = "csv"
+        JSONL = "jsonl", "JSON lines"
+
     merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, related_name="import_jobs")
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True)
     source_name = models.CharField(max_length=300, blank=True)
+    manifest_format = models.CharField(max_length=8, choices=Format.choices, default=Format.CSV)
+    # The uploaded zip of images, kept until the job's chunks have read their entries from it.
+    archive = models.FileField(upload_to="imports/%Y/%m/", blank=True)
+    chunks_total = models.PositiveIntegerField(default=0)
+    chunks_done = models.PositiveIntegerField(default=0)
+    images_new = models.PositiveIntegerField(default=0)  # images stored (and queued for embedding) by this job
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
     total = models.PositiveIntegerField(default=0)
     processed = models.PositiveIntegerField(default=0)
@@ -191,6 +201,59 @@ class ImportJob(models.Model):
 
     def __str__(self) -> str:
         return f"import {self.pk} for {self.merchant_id} ({self.state})"
+
+
+class ImportChunk(models.Model):
+    """A slice of an import's parsed manifest rows, processed by one task in one transaction: `done` and the
+    job's counters commit together with the rows, so a chunk re-run after a lost worker changes nothing twice."""
+
+    job = models.ForeignKey(ImportJob, on_delete=models.CASCADE, related_name="chunks")
+    index = models.PositiveIntegerField()
+    rows = models.JSONField(default=list)  # parsed manifest rows, each with its manifest line number
+    done = models.BooleanField(default=False)
+    ok = models.PositiveIntegerField(default=0)
+    rejected = models.PositiveIntegerField(default=0)
+    attempts = models.PositiveIntegerField(default=0)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="import_chunk_unique_index")]
+
+    def __str__(self) -> str:
+        return f"chunk {self.index} of import {self.job_id}"
+
+
+class DuplicateFinding(models.Model):
+    """An image whose code and fc7 are near-identical to another product's image, found after embedding.
+
+    Stored once per direction, so each side's merchant sees a finding about its own image; for a possible copy
+    the other side is never shown to a merchant (only to admins)."""
+
+    class Kind(models.TextChoices):
+        DUPLICATE_LISTING = "duplicate_listing", "duplicate listing (same merchant)"
+        POSSIBLE_COPY = "possible_copy", "possible copy (another merchant)"
+
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, related_name="duplicate_findings")
+    image = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="duplicate_findings")
+    other_image = models.ForeignKey(ProductImage, on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    hamming = models.PositiveIntegerField()
+    fc7_distance = models.FloatField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["image", "other_image", "model_version"], name="duplicate_finding_unique_pair"
+            )
+        ]
+        indexes = [models.Index(fields=["merchant", "kind"], name="duplicate_merchant_kind")]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: image {self.image_id} ~ image {self.other_image_id}"
 
 
 class TrainingRun(models.Model):
