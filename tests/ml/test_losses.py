@@ -11,6 +11,7 @@ from workers.ml.losses import (
     contrastive_loss,
     hash_balance_loss,
     hash_quantization_loss,
+    infonce_loss,
     landmark_loss,
     visibility_loss,
 )
@@ -28,9 +29,19 @@ def test_batch_without_any_labels_gives_exact_zeros_and_backward_works():
         record.instance_id = -1
     batch = _batch(records)
     net = FashionNet(tiny_config())
-    weights = LossWeights(hash_quantization=0, hash_balance=0, contrastive=1.0)
+    weights = LossWeights(hash_quantization=0, hash_balance=0, contrastive=1.0, infonce=1.0, hash_infonce=1.0)
     total, parts = MultiTaskLoss(weights)(net(batch["image"]), batch)
-    for name in ("landmarks", "visibility", "category", "attributes", "triplet", "contrastive", "hash_triplet"):
+    for name in (
+        "landmarks",
+        "visibility",
+        "category",
+        "attributes",
+        "triplet",
+        "contrastive",
+        "infonce",
+        "hash_infonce",
+        "hash_triplet",
+    ):
         assert parts[name].item() == 0.0, name
     assert total.item() == 0.0 and not torch.isnan(total)
     total.backward()  # still connected to the graph
@@ -93,3 +104,11 @@ def test_hash_losses_prefer_saturated_balanced_bits():
     assert abs(hash_quantization_loss(undecided).item() - 0.25) < 1e-7
     assert hash_balance_loss(saturated).item() == 0.0
     assert hash_balance_loss(torch.ones(2, 2)).item() == 0.25
+
+
+def test_infonce_prefers_matching_instances_and_ignores_unknown():
+    matched = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    crossed = matched[[0, 2, 1, 3]]
+    instance = torch.tensor([0, 0, 1, 1])
+    assert infonce_loss(matched, instance) < infonce_loss(crossed, instance)
+    assert infonce_loss(matched, torch.tensor([-1, -1, -1, -1])).item() == 0.0

@@ -6,10 +6,11 @@ import torch
 
 from tests.ml.ml_helpers import LABELS, random_records, tiny_config
 from workers.ml.checkpoint import load_checkpoint
+from workers.ml.datasets.torch_dataset import prepare_record
 from workers.ml.losses import MultiTaskLoss
 from workers.ml.model import FashionNet
 from workers.ml.records import collate
-from workers.ml.train import AugmentedRecords, TrainConfig, prepare_sample, preprocessing_for, train
+from workers.ml.train import TrainConfig, preprocessing_for, train
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
@@ -25,18 +26,19 @@ def _config(tmp_path, **overrides) -> TrainConfig:
         views_per_instance=2,
         loader_workers=0,
         num_threads=1,
+        augment="mild",
     )
     fields.update(overrides)
     return TrainConfig(**fields)
 
 
-def _mixed_dataset() -> AugmentedRecords:
+def _mixed_dataset() -> dict:
     """Mixed label availability: half the records have every label, half only instance ids."""
     labelled = random_records(8, seed=1, instances=4)
     bare = random_records(8, seed=2, instances=4, labelled=False)
     for record in bare:
         record.instance_id += 4
-    return AugmentedRecords(labelled + bare, LABELS)
+    return {"records": labelled + bare, "label_space": LABELS}
 
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
@@ -45,7 +47,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     net = FashionNet(config)
     prep = preprocessing_for(config)
     records = random_records(8, instances=4)
-    batch = collate([prepare_sample(r, prep) for r in records], LABELS)
+    batch = collate([prepare_record(r, prep) for r in records], LABELS)
     criterion = MultiTaskLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     losses = []
@@ -61,7 +63,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
 
 def test_train_writes_a_self_describing_checkpoint_and_metrics(tmp_path):
     events = []
-    path = train(_config(tmp_path), dataset=_mixed_dataset(), progress=events.append)
+    path = train(_config(tmp_path), **_mixed_dataset(), progress=events.append)
     checkpoint = torch.load(path, weights_only=True)  # plain types and tensors only
     assert checkpoint["kind"] == "fashionnet" and checkpoint["format_version"] == 1
     assert checkpoint["label_space"] == LABELS.to_dict()
@@ -76,8 +78,8 @@ def test_train_writes_a_self_describing_checkpoint_and_metrics(tmp_path):
 
 
 def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
-    straight = load_checkpoint(train(_config(tmp_path / "a"), dataset=_mixed_dataset()))
-    again = load_checkpoint(train(_config(tmp_path / "b"), dataset=_mixed_dataset()))
+    straight = load_checkpoint(train(_config(tmp_path / "a"), **_mixed_dataset()))
+    again = load_checkpoint(train(_config(tmp_path / "b"), **_mixed_dataset()))
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, again["state_dict"][key]), key  # same seed -> same weights
 
@@ -86,7 +88,7 @@ def test_training_is_deterministic_and_resumes_to_the_same_weights(tmp_path):
     _train_one_epoch_then_stop(config)
     last = load_checkpoint(tmp_path / "c" / "run" / "last.pt")
     assert last["training"]["epoch"] == 0 and "optimizer" in last["training"]
-    resumed = load_checkpoint(train(config, dataset=_mixed_dataset()))
+    resumed = load_checkpoint(train(config, **_mixed_dataset()))
     for key, value in straight["state_dict"].items():
         assert torch.allclose(value.float(), resumed["state_dict"][key].float(), atol=1e-6), key
 
@@ -100,4 +102,4 @@ def _train_one_epoch_then_stop(config: TrainConfig) -> None:
             raise Stop
 
     with contextlib.suppress(Stop):
-        train(config, dataset=_mixed_dataset(), progress=stop_after_first_epoch)
+        train(config, **_mixed_dataset(), progress=stop_after_first_epoch)

@@ -41,6 +41,7 @@ VALIDATION_QUERY_SEED = 12345
 EVALUATION_QUERY_SEED = 2024  # fixed: every model version is measured on the same shopper photos
 DEFAULT_CATALOG_SIZE = 2000
 QUERY_STRENGTH = "query"
+RENDER_VALIDATION_OFFSET = 5_000_000  # validation products: inside the training seed range, past any run's count
 
 
 @dataclass(frozen=True)
@@ -53,32 +54,32 @@ class EvaluationSets:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def fashion_mnist_records(split: str) -> tuple[list[Record], LabelSpace]:
-    """Fashion-MNIST as Records (instance id = index within the split), from the data side's loader."""
-    try:
-        from workers.ml.datasets import fashion_mnist
-    except ImportError:  # the data side's loader has not landed yet: read an already unpacked copy
-        return _unpacked_fashion_mnist(split)
-    records = fashion_mnist.load_records(split)
-    return list(records), fashion_mnist.LABEL_SPACE
+def fashion_mnist_records(split: str) -> tuple[Sequence[Record], LabelSpace]:
+    """Fashion-MNIST as Records (instance id = index within the split, product mask in extra)."""
+    from workers.ml.datasets import fashion_mnist
+
+    return fashion_mnist.load_records(split), fashion_mnist.LABEL_SPACE
 
 
-def _unpacked_fashion_mnist(split: str) -> tuple[list[Record], LabelSpace]:
-    import gzip
-    import os
+class Slice(Sequence[Record]):
+    """records[start:stop] without loading them, keeping the cheap `instance_ids` the sampler uses."""
 
-    from PIL import Image
+    def __init__(self, records: Sequence[Record], start: int, stop: int) -> None:
+        self.records, self.start, self.stop = records, start, stop
 
-    root = Path(os.environ.get("FASHION_MNIST_DIR", "var/data/fashion-mnist"))
-    with gzip.open(root / f"{split}-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(root / f"{split}-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    records = [
-        Record(Image.fromarray(image).convert("RGB"), instance_id=i, category=int(label))
-        for i, (image, label) in enumerate(zip(pixels, labels))
-    ]
-    return records, LabelSpace(categories=FASHION_MNIST_CLASSES)
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int) -> Record:  # type: ignore[override]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.records[self.start + index]
+
+    @property
+    def instance_ids(self) -> np.ndarray:
+        from workers.ml.datasets.torch_dataset import instance_ids
+
+        return instance_ids(self.records)[self.start : self.stop]
 
 
 def _query_views(records: Sequence[Record], seed: int, strength: str = QUERY_STRENGTH) -> list[Record]:
@@ -92,7 +93,7 @@ def evaluation_sets(name: str, *, catalog_size: int, num_queries: int, seed: int
     """Catalog and shopper-photo queries for `evaluate`, never drawn from training data."""
     if name == "fashion-mnist":
         records, label_space = fashion_mnist_records("t10k")
-        catalog = records[:catalog_size]
+        catalog = [records[i] for i in range(min(catalog_size, len(records)))]
     elif name == "renderer":
         from workers.ml.datasets import render
 
@@ -105,52 +106,31 @@ def evaluation_sets(name: str, *, catalog_size: int, num_queries: int, seed: int
     return EvaluationSets(catalog, queries, label_space)
 
 
-def training_data(spec: dict, *, seed: int):
-    """(InstanceDataset, validate callback) for train.py from a JSON spec {"name": ..., ...}."""
-    from workers.ml.train import AugmentedRecords, shopper_augment
+def training_data(spec: dict, *, seed: int) -> tuple[Sequence[Record], LabelSpace, Callable | None]:
+    """(records, label space, validate callback) for train.py from a JSON spec {"name": ..., ...}.
 
+    fashion-mnist: the `train` split minus its last `holdout` images (validation); `limit` caps the rest.
+    renderer: `products` training products x `views` catalog photos each; validation products come from a
+    seed range neither training nor evaluation uses.
+    """
     name = spec["name"]
-    strength = spec.get("strength", "strong")
     if name == "fashion-mnist":
         records, label_space = fashion_mnist_records("train")
-        limit = spec.get("limit")
         holdout = int(spec.get("holdout", VALIDATION_HOLDOUT))
-        train_records = records[: len(records) - holdout]
-        if limit:
-            train_records = train_records[: int(limit)]
-        validation = records[len(records) - holdout :]
-        data = AugmentedRecords(train_records, label_space, shopper_augment(strength))
-        return data, retrieval_validator(validation, label_space) if holdout else None
+        stop = len(records) - holdout
+        if spec.get("limit"):
+            stop = min(stop, int(spec["limit"]))
+        validation = [records[i] for i in range(len(records) - holdout, len(records))]
+        validate = retrieval_validator(validation, label_space) if holdout else None
+        return Slice(records, 0, stop), label_space, validate
     if name == "renderer":
         from workers.ml.datasets import render
 
-        count = int(spec.get("products", 20000))
-        data = RenderedProducts(count, strength)
-        validation = [render.render_product(render.EVAL_FIRST_SEED - 1 - i, 0) for i in range(500)]
-        return data, retrieval_validator(validation, render.LABEL_SPACE)
+        products = render.RenderedProducts(int(spec.get("products", 20000)), int(spec.get("views", 3)))
+        first_validation_seed = render.TRAIN_FIRST_SEED + RENDER_VALIDATION_OFFSET
+        validation = [render.render_product(first_validation_seed + i, 0) for i in range(500)]
+        return products, render.LABEL_SPACE, retrieval_validator(validation, render.LABEL_SPACE)
     raise ValueError(f"unknown training dataset {name!r} (fashion-mnist | renderer)")
-
-
-class RenderedProducts:
-    """Renderer products as an InstanceDataset: a view = another catalog view of the product, shopper-augmented."""
-
-    def __init__(self, count: int, strength: str, views: int = 3) -> None:
-        from workers.ml.datasets import render
-
-        self.render = render
-        self.label_space = render.LABEL_SPACE
-        self.count = count
-        self.views = views
-        self.strength = strength
-
-    def instance_ids(self) -> np.ndarray:
-        return np.arange(self.render.TRAIN_FIRST_SEED, self.render.TRAIN_FIRST_SEED + self.count, dtype=np.int64)
-
-    def view(self, instance_id: int, rng: np.random.Generator) -> Record:
-        from workers.ml.augment import shopper_view
-
-        record = self.render.render_product(int(instance_id), int(rng.integers(self.views)))
-        return shopper_view(record, rng, self.strength)
 
 
 def retrieval_validator(catalog: Sequence[Record], label_space: LabelSpace) -> Callable:

@@ -17,6 +17,7 @@ from workers.ml.model import FashionNetOutput
 
 TRIPLET_MARGIN = 0.2  # on unit vectors (distances in [0, 2]); the usual choice for normalised embeddings
 CONTRASTIVE_MARGIN = 0.5  # negatives closer than this are pushed away
+INFONCE_TEMPERATURE = 0.1  # SimCLR/SupCon's usual value for unit vectors: sharp enough to mine hard negatives
 ATTRIBUTE_MAX_POS_WEIGHT = 20.0  # rare attributes get up-weighted, but not so much that they swamp the rest
 
 
@@ -30,7 +31,9 @@ class LossWeights:
     attributes: float = 0.5
     triplet: float = 1.0
     contrastive: float = 0.0
+    infonce: float = 0.0  # softmax over every other image in the batch: stronger signal per step than triplet
     hash_triplet: float = 1.0
+    hash_infonce: float = 0.0
     hash_quantization: float = 0.1
     hash_balance: float = 0.1
 
@@ -128,6 +131,21 @@ def contrastive_loss(
     return torch.cat([pulled, pushed]).mean()
 
 
+def infonce_loss(
+    embeddings: torch.Tensor, instance: torch.Tensor, temperature: float = INFONCE_TEMPERATURE
+) -> torch.Tensor:
+    """Multi-positive InfoNCE (SupCon, Khosla et al.) on instance ids: each anchor against all other images."""
+    known, positive, _ = _positive_negative_masks(instance)
+    anchors = known & positive.any(dim=1)
+    if not anchors.any():
+        return _zero(embeddings)
+    eye = torch.eye(len(instance), dtype=torch.bool, device=instance.device)
+    logits = (embeddings @ embeddings.T / temperature).masked_fill(eye | ~known.unsqueeze(0), float("-inf"))
+    log_probs = logits.log_softmax(dim=1).masked_fill(~positive, 0.0)
+    per_anchor = -log_probs.sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+    return per_anchor[anchors].mean()
+
+
 def hash_relaxation(hash_probs: torch.Tensor) -> torch.Tensor:
     """Activations in (0, 1) mapped to (-1, 1) and scaled so distances compare with unit vectors'."""
     return (2 * hash_probs - 1) / hash_probs.shape[1] ** 0.5
@@ -173,6 +191,12 @@ class MultiTaskLoss(nn.Module):
             parts["triplet"] = batch_hard_triplet_loss(output.embedding, batch["instance"])
         if w.contrastive:
             parts["contrastive"] = contrastive_loss(output.embedding, batch["instance"])
+        if w.infonce:
+            parts["infonce"] = infonce_loss(output.embedding, batch["instance"])
+        if w.hash_infonce:
+            # On the (-1, 1) relaxation normalised to the unit sphere: cosine = 1 - 2 * hamming / B for binary codes.
+            relaxed = F.normalize(2 * output.hash_probs - 1, dim=1)
+            parts["hash_infonce"] = infonce_loss(relaxed, batch["instance"])
         if w.hash_triplet:
             parts["hash_triplet"] = batch_hard_triplet_loss(hash_relaxation(output.hash_probs), batch["instance"])
         if w.hash_quantization:

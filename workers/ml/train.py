@@ -8,8 +8,9 @@ Output directory:
     model.pt        the final self-describing checkpoint for Encoder.load (no optimizer state)
     metrics.jsonl   one JSON object per epoch: mean loss parts, learning rate, seconds, validation metrics
 
-Determinism: every batch is built from its own seed (seed, epoch, batch index), so a run resumed from
-last.pt sees exactly the batches the uninterrupted run would have seen, whichever process builds them.
+Batches come from the data side's P x K sampler (workers.ml.sampler): P products, K views each, the first
+view the clean catalog photo and the others shopper views. Every batch is a pure function of (seed, epoch),
+so a run resumed from last.pt sees exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -22,77 +23,27 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from workers.ml.backbone import IMAGENET_MEAN, IMAGENET_STD, PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD
 from workers.ml.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from workers.ml.datasets.torch_dataset import RecordDataset, instance_ids
 from workers.ml.losses import LossWeights, MultiTaskLoss
 from workers.ml.model import FashionNet, FashionNetConfig
-from workers.ml.preprocess import Preprocessing, preprocess
+from workers.ml.preprocess import Preprocessing
 from workers.ml.records import LabelSpace, Record, collate
+from workers.ml.sampler import PKBatchSampler
 
 LOG_EVERY_STEPS = 20  # progress callback / bar refresh cadence: often enough for a dashboard, cheap
 GRADIENT_CLIP_NORM = 5.0  # batch-hard mining occasionally produces a spike; clipping keeps Adam calm
 WARMUP_FRACTION = 0.03  # linear warm-up: the new heads start random on top of a pretrained backbone
-
-
-class InstanceDataset(Protocol):
-    """What the trainer needs: instance ids and a way to draw a (possibly augmented) view of one."""
-
-    label_space: LabelSpace
-
-    def instance_ids(self) -> np.ndarray: ...
-
-    def view(self, instance_id: int, rng: np.random.Generator) -> Record: ...
-
-
-class AugmentedRecords:
-    """Records grouped by instance; a view is a random image of the instance passed through `augment`.
-
-    With one image per instance (Fashion-MNIST, the renderer) positives are augmented copies of it; with
-    several (a shop catalog, DeepFashion) they are different photos of the product, augmented too.
-    """
-
-    def __init__(
-        self,
-        records: Sequence[Record],
-        label_space: LabelSpace,
-        augment: Callable[[Record, np.random.Generator], Record] | None = None,
-    ) -> None:
-        self.records = records
-        self.label_space = label_space
-        self.augment = augment
-        groups: dict[int, list[int]] = defaultdict(list)
-        for index, record in enumerate(records):
-            if record.instance_id < 0:
-                raise ValueError("training records need an instance id (product identity)")
-            groups[record.instance_id].append(index)
-        self.groups = dict(groups)
-        self._ids = np.array(sorted(self.groups), dtype=np.int64)
-
-    def instance_ids(self) -> np.ndarray:
-        return self._ids
-
-    def view(self, instance_id: int, rng: np.random.Generator) -> Record:
-        members = self.groups[int(instance_id)]
-        record = self.records[members[int(rng.integers(len(members)))]]
-        return self.augment(record, rng) if self.augment is not None else record
-
-
-def shopper_augment(strength: str) -> Callable[[Record, np.random.Generator], Record]:
-    """The data side's shopper-view augmentation at a named strength."""
-    from workers.ml.augment import shopper_view
-
-    def augment(record: Record, rng: np.random.Generator) -> Record:
-        return shopper_view(record, rng, strength)
-
-    return augment
 
 
 @dataclass
@@ -107,6 +58,8 @@ class TrainConfig:
     steps_per_epoch: int = 0  # 0 = one pass over the instances (P instances per batch)
     instances_per_batch: int = 32  # P
     views_per_instance: int = 2  # K
+    clean_views: int = 1  # of the K views, this many are the unaugmented catalog photo (what queries match)
+    augment: str = "strong"  # shopper-view strength for the other views (workers.ml.augment.STRENGTHS)
     lr: float = 2e-3
     backbone_lr_scale: float = 0.3  # pretrained layers move slower than the new heads
     weight_decay: float = 1e-4
@@ -123,57 +76,26 @@ class TrainConfig:
         return cls(**data)
 
 
-# ---------------------------------------------------------------------------------------------- batches
-
-
-class _BatchSource(torch.utils.data.Dataset):
-    """Item b of epoch e = one whole P x K batch, built from seed (seed, e, b): order-independent."""
-
-    def __init__(self, data: InstanceDataset, config: TrainConfig, prep: Preprocessing, epoch: int) -> None:
-        self.data = data
-        self.config = config
-        self.prep = prep
-        self.epoch = epoch
-        ids = data.instance_ids()
-        order = np.random.default_rng([config.seed, epoch, 0]).permutation(len(ids))
-        self.ids = ids[order]
-        p = config.instances_per_batch
-        full_batches = max(1, len(ids) // p)
-        self.length = config.steps_per_epoch or full_batches
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.config.seed, self.epoch, index + 1])
-        p = self.config.instances_per_batch
-        start = (index * p) % max(1, len(self.ids) - p + 1)
-        chosen = self.ids[start : start + p]
-        samples = []
-        for instance_id in chosen:
-            for _ in range(self.config.views_per_instance):
-                samples.append(prepare_sample(self.data.view(int(instance_id), rng), self.prep))
-        return collate(samples, self.data.label_space)
-
-
-def prepare_sample(record: Record, prep: Preprocessing) -> tuple[torch.Tensor, Record]:
-    """Letterbox the image and move landmark targets into the input square's coordinates."""
-    tensor, box = preprocess(record.image, prep)
-    if record.landmarks is not None:
-        record = replace(record, landmarks=box.to_input(record.landmarks))
-    return tensor, record
-
-
-def _batches(source: _BatchSource, workers: int):
-    loader = torch.utils.data.DataLoader(
-        source,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
-        persistent_workers=False,
-        prefetch_factor=2 if workers else None,
+def epoch_loader(
+    records: Sequence[Record], label_space: LabelSpace, config: TrainConfig, prep: Preprocessing, epoch: int
+) -> DataLoader:
+    """The data side's P x K loader for one epoch; batches are a pure function of (seed, epoch)."""
+    dataset = RecordDataset(records, prep, augment=config.augment or None, seed=config.seed)
+    sampler = PKBatchSampler(
+        instance_ids(records),
+        config.instances_per_batch,
+        config.views_per_instance,
+        seed=config.seed,
+        clean_views=config.clean_views,
+        batches_per_epoch=config.steps_per_epoch or None,
     )
-    yield from loader
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(collate, label_space=label_space),
+        num_workers=config.loader_workers,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -192,12 +114,14 @@ def preprocessing_for(model_config: FashionNetConfig) -> Preprocessing:
     return Preprocessing(model_config.input_size, mean, std)
 
 
-def _attribute_frequency(data: InstanceDataset, rng: np.random.Generator, samples: int = 512) -> torch.Tensor | None:
-    """Estimate how often each attribute is on, from a sample of views (drives the weighted BCE)."""
-    if not data.label_space.attributes:
+def _attribute_frequency(
+    records: Sequence[Record], label_space: LabelSpace, rng: np.random.Generator, samples: int = 512
+) -> torch.Tensor | None:
+    """Estimate how often each attribute is on, from a sample of records (drives the weighted BCE)."""
+    if not label_space.attributes:
         return None
-    ids = data.instance_ids()
-    rows = [data.view(int(i), rng).attributes for i in rng.choice(ids, min(samples, len(ids)), replace=False)]
+    chosen = rng.choice(len(records), min(samples, len(records)), replace=False)
+    rows = [records[int(i)].attributes for i in chosen]
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
@@ -218,13 +142,15 @@ def build_model_config(config: TrainConfig, label_space: LabelSpace) -> FashionN
 def train(
     config: TrainConfig | dict,
     *,
-    dataset: InstanceDataset | None = None,
+    records: Sequence[Record] | None = None,
+    label_space: LabelSpace | None = None,
     validate: Callable[[FashionNet, Preprocessing], dict] | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> Path:
     """Run (or resume) training and return the path of the final checkpoint (`<out_dir>/model.pt`).
 
-    `dataset` overrides `config.dataset` (the Django side passes an exported catalog); `validate` is called
+    `records` + `label_space` override `config.dataset` (the Django side passes an exported catalog: several
+    Records per product share an instance id); `validate(model, prep) -> dict` is called
     after every epoch and its dict lands in metrics.jsonl; `progress` receives a dict every few steps
     (epoch, step, steps, loss, ...) for a dashboard.
     """
@@ -234,16 +160,17 @@ def train(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    if dataset is None:
-        dataset, default_validate = build_dataset(config.dataset, seed=config.seed)
+    if records is None:
+        records, label_space, default_validate = build_dataset(config.dataset, seed=config.seed)
         validate = validate or default_validate
-    label_space = dataset.label_space
+    if label_space is None:
+        raise ValueError("pass the label_space of the records")
     model_config = build_model_config(config, label_space)
     prep = preprocessing_for(model_config)
     model = FashionNet(model_config).to(memory_format=torch.channels_last)
     criterion = MultiTaskLoss(
         LossWeights.from_dict(config.loss_weights) if config.loss_weights else LossWeights(),
-        _attribute_frequency(dataset, np.random.default_rng(config.seed)),
+        _attribute_frequency(records, label_space, np.random.default_rng(config.seed)),
     )
 
     backbone_params = list(model.backbone.parameters())
@@ -256,7 +183,7 @@ def train(
         ],
         weight_decay=config.weight_decay,
     )
-    steps_per_epoch = len(_BatchSource(dataset, config, prep, 0))
+    steps_per_epoch = len(epoch_loader(records, label_space, config, prep, 0))
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, int(total_steps * WARMUP_FRACTION))
 
@@ -283,9 +210,9 @@ def train(
         model.train()
         started = time.perf_counter()
         sums: dict[str, float] = defaultdict(float)
-        source = _BatchSource(dataset, config, prep, epoch)
+        source = epoch_loader(records, label_space, config, prep, epoch)
         bar = tqdm(
-            _batches(source, config.loader_workers),
+            source,
             total=len(source),
             desc=f"epoch {epoch + 1}/{config.epochs}",
             dynamic_ncols=True,
@@ -375,7 +302,7 @@ def _checkpoint(
 # ---------------------------------------------------------------------------------------------- datasets
 
 
-def build_dataset(spec: dict, *, seed: int) -> tuple[InstanceDataset, Callable | None]:
+def build_dataset(spec: dict, *, seed: int) -> tuple[Sequence[Record], LabelSpace, Callable | None]:
     """A training dataset (and its per-epoch validation) from a JSON spec; see workers.ml.benchmark."""
     from workers.ml.benchmark import training_data
 
