@@ -2,6 +2,7 @@
 
 - `render`: procedural garments/shoes/bags with landmarks, attributes and instance identity (`RenderedProducts`).
 - `fashion_mnist`: the Debian package's 70k Zalando photos (`load_records("train" | "t10k")`, `LABEL_SPACE`).
+- `deepfashion`: In-shop retrieval and Category-and-Attribute benchmark readers (data brought by the user).
 - `catalog_export`: an exported shop catalog (`manifest.jsonl` + images; format in its docstring).
 - `products`: demo catalogs and shopper photos (`render_catalog`, `fashion_mnist_products`, `shopper_query`).
 - `torch_dataset`: `RecordDataset` (Records -> (letterboxed tensor, Record), optional shopper views),
@@ -11,6 +12,7 @@ Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `w
 """
 
 from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
+from workers.ml.datasets.deepfashion import DeepFashionCategoryAttribute, DeepFashionInShop
 from workers.ml.datasets.fashion_mnist import LABEL_SPACE as FASHION_MNIST_LABEL_SPACE
 from workers.ml.datasets.fashion_mnist import FashionMnist, ensure_fashion_mnist
 from workers.ml.datasets.fashion_mnist import load_records as fashion_mnist_records
@@ -26,6 +28,8 @@ from workers.ml.datasets.torch_dataset import (
 )
 
 __all__ = [
+    "DeepFashionCategoryAttribute",
+    "DeepFashionInShop",
     "CatalogExport",
     "CatalogProduct",
     "write_catalog_export",
