@@ -19,14 +19,14 @@ def test_batches_hold_p_instances_with_k_views_each():
     assert len(batches) == len(sampler) == 10 // 4
     for batch in batches:
         assert len(batch) == 12 and all(isinstance(key, SampleKey) for key in batch)
-        per_instance = Counter(INSTANCE_IDS[key.index] for key in batch)
+        per_instance = Counter(INSTANCE_IDS[key.record] for key in batch)
         assert len(per_instance) == 4 and set(per_instance.values()) == {3}
         for start in range(0, 12, 3):
             group = batch[start : start + 3]
-            instance = INSTANCE_IDS[group[0].index]
+            instance = INSTANCE_IDS[group[0].record]
             available = INSTANCE_IDS.count(instance)
             # Distinct images first; only instances with fewer than K images repeat.
-            assert len({key.index for key in group}) == min(available, 3)
+            assert len({key.record for key in group}) == min(available, 3)
             assert group[0].view_seed == CLEAN_VIEW and all(key.view_seed >= 0 for key in group[1:])
 
 

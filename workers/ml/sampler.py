@@ -1,7 +1,7 @@
 """P x K batches for metric learning: P distinct product instances, K views of each.
 
 Triplet losses with batch-hard mining need every anchor's positives in the same batch. `PKBatchSampler`
-yields lists of `SampleKey(index, view_seed)`: K keys per instance, drawn from the instance's distinct images
+yields lists of `SampleKey(record, view_seed)`: K keys per instance, drawn from the instance's distinct images
 (without replacement while there are enough) and topped up with repeats; each key carries its own
 augmentation seed, so repeats of one image become different shopper views in `RecordDataset`, and the whole
 epoch is a pure function of (seed, epoch). The first `clean_views` keys of each instance have view_seed
@@ -23,7 +23,7 @@ CLEAN_VIEW = -1  # view_seed meaning "no augmentation"
 class SampleKey(NamedTuple):
     """What a P x K batch asks the dataset for: an image index and the seed of its random shopper view."""
 
-    index: int
+    record: int  # dataset index of the image (not `index`: that name is tuple.index)
     view_seed: int
 
 

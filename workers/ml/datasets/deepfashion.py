@@ -70,14 +70,19 @@ def read_list_file(path: Path) -> ListFile:
     return ListFile(count, tuple(lines[1].split()), rows)
 
 
-def find_list_file(root: Path, name: str, required: bool = True) -> Path | None:
+def find_optional_list_file(root: Path, name: str) -> Path | None:
     for directory in LIST_DIRS:
         candidate = root / directory / name
         if candidate.is_file():
             return candidate
-    if required:
-        raise FileNotFoundError(f"{name} not found in {root} (nor its {', '.join(LIST_DIRS[1:])} folders)")
     return None
+
+
+def find_list_file(root: Path, name: str) -> Path:
+    path = find_optional_list_file(root, name)
+    if path is None:
+        raise FileNotFoundError(f"{name} not found in {root} (nor its {', '.join(LIST_DIRS[1:])} folders)")
+    return path
 
 
 def image_path(root: Path, image_name: str) -> Path:
@@ -193,7 +198,7 @@ class DeepFashionInShop(_DeepFashionDataset):
             row[0]: tuple(int(v) for v in row[3:7])
             for row in read_list_file(find_list_file(self.root, "list_bbox_inshop.txt")).rows
         }
-        landmarks = read_landmarks(find_list_file(self.root, "list_landmarks_inshop.txt", required=False))
+        landmarks = read_landmarks(find_optional_list_file(self.root, "list_landmarks_inshop.txt"))
         categories = sorted({self._category_name(row[0]) for row in partition.rows} - {""})
         self.label_space = label_space or LabelSpace(tuple(categories), (), NUM_LANDMARKS)
         index = {name: i for i, name in enumerate(self.label_space.categories)}
@@ -272,7 +277,7 @@ class DeepFashionCategoryAttribute(_DeepFashionDataset):
             for row in read_list_file(find_list_file(self.root, "list_bbox.txt")).rows
             if row[0] in wanted
         }
-        landmarks = read_landmarks(find_list_file(self.root, "list_landmarks.txt", required=False))
+        landmarks = read_landmarks(find_optional_list_file(self.root, "list_landmarks.txt"))
         self.entries = [
             _Entry(
                 image_name=name,

@@ -52,7 +52,7 @@ DATA_DIR_ENV = "SHOP_SEARCH_DATA_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BACKGROUND_LEVEL = 8  # grey values at or below this, connected to the border, are the black studio backdrop
 MASK_CHUNK = 2048  # masks are computed on first access, this many images at a time (vectorised, ~0.15 s)
-IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 class FashionMnistUnavailable(RuntimeError):

@@ -60,7 +60,7 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, Record]:  # type: ignore[override]
+    def __getitem__(self, key: int | SampleKey) -> tuple[torch.Tensor, Record]:
         if isinstance(key, tuple):
             index, view_seed = key
             rng_seed = None if view_seed == CLEAN_VIEW else [self.seed, view_seed]
