@@ -128,7 +128,10 @@ class ProductSpec:
             {"buttons": "buttons", "pocket": "pocket", "belt": "belt", "trim": "contrast trim"}[d] for d in self.details
         ]
         title = " ".join(w for w in words if w).capitalize()
-        return f"{title} with {' and '.join(extras)}" if extras else title
+        if not extras:
+            return title
+        listed = extras[0] if len(extras) == 1 else f"{', '.join(extras[:-1])} and {extras[-1]}"
+        return f"{title} with {listed}"
 
 
 def attribute_vector(names: Sequence[str], label_space: LabelSpace = LABEL_SPACE) -> np.ndarray:
