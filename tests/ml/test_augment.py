@@ -4,7 +4,9 @@ from PIL import Image
 from workers.ml.augment import (
     MIN_AUGMENT_SIZE,
     AugmentStrength,
+    estimate_item_mask,
     flip_record,
+    random_background,
     shopper_view,
     translation,
     warp_record,
@@ -95,3 +97,13 @@ def test_records_without_landmarks_and_small_images_work():
     assert view.landmarks is None and view.image.mode == "RGB"
     assert min(view.image.size) == MIN_AUGMENT_SIZE
     assert shopper_view(record, 0, "none").image.size == (28, 28)
+
+
+def test_item_mask_is_estimated_on_a_studio_backdrop_only():
+    record = render_product(9)
+    estimated = np.asarray(estimate_item_mask(record.image)) > 127
+    truth = np.asarray(record.extra["mask"]) > 127
+    assert (estimated == truth).mean() > 0.95
+    busy = random_background((96, 96), 0, "clutter")
+    assert estimate_item_mask(busy) is None
+    assert estimate_item_mask(Image.new("RGB", (50, 50), "white")) is None  # nothing on the backdrop

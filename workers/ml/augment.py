@@ -10,6 +10,8 @@ those, deterministically from a seed or a numpy Generator, to any `Record`:
 - a horizontal flip swaps the left/right landmark slots (`LANDMARK_FLIP_PAIRS` for the 8-slot layout);
 - `record.extra["mask"]` (an "L" image, 255 on the item), when present, lets the background be replaced by
   clutter behind the item, and moves along with the image; `extra["bbox"]` (normalised x0, y0, x1, y1) too.
+  Without a mask, a plain studio backdrop is recognised (`estimate_item_mask`); otherwise clutter only fills
+  the border that the viewpoint change exposes.
 
 Strength presets (`STRENGTHS`): "catalog" (another studio photo of the product), "mild", "query" (the
 evaluation shopper photos) and "strong" (training positives harder than the queries, for robustness).
@@ -35,6 +37,12 @@ LANDMARK_FLIP_PAIRS: tuple[tuple[int, int], ...] = ((0, 1), (2, 3), (4, 5), (6, 
 # Augmenting a 28x28 Fashion-MNIST image at its own size would make blur and JPEG blocks cover the whole
 # product; upscale small inputs first so every effect acts at the scale of a phone photo.
 MIN_AUGMENT_SIZE = 112
+
+# A catalog photo on a plain backdrop lets us find the item without a mask: the backdrop is the border
+# colour, connected to the border. Estimated on a small copy: it only decides where clutter may go.
+STUDIO_BORDER_SPREAD = 14.0  # max std (0..255) of the border colours for the backdrop to count as plain
+STUDIO_TOLERANCE = 28.0  # colour distance to the backdrop colour that still counts as backdrop
+MASK_WORK_SIZE = 64  # side of the copy the mask is estimated on (keeps it ~1 ms)
 
 RngLike = np.random.Generator | int | None
 
@@ -320,6 +328,37 @@ def mask_bbox(mask: Image.Image) -> tuple[float, float, float, float]:
     return (box[0] / w, box[1] / h, box[2] / w, box[3] / h)
 
 
+def grow_from_border(passable: np.ndarray) -> np.ndarray:
+    """(N, H, W) bool: the pixels reachable from the image border through `passable` pixels (4-connected)."""
+    reached = np.zeros_like(passable)
+    reached[:, 0, :], reached[:, -1, :] = passable[:, 0, :], passable[:, -1, :]
+    reached[:, :, 0], reached[:, :, -1] = passable[:, :, 0], passable[:, :, -1]
+    while True:
+        grown = reached.copy()
+        grown[:, 1:, :] |= reached[:, :-1, :]
+        grown[:, :-1, :] |= reached[:, 1:, :]
+        grown[:, :, 1:] |= reached[:, :, :-1]
+        grown[:, :, :-1] |= reached[:, :, 1:]
+        grown &= passable
+        if np.array_equal(grown, reached):
+            return reached
+        reached = grown
+
+
+def estimate_item_mask(image: Image.Image) -> Image.Image | None:
+    """An "L" mask of the product in a studio photo (plain backdrop), or None if the backdrop is not plain."""
+    small = np.asarray(image.convert("RGB").resize((MASK_WORK_SIZE, MASK_WORK_SIZE)), np.float32)
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
+    if border.std(axis=0).max() > STUDIO_BORDER_SPREAD:
+        return None
+    near_backdrop = np.linalg.norm(small - np.median(border, axis=0), axis=2) <= STUDIO_TOLERANCE
+    item = ~grow_from_border(near_backdrop[None])[0]
+    if item.mean() < 0.02:  # nothing stands out from the backdrop
+        return None
+    mask = Image.fromarray(item.astype(np.uint8) * 255)
+    return mask.resize(image.size, Image.Resampling.BILINEAR)
+
+
 def border_colour(image: Image.Image) -> tuple[int, int, int]:
     """Median colour of the image border: the studio background colour of a catalog photo."""
     pixels = np.asarray(image.convert("RGB"))
@@ -372,6 +411,10 @@ def shopper_view(record: Record, rng: RngLike = None, strength: AugmentStrength 
         if record.landmarks is not None and len(record.landmarks) == 8:
             swap = LANDMARK_FLIP_PAIRS
     use_clutter = rng.random() < strength.clutter_probability
+    if use_clutter and "mask" not in record.extra:
+        mask = estimate_item_mask(record.image)
+        if mask is not None:
+            record = replace(record, extra={**record.extra, "mask": mask, "bbox": mask_bbox(mask)})
     warped = warp_record(record, matrix, swap_pairs=swap)
     if use_clutter:
         warped = _put_on_background(record, warped, matrix, random_background(size, rng))

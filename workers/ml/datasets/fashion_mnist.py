@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from workers.ml.augment import grow_from_border
 from workers.ml.records import LabelSpace, Record
 
 CLASSES: tuple[str, ...] = (
@@ -192,20 +193,7 @@ def product_masks(images: np.ndarray) -> np.ndarray:
 
     Dark parts inside the product (a black stripe) stay in, unlike a plain threshold.
     """
-    dark = images <= BACKGROUND_LEVEL
-    background = np.zeros_like(dark)
-    background[:, 0, :], background[:, -1, :] = dark[:, 0, :], dark[:, -1, :]
-    background[:, :, 0], background[:, :, -1] = dark[:, :, 0], dark[:, :, -1]
-    while True:  # grow the border background through dark pixels (4-connected) until it stops
-        grown = background.copy()
-        grown[:, 1:, :] |= background[:, :-1, :]
-        grown[:, :-1, :] |= background[:, 1:, :]
-        grown[:, :, 1:] |= background[:, :, :-1]
-        grown[:, :, :-1] |= background[:, :, 1:]
-        grown &= dark
-        if np.array_equal(grown, background):
-            return ~background
-        background = grown
+    return ~grow_from_border(images <= BACKGROUND_LEVEL)
 
 
 class FashionMnist(Sequence[Record]):
