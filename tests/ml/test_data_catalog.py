@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,8 @@ from workers.ml.datasets.catalog_export import (
 from workers.ml.datasets.fashion_mnist import write_idx
 from workers.ml.datasets.products import fashion_mnist_products, render_catalog, shopper_query
 from workers.ml.records import LabelSpace
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _product(sku, category, attributes, colours):
@@ -89,3 +94,14 @@ def test_shopper_query_is_deterministic():
     image = render_catalog(1, 1, size=64)[0].images[0]
     assert shopper_query(image, 3).tobytes() == shopper_query(image, 3).tobytes()
     assert shopper_query(image, 3).tobytes() != shopper_query(image, 4).tobytes()
+
+
+def test_demo_catalog_functions_do_not_load_torch():
+    program = (
+        "import sys\n"
+        "from workers.ml.datasets import render_catalog, shopper_query, CatalogExport, fashion_mnist_products\n"
+        "shopper_query(render_catalog(1, 1, size=32)[0].images[0], 0)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported by `collate` only: the data side (and Django's demo command) runs without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Record:
 
 def collate(samples: Sequence[tuple[torch.Tensor, Record]], label_space: LabelSpace) -> dict[str, torch.Tensor]:
     """Stack (preprocessed image tensor, record) pairs into one batch with a mask per optional label."""
+    import torch
+
     n = len(samples)
     num_attributes = len(label_space.attributes)
     k = label_space.num_landmarks

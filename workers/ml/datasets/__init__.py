@@ -9,7 +9,11 @@
   `pk_loader` / `plain_loader`, `prepare_record`.
 
 Shopper-view augmentation lives in `workers.ml.augment`, the P x K sampler in `workers.ml.sampler`.
+Only `torch_dataset` needs torch, and it is imported on first use: the demo-catalog functions run in
+processes that never load torch.
 """
+
+from typing import Any
 
 from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
 from workers.ml.datasets.deepfashion import DeepFashionCategoryAttribute, DeepFashionInShop
@@ -19,13 +23,17 @@ from workers.ml.datasets.fashion_mnist import load_records as fashion_mnist_reco
 from workers.ml.datasets.products import fashion_mnist_products, render_catalog, shopper_query
 from workers.ml.datasets.render import LABEL_SPACE as RENDER_LABEL_SPACE
 from workers.ml.datasets.render import RenderedProducts, product_spec, render_product
-from workers.ml.datasets.torch_dataset import (
-    RecordDataset,
-    instance_ids,
-    pk_loader,
-    plain_loader,
-    prepare_record,
-)
+
+_TORCH_NAMES = ("RecordDataset", "instance_ids", "pk_loader", "plain_loader", "prepare_record")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_NAMES:
+        from workers.ml.datasets import torch_dataset
+
+        return getattr(torch_dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DeepFashionCategoryAttribute",
