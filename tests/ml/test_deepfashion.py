@@ -17,14 +17,16 @@ INSHOP, CATEGORY_ATTRIBUTE = FIXTURES / "inshop", FIXTURES / "category_attribute
 def test_inshop_splits_items_and_categories():
     train = DeepFashionInShop(INSHOP, "train")
     assert train.label_space.categories == ("MEN/Denim", "WOMEN/Blouses_Shirts", "WOMEN/Dresses")
-    assert train.label_space.num_landmarks == 8 and train.label_space.attributes == ()
+    assert train.label_space.num_landmarks == 8
+    assert train.label_space.attributes == ("floral", "denim", "long sleeve")
+    assert train[0].attributes.tolist() == [1, 0, 0] and train[2].attributes.tolist() == [0, 0, 1]
     assert train.instance_ids.tolist() == [2, 2, 11]
     query, gallery = DeepFashionInShop(INSHOP, "query"), DeepFashionInShop(INSHOP, "gallery")
     assert query.instance_ids.tolist() == [7] and gallery.instance_ids.tolist() == [7]
     assert len(DeepFashionInShop(INSHOP, None)) == 5
     record = query[0]
     assert record.category == 0 and record.image.mode == "RGB" and record.image.size == (64, 64)
-    assert record.extra["split"] == "query" and record.attributes is None
+    assert record.extra["split"] == "query" and record.attributes.tolist() == [0, 1, 0]
 
 
 def test_inshop_landmarks_fill_the_right_slots_with_visibility_from_the_flags():

@@ -8,7 +8,10 @@ In-shop Clothes Retrieval Benchmark (`DeepFashionInShop`):
     list_eval_partition.txt   image_name item_id evaluation_status      (train | query | gallery)
     list_bbox_inshop.txt      image_name clothes_type pose_type x_1 y_1 x_2 y_2
     list_landmarks_inshop.txt image_name clothes_type variation_type [landmark_visibility_i x_i y_i]...
-  instance_id = the item number (id_00000123 -> 123); category = the folder pair, e.g. "WOMEN/Dresses".
+    list_attr_cloth.txt       attribute_name                            (optional, with the next one)
+    list_attr_items.txt       item_id attribute_labels...               (1 = yes; -1 or 0 = no/unknown)
+  instance_id = the item number (id_00000123 -> 123); category = the folder pair, e.g. "WOMEN/Dresses";
+  attributes are per item, and None when the attribute files are absent.
 
 Category and Attribute Prediction Benchmark (`DeepFashionCategoryAttribute`):
     list_category_cloth.txt   category_name category_type               (50 categories)
@@ -116,6 +119,23 @@ def parse_landmark_row(row: list[str]) -> LandmarkEntry:
     return LandmarkEntry(points, visibility)
 
 
+def attribute_name(row: list[str]) -> str:
+    """A list_attr_cloth.txt row: the name (may contain spaces), then a type number in Category-Attribute."""
+    return " ".join(row[:-1] if len(row) > 1 and row[-1].isdigit() else row)
+
+
+def multi_hot(labels: list[str], names: Sequence[str], label_space: LabelSpace) -> np.ndarray:
+    """Attribute labels in file order (1 = positive) -> multi-hot over `label_space.attributes`."""
+    if len(labels) != len(names):
+        raise ValueError(f"{len(labels)} attribute labels for {len(names)} attribute names")
+    index = {name: i for i, name in enumerate(label_space.attributes)}
+    vector = np.zeros(len(label_space.attributes), np.float32)
+    for name, label in zip(names, labels):
+        if int(label) == 1 and name in index:
+            vector[index[name]] = 1.0
+    return vector
+
+
 def read_landmarks(path: Path | None) -> dict[str, LandmarkEntry]:
     if path is None:
         return {}
@@ -200,7 +220,14 @@ class DeepFashionInShop(_DeepFashionDataset):
         }
         landmarks = read_landmarks(find_optional_list_file(self.root, "list_landmarks_inshop.txt"))
         categories = sorted({self._category_name(row[0]) for row in partition.rows} - {""})
-        self.label_space = label_space or LabelSpace(tuple(categories), (), NUM_LANDMARKS)
+        names_file = find_optional_list_file(self.root, "list_attr_cloth.txt")
+        items_file = find_optional_list_file(self.root, "list_attr_items.txt")
+        attribute_names = [attribute_name(r) for r in read_list_file(names_file).rows] if names_file else []
+        self.label_space = label_space or LabelSpace(tuple(categories), tuple(attribute_names), NUM_LANDMARKS)
+        attributes_of = {}
+        if names_file and items_file:
+            for row in read_list_file(items_file).rows:
+                attributes_of[row[0]] = multi_hot(row[1:], attribute_names, self.label_space)
         index = {name: i for i, name in enumerate(self.label_space.categories)}
         self.entries = [
             _Entry(
@@ -209,7 +236,7 @@ class DeepFashionInShop(_DeepFashionDataset):
                 category=index.get(self._category_name(name), -1),
                 bbox=boxes.get(name),  # type: ignore[arg-type]
                 landmarks=landmarks.get(name),
-                attributes=None,
+                attributes=attributes_of.get(item_id),
                 split=status,
             )
             for name, item_id, status in (row[:3] for row in partition.rows)
@@ -245,14 +272,11 @@ class DeepFashionCategoryAttribute(_DeepFashionDataset):
         self.root, self.crop_to_bbox = Path(root), crop_to_bbox
         category_names = [row[0] for row in read_list_file(find_list_file(self.root, "list_category_cloth.txt")).rows]
         attribute_names = [
-            " ".join(row[:-1]) for row in read_list_file(find_list_file(self.root, "list_attr_cloth.txt")).rows
+            attribute_name(row) for row in read_list_file(find_list_file(self.root, "list_attr_cloth.txt")).rows
         ]
         self.label_space = label_space or LabelSpace(tuple(category_names), tuple(attribute_names), NUM_LANDMARKS)
         # The files number categories by their own list; map through names in case label_space differs.
         category_index = {name: i for i, name in enumerate(self.label_space.categories)}
-        attribute_index = np.array(
-            [self.label_space.attributes.index(a) if a in self.label_space.attributes else -1 for a in attribute_names]
-        )
         partition = read_list_file(find_list_file(self.root, "list_eval_partition.txt"))
         wanted = {
             row[0]: (number, row[1]) for number, row in enumerate(partition.rows) if split is None or row[1] == split
@@ -262,16 +286,11 @@ class DeepFashionCategoryAttribute(_DeepFashionDataset):
             for row in read_list_file(find_list_file(self.root, "list_category_img.txt")).rows
             if row[0] in wanted
         }
-        attributes_of = {}
-        for row in read_list_file(find_list_file(self.root, "list_attr_img.txt")).rows:
-            if row[0] in wanted:
-                values = np.array(row[1:], np.int8)
-                if len(values) != len(attribute_names):
-                    raise ValueError(f"{row[0]}: {len(values)} attribute labels for {len(attribute_names)} names")
-                vector = np.zeros(len(self.label_space.attributes), np.float32)
-                positive = attribute_index[(values == 1) & (attribute_index >= 0)]
-                vector[positive] = 1.0
-                attributes_of[row[0]] = vector
+        attributes_of = {
+            row[0]: multi_hot(row[1:], attribute_names, self.label_space)
+            for row in read_list_file(find_list_file(self.root, "list_attr_img.txt")).rows
+            if row[0] in wanted
+        }
         boxes = {
             row[0]: tuple(int(v) for v in row[1:5])
             for row in read_list_file(find_list_file(self.root, "list_bbox.txt")).rows
