@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from dataclasses import dataclass
+from typing import Any
 
-from catalog.models import ModelVersion, ProductImage
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from catalog.models import DuplicateFinding, ImportJob, Merchant, ModelVersion, Product, ProductImage
 
 
 def model_version_list() -> QuerySet[ModelVersion]:
@@ -23,3 +27,125 @@ def model_versions_serving() -> QuerySet[ModelVersion]:
 def images_missing_embedding(*, version: ModelVersion) -> QuerySet[ProductImage]:
     """Images that `version` has not embedded yet (images that failed to decode are not waited for)."""
     return ProductImage.objects.exclude(status=ProductImage.Status.FAILED).exclude(embeddings__model_version=version)
+
+
+# --- Merchant-scoped reads: every queryset a merchant user sees starts from that user's merchants -----------------
+
+
+def merchants_for_user(*, user: Any) -> QuerySet[Merchant]:
+    if not getattr(user, "is_authenticated", False):
+        return Merchant.objects.none()
+    return Merchant.objects.filter(users=user)
+
+
+def product_list_for_merchant(
+    *, merchant: Merchant, active: bool | None = None, category: str = "", query: str = ""
+) -> QuerySet[Product]:
+    return _product_filter(Product.objects.filter(merchant=merchant), active=active, category=category, query=query)
+
+
+def product_list_for_user(
+    *, user: Any, merchant_slug: str = "", active: bool | None = None, category: str = "", query: str = ""
+) -> QuerySet[Product]:
+    """The products of the user's merchants (optionally one of them), never anyone else's."""
+    products = Product.objects.filter(merchant__in=merchants_for_user(user=user)).select_related("merchant")
+    if merchant_slug:
+        products = products.filter(merchant__slug=merchant_slug)
+    return _product_filter(products, active=active, category=category, query=query).prefetch_related("images")
+
+
+def _product_filter(products: QuerySet[Product], *, active: bool | None, category: str, query: str) -> QuerySet:
+    if active is not None:
+        products = products.filter(active=active)
+    if category:
+        products = products.filter(category=category)
+    if query:
+        products = products.filter(Q(sku__icontains=query) | Q(title__icontains=query))
+    return products
+
+
+def product_get_for_user(*, user: Any, product_id: int) -> Product | None:
+    return product_list_for_user(user=user).filter(pk=product_id).first()
+
+
+def image_get_for_user(*, user: Any, product_id: int, image_id: int) -> ProductImage | None:
+    return (
+        ProductImage.objects.filter(
+            pk=image_id, product_id=product_id, product__merchant__in=merchants_for_user(user=user)
+        )
+        .select_related("product__merchant")
+        .first()
+    )
+
+
+def import_job_list_for_user(*, user: Any) -> QuerySet[ImportJob]:
+    return ImportJob.objects.filter(merchant__in=merchants_for_user(user=user)).select_related("merchant")
+
+
+def import_job_get_for_user(*, user: Any, job_id: int) -> ImportJob | None:
+    return import_job_list_for_user(user=user).filter(pk=job_id).first()
+
+
+@dataclass(frozen=True)
+class ImportProgress:
+    total: int
+    processed: int
+    ok: int
+    rejected: int
+    percent: float
+    rows_per_second: float | None
+    eta_seconds: float | None  # None until there is a rate to extrapolate from, 0 when done
+    images_new: int
+    images_pending: int  # images of this merchant still waiting for their embedding
+
+
+def import_job_progress(*, job: ImportJob) -> ImportProgress:
+    """Live progress: counts, rate and ETA from the rows already committed since the job started."""
+    rate = eta = None
+    if job.state == ImportJob.State.DONE:
+        eta = 0.0
+    if job.started_at:
+        end = job.finished_at or timezone.now()
+        elapsed = max((end - job.started_at).total_seconds(), 1e-3)
+        rate = job.processed / elapsed if job.chunks_done else None  # rows rejected at upload are not a rate yet
+        if rate and job.state != ImportJob.State.DONE:
+            eta = round((job.total - job.processed) / rate, 1)
+    pending = ProductImage.objects.filter(
+        product__merchant_id=job.merchant_id, status=ProductImage.Status.PENDING
+    ).count()
+    return ImportProgress(
+        total=job.total,
+        processed=job.processed,
+        ok=job.ok,
+        rejected=job.rejected,
+        percent=round(100.0 * job.processed / job.total, 1) if job.total else 100.0,
+        rows_per_second=None if rate is None else round(rate, 1),
+        eta_seconds=eta,
+        images_new=job.images_new,
+        images_pending=pending,
+    )
+
+
+def import_job_rejected_rows(*, job: ImportJob) -> list[dict[str, Any]]:
+    """The job's rejected rows, by line: what the merchant fixes and uploads again."""
+    return sorted(job.errors, key=lambda error: error.get("line", 0))
+
+
+def duplicate_findings_for_user(*, user: Any, kind: str = "") -> QuerySet[DuplicateFinding]:
+    """Findings about the user's merchants' own images under the active version (the other side of a possible
+    copy stays hidden: serializers show it only for the merchant's own products)."""
+    findings = DuplicateFinding.objects.filter(
+        merchant__in=merchants_for_user(user=user), model_version__status=ModelVersion.Status.ACTIVE
+    ).select_related("image__product", "other_image__product")
+    if kind:
+        findings = findings.filter(kind=kind)
+    return findings
+
+
+def merchant_for_user(*, user: Any, slug: str = "") -> Merchant | None:
+    """The merchant a write acts for: the one named, or the user's only one; None if that is not determined."""
+    merchants = merchants_for_user(user=user)
+    if slug:
+        return merchants.filter(slug=slug).first()
+    first_two = list(merchants[:2])
+    return first_two[0] if len(first_two) == 1 else None

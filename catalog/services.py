@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -12,14 +15,24 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.core.files.base import ContentFile
-from django.db import connection, transaction
+from django.core.files.base import ContentFile, File
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, QuerySet
 from django.utils import timezone
 from pgvector import Bit
 from PIL import Image
 
 from catalog import intake, selectors
-from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
+from catalog.models import (
+    DuplicateFinding,
+    ImageEmbedding,
+    ImportChunk,
+    ImportJob,
+    Merchant,
+    ModelVersion,
+    Product,
+    ProductImage,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +96,22 @@ class ImageAddResult:
     created: bool  # False: this product already had this exact file (same sha256): nothing stored or re-embedded
 
 
-def image_add(*, product: Product, data: bytes, position: int = 0, source_url: str = "") -> ImageAddResult:
+def image_add(
+    *, product: Product, data: bytes, position: int = 0, source_url: str = "", enqueue: bool = True
+) -> ImageAddResult:
     """Validate an untrusted image, store its re-encoded copy and queue its embedding (after commit).
 
     Idempotent on the sha256 of the uploaded bytes: the same file for the same product is neither stored again
-    nor re-embedded. Raises intake.IntakeError for unusable input (nothing is stored then).
+    nor re-embedded (nor even decoded again: it was validated when first stored). Raises intake.IntakeError for
+    unusable input (nothing is stored then). `enqueue=False` leaves queueing to a caller that batches many adds.
     """
-    validated = intake.image_validate(data)
-    existing = ProductImage.objects.filter(product=product, sha256=validated.sha256).first()
+    existing = ProductImage.objects.filter(product=product, sha256=hashlib.sha256(data).hexdigest()).first()
     if existing is not None:
         if existing.position != position:
             existing.position = position
             existing.save(update_fields=["position"])
         return ImageAddResult(existing, False)
+    validated = intake.image_validate(data)
     image = ProductImage(
         product=product,
         sha256=validated.sha256,
@@ -105,7 +121,8 @@ def image_add(*, product: Product, data: bytes, position: int = 0, source_url: s
     )
     image.file.save(f"{validated.sha256[:32]}.{validated.extension}", ContentFile(validated.data), save=False)
     image.save()
-    images_embed_enqueue(image_ids=[image.pk])
+    if enqueue:
+        images_embed_enqueue(image_ids=[image.pk])
     return ImageAddResult(image, True)
 
 
@@ -229,22 +246,46 @@ def images_embed(*, image_ids: Sequence[int], encoder_for: EncoderFor) -> dict[s
             ProductImage.objects.filter(pk=image.pk).update(status=ProductImage.Status.FAILED, error=str(exc)[:500])
     if not versions or not loaded:
         return {"embedded": 0, "failed": failed, "versions": [v.pk for v in versions]}
+    duplicates = 0
     for version in versions:
         encoder = encoder_for(checkpoint_path(version))
         encoding = encoder.encode([pil for _, pil in loaded])
         with transaction.atomic():
-            for index, (image, _) in enumerate(loaded):
-                embedding_save(
-                    image=image,
-                    model_version=version,
-                    bits=encoding.bits[index],
-                    fc7=encoding.fc7[index],
-                    **_predictions(encoding, index, encoder.label_space),
-                )
+            embeddings_bulk_save(
+                model_version=version,
+                rows=[
+                    ImageEmbedding(
+                        image=image,
+                        model_version=version,
+                        product_id=image.product_id,
+                        code=Bit(encoding.bits[index]).to_text(),
+                        fc7=encoding.fc7[index],
+                        **_predictions(encoding, index, encoder.label_space),
+                    )
+                    for index, (image, _) in enumerate(loaded)
+                ],
+            )
+            duplicates += duplicates_find(model_version=version, image_ids=[image.pk for image, _ in loaded])
     ProductImage.objects.filter(pk__in=[image.pk for image, _ in loaded]).update(
         status=ProductImage.Status.EMBEDDED, error=""
     )
-    return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions]}
+    return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
+
+
+def embeddings_bulk_save(*, model_version: ModelVersion, rows: Sequence[ImageEmbedding]) -> None:
+    """Insert or replace many embeddings of one version in one statement (embedding_save's semantics, batched:
+    one round trip per batch instead of two or three per image)."""
+    for row in rows:
+        if len(row.code) != model_version.code_bits or len(row.fc7) != model_version.fc7_dim:
+            raise ValueError(
+                f"version {model_version.pk} expects {model_version.code_bits} bits and {model_version.fc7_dim}-d fc7"
+            )
+    ImageEmbedding.objects.bulk_create(
+        rows,
+        update_conflicts=True,
+        unique_fields=["image", "model_version"],
+        update_fields=["product", "code", "fc7", "category", "category_confidence", "attributes", "landmarks"],
+    )
 
 
 def images_embed_enqueue(*, image_ids: Sequence[int]) -> None:
@@ -354,3 +395,358 @@ def model_version_finish_indexing(*, version: ModelVersion) -> bool:
         return False
     model_version_activate(version=version)
     return True
+
+
+# --- Catalog ingest: import jobs, chunks, updates, deletes, duplicates -------------------------------------------
+
+IMPORT_CHUNK_ROWS = 200  # rows per import task: ~1-2 s of work, so a lost worker redoes little
+IMPORT_ROW_RETRIES = 1  # a concurrent import may create the same sku between our read and insert: retry once
+DUPLICATE_MAX_HAMMING_FRACTION = 0.04  # near-identical images differ in a few bits; distinct products in ~half
+DUPLICATE_MAX_FC7_DISTANCE = 0.08  # L2 between unit fc7 vectors: a re-compressed copy is ~0.01, a sibling ~0.3+
+DUPLICATE_CANDIDATES = 8  # nearest codes examined per new image; more near-identical copies than this are rare
+
+
+def import_job_create(
+    *,
+    merchant: Merchant,
+    manifest: bytes,
+    manifest_name: str = "",
+    manifest_format: str | None = None,
+    archive: File | None = None,
+    created_by: Any = None,
+    chunk_rows: int = IMPORT_CHUNK_ROWS,
+) -> ImportJob:
+    """Check an upload as a whole and record it as an import job whose chunks run in Celery after commit.
+
+    The manifest and the zip are parsed and read completely first: a file-level problem (not a manifest, a zip
+    slip, a zip bomb) raises intake.IntakeError and stores nothing. Row-level problems become rejected rows with
+    their line numbers, counted at once; good rows are split into chunks of `chunk_rows`.
+    """
+    from workers import tasks  # late: tasks imports this module
+
+    parsed = intake.manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
+    errors = list(parsed.errors)
+    rows: list[intake.ManifestRow] = []
+    safe_zip: intake.SafeZip | None = None
+    if archive is not None:
+        archive.seek(0)
+        intake.zip_check(archive)
+        archive.seek(0)
+        safe_zip = intake.SafeZip(archive)
+    for row in parsed.rows:
+        resolved, missing = [], []
+        for reference in row.images:
+            if intake.is_image_url(reference):
+                resolved.append(reference)
+            elif safe_zip is not None and (name := safe_zip.resolve(reference)) is not None:
+                resolved.append(name)
+            else:
+                missing.append(reference)
+        if missing:
+            where = "the zip" if safe_zip is not None else "the upload (no zip of images was given)"
+            errors.append(intake.RowError(row.line, row.sku, f"image {missing[0]!r} is not in {where}"))
+        else:
+            rows.append(dataclasses.replace(row, images=tuple(resolved)))
+    if safe_zip is not None:
+        safe_zip.close()
+    errors.sort(key=lambda error: error.line)
+
+    chunk_rows = max(1, chunk_rows)
+    chunks = [rows[start : start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
+    with transaction.atomic():
+        job = ImportJob(
+            merchant=merchant,
+            created_by=created_by,
+            source_name=(manifest_name or "manifest")[:300],
+            manifest_format=parsed.format,
+            total=parsed.total,
+            processed=len(errors),
+            rejected=len(errors),
+            errors=[error.to_json() for error in errors],
+            chunks_total=len(chunks),
+        )
+        if not chunks:
+            job.state = ImportJob.State.DONE
+            job.started_at = job.finished_at = timezone.now()
+        if archive is not None and chunks:
+            archive.seek(0)
+            job.archive.save(f"import-{merchant.pk}-{uuid.uuid4().hex}.zip", File(archive), save=False)
+        job.save()
+        created = ImportChunk.objects.bulk_create(
+            ImportChunk(job=job, index=index, rows=[row.to_json() for row in chunk])
+            for index, chunk in enumerate(chunks)
+        )
+        for chunk_row in created:
+            transaction.on_commit(lambda pk=chunk_row.pk: tasks.import_run_chunk.delay(pk))
+    return job
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    chunk_id: int
+    ok: int
+    rejected: int
+    images_new: int
+    already_done: bool  # a re-delivered task found its chunk committed: nothing was written again
+    job_done: bool
+
+
+@dataclass(frozen=True)
+class _RowOutcome:
+    new_image_ids: list[int]
+
+
+def _row_images(row: intake.ManifestRow, archive: intake.SafeZip | None) -> list[tuple[bytes, str]]:
+    """The row's image files as (bytes, source URL), read under the zip caps or fetched under the URL policy."""
+    files = []
+    for reference in row.images:
+        if intake.is_image_url(reference):
+            try:
+                files.append((image_fetch(url=reference), reference))
+            except intake.IntakeError as exc:
+                raise intake.IntakeError(f"image {reference}: {exc}") from exc
+        else:
+            if archive is None:
+                raise intake.IntakeError(f"image {reference!r}: the import's zip is gone")
+            files.append((archive.read(reference), ""))
+    return files
+
+
+def _row_import(*, merchant: Merchant, row: intake.ManifestRow, files: list[tuple[bytes, str]]) -> _RowOutcome:
+    """One manifest row: upsert the product, add its images; with images listed, they become the product's
+    image set (images no longer listed are removed, so search stops returning them)."""
+    result = product_upsert(
+        merchant=merchant,
+        sku=row.sku,
+        title=row.title,
+        description=row.description,
+        category=row.category,
+        attributes=row.attributes,
+        price=None if row.price is None else Decimal(row.price),
+        url=row.url,
+        active=row.active,
+    )
+    new_ids, keep = [], []
+    for position, (data, source_url) in enumerate(files):
+        try:
+            added = image_add(
+                product=result.product, data=data, position=position, source_url=source_url, enqueue=False
+            )
+        except intake.IntakeError as exc:
+            name = source_url or row.images[position]
+            raise intake.IntakeError(f"image {name}: {exc}") from exc
+        keep.append(added.image.pk)
+        if added.created:
+            new_ids.append(added.image.pk)
+    if files:
+        for stale in ProductImage.objects.filter(product=result.product).exclude(pk__in=keep):
+            image_delete(image=stale)
+    return _RowOutcome(new_ids)
+
+
+def import_job_start(*, job: ImportJob) -> None:
+    ImportJob.objects.filter(pk=job.pk, state=ImportJob.State.PENDING).update(
+        state=ImportJob.State.RUNNING, started_at=timezone.now()
+    )
+
+
+def import_run_chunk(*, chunk_id: int) -> ChunkResult:
+    """Import one chunk of rows in one transaction, exactly once.
+
+    The chunk row is locked and marked done in the same transaction that writes its products and the job's
+    counters, so a worker lost mid-chunk leaves nothing (the transaction aborts) and a re-delivered task for a
+    committed chunk changes nothing. Each row runs in a savepoint: a bad row is rejected whole, with its line.
+    """
+    chunk = ImportChunk.objects.select_related("job__merchant").get(pk=chunk_id)
+    job = chunk.job
+    import_job_start(job=job)
+    ImportChunk.objects.filter(pk=chunk_id, done=False).update(attempts=F("attempts") + 1)
+    archive = None
+    if job.archive:
+        try:
+            archive = intake.SafeZip(job.archive.open("rb"))
+        except (intake.IntakeError, OSError):
+            archive = None  # rows that need it are rejected with a clear error below
+    try:
+        with transaction.atomic():
+            chunk = ImportChunk.objects.select_for_update().get(pk=chunk_id)
+            if chunk.done:
+                images_embed_enqueue(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
+                return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=True, job_done=False)
+            ok, errors, new_ids = 0, [], []
+            for data in chunk.rows:
+                row = intake.ManifestRow.from_json(data)
+                outcome = _chunk_row(merchant=job.merchant, row=row, archive=archive)
+                if isinstance(outcome, intake.RowError):
+                    errors.append(outcome.to_json())
+                else:
+                    ok += 1
+                    new_ids.extend(outcome.new_image_ids)
+            chunk.done, chunk.ok, chunk.rejected, chunk.finished_at = True, ok, len(errors), timezone.now()
+            chunk.save(update_fields=["done", "ok", "rejected", "finished_at"])
+            job = ImportJob.objects.select_for_update().get(pk=job.pk)
+            job.processed += len(chunk.rows)
+            job.ok += ok
+            job.rejected += len(errors)
+            job.images_new += len(new_ids)
+            job.chunks_done += 1
+            job.errors = sorted([*job.errors, *errors], key=lambda error: error["line"])
+            fields = ["processed", "ok", "rejected", "images_new", "chunks_done", "errors"]
+            job_done = job.chunks_done >= job.chunks_total
+            if job_done:
+                job.state, job.finished_at = ImportJob.State.DONE, timezone.now()
+                fields += ["state", "finished_at"]
+                if job.archive:  # every chunk has read its entries: the upload is no longer needed
+                    archive_name, storage = job.archive.name, job.archive.storage
+                    transaction.on_commit(lambda: storage.delete(archive_name))
+                    job.archive = ""  # type: ignore[assignment]
+                    fields.append("archive")
+            job.save(update_fields=fields)
+            images_embed_enqueue(image_ids=new_ids)
+            return ChunkResult(chunk_id, ok, len(errors), len(new_ids), already_done=False, job_done=job_done)
+    finally:
+        if archive is not None:
+            archive.close()
+
+
+def _chunk_row(
+    *, merchant: Merchant, row: intake.ManifestRow, archive: intake.SafeZip | None
+) -> _RowOutcome | intake.RowError:
+    try:
+        files = _row_images(row, archive)
+    except intake.IntakeError as exc:
+        return intake.RowError(row.line, row.sku, str(exc))
+    for attempt in range(IMPORT_ROW_RETRIES + 1):
+        try:
+            with transaction.atomic():
+                return _row_import(merchant=merchant, row=row, files=files)
+        except intake.IntakeError as exc:
+            return intake.RowError(row.line, row.sku, str(exc))
+        except IntegrityError as exc:
+            if attempt == IMPORT_ROW_RETRIES:
+                return intake.RowError(row.line, row.sku, f"conflicting concurrent write: {exc}"[:500])
+    raise AssertionError("unreachable")
+
+
+def _chunk_pending_image_ids(*, chunk: ImportChunk, merchant: Merchant) -> QuerySet[ProductImage, int]:
+    """Images of a committed chunk still waiting for an embedding (the worker may have died between commit and
+    queueing them): queueing them again is harmless, embedding is idempotent."""
+    skus = [row["sku"] for row in chunk.rows]
+    return ProductImage.objects.filter(
+        product__merchant=merchant, product__sku__in=skus, status=ProductImage.Status.PENDING
+    ).values_list("id", flat=True)
+
+
+def import_job_resume(*, job: ImportJob) -> int:
+    """Queue again every chunk of `job` not yet committed (after a broker lost its messages); returns how many.
+    Safe at any time: a chunk that is running or done is skipped by its own lock and flag."""
+    from workers import tasks
+
+    pending = list(job.chunks.filter(done=False).values_list("id", flat=True))
+    for chunk_id in pending:
+        transaction.on_commit(lambda pk=chunk_id: tasks.import_run_chunk.delay(pk))
+    return len(pending)
+
+
+def product_update(*, product: Product, **fields: Any) -> Product:
+    """Change some of a product's fields (PRODUCT_FIELDS); deactivating it hides it from search at once (the
+    IndexChange trigger records the change for the in-memory indexes)."""
+    unknown = set(fields) - set(PRODUCT_FIELDS)
+    if unknown:
+        raise ValueError(f"not product fields: {sorted(unknown)}")
+    current = {name: getattr(product, name) for name in PRODUCT_FIELDS}
+    merged = {**current, **fields}
+    return product_upsert(merchant=product.merchant, sku=product.sku, **merged).product
+
+
+def product_delete(*, product: Product) -> None:
+    """Delete a product, its images, embeddings and findings (cascade; the trigger records the deletion), and
+    its stored files once the deletion has committed."""
+    names = list(product.images.values_list("file", flat=True))
+    product.delete()
+    transaction.on_commit(lambda: _files_delete(names))
+
+
+def image_delete(*, image: ProductImage) -> None:
+    name = image.file.name
+    image.delete()
+    transaction.on_commit(lambda: _files_delete([name]))
+
+
+def _files_delete(names: Sequence[str]) -> None:
+    storage = ProductImage._meta.get_field("file").storage
+    for name in names:
+        # Another product may hold the same bytes under another name, never under this one: safe to remove.
+        if name and not ProductImage.objects.filter(file=name).exists():
+            storage.delete(name)
+
+
+def duplicates_find(*, model_version: ModelVersion, image_ids: Sequence[int]) -> int:
+    """Record near-identical images of other products for these images' embeddings under `model_version`.
+
+    Candidates come from the version's Hamming index (nearest codes), then both thresholds must hold. A finding
+    is stored in both directions so each merchant sees it about its own image. Returns findings created.
+    """
+    if not image_ids:
+        return 0
+    bits = int(model_version.code_bits)
+    version_id = int(model_version.pk)
+    max_hamming = int(bits * DUPLICATE_MAX_HAMMING_FRACTION)
+    # Literal version id and bit length: the partial HNSW index (code_index_ensure) matches only these forms.
+    sql = f"""
+        SELECT n.image_id, np.merchant_id, c.image_id, c.merchant_id, c.hamming, c.distance
+        FROM catalog_imageembedding n
+        JOIN catalog_product np ON np.id = n.product_id
+        CROSS JOIN LATERAL (
+            SELECT e.image_id, p.merchant_id,
+                   (e.code::bit({bits}) <~> n.code::bit({bits}))::int AS hamming,
+                   (e.fc7 <-> n.fc7) AS distance
+            FROM catalog_imageembedding e
+            JOIN catalog_product p ON p.id = e.product_id
+            WHERE e.model_version_id = {version_id} AND e.product_id <> n.product_id
+            ORDER BY e.code::bit({bits}) <~> n.code::bit({bits})
+            LIMIT %s
+        ) c
+        WHERE n.model_version_id = {version_id} AND n.image_id = ANY(%s)
+          AND c.hamming <= %s AND c.distance <= %s
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [DUPLICATE_CANDIDATES, list(image_ids), max_hamming, DUPLICATE_MAX_FC7_DISTANCE])
+        pairs = cursor.fetchall()
+    findings = []
+    for image_id, merchant_id, other_id, other_merchant_id, hamming, distance in pairs:
+        kind = (
+            DuplicateFinding.Kind.DUPLICATE_LISTING
+            if merchant_id == other_merchant_id
+            else DuplicateFinding.Kind.POSSIBLE_COPY
+        )
+        for own, own_merchant, other in ((image_id, merchant_id, other_id), (other_id, other_merchant_id, image_id)):
+            findings.append(
+                DuplicateFinding(
+                    merchant_id=own_merchant,
+                    image_id=own,
+                    other_image_id=other,
+                    model_version=model_version,
+                    kind=kind,
+                    hamming=hamming,
+                    fc7_distance=float(distance),
+                )
+            )
+    created = DuplicateFinding.objects.bulk_create(findings, ignore_conflicts=True)
+    return len(created)
+
+
+def image_fetch(*, url: str) -> bytes:
+    """Download an image URL under the fetch policy; private ranges only where IMAGE_FETCH_ALLOWED_NETWORKS says."""
+    return intake.url_fetch(url, allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())))
+
+
+def product_image_add(
+    *, product: Product, data: bytes | None = None, url: str = "", position: int = 0
+) -> ImageAddResult:
+    """One image for one product, uploaded (`data`) or by URL; validated, deduplicated, embedded after commit."""
+    if data is None:
+        if not url:
+            raise intake.IntakeError("give an image file or an image URL")
+        data = image_fetch(url=url)
+    return image_add(product=product, data=data, position=position, source_url=url)

@@ -6,6 +6,7 @@ to enqueue and must stay free of it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 from celery import shared_task
 from django.db import OperationalError
@@ -72,3 +73,23 @@ def embed_finish_indexing(self, model_version_id: int) -> dict:
         missing = selectors.images_missing_embedding(version=version).count()
         raise self.retry(countdown=INDEXING_POLL_S, exc=RuntimeError(f"{missing} images still to embed"))
     return {"model_version": version.pk, "status": version.status}
+
+
+IMPORT_CHUNK_SOFT_TIME_LIMIT_S = 300  # a 200-row chunk takes seconds; minutes means a stuck image URL or disk
+IMPORT_CHUNK_MAX_RETRIES = 5  # database restarts and lock timeouts pass; more failures are real bugs
+
+
+@shared_task(
+    name="workers.tasks.import_run_chunk",
+    queue="embed",  # ingest feeds embedding: same workers, no extra queue to deploy
+    acks_late=True,  # a worker lost mid-chunk leaves the message for the next one; the chunk is exactly-once
+    autoretry_for=(OperationalError,),
+    retry_backoff=True,
+    max_retries=IMPORT_CHUNK_MAX_RETRIES,
+    soft_time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S,
+    time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S + 60,
+)
+def import_run_chunk(chunk_id: int) -> dict:
+    """Import one chunk of a catalog upload (products upserted, images stored, embedding queued). Idempotent."""
+    result = services.import_run_chunk(chunk_id=chunk_id)
+    return dataclasses.asdict(result)

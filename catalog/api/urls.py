@@ -1,9 +1,33 @@
 from django.urls import path
+from rest_framework.authtoken.views import obtain_auth_token
 
-from catalog.api import views
+from catalog.api import merchants, views
 
 app_name = "api"
 
 urlpatterns = [
     path("model-versions/", views.ModelVersionListView.as_view(), name="model-version-list"),
+    # Merchant API (token or session auth; everything scoped to the user's merchants)
+    path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("merchant/merchants/", merchants.MerchantListView.as_view(), name="merchant-list"),
+    path("merchant/products/", merchants.ProductListView.as_view(), name="merchant-product-list"),
+    path("merchant/products/<int:product_id>/", merchants.ProductDetailView.as_view(), name="merchant-product-detail"),
+    path(
+        "merchant/products/<int:product_id>/images/",
+        merchants.ProductImageListView.as_view(),
+        name="merchant-product-images",
+    ),
+    path(
+        "merchant/products/<int:product_id>/images/<int:image_id>/",
+        merchants.ProductImageDetailView.as_view(),
+        name="merchant-product-image-detail",
+    ),
+    path("merchant/imports/", merchants.ImportJobListView.as_view(), name="merchant-import-list"),
+    path("merchant/imports/<int:job_id>/", merchants.ImportJobDetailView.as_view(), name="merchant-import-detail"),
+    path(
+        "merchant/imports/<int:job_id>/rejected/",
+        merchants.ImportJobRejectedView.as_view(),
+        name="merchant-import-rejected",
+    ),
+    path("merchant/duplicates/", merchants.DuplicateListView.as_view(), name="merchant-duplicate-list"),
 ]
