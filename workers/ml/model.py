@@ -44,6 +44,7 @@ class FashionNetConfig:
     num_landmarks: int = 0
     landmark_mode: str = "heatmap"
     local_channels: int = 64  # width of the local feature map shared by landmarks and landmark pooling
+    local_stride: int = 16  # stride of the local map; 8 gives small inputs a finer landmark grid
     fc6_global_dim: int = 512
     fc6_local_dim: int = 256
     fc7_dim: int = 512
@@ -205,7 +206,11 @@ class FashionNet(nn.Module):
         self.config = config
         self.backbone = create_feature_extractor(config.backbone, packaged_weights=config.packaged_weights)
         channels = self.backbone.feature_info.channels()
-        last_channels, local_channels_in = channels[-1], channels[-2]
+        reductions = self.backbone.feature_info.reduction()
+        if config.local_stride not in reductions[:-1]:
+            raise ValueError(f"local_stride must be one of {reductions[:-1]} for {config.backbone}")
+        self.local_level = reductions.index(config.local_stride)
+        last_channels, local_channels_in = channels[-1], channels[self.local_level]
 
         self.pool, pooled_dim = make_pooling(config.pooling, last_channels)
         self.fc6_global = nn.Sequential(
@@ -247,14 +252,14 @@ class FashionNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> FashionNetOutput:
         feature_maps = self.backbone(images)
-        last, before_last = feature_maps[-1], feature_maps[-2]
+        last, local_features = feature_maps[-1], feature_maps[self.local_level]
         pooled = self.pool(last)
         fused = [self.fc6_global(pooled)]
 
         landmarks = visibility_logits = None
         if self.config.num_landmarks:
-            upsampled = F.interpolate(last, size=before_last.shape[2:], mode="nearest")
-            local = self.local(torch.cat([before_last, upsampled], dim=1))
+            upsampled = F.interpolate(last, size=local_features.shape[2:], mode="nearest")
+            local = self.local(torch.cat([local_features, upsampled], dim=1))
             if self.config.landmark_mode == "heatmap":
                 heatmaps = self.heatmap(local)
                 landmarks = soft_argmax(heatmaps)
