@@ -29,6 +29,7 @@ from workers.ml.codes import bit_balance, hamming_distances, pack_bits, select_s
 RECALL_KS = (1, 5, 10, 20)
 CASCADE_MIN_CANDIDATES = 100  # coarse shortlist the fine stage reranks; the product's default order of size
 CASCADE_MAX_CANDIDATES = 1000  # matches the search side's cap (rerank stays cheap)
+CASCADE_SWEEP = (10, 20, 50)  # smaller shortlists, reported too: how much the coarse stage alone can carry
 PCK_THRESHOLD = 0.1  # a landmark counts as found within 10% of the image side
 
 
@@ -113,14 +114,17 @@ def retrieval_report(
     fc7_distances = _l2(queries.fc7, catalog.fc7)
     hamming = hamming_distances(queries.codes, catalog.codes)
 
-    cascade = np.full_like(fc7_distances, np.inf)
-    candidate_counts = []
-    coarse_hits = []
-    for i in range(len(hamming)):
-        shells = select_shells(hamming[i], min_count=cascade_min, max_count=cascade_max, radius=cascade_radius)
-        cascade[i, shells.indices] = fc7_distances[i, shells.indices]
-        candidate_counts.append(len(shells.indices))
-        coarse_hits.append(bool(relevant[i, shells.indices].any()))
+    cascade, coarse_recall, mean_candidates = _cascade(
+        hamming, fc7_distances, relevant, cascade_min, cascade_max, cascade_radius
+    )
+    sweep = {}
+    for minimum in CASCADE_SWEEP:
+        distances, recall, candidates = _cascade(hamming, fc7_distances, relevant, minimum, cascade_max, None)
+        sweep[str(minimum)] = {
+            "R@1": ranking_metrics(distances, relevant, (1,))["R@1"],
+            "coarse_recall": recall,
+            "mean_candidates": candidates,
+        }
 
     code_bits = catalog.codes.shape[1] * 8
     all_bits = np.unpackbits(np.concatenate([catalog.codes, queries.codes]), axis=1)[:, :code_bits]
@@ -133,14 +137,34 @@ def retrieval_report(
         "hamming": ranking_metrics(hamming, relevant, ks),
         "cascade": {
             **ranking_metrics(cascade, relevant, ks),
-            "coarse_recall": float(np.mean(coarse_hits)),
-            "mean_candidates": float(np.mean(candidate_counts)),
+            "coarse_recall": coarse_recall,
+            "mean_candidates": mean_candidates,
             "min_count": cascade_min,
             "max_count": cascade_max,
             "radius": cascade_radius,
         },
+        "cascade_sweep": sweep,
         "bit_balance": bit_balance(all_bits),
     }
+
+
+def _cascade(
+    hamming: np.ndarray,
+    fc7_distances: np.ndarray,
+    relevant: np.ndarray,
+    minimum: int,
+    maximum: int | None,
+    radius: int | None,
+) -> tuple[np.ndarray, float, float]:
+    """fc7 distances kept only for each query's Hamming shortlist (+inf elsewhere), coarse recall, mean size."""
+    cascade = np.full_like(fc7_distances, np.inf)
+    counts, hits = [], []
+    for i in range(len(hamming)):
+        shells = select_shells(hamming[i], min_count=minimum, max_count=maximum, radius=radius)
+        cascade[i, shells.indices] = fc7_distances[i, shells.indices]
+        counts.append(len(shells.indices))
+        hits.append(bool(relevant[i, shells.indices].any()))
+    return cascade, float(np.mean(hits)), float(np.mean(counts))
 
 
 def landmark_pck(
