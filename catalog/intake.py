@@ -121,6 +121,10 @@ _SYMLINK_MODE = 0o120000
 _FILE_TYPE_MASK = 0o170000
 
 
+class _ZipEntryTooLarge(IntakeError):
+    pass
+
+
 @dataclass(frozen=True)
 class ZipEntry:
     name: str  # normalised: forward slashes, no leading "./"
@@ -210,7 +214,7 @@ class SafeZip:
                 while block := handle.read(ZIP_READ_BLOCK):
                     buffer += block
                     if len(buffer) > cap:
-                        raise IntakeError(f"zip entry {name!r} is larger than {cap:,} bytes")
+                        raise _ZipEntryTooLarge(f"zip entry {name!r} is larger than {cap:,} bytes")
                     if len(buffer) > ZIP_RATIO_MIN_BYTES and len(buffer) / compressed > MAX_ZIP_RATIO:
                         raise IntakeError(
                             f"zip entry {name!r} expands more than {MAX_ZIP_RATIO}:1 (a zip bomb, not an image)"
@@ -225,9 +229,13 @@ def zip_check(source: str | Path | BinaryIO, *, max_total_bytes: int = MAX_ZIP_T
     total = 0
     with SafeZip(source) as archive:
         for name in archive.entries:
-            total += len(archive.read(name, limit=max_total_bytes - total + 1))
-            if total > max_total_bytes:
-                raise IntakeError(f"the zip expands to more than {max_total_bytes:,} bytes")
+            remaining = max_total_bytes - total
+            try:
+                total += len(archive.read(name, limit=remaining))
+            except _ZipEntryTooLarge:
+                if remaining >= archive.max_entry_bytes:
+                    raise
+                raise IntakeError(f"the zip expands to more than {max_total_bytes:,} bytes") from None
         return list(archive.entries)
 
 

@@ -713,7 +713,7 @@ def duplicates_find(*, model_version: ModelVersion, image_ids: Sequence[int]) ->
     with connection.cursor() as cursor:
         cursor.execute(sql, [DUPLICATE_CANDIDATES, list(image_ids), max_hamming, DUPLICATE_MAX_FC7_DISTANCE])
         pairs = cursor.fetchall()
-    findings = []
+    findings: dict[tuple[int, int], DuplicateFinding] = {}
     for image_id, merchant_id, other_id, other_merchant_id, hamming, distance in pairs:
         kind = (
             DuplicateFinding.Kind.DUPLICATE_LISTING
@@ -721,19 +721,18 @@ def duplicates_find(*, model_version: ModelVersion, image_ids: Sequence[int]) ->
             else DuplicateFinding.Kind.POSSIBLE_COPY
         )
         for own, own_merchant, other in ((image_id, merchant_id, other_id), (other_id, other_merchant_id, image_id)):
-            findings.append(
-                DuplicateFinding(
-                    merchant_id=own_merchant,
-                    image_id=own,
-                    other_image_id=other,
-                    model_version=model_version,
-                    kind=kind,
-                    hamming=hamming,
-                    fc7_distance=float(distance),
-                )
+            findings[(own, other)] = DuplicateFinding(
+                merchant_id=own_merchant,
+                image_id=own,
+                other_image_id=other,
+                model_version=model_version,
+                kind=kind,
+                hamming=hamming,
+                fc7_distance=float(distance),
             )
-    created = DuplicateFinding.objects.bulk_create(findings, ignore_conflicts=True)
-    return len(created)
+    existing = DuplicateFinding.objects.filter(model_version=model_version).count()
+    DuplicateFinding.objects.bulk_create(findings.values(), ignore_conflicts=True)
+    return DuplicateFinding.objects.filter(model_version=model_version).count() - existing
 
 
 def image_fetch(*, url: str) -> bytes:
