@@ -2,11 +2,15 @@ from django.urls import path
 from rest_framework.authtoken.views import obtain_auth_token
 
 from catalog.api import merchants, views
+from catalog.api import search as shopper_search
 
 app_name = "api"
 
 urlpatterns = [
     path("model-versions/", views.ModelVersionListView.as_view(), name="model-version-list"),
+    # Shopper search (anonymous, throttled)
+    path("search", shopper_search.SearchView.as_view(), name="search"),
+    path("products/<int:product_id>/similar", shopper_search.SimilarProductsView.as_view(), name="product-similar"),
     # Merchant API (token or session auth; everything scoped to the user's merchants)
     path("auth/token/", obtain_auth_token, name="auth-token"),
     path("merchant/merchants/", merchants.MerchantListView.as_view(), name="merchant-list"),

@@ -1,0 +1,233 @@
+"""Shopper search API: `POST /api/search` (a photo) and `GET /api/products/{id}/similar`. Anonymous, throttled.
+
+Each view validates with an input serializer, calls one function of `catalog.search`, renders with an output
+serializer. No torch here: the photo is encoded by a worker on the `search` queue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Q
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers, status
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from catalog import intake, search
+from catalog.hamming import BACKENDS, ProductFilter
+from catalog.models import Merchant
+
+
+class SearchRateThrottle(ScopedRateThrottle):
+    """The `search` scope of REST_FRAMEWORK's DEFAULT_THROTTLE_RATES, counted in the shared Redis cache.
+
+    Reads the rate when asked, not at import, so a changed setting (or a test's override) takes effect."""
+
+    def get_rate(self) -> str | None:
+        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+
+
+# --- input ---------------------------------------------------------------------------------------------------------
+class _FilterInputSerializer(serializers.Serializer):
+    k = serializers.IntegerField(min_value=1, max_value=search.MAX_K, default=search.DEFAULT_K)
+    merchant = serializers.SlugField(required=False, help_text="search only this merchant's catalog (its slug)")
+    category = serializers.CharField(required=False, max_length=100, help_text="catalog category, exact")
+    attributes = serializers.CharField(
+        required=False, max_length=1000, help_text="comma-separated attributes the product must all have"
+    )
+    price_min = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
+    price_max = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
+    category_mode = serializers.ChoiceField(choices=search.CATEGORY_MODES, default="boost")
+    backend = serializers.ChoiceField(choices=sorted(BACKENDS), required=False, help_text="coarse-stage backend")
+    radius = serializers.IntegerField(required=False, min_value=0, max_value=1024, help_text="max Hamming distance")
+
+    def validate_merchant(self, slug: str) -> int:
+        merchant = Merchant.objects.filter(Q(slug=slug)).values_list("pk", flat=True).first()
+        if merchant is None:
+            raise serializers.ValidationError(f"no merchant {slug!r}")
+        return merchant
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        low, high = attrs.get("price_min"), attrs.get("price_max")
+        if low is not None and high is not None and low > high:
+            raise serializers.ValidationError({"price_max": "must not be below price_min"})
+        return attrs
+
+    def options(self) -> search.SearchOptions:
+        data = self.validated_data
+        attributes = tuple(a.strip() for a in (data.get("attributes") or "").split(",") if a.strip())
+        return search.SearchOptions(
+            k=data["k"],
+            product_filter=ProductFilter(
+                merchant_id=data.get("merchant"),
+                category=data.get("category") or None,
+                attributes=attributes,
+                price_min=data.get("price_min"),
+                price_max=data.get("price_max"),
+            ),
+            category_mode=data["category_mode"],
+            backend=data.get("backend"),
+            radius=data.get("radius"),
+        )
+
+
+class SearchInputSerializer(_FilterInputSerializer):
+    image = serializers.FileField(help_text="the shopper's photo: JPEG, PNG or WebP")
+    box = serializers.CharField(
+        required=False, help_text="optional crop box 'x0,y0,x1,y1' as fractions of the image (0..1)"
+    )
+
+    def validate_box(self, value: str) -> tuple[float, float, float, float] | None:
+        if not value.strip():
+            return None
+        try:
+            parts = tuple(float(part) for part in value.split(","))
+        except ValueError:
+            raise serializers.ValidationError("the box is four numbers: x0,y0,x1,y1") from None
+        if len(parts) != 4:
+            raise serializers.ValidationError("the box is four numbers: x0,y0,x1,y1")
+        x0, y0, x1, y1 = parts
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise serializers.ValidationError("the crop box must be x0 < x1 and y0 < y1, all within 0..1")
+        return (x0, y0, x1, y1)
+
+    def validate_image(self, upload: Any) -> bytes:
+        if upload.size > intake.MAX_IMAGE_BYTES:
+            raise serializers.ValidationError(
+                f"the image is {upload.size:,} bytes; the limit is {intake.MAX_IMAGE_BYTES:,}"
+            )
+        return upload.read()
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+class ExplanationOutputSerializer(serializers.Serializer):
+    hamming_distance = serializers.IntegerField()
+    code_bits = serializers.IntegerField()
+    fc7_distance = serializers.FloatField()
+    category_predicted = serializers.CharField()
+    category_confidence = serializers.FloatField(allow_null=True)
+    category_catalog = serializers.CharField()
+    category_agrees = serializers.BooleanField(allow_null=True)
+    attributes_predicted = serializers.DictField(child=serializers.FloatField())
+    attributes_catalog = serializers.ListField(child=serializers.CharField())
+    attributes_agreeing = serializers.ListField(child=serializers.CharField())
+    query_landmarks = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
+    result_landmarks = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
+    query_landmark_box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
+    result_landmark_box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
+
+
+class HitProductOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    sku = serializers.CharField()
+    title = serializers.CharField()
+    category = serializers.CharField()
+    attributes = serializers.ListField(child=serializers.CharField())
+    price = serializers.DecimalField(max_digits=12, decimal_places=2, allow_null=True)
+    url = serializers.CharField()
+    merchant = serializers.SlugField(source="merchant.slug")
+
+
+class HitOutputSerializer(serializers.Serializer):
+    rank = serializers.IntegerField()
+    score = serializers.FloatField()
+    product = HitProductOutputSerializer()
+    image_url = serializers.SerializerMethodField()
+    explanation = ExplanationOutputSerializer()
+
+    def get_image_url(self, hit: search.ProductHit) -> str:
+        url = hit.image.file.url
+        request = self.context.get("request")
+        return request.build_absolute_uri(url) if request is not None else url
+
+
+class QueryOutputSerializer(serializers.Serializer):
+    category = serializers.CharField()
+    category_confidence = serializers.FloatField(allow_null=True)
+    category_probs = serializers.DictField(child=serializers.FloatField())
+    attributes = serializers.DictField(child=serializers.FloatField())
+    landmarks = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
+
+
+class CoarseOutputSerializer(serializers.Serializer):
+    backend = serializers.CharField()
+    candidates = serializers.IntegerField()
+    radius = serializers.IntegerField()
+    exhaustive = serializers.BooleanField()
+    rounds = serializers.IntegerField()
+    notes = serializers.ListField(child=serializers.CharField())
+
+
+class SearchOutputSerializer(serializers.Serializer):
+    model_version = serializers.SerializerMethodField()
+    query = QueryOutputSerializer()
+    results = HitOutputSerializer(source="hits", many=True)
+    coarse = CoarseOutputSerializer()
+    timings_ms = serializers.DictField(child=serializers.FloatField())
+
+    def get_model_version(self, result: search.SearchResult) -> dict[str, Any]:
+        return {"id": result.version.pk, "name": result.version.name, "code_bits": result.version.code_bits}
+
+
+class ErrorOutputSerializer(serializers.Serializer):
+    detail = serializers.CharField()
+
+
+# --- views ---------------------------------------------------------------------------------------------------------
+class _ShopperView(APIView):
+    authentication_classes: list = []  # anonymous: no session, so no CSRF token needed by the shop's own page
+    permission_classes = [AllowAny]
+    throttle_classes = [SearchRateThrottle]
+    throttle_scope = "search"
+
+
+def _unavailable(exc: Exception) -> Response:
+    return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class SearchView(_ShopperView):
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(
+        request={"multipart/form-data": SearchInputSerializer},
+        responses={200: SearchOutputSerializer, 400: ErrorOutputSerializer, 503: ErrorOutputSerializer},
+        summary="Find the products in a photo",
+    )
+    def post(self, request: Request) -> Response:
+        params = SearchInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        try:
+            result = search.search_photo(
+                data=params.validated_data["image"], box=params.validated_data.get("box"), options=params.options()
+            )
+        except intake.IntakeError as exc:
+            return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
+        except search.SearchUnavailable as exc:
+            return _unavailable(exc)
+        return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
+class SimilarProductsView(_ShopperView):
+    parser_classes = [JSONParser]
+
+    @extend_schema(
+        parameters=[_FilterInputSerializer],
+        responses={200: SearchOutputSerializer, 404: ErrorOutputSerializer, 503: ErrorOutputSerializer},
+        summary="Products that look like this one",
+    )
+    def get(self, request: Request, product_id: int) -> Response:
+        params = _FilterInputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        try:
+            result = search.similar_products(product_id=product_id, options=params.options())
+        except search.ProductNotSearchable as exc:
+            return Response({"detail": str(exc)}, status=status.HTTP_404_NOT_FOUND)
+        except search.SearchUnavailable as exc:
+            return _unavailable(exc)
+        return Response(SearchOutputSerializer(result, context={"request": request}).data)

@@ -1,0 +1,626 @@
+"""The coarse stage: Hamming search over the active version's binary codes, behind one interface.
+
+Two backends answer `candidates(...)` with the same `CoarseCandidates`:
+- `MemoryCodeIndex`: the version's packed codes in this process's memory (1M x 256 bits = 32 MB), full distances
+  from faiss's Hamming kernel, then whole shells picked from a histogram. Loaded from PostgreSQL with a binary
+  COPY, then kept fresh from `catalog_indexchange` (the change log the database triggers write).
+- `SqlCodeIndex`: the same question asked of PostgreSQL: the version's partial HNSW index on `code::bit(B)`
+  (bit_hamming_ops), with ef_search set from the candidate depth and iterative scans, and an exact scan whenever
+  the index came back short, so it never silently returns fewer rows than exist.
+
+Candidate depth is tie-aware: whole Hamming shells (every item at distance r) are taken in increasing r until a
+minimum count is reached, never a cut inside a tie; a maximum count and an optional radius bound it.
+
+Web processes import this module: numpy and faiss only, never torch (nothing from workers.ml).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+import faiss
+import numpy as np
+from django.db import connection, transaction
+
+logger = logging.getLogger(__name__)
+
+# --- tunables ------------------------------------------------------------------------------------------------------
+CHANGE_POLL_INTERVAL_S = 0.1  # freshness promise is 1 s: poll the change log 10x faster, at most 10 polls/s
+CHANGE_BATCH = 10_000  # change rows read per round trip; a backlog beyond RELOAD_BACKLOG is cheaper as a reload
+RELOAD_BACKLOG = 200_000  # more pending changes than this: reload the whole version instead of replaying
+CHANGE_GAP_PATIENCE_S = 30.0  # a missing change id is an uncommitted transaction for this long, then a rollback
+LOAD_LOOKBACK_IDS = 1_000  # changes just before a load may still be committing: replay this many ids behind it
+COMPACT_DEAD_FRACTION = 0.25  # dead rows cost scan time; past this fraction the arrays are rewritten without them
+MIN_CAPACITY = 1_024  # appends grow the arrays geometrically from here
+HNSW_EF_SEARCH_MIN = 40  # pgvector's default: below this the graph walk loses recall for nothing
+HNSW_EF_SEARCH_MAX = 1_000  # pgvector's upper bound for hnsw.ef_search
+HNSW_MAX_SCAN_TUPLES = 50_000  # iterative scans stop here; anything still short falls back to an exact scan
+UNREACHABLE = np.iinfo(np.int32).max  # distance given to rows a query must not see (dead, other merchant)
+
+
+# --- the query and the answer --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CandidateDepth:
+    """How many candidates the coarse stage hands to the fine stage, in whole Hamming shells."""
+
+    min_count: int  # shells are added until at least this many candidates are taken
+    max_count: int  # a shell that would overshoot this is left out (unless it is the first one: then truncated)
+    radius: int | None = None  # hard limit on the Hamming distance of any candidate (the hashing papers' threshold)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_count <= self.max_count:
+            raise ValueError(f"need 1 <= min_count <= max_count, got {self.min_count}, {self.max_count}")
+
+
+@dataclass(frozen=True)
+class ProductFilter:
+    """Which products a query may return. The fine stage always applies all of it; coarse backends apply what they
+    can cheaply (memory: merchant; SQL: everything), so that selective filters do not starve the candidates."""
+
+    merchant_id: int | None = None
+    category: str | None = None
+    attributes: tuple[str, ...] = ()  # the product must have all of these
+    price_min: Decimal | None = None
+    price_max: Decimal | None = None
+    exclude_product_id: int | None = None  # "similar products" leaves out the product it starts from
+
+    @property
+    def is_empty(self) -> bool:
+        return self == ProductFilter()
+
+    def where_sql(self, product_alias: str) -> SqlFragment:
+        """SQL conditions on the product table (always active products only) and their parameters."""
+        p = product_alias
+        conditions: list[str] = [f"{p}.active"]
+        params: list[Any] = []
+        if self.merchant_id is not None:
+            conditions.append(f"{p}.merchant_id = %s")
+            params.append(self.merchant_id)
+        if self.category:
+            conditions.append(f"{p}.category = %s")
+            params.append(self.category)
+        if self.attributes:
+            conditions.append(f"{p}.attributes @> %s::jsonb")
+            params.append(_json_list(self.attributes))
+        if self.price_min is not None:
+            conditions.append(f"{p}.price >= %s")
+            params.append(self.price_min)
+        if self.price_max is not None:
+            conditions.append(f"{p}.price <= %s")
+            params.append(self.price_max)
+        if self.exclude_product_id is not None:
+            conditions.append(f"{p}.id <> %s")
+            params.append(self.exclude_product_id)
+        return SqlFragment(" AND ".join(conditions), params)
+
+
+@dataclass(frozen=True)
+class SqlFragment:
+    sql: str
+    params: list[Any]
+
+
+@dataclass(frozen=True)
+class CoarseCandidates:
+    """One query's candidates, nearest shell first (ties ordered by embedding id)."""
+
+    embedding_ids: np.ndarray  # (M,) int64
+    distances: np.ndarray  # (M,) int32 Hamming distances
+    radius: int  # distance of the farthest shell taken; -1 when nothing was taken
+    exhaustive: bool  # True when every visible row within the radius was considered (widening cannot add more)
+    backend: str
+    searched_rows: int  # rows the backend could have returned (memory: visible rows; SQL: rows it scanned for)
+    notes: tuple[str, ...] = ()  # what the backend had to do (e.g. "exact scan: the HNSW index came back short")
+
+    def __len__(self) -> int:
+        return len(self.embedding_ids)
+
+
+class CoarseBackend(Protocol):
+    name: str
+
+    def candidates(
+        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
+    ) -> CoarseCandidates: ...
+
+
+# --- codes ---------------------------------------------------------------------------------------------------------
+def bitstring_pack(text: str) -> np.ndarray:
+    """pgvector's bit text ('0101...') -> packed uint8 bytes, bit 0 = most significant bit of byte 0 (its order)."""
+    bits = np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")
+    return np.packbits(bits)
+
+
+def packed_bitstring(code: np.ndarray, code_bits: int) -> str:
+    bits = np.unpackbits(np.asarray(code, dtype=np.uint8))[:code_bits]
+    return "".join("1" if bit else "0" for bit in bits)
+
+
+def shell_cut(*, sorted_distances: np.ndarray, depth: CandidateDepth, complete: bool) -> int:
+    """How many leading items of a distance-sorted list form whole shells under `depth`.
+
+    `complete` says the list holds every item of its last shell; if not (a list cut at a LIMIT), that last shell is
+    never taken whole, because part of it is missing.
+    """
+    d = np.asarray(sorted_distances)
+    if depth.radius is not None:
+        d = d[: int(np.searchsorted(d, depth.radius, side="right"))]
+        complete = complete or len(d) < len(sorted_distances)
+    if len(d) == 0:
+        return 0
+    ends = np.append(np.flatnonzero(np.diff(d)) + 1, len(d))
+    if not complete:
+        ends = ends[:-1]  # the last shell is partial
+    taken = 0
+    for end in ends:
+        if end > depth.max_count:
+            return taken or depth.max_count  # never overshoot; a lone huge first shell is truncated
+        taken = int(end)
+        if taken >= depth.min_count:
+            return taken
+    if taken == 0 and not complete:
+        return min(len(d), depth.max_count)  # only a partial first shell: some candidates beat none
+    return taken
+
+
+# --- backend 1: packed codes in memory -----------------------------------------------------------------------------
+@dataclass
+class _Rows:
+    """Growable column arrays of one version's visible embeddings."""
+
+    code_bytes: int
+    size: int = 0
+    codes: np.ndarray = field(init=False)
+    embedding_ids: np.ndarray = field(init=False)
+    product_ids: np.ndarray = field(init=False)
+    merchant_ids: np.ndarray = field(init=False)
+    alive: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.codes = np.zeros((MIN_CAPACITY, self.code_bytes), np.uint8)
+        self.embedding_ids = np.zeros(MIN_CAPACITY, np.int64)
+        self.product_ids = np.zeros(MIN_CAPACITY, np.int64)
+        self.merchant_ids = np.zeros(MIN_CAPACITY, np.int64)
+        self.alive = np.zeros(MIN_CAPACITY, bool)
+
+    def reserve(self, capacity: int) -> None:
+        if capacity <= len(self.embedding_ids):
+            return
+        capacity = max(capacity, 2 * len(self.embedding_ids))
+        for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive"):
+            old = getattr(self, name)
+            new = np.zeros((capacity, *old.shape[1:]), old.dtype)
+            new[: self.size] = old[: self.size]
+            setattr(self, name, new)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            getattr(self, name).nbytes for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive")
+        )
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    version_id: int | None
+    rows: int  # visible embeddings
+    dead_rows: int  # slots of deleted/hidden embeddings not compacted yet
+    memory_bytes: int
+    full_loads: int  # how many times the whole version was read (tests prove changes do not cause these)
+    applied_changes: int
+    change_id: int  # the highest change applied
+
+
+class MemoryCodeIndex:
+    """One process's copy of the active version's codes, refreshed from the change log.
+
+    Thread-safe: a lock guards refreshes and searches (a search over 1M codes takes ~2 ms).
+    """
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._version_id: int | None = None
+        self._code_bits = 0
+        self._rows: _Rows | None = None
+        self._row_of_embedding: dict[int, int] = {}
+        self._rows_of_product: dict[int, set[int]] = {}
+        self._dead = 0
+        self._high = 0  # the highest change id applied (changes are read after it)
+        self._gaps: dict[int, float] = {}  # change ids below it not seen yet -> when noticed (may still commit)
+        self._last_poll = 0.0
+        self._full_loads = 0
+        self._applied_changes = 0
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def candidates(
+        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
+    ) -> CoarseCandidates:
+        with self._lock:
+            self.refresh(version_id=version_id, code_bits=code_bits)
+            rows = self._rows
+            assert rows is not None
+            n = rows.size
+            distances = np.empty(n, np.int32)
+            query = np.ascontiguousarray(np.asarray(code, np.uint8).reshape(1, -1))
+            if query.shape[1] != rows.code_bytes:
+                raise ValueError(f"query code has {query.shape[1]} bytes; version {version_id} has {rows.code_bytes}")
+            if n:
+                hammings = faiss.hammings  # type: ignore[attr-defined]  # (SWIG exports it; stubs do not)
+                hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
+                         faiss.swig_ptr(distances))  # fmt: skip
+            hidden = ~rows.alive[:n]
+            if product_filter.merchant_id is not None:
+                hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
+            if product_filter.exclude_product_id is not None:
+                hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
+            distances[hidden] = UNREACHABLE
+            visible = n - int(hidden.sum())
+            rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
+            order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
+            rows_taken = rows_taken[order]
+            within_radius = visible if depth.radius is None else int((distances <= depth.radius).sum())
+            return CoarseCandidates(
+                embedding_ids=rows.embedding_ids[rows_taken].copy(),
+                distances=distances[rows_taken],
+                radius=radius,
+                exhaustive=len(rows_taken) >= within_radius,
+                backend=self.name,
+                searched_rows=visible,
+            )
+
+    def refresh(self, *, version_id: int, code_bits: int, force: bool = False) -> None:
+        """Make the index reflect the database: a full load for a new version, else replay new changes."""
+        with self._lock:
+            if self._version_id != version_id or self._code_bits != code_bits or self._rows is None:
+                self._load(version_id=version_id, code_bits=code_bits)
+                return
+            now = time.monotonic()
+            if not force and now - self._last_poll < CHANGE_POLL_INTERVAL_S:
+                return
+            self._last_poll = now
+            self._replay_changes()
+
+    def stats(self) -> IndexStats:
+        with self._lock:
+            rows = self._rows
+            return IndexStats(
+                version_id=self._version_id,
+                rows=(rows.size - self._dead) if rows else 0,
+                dead_rows=self._dead,
+                memory_bytes=rows.nbytes if rows else 0,
+                full_loads=self._full_loads,
+                applied_changes=self._applied_changes,
+                change_id=self._high,
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            self.__init__()  # type: ignore[misc]
+
+    # -- loading ----------------------------------------------------------------------------------------------------
+    def _load(self, *, version_id: int, code_bits: int) -> None:
+        started = time.perf_counter()
+        code_bytes = (code_bits + 7) // 8
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT coalesce(max(id), 0) FROM catalog_indexchange")
+            latest = int(cursor.fetchone()[0])
+            low = max(0, latest - LOAD_LOOKBACK_IDS)
+            cursor.execute("SELECT id FROM catalog_indexchange WHERE id > %s", [low])
+            already = {int(row[0]) for row in cursor.fetchall()}
+        table = _copy_version_rows(version_id=version_id, code_bits=code_bits)
+        rows = _Rows(code_bytes=code_bytes)
+        rows.reserve(len(table.embedding_ids))
+        size = len(table.embedding_ids)
+        rows.size = size
+        rows.codes[:size] = table.codes
+        rows.embedding_ids[:size] = table.embedding_ids
+        rows.product_ids[:size] = table.product_ids
+        rows.merchant_ids[:size] = table.merchant_ids
+        rows.alive[:size] = True
+        self._rows = rows
+        self._version_id, self._code_bits = version_id, code_bits
+        self._dead = 0
+        self._index_rows()
+        # Changes already visible are in the snapshot; ids missing just below the newest may still commit.
+        self._high = latest
+        now = time.monotonic()
+        self._gaps = {missing: now for missing in range(low + 1, latest + 1) if missing not in already}
+        self._last_poll = time.monotonic()
+        self._full_loads += 1
+        logger.info(
+            "coarse index: loaded version %s (%d codes, %.1f MB) in %.2f s",
+            version_id, size, rows.nbytes / 1e6, time.perf_counter() - started,
+        )  # fmt: skip
+
+    def _index_rows(self) -> None:
+        rows = self._rows
+        assert rows is not None
+        ids = rows.embedding_ids[: rows.size].tolist()
+        products = rows.product_ids[: rows.size].tolist()
+        self._row_of_embedding = {embedding_id: row for row, embedding_id in enumerate(ids)}
+        self._rows_of_product = {}
+        for row, product_id in enumerate(products):
+            self._rows_of_product.setdefault(product_id, set()).add(row)
+
+    # -- the change log ---------------------------------------------------------------------------------------------
+    def _replay_changes(self) -> None:
+        """Apply changes after the highest one seen, and any late commits that filled a gap below it."""
+        while True:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT id, embedding_id, product_id, model_version_id FROM catalog_indexchange "
+                    "WHERE id > %s ORDER BY id LIMIT %s",
+                    [self._high, CHANGE_BATCH],
+                )
+                changes = cursor.fetchall()
+                late = []
+                if self._gaps:
+                    cursor.execute(
+                        "SELECT id, embedding_id, product_id, model_version_id FROM catalog_indexchange "
+                        "WHERE id = ANY(%s)",
+                        [sorted(self._gaps)],
+                    )
+                    late = cursor.fetchall()
+            if len(changes) >= CHANGE_BATCH and self._backlog() > RELOAD_BACKLOG:
+                assert self._version_id is not None
+                self._load(version_id=self._version_id, code_bits=self._code_bits)
+                return
+            self._note_gaps(ids=[int(row[0]) for row in changes], late=[int(row[0]) for row in late])
+            todo = [*late, *changes]
+            embedding_ids = {int(e) for _, e, _, v in todo if e is not None and v == self._version_id}
+            product_ids = {int(p) for _, e, p, v in todo if e is None and p is not None}
+            self._apply(embedding_ids=embedding_ids, product_ids=product_ids)
+            self._applied_changes += len(todo)
+            if len(changes) < CHANGE_BATCH:
+                return
+
+    def _backlog(self) -> int:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM catalog_indexchange WHERE id > %s", [self._high])
+            return int(cursor.fetchone()[0])
+
+    def _note_gaps(self, *, ids: list[int], late: list[int]) -> None:
+        """Ids are handed out at insert but become visible at commit, so a missing id may still arrive: remember
+        it for a while (then it was rolled back), and only the recent ones (older ones would be a rare leak)."""
+        now = time.monotonic()
+        for change_id in late:
+            self._gaps.pop(change_id, None)
+        for change_id in ids:
+            if change_id > self._high + 1:
+                for missing in range(max(self._high + 1, change_id - LOAD_LOOKBACK_IDS), change_id):
+                    self._gaps.setdefault(missing, now)
+            self._high = max(self._high, change_id)
+        self._gaps = {
+            gap: noticed
+            for gap, noticed in self._gaps.items()
+            if now - noticed < CHANGE_GAP_PATIENCE_S and gap > self._high - LOAD_LOOKBACK_IDS
+        }
+
+    def _apply(self, *, embedding_ids: set[int], product_ids: set[int]) -> None:
+        """Re-read the current rows of everything the changes name: upsert what is visible, hide the rest."""
+        if not embedding_ids and not product_ids:
+            return
+        rows = self._rows
+        assert rows is not None and self._version_id is not None
+        with connection.cursor() as cursor:
+            cursor.execute(
+                f"SELECT e.id, e.product_id, p.merchant_id, p.active, (e.code::bit({int(self._code_bits)}))::text "
+                "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
+                "WHERE e.model_version_id = %s AND (e.id = ANY(%s) OR e.product_id = ANY(%s))",
+                [self._version_id, sorted(embedding_ids), sorted(product_ids)],
+            )
+            current = cursor.fetchall()
+        seen: set[int] = set()
+        for embedding_id, product_id, merchant_id, active, bits in current:
+            seen.add(embedding_id)
+            if active:
+                self._upsert(embedding_id, product_id, merchant_id, bitstring_pack(bits))
+            else:
+                self._hide(embedding_id)
+        gone = set(embedding_ids) - seen
+        for product_id in product_ids:
+            gone |= {int(rows.embedding_ids[row]) for row in self._rows_of_product.get(product_id, ())} - seen
+        for embedding_id in gone:
+            self._hide(embedding_id)
+        if rows.size >= MIN_CAPACITY and self._dead > COMPACT_DEAD_FRACTION * rows.size:
+            self._compact()
+
+    def _upsert(self, embedding_id: int, product_id: int, merchant_id: int, code: np.ndarray) -> None:
+        rows = self._rows
+        assert rows is not None
+        row = self._row_of_embedding.get(embedding_id)
+        if row is None:
+            rows.reserve(rows.size + 1)
+            row = rows.size
+            rows.size += 1
+            self._row_of_embedding[embedding_id] = row
+        else:
+            if not rows.alive[row]:
+                self._dead -= 1
+            old_product = int(rows.product_ids[row])
+            if old_product != product_id:
+                self._rows_of_product.get(old_product, set()).discard(row)
+        rows.codes[row] = code
+        rows.embedding_ids[row] = embedding_id
+        rows.product_ids[row] = product_id
+        rows.merchant_ids[row] = merchant_id
+        rows.alive[row] = True
+        self._rows_of_product.setdefault(product_id, set()).add(row)
+
+    def _hide(self, embedding_id: int) -> None:
+        rows = self._rows
+        assert rows is not None
+        row = self._row_of_embedding.get(embedding_id)
+        if row is not None and rows.alive[row]:
+            rows.alive[row] = False
+            self._dead += 1
+
+    def _compact(self) -> None:
+        rows = self._rows
+        assert rows is not None
+        keep = np.flatnonzero(rows.alive[: rows.size])
+        compacted = _Rows(code_bytes=rows.code_bytes)
+        compacted.reserve(len(keep))
+        compacted.size = len(keep)
+        for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive"):
+            getattr(compacted, name)[: len(keep)] = getattr(rows, name)[keep]
+        self._rows = compacted
+        self._dead = 0
+        self._index_rows()
+
+
+@dataclass(frozen=True)
+class _VersionTable:
+    embedding_ids: np.ndarray
+    product_ids: np.ndarray
+    merchant_ids: np.ndarray
+    codes: np.ndarray
+
+
+def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
+    """All visible embeddings of a version in one binary COPY, parsed by numpy (1M rows in about a second)."""
+    code_bytes = (code_bits + 7) // 8
+    sql = (
+        f"COPY (SELECT e.id, e.product_id, p.merchant_id, e.code::bit({int(code_bits)}) "
+        "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
+        f"WHERE e.model_version_id = {int(version_id)} AND p.active ORDER BY e.id) TO STDOUT (FORMAT BINARY)"
+    )
+    buffer = io.BytesIO()
+    connection.ensure_connection()
+    with connection.connection.cursor() as cursor, cursor.copy(sql) as copy:
+        for chunk in copy:
+            buffer.write(chunk)
+    data = buffer.getvalue()
+    # Binary COPY: 19-byte header, then per row int16 field count and (int32 length, bytes) per field, then -1.
+    row_type = np.dtype(
+        [
+            ("fields", ">i2"),
+            ("id_len", ">i4"), ("id", ">i8"),
+            ("product_len", ">i4"), ("product", ">i8"),
+            ("merchant_len", ">i4"), ("merchant", ">i8"),
+            ("code_len", ">i4"), ("code_bits", ">i4"), ("code", np.uint8, (code_bytes,)),
+        ]
+    )  # fmt: skip
+    body = data[19:-2]
+    table = np.frombuffer(body, dtype=row_type, count=len(body) // row_type.itemsize)
+    return _VersionTable(
+        embedding_ids=table["id"].astype(np.int64),
+        product_ids=table["product"].astype(np.int64),
+        merchant_ids=table["merchant"].astype(np.int64),
+        codes=np.ascontiguousarray(table["code"]),
+    )
+
+
+def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: CandidateDepth) -> tuple[np.ndarray, int]:
+    """Rows (unordered) of the whole shells `depth` asks for, and the radius taken. O(N): one histogram, one scan."""
+    limit = code_bits if depth.radius is None else min(code_bits, depth.radius)
+    counts = np.bincount(np.minimum(distances, code_bits + 1), minlength=code_bits + 2)[: limit + 1]
+    cumulative = np.cumsum(counts)
+    if cumulative.size == 0 or cumulative[-1] == 0:
+        return np.zeros(0, np.int64), -1
+    reach = int(np.searchsorted(cumulative, depth.min_count))  # first radius with >= min_count, if any
+    radius = min(reach, limit)
+    while radius >= 0 and cumulative[radius] > depth.max_count:
+        radius -= 1
+    if radius < 0 or cumulative[radius] == 0:
+        # The first non-empty shell alone overshoots max_count: truncate it (some candidates beat none).
+        first = int(np.flatnonzero(counts)[0])
+        rows = np.flatnonzero(distances == first)[: depth.max_count]
+        return rows.astype(np.int64), first
+    return np.flatnonzero(distances <= radius).astype(np.int64), radius
+
+
+# --- backend 2: SQL on the bit column ------------------------------------------------------------------------------
+class SqlCodeIndex:
+    """Hamming search in PostgreSQL through the version's partial HNSW index (services.code_index_ensure)."""
+
+    name = "sql"
+
+    def candidates(
+        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
+    ) -> CoarseCandidates:
+        limit = depth.max_count + 1  # one more than needed shows whether the last shell was cut by the LIMIT
+        query_bits = packed_bitstring(code, code_bits)
+        where = product_filter.where_sql("p")
+        radius_sql, radius_params = "", []
+        if depth.radius is not None:
+            radius_sql = f" AND (e.code::bit({int(code_bits)}) <~> %s::bit({int(code_bits)})) <= %s"
+            radius_params = [query_bits, depth.radius]
+        notes: list[str] = []
+        ordering = f"(e.code::bit({int(code_bits)}) <~> %s::bit({int(code_bits)}))"
+        sql = (
+            "WITH hits AS MATERIALIZED ("
+            f" SELECT e.id, {ordering} AS distance"
+            " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
+            f" WHERE e.model_version_id = {int(version_id)} AND {where.sql}{radius_sql}"
+            f" ORDER BY {ordering} LIMIT %s"
+            ") SELECT id, distance FROM hits ORDER BY distance, id"
+        )
+        params = [query_bits, *where.params, *radius_params, query_bits, limit]
+        with transaction.atomic(), connection.cursor() as cursor:
+            ef_search = min(HNSW_EF_SEARCH_MAX, max(HNSW_EF_SEARCH_MIN, limit))
+            cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+            # Filters drop rows after the graph walk: keep walking until LIMIT rows pass (relaxed order is re-sorted
+            # by the outer query). Without filters, strict order keeps a LIMIT beyond ef_search honest.
+            mode = "strict_order" if product_filter.is_empty and depth.radius is None else "relaxed_order"
+            cursor.execute(f"SET LOCAL hnsw.iterative_scan = {mode}")
+            cursor.execute(f"SET LOCAL hnsw.max_scan_tuples = {max(HNSW_MAX_SCAN_TUPLES, 4 * limit)}")
+            cursor.execute(sql, params)
+            found = cursor.fetchall()
+            exact = False
+            if len(found) < limit:
+                # Fewer rows than asked: either that is all there is, or the index gave up. Only an exact scan can
+                # tell, and it is what a shopper is owed.
+                exact = True
+                notes.append("exact scan: the HNSW index returned fewer rows than asked")
+                distance = f"bit_count((e.code::bit({int(code_bits)})) # %s::bit({int(code_bits)}))"
+                cursor.execute(
+                    f"SELECT e.id, {distance} AS distance"
+                    " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
+                    f" WHERE e.model_version_id = {int(version_id)} AND {where.sql}"
+                    + (f" AND {distance} <= %s" if depth.radius is not None else "")
+                    + " ORDER BY distance, e.id LIMIT %s",
+                    [query_bits, *where.params, *([query_bits, depth.radius] if depth.radius is not None else []),
+                     limit],
+                )  # fmt: skip
+                found = cursor.fetchall()
+        ids = np.asarray([row[0] for row in found], np.int64)
+        distances = np.asarray([row[1] for row in found], np.int32)
+        complete = len(found) < limit  # nothing was cut by the LIMIT
+        taken = shell_cut(sorted_distances=distances, depth=depth, complete=complete)
+        return CoarseCandidates(
+            embedding_ids=ids[:taken],
+            distances=distances[:taken],
+            radius=int(distances[taken - 1]) if taken else -1,
+            exhaustive=exact and complete,
+            backend=self.name,
+            searched_rows=len(found),
+            notes=tuple(notes),
+        )
+
+
+def _json_list(values: tuple[str, ...]) -> str:
+    import json
+
+    return json.dumps(sorted(values))
+
+
+# --- registry ------------------------------------------------------------------------------------------------------
+MEMORY_INDEX = MemoryCodeIndex()  # one per process: the web workers' shared cache of the active version's codes
+SQL_INDEX = SqlCodeIndex()
+BACKENDS: dict[str, CoarseBackend] = {MEMORY_INDEX.name: MEMORY_INDEX, SQL_INDEX.name: SQL_INDEX}
+
+
+def backend_get(name: str) -> CoarseBackend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown coarse backend {name!r}; use one of {sorted(BACKENDS)}") from None

@@ -1,0 +1,432 @@
+"""THE cascade (ARCHITECTURE.md section 5): photo -> encoding -> coarse Hamming -> fine fc7 -> products -> why.
+
+    photo ─ intake (validate, EXIF-rotate, crop box) ─ encoder (Celery `search` queue) ─┬─ code  ─ coarse: Hamming
+                                                                                        ├─ fc7   ─ fine: pgvector L2
+                                                                                        └─ category/attributes/landmarks
+1. Coarse: whole Hamming shells of the active version's codes (`catalog.hamming`, memory or SQL backend).
+2. Fine: exact Euclidean distance on fc7 in pgvector over the candidates, with the shopper's filters, one row per
+   product (its best image); the predicted category can boost or restrict.
+3. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes.
+If the filters leave fewer than k products among the candidates, the coarse stage is widened and run again.
+
+Web processes run this module, so it never imports torch: the network runs in a worker (`encode_query`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import connection
+
+from catalog import intake, selectors
+from catalog.hamming import CandidateDepth, CoarseCandidates, ProductFilter, backend_get, bitstring_pack
+from catalog.models import ImageEmbedding, ModelVersion, Product, ProductImage
+
+# --- tunables ------------------------------------------------------------------------------------------------------
+DEFAULT_K = 12  # one screen of results on the shopper page
+MAX_K = 100  # beyond this a visual search is browsing, and the fine stage pays for every extra product
+COARSE_MIN_CANDIDATES = 400  # bench_search: recall@10 >= 0.99 against exact fc7 at 1M with the synthetic data
+COARSE_CANDIDATES_PER_RESULT = 20  # products have several images and filters drop some: k products need ~20x rows
+COARSE_MAX_CANDIDATES = 4_000  # a whole shell can be big; the fine stage over 4k rows still takes a few ms
+COARSE_WIDEN_FACTOR = 8  # when filters starve the fine stage, ask the coarse stage for this many times more
+COARSE_WIDEN_ROUNDS = 3  # then give up widening step by step and take everything (exhaustive)
+CATEGORY_BOOST = 0.15  # "boost": a product of the predicted category has its fc7 distance cut by up to 15%
+CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident prediction (else it boosts)
+QUERY_ENCODE_TIMEOUT_S = 30.0  # the shopper is waiting; matches the task's own time limit
+QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
+CATEGORY_MODES = ("off", "boost", "restrict")
+DEFAULT_BACKEND = "memory"  # bench_search: ~10x faster than the HNSW walk at 1M; settings.SEARCH_COARSE_BACKEND wins
+
+
+class SearchUnavailable(RuntimeError):
+    """Search cannot answer right now (no active model version, no worker): a 503, not the shopper's fault."""
+
+
+class ProductNotSearchable(LookupError):
+    """The product of a "similar products" query does not exist, is hidden, or has no embedding yet."""
+
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SearchOptions:
+    k: int = DEFAULT_K
+    product_filter: ProductFilter = field(default_factory=ProductFilter)
+    category_mode: str = "boost"  # off | boost | restrict: what the predicted category does to the ranking
+    backend: str | None = None  # coarse backend; None = settings.SEARCH_COARSE_BACKEND (default "memory")
+    radius: int | None = None  # optional Hamming radius: candidates farther than this are never considered
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"k must be between 1 and {MAX_K}")
+        if self.category_mode not in CATEGORY_MODES:
+            raise ValueError(f"category_mode must be one of {CATEGORY_MODES}")
+
+
+@dataclass(frozen=True)
+class QueryEncoding:
+    """What the network says about the query photo (or a catalog image used as a query)."""
+
+    model_version_id: int
+    code: np.ndarray  # packed bits, uint8
+    fc7: np.ndarray  # float32
+    category: str = ""
+    category_confidence: float | None = None
+    category_probs: dict[str, float] = field(default_factory=dict)
+    attributes: dict[str, float] = field(default_factory=dict)
+    landmarks: list[list[float]] = field(default_factory=list)  # [[x, y, visibility], ...] in [0, 1]
+
+    @classmethod
+    def from_worker(cls, payload: dict[str, Any]) -> QueryEncoding:
+        return cls(
+            model_version_id=int(payload["model_version_id"]),
+            code=bitstring_pack(payload["bits"]),
+            fc7=np.asarray(payload["fc7"], np.float32),
+            category=payload.get("category") or "",
+            category_confidence=payload.get("category_confidence"),
+            category_probs=dict(payload.get("category_probs") or {}),
+            attributes=dict(payload.get("attributes") or {}),
+            landmarks=[list(point) for point in payload.get("landmarks") or []],
+        )
+
+
+# --- outputs -------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Explanation:
+    hamming_distance: int
+    code_bits: int
+    fc7_distance: float
+    category_predicted: str
+    category_confidence: float | None
+    category_catalog: str
+    category_agrees: bool | None  # None when the model predicts no category
+    attributes_predicted: dict[str, float]
+    attributes_catalog: list[str]
+    attributes_agreeing: list[str]
+    query_landmarks: list[list[float]]
+    result_landmarks: list[list[float]]
+    query_landmark_box: list[float] | None  # [x0, y0, x1, y1] around the visible landmarks, fractions of the image
+    result_landmark_box: list[float] | None
+
+
+@dataclass(frozen=True)
+class ProductHit:
+    rank: int
+    product: Product
+    image: ProductImage  # the product's best-matching image
+    embedding_id: int
+    score: float  # what the ranking sorts by: fc7 distance, less any category boost
+    explanation: Explanation
+
+
+@dataclass(frozen=True)
+class CoarseReport:
+    backend: str
+    candidates: int
+    radius: int
+    exhaustive: bool
+    rounds: int  # 1 unless filters starved the fine stage and the coarse stage was widened
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    version: ModelVersion
+    query: QueryEncoding
+    hits: list[ProductHit]
+    coarse: CoarseReport
+    timings_ms: dict[str, float]  # intake, encode, coarse, fine, explain, total (stages that ran)
+
+
+# --- entry points --------------------------------------------------------------------------------------------------
+def search_photo(
+    *, data: bytes, box: tuple[float, float, float, float] | None = None, options: SearchOptions
+) -> SearchResult:
+    """A shopper's photo -> ranked products. Raises intake.IntakeError (bad input) or SearchUnavailable."""
+    started = time.perf_counter()
+    validated = intake.image_validate(data)  # bad input is the shopper's 400 even while search is unavailable
+    query_bytes = validated.data
+    if box is not None:
+        cropped = intake.crop_box_apply(validated.image, box)
+        buffer = io.BytesIO()
+        cropped.save(buffer, format=QUERY_REENCODE_FORMAT)
+        query_bytes = buffer.getvalue()
+    version = version_serving()
+    intake_done = time.perf_counter()
+    encoding = query_encode_remote(data=query_bytes, version=version)
+    encode_done = time.perf_counter()
+    result = search_encoding(encoding=encoding, version=version, options=options)
+    timings = {
+        "intake": _ms(intake_done - started),
+        "encode": _ms(encode_done - intake_done),
+        **result.timings_ms,
+        "total": _ms(time.perf_counter() - started),
+    }
+    return SearchResult(result.version, result.query, result.hits, result.coarse, timings)
+
+
+def similar_products(*, product_id: int, options: SearchOptions) -> SearchResult:
+    """Products that look like this one: its main image's stored encoding is the query; it is left out itself."""
+    started = time.perf_counter()
+    version = version_serving()
+    embedding = (
+        ImageEmbedding.objects.filter(model_version=version, product_id=product_id, product__active=True)
+        .order_by("image__position", "image_id")
+        .first()
+    )
+    if embedding is None:
+        raise ProductNotSearchable(f"product {product_id} does not exist, is hidden, or is not indexed yet")
+    encoding = QueryEncoding(
+        model_version_id=version.pk,
+        code=bitstring_pack(str(embedding.code)),
+        fc7=np.asarray(embedding.fc7, np.float32),
+        category=embedding.category,
+        category_confidence=embedding.category_confidence,
+        attributes=dict(embedding.attributes or {}),
+        landmarks=list(embedding.landmarks or []),
+    )
+    scoped = SearchOptions(
+        k=options.k,
+        product_filter=ProductFilter(**{**options.product_filter.__dict__, "exclude_product_id": product_id}),
+        category_mode=options.category_mode,
+        backend=options.backend,
+        radius=options.radius,
+    )
+    result = search_encoding(encoding=encoding, version=version, options=scoped)
+    timings = {**result.timings_ms, "total": _ms(time.perf_counter() - started)}
+    return SearchResult(result.version, result.query, result.hits, result.coarse, timings)
+
+
+def version_serving() -> ModelVersion:
+    version = selectors.model_version_active()
+    if version is None:
+        raise SearchUnavailable("no model version is active yet: the catalog is still being indexed")
+    return version
+
+
+def query_encode_remote(*, data: bytes, version: ModelVersion) -> QueryEncoding:
+    """Encode the query photo in a worker on the `search` queue, so this process never loads the network."""
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    from workers import tasks  # imports no torch at module level
+
+    try:
+        payload = tasks.encode_query.delay(base64.b64encode(data).decode("ascii"), version.pk).get(
+            timeout=QUERY_ENCODE_TIMEOUT_S
+        )
+    except CeleryTimeout as exc:
+        raise SearchUnavailable(f"the search worker did not answer within {QUERY_ENCODE_TIMEOUT_S:.0f} s") from exc
+    return QueryEncoding.from_worker(payload)
+
+
+# --- the cascade proper --------------------------------------------------------------------------------------------
+def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: SearchOptions) -> SearchResult:
+    """Coarse -> fine -> group by product -> explain, for an already encoded query."""
+    if encoding.model_version_id != version.pk:
+        raise ValueError(f"query encoded by version {encoding.model_version_id}, searching version {version.pk}")
+    backend = backend_get(options.backend or str(getattr(settings, "SEARCH_COARSE_BACKEND", DEFAULT_BACKEND)))
+    product_filter, boost = _category_policy(encoding=encoding, options=options)
+    depth = candidate_depth(k=options.k, radius=options.radius)
+    coarse_ms = fine_ms = 0.0
+    rounds = 0
+    while True:
+        rounds += 1
+        started = time.perf_counter()
+        candidates = backend.candidates(
+            version_id=version.pk,
+            code_bits=version.code_bits,
+            code=encoding.code,
+            depth=depth,
+            product_filter=product_filter,
+        )
+        coarse_done = time.perf_counter()
+        rows = fine_rank(
+            candidates=candidates,
+            version=version,
+            fc7=encoding.fc7,
+            product_filter=product_filter,
+            k=options.k,
+            boost_category=encoding.category if boost else "",
+            boost=boost,
+        )
+        coarse_ms += _ms(coarse_done - started)
+        fine_ms += _ms(time.perf_counter() - coarse_done)
+        if len(rows) >= options.k or candidates.exhaustive:
+            break
+        depth = _widen(depth, rounds=rounds)
+    started = time.perf_counter()
+    hits = _explain(rows=rows, encoding=encoding, version=version)
+    explain_ms = _ms(time.perf_counter() - started)
+    report = CoarseReport(
+        backend=candidates.backend,
+        candidates=len(candidates),
+        radius=candidates.radius,
+        exhaustive=candidates.exhaustive,
+        rounds=rounds,
+        notes=candidates.notes,
+    )
+    timings = {"coarse": coarse_ms, "fine": fine_ms, "explain": explain_ms, "total": coarse_ms + fine_ms + explain_ms}
+    return SearchResult(version=version, query=encoding, hits=hits, coarse=report, timings_ms=timings)
+
+
+def candidate_depth(*, k: int, radius: int | None = None) -> CandidateDepth:
+    min_count = max(COARSE_MIN_CANDIDATES, k * COARSE_CANDIDATES_PER_RESULT)
+    return CandidateDepth(min_count=min_count, max_count=max(min_count, COARSE_MAX_CANDIDATES), radius=radius)
+
+
+def _widen(depth: CandidateDepth, *, rounds: int) -> CandidateDepth:
+    if rounds > COARSE_WIDEN_ROUNDS:
+        everything = np.iinfo(np.int32).max
+        return CandidateDepth(min_count=everything, max_count=everything, radius=depth.radius)
+    return CandidateDepth(
+        min_count=depth.min_count * COARSE_WIDEN_FACTOR,
+        max_count=depth.max_count * COARSE_WIDEN_FACTOR,
+        radius=depth.radius,
+    )
+
+
+def _category_policy(*, encoding: QueryEncoding, options: SearchOptions) -> tuple[ProductFilter, float]:
+    """The filter to apply and the boost to give, from the mode and how sure the model is of the category."""
+    product_filter = options.product_filter
+    if options.category_mode == "off" or not encoding.category or product_filter.category:
+        return product_filter, 0.0  # a category the shopper chose beats the one the model guessed
+    confidence = float(encoding.category_confidence or 0.0)
+    if options.category_mode == "restrict" and confidence >= CATEGORY_RESTRICT_MIN_CONFIDENCE:
+        return ProductFilter(**{**product_filter.__dict__, "category": encoding.category}), 0.0
+    return product_filter, CATEGORY_BOOST * confidence
+
+
+@dataclass(frozen=True)
+class FineRow:
+    product_id: int
+    embedding_id: int
+    image_id: int
+    hamming: int
+    fc7_distance: float
+    score: float
+    landmarks: list[list[float]]
+
+
+def fine_rank(
+    *,
+    candidates: CoarseCandidates,
+    version: ModelVersion,
+    fc7: np.ndarray,
+    product_filter: ProductFilter,
+    k: int,
+    boost_category: str = "",
+    boost: float = 0.0,
+) -> list[FineRow]:
+    """Exact fc7 L2 in pgvector over the candidates, filtered, one row per product (its best image), best first."""
+    if len(candidates) == 0:
+        return []
+    where = product_filter.where_sql("p")
+    sql = (
+        "WITH candidates(id, hamming) AS (SELECT * FROM unnest(%s::bigint[], %s::int[])),"
+        " best AS ("
+        "  SELECT DISTINCT ON (e.product_id) e.product_id, e.id AS embedding_id, e.image_id, c.hamming,"
+        "   (e.fc7 <-> %s::vector) AS fc7_distance, (p.category = %s) AS category_match, e.landmarks"
+        "  FROM candidates c JOIN catalog_imageembedding e ON e.id = c.id"
+        "  JOIN catalog_product p ON p.id = e.product_id"
+        f"  WHERE e.model_version_id = {int(version.pk)} AND {where.sql}"
+        "  ORDER BY e.product_id, fc7_distance, c.hamming, e.id)"
+        " SELECT product_id, embedding_id, image_id, hamming, fc7_distance,"
+        "  fc7_distance * (1 - %s * category_match::int) AS score, landmarks"
+        " FROM best ORDER BY score, fc7_distance, product_id LIMIT %s"
+    )
+    params = [
+        candidates.embedding_ids.tolist(),
+        candidates.distances.tolist(),
+        _vector_literal(fc7),
+        boost_category,
+        *where.params,
+        float(boost),
+        k,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        found = cursor.fetchall()
+    return [
+        FineRow(
+            product_id=product_id,
+            embedding_id=embedding_id,
+            image_id=image_id,
+            hamming=int(hamming),
+            fc7_distance=float(fc7_distance),
+            score=float(score),
+            landmarks=_json(landmarks) or [],
+        )
+        for product_id, embedding_id, image_id, hamming, fc7_distance, score, landmarks in found
+    ]
+
+
+def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: ModelVersion) -> list[ProductHit]:
+    products = Product.objects.select_related("merchant").in_bulk([row.product_id for row in rows])
+    images = ProductImage.objects.in_bulk([row.image_id for row in rows])
+    predicted_attributes = set(encoding.attributes)
+    hits = []
+    for rank, row in enumerate(rows, start=1):
+        product = products[row.product_id]
+        catalog_attributes = list(product.attributes or [])
+        explanation = Explanation(
+            hamming_distance=row.hamming,
+            code_bits=version.code_bits,
+            fc7_distance=round(row.fc7_distance, 6),
+            category_predicted=encoding.category,
+            category_confidence=encoding.category_confidence,
+            category_catalog=product.category,
+            category_agrees=(encoding.category == product.category) if encoding.category else None,
+            attributes_predicted=encoding.attributes,
+            attributes_catalog=catalog_attributes,
+            attributes_agreeing=sorted(predicted_attributes & set(catalog_attributes)),
+            query_landmarks=encoding.landmarks,
+            result_landmarks=row.landmarks,
+            query_landmark_box=landmark_box(encoding.landmarks),
+            result_landmark_box=landmark_box(row.landmarks),
+        )
+        hits.append(
+            ProductHit(
+                rank=rank,
+                product=product,
+                image=images[row.image_id],
+                embedding_id=row.embedding_id,
+                score=round(row.score, 6),
+                explanation=explanation,
+            )
+        )
+    return hits
+
+
+LANDMARK_VISIBLE = 0.5  # visibility probability above which a landmark counts as seen
+
+
+def landmark_box(landmarks: Sequence[Sequence[float]]) -> list[float] | None:
+    """[x0, y0, x1, y1] around the visible landmarks (fractions of the image), None when none is visible."""
+    visible = [(x, y) for x, y, *rest in landmarks if (rest[0] if rest else 1.0) >= LANDMARK_VISIBLE]
+    if not visible:
+        return None
+    xs, ys = zip(*visible)
+    return [round(max(0.0, min(xs)), 4), round(max(0.0, min(ys)), 4), round(min(1.0, max(xs)), 4),
+            round(min(1.0, max(ys)), 4)]  # fmt: skip
+
+
+def _vector_literal(vector: np.ndarray) -> str:
+    return "[" + ",".join(f"{float(x):.7g}" for x in np.asarray(vector).ravel()) + "]"
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, str):
+        import json
+
+        return json.loads(value)
+    return value
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

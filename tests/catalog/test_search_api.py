@@ -1,0 +1,123 @@
+"""The shopper API: validation, errors a shopper can act on, rendering, throttling, and no torch in web processes."""
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from rest_framework.test import APIClient
+
+from tests import factories
+from tests.catalog import searchkit
+
+pytestmark = pytest.mark.django_db
+_addresses = itertools.count(1)
+
+
+@pytest.fixture
+def client() -> APIClient:
+    """A client from its own address: throttle counters live in the shared Redis, one per client address."""
+    return APIClient(REMOTE_ADDR=f"10.44.{next(_addresses) % 250}.{np.random.default_rng().integers(1, 250)}")
+
+
+def test_an_invalid_image_gets_a_400_with_a_clear_message(client):
+    searchkit.active_version()
+    response = client.post("/api/search", {"image": _upload(b"this is not a picture", "photo.jpg")})
+    assert response.status_code == 400
+    assert response.json() == {"detail": "invalid image: the file is not an image (or is corrupt)"}
+
+    gif = _gif_bytes()
+    response = client.post("/api/search", {"image": _upload(gif, "anim.gif")})
+    assert response.status_code == 400 and "unsupported image format GIF" in response.json()["detail"]
+
+
+def test_a_bad_box_or_filter_gets_a_400_naming_the_field(client):
+    response = client.post(
+        "/api/search", {"image": _upload(factories.png_bytes(size=(64, 64)), "p.png"), "box": "0.5,0,0.2,1"}
+    )
+    assert response.status_code == 400 and "box" in response.json()
+    response = client.post(
+        "/api/search", {"image": _upload(factories.png_bytes(size=(64, 64)), "p.png"), "merchant": "nobody"}
+    )
+    assert response.status_code == 400 and response.json()["merchant"] == ["no merchant 'nobody'"]
+
+
+def test_search_without_an_active_version_is_a_503(client):
+    response = client.post("/api/search", {"image": _upload(factories.png_bytes(size=(64, 64)), "p.png")})
+    assert response.status_code == 503 and "no model version is active" in response.json()["detail"]
+
+
+def test_similar_products_renders_ranked_products_with_explanations_and_timings(client):
+    version = searchkit.active_version()
+    merchant = factories.merchant("shop")
+    rng = np.random.default_rng(1)
+    bits, fc7 = searchkit.random_bits(rng), searchkit.unit(rng.standard_normal(version.fc7_dim))
+    start = searchkit.product_with_embeddings(merchant=merchant, version=version, sku="A", encodings=[(bits, fc7)])
+    twin = searchkit.product_with_embeddings(
+        merchant=merchant, version=version, sku="B", encodings=[(bits, fc7)], category="dress", price="12.50"
+    )
+    searchkit.random_catalog(merchant=merchant, version=version, count=10, seed=2)
+
+    response = client.get(f"/api/products/{start.product.pk}/similar", {"k": 4, "backend": "sql"})
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert [hit["rank"] for hit in body["results"]] == [1, 2, 3, 4]
+    first = body["results"][0]
+    assert first["product"] == {
+        "id": twin.product.pk, "sku": "B", "title": "Product B", "category": "dress", "attributes": [],
+        "price": "12.50", "url": "", "merchant": "shop",
+    }  # fmt: skip
+    assert first["explanation"]["hamming_distance"] == 0 and first["image_url"].startswith("http://testserver/")
+    assert first["explanation"]["result_landmark_box"] == [0.2, 0.3, 0.7, 0.8]
+    assert body["coarse"]["backend"] == "sql" and body["model_version"]["id"] == version.pk
+    assert set(body["timings_ms"]) >= {"coarse", "fine", "explain", "total"}
+
+    assert client.get("/api/products/999999999/similar").status_code == 404
+    assert client.get(f"/api/products/{start.product.pk}/similar", {"k": 0}).status_code == 400
+
+
+def test_search_is_throttled_per_client(client, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"search": "2/min"}}
+    version = searchkit.active_version()
+    planted = searchkit.random_catalog(merchant=factories.merchant(), version=version, count=3)[0]
+    url = f"/api/products/{planted.product.pk}/similar"
+
+    assert [client.get(url).status_code for _ in range(3)] == [200, 200, 429]
+    assert "throttled" in client.get(url).json()["detail"].lower()
+
+
+def test_web_processes_never_import_torch():
+    """The URLconf, the API and the cascade load without torch (query encoding happens in a worker)."""
+    code = (
+        "import os, sys, django\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'tests.settings')\n"
+        "django.setup()\n"
+        "import importlib\n"
+        "for name in ('shop_search.urls', 'catalog.api.search', 'catalog.search', 'catalog.hamming', 'catalog.views',"
+        " 'workers.tasks'):\n"
+        "    importlib.import_module(name)\n"
+        "from django.urls import resolve\n"
+        "resolve('/api/search'); resolve('/')\n"
+        "print('torch' in sys.modules, 'workers.ml' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["False", "False"]
+
+
+def _upload(data: bytes, name: str):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, data)
+
+
+def _gif_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(buffer, format="GIF")
+    return buffer.getvalue()
