@@ -154,7 +154,7 @@ class BaselineRunner:
 
         state = checkpoint["state_dict"]
         self.model = timm.create_model(checkpoint["model_config"]["backbone"], pretrained=False)
-        self.model.reset_classifier(0)
+        self.model.reset_classifier(0)  # type: ignore[operator]
         backbone_state = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
         self.model.load_state_dict(backbone_state, strict=True)
         self.model.eval().to(memory_format=torch.channels_last)

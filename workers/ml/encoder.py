@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,14 +45,13 @@ class Encoding:
         return len(self.bits)
 
 
-class _Network:
+class _Network(Protocol):
     """What Encoder needs from a model: a preprocessed batch -> dict of numpy outputs (landmarks in input units)."""
 
-    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
-        raise NotImplementedError
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]: ...
 
 
-class _FashionNetRunner(_Network):
+class _FashionNetRunner:
     def __init__(self, model: FashionNet) -> None:
         self.model = model
         self.model.eval().to(memory_format=torch.channels_last)
@@ -167,11 +167,12 @@ class Encoder:
         merged = {
             key: (np.concatenate([p[key] for p in parts]) if parts[0][key] is not None else None) for key in parts[0]
         }
-        bits = merged["bits"].astype(bool)
+        bits, fc7 = merged["bits"], merged["fc7"]
+        assert bits is not None and fc7 is not None  # every network returns both
         return Encoding(
-            bits=bits,
+            bits=bits.astype(bool),
             codes=pack_bits(bits),
-            fc7=merged["fc7"].astype(np.float32),
+            fc7=fc7.astype(np.float32),
             category_probs=_float32(merged["category_probs"]),
             attribute_probs=_float32(merged["attribute_probs"]),
             landmarks=_float32(merged["landmarks"]),

@@ -232,7 +232,8 @@ def evaluate_encoder(encoder, catalog: Sequence, queries: Sequence, *, batch_siz
 def _head_metrics(encoding, records: Sequence) -> dict:
     out: dict = {}
     if encoding.category_probs is not None:
-        out["category_accuracy"] = category_accuracy(encoding.category_probs, [r.category for r in records])
+        categories = np.array([r.category for r in records])
+        out["category_accuracy"] = category_accuracy(encoding.category_probs, categories)
     if encoding.landmarks is not None:
         with_landmarks = [i for i, r in enumerate(records) if r.landmarks is not None]
         if with_landmarks:

@@ -170,6 +170,7 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         self.weights = weights or LossWeights()
         pos_weight = attribute_pos_weight(attribute_frequency) if attribute_frequency is not None else None
+        self.attribute_pos_weight: torch.Tensor | None
         self.register_buffer("attribute_pos_weight", pos_weight, persistent=False)
 
     def forward(self, output: FashionNetOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:

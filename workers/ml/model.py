@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -205,8 +205,9 @@ class FashionNet(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = create_feature_extractor(config.backbone, packaged_weights=config.packaged_weights)
-        channels = self.backbone.feature_info.channels()
-        reductions = self.backbone.feature_info.reduction()
+        feature_info: Any = self.backbone.feature_info  # timm's FeatureInfo; nn.Module's stub types it as Tensor
+        channels: list[int] = feature_info.channels()
+        reductions: list[int] = feature_info.reduction()
         if config.local_stride not in reductions[:-1]:
             raise ValueError(f"local_stride must be one of {reductions[:-1]} for {config.backbone}")
         self.local_level = reductions.index(config.local_stride)

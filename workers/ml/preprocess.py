@@ -26,7 +26,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
-        return cls(int(data["input_size"]), tuple(map(float, data["mean"])), tuple(map(float, data["std"])))
+        mean, std = [float(v) for v in data["mean"]], [float(v) for v in data["std"]]
+        return cls(int(data["input_size"]), (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ def letterbox(image: Image.Image, prep: Preprocessing) -> tuple[Image.Image, Let
     side = prep.input_size
     scale = side / max(width, height)
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.BILINEAR)
+    resized = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
     fill = tuple(int(round(m * 255)) for m in prep.mean)
     canvas = Image.new("RGB", (side, side), fill)
     left, top = (side - new_w) // 2, (side - new_h) // 2
@@ -81,9 +82,9 @@ def letterbox(image: Image.Image, prep: Preprocessing) -> tuple[Image.Image, Let
 
 def to_tensor(image: Image.Image, prep: Preprocessing) -> torch.Tensor:
     """A square RGB PIL image of input_size -> normalised (3, S, S) float32 tensor."""
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    array = (array - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+    normalised = (pixels - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))
 
 
 def preprocess(image: Image.Image, prep: Preprocessing) -> tuple[torch.Tensor, Letterbox]:

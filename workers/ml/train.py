@@ -121,8 +121,7 @@ def _attribute_frequency(
     if not label_space.attributes:
         return None
     chosen = rng.choice(len(records), min(samples, len(records)), replace=False)
-    rows = [records[int(i)].attributes for i in chosen]
-    rows = [r for r in rows if r is not None]
+    rows = [a for a in (records[int(i)].attributes for i in chosen) if a is not None]
     if not rows:
         return None
     return torch.as_tensor(np.mean(rows, axis=0), dtype=torch.float32)
