@@ -149,3 +149,18 @@ def merchant_for_user(*, user: Any, slug: str = "") -> Merchant | None:
         return merchants.filter(slug=slug).first()
     first_two = list(merchants[:2])
     return first_two[0] if len(first_two) == 1 else None
+
+
+@dataclass(frozen=True)
+class ShopFacets:
+    """What the shopper page offers as filters: categories and merchants that have visible products."""
+
+    categories: list[str]
+    merchants: list[Merchant]
+
+
+def shop_facets() -> ShopFacets:
+    visible = Product.objects.filter(active=True)
+    categories = sorted(c for c in visible.exclude(category="").values_list("category", flat=True).distinct())
+    merchants = list(Merchant.objects.filter(pk__in=visible.values("merchant_id")).order_by("name"))
+    return ShopFacets(categories=categories, merchants=merchants)

@@ -1,0 +1,250 @@
+// The shopper page: pick or drop a photo, optionally box the item, search, show results and why they matched.
+// Plain JS, no build step. Talks to POST /api/search (multipart) and renders its JSON.
+(function () {
+  "use strict";
+
+  const form = document.getElementById("search-form");
+  const input = document.getElementById("image-input");
+  const dropZone = document.getElementById("drop-zone");
+  const preview = document.getElementById("preview");
+  const frame = document.getElementById("preview-frame");
+  const previewImage = document.getElementById("preview-image");
+  const cropBox = document.getElementById("crop-box");
+  const queryLandmarkBox = document.getElementById("query-landmark-box");
+  const searchButton = document.getElementById("search-button");
+  const statusLine = document.getElementById("status");
+  const errorLine = document.getElementById("error");
+  const timingsLine = document.getElementById("timings");
+  const querySummary = document.getElementById("query-summary");
+  const results = document.getElementById("results");
+  const template = document.getElementById("result-template");
+
+  let photo = null; // the File being searched
+  let box = null; // [x0, y0, x1, y1] as fractions of the photo, or null for the whole photo
+
+  // --- choosing a photo ------------------------------------------------------------------------------------------
+  function usePhoto(file) {
+    if (!file) return;
+    photo = file;
+    box = null;
+    cropBox.hidden = true;
+    queryLandmarkBox.hidden = true;
+    previewImage.src = URL.createObjectURL(file);
+    preview.hidden = false;
+    searchButton.disabled = false;
+    runSearch();
+  }
+
+  input.addEventListener("change", () => usePhoto(input.files[0]));
+  ["dragenter", "dragover"].forEach((name) =>
+    dropZone.addEventListener(name, (event) => {
+      event.preventDefault();
+      dropZone.classList.add("dragging");
+    })
+  );
+  ["dragleave", "drop"].forEach((name) =>
+    dropZone.addEventListener(name, (event) => {
+      event.preventDefault();
+      dropZone.classList.remove("dragging");
+    })
+  );
+  dropZone.addEventListener("drop", (event) => usePhoto(event.dataTransfer.files[0]));
+
+  // --- the optional crop box: drag on the preview ----------------------------------------------------------------
+  let dragStart = null;
+
+  function fractionAt(event) {
+    const rect = previewImage.getBoundingClientRect();
+    const clamp = (v) => Math.min(1, Math.max(0, v));
+    return [clamp((event.clientX - rect.left) / rect.width), clamp((event.clientY - rect.top) / rect.height)];
+  }
+
+  function placeBox(element, fractions) {
+    const [x0, y0, x1, y1] = fractions;
+    element.style.left = x0 * previewImage.clientWidth + "px";
+    element.style.top = y0 * previewImage.clientHeight + "px";
+    element.style.width = (x1 - x0) * previewImage.clientWidth + "px";
+    element.style.height = (y1 - y0) * previewImage.clientHeight + "px";
+    element.hidden = false;
+  }
+
+  frame.addEventListener("pointerdown", (event) => {
+    dragStart = fractionAt(event);
+    frame.setPointerCapture(event.pointerId);
+  });
+  frame.addEventListener("pointermove", (event) => {
+    if (!dragStart) return;
+    const [x, y] = fractionAt(event);
+    placeBox(cropBox, [Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x), Math.max(dragStart[1], y)]);
+  });
+  frame.addEventListener("pointerup", (event) => {
+    if (!dragStart) return;
+    const [x, y] = fractionAt(event);
+    const candidate = [Math.min(dragStart[0], x), Math.min(dragStart[1], y), Math.max(dragStart[0], x), Math.max(dragStart[1], y)];
+    dragStart = null;
+    if (candidate[2] - candidate[0] < 0.05 || candidate[3] - candidate[1] < 0.05) {
+      return; // a click, not a box
+    }
+    box = candidate;
+    placeBox(cropBox, box);
+    runSearch();
+  });
+  document.getElementById("clear-box").addEventListener("click", () => {
+    box = null;
+    cropBox.hidden = true;
+    runSearch();
+  });
+
+  // --- searching -------------------------------------------------------------------------------------------------
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    runSearch();
+  });
+
+  function formData() {
+    const data = new FormData();
+    data.append("image", photo);
+    if (box) data.append("box", box.map((v) => v.toFixed(4)).join(","));
+    for (const name of ["category", "merchant", "price_min", "price_max", "attributes", "category_mode", "k"]) {
+      const value = form.elements[name].value.trim();
+      if (value !== "") data.append(name, value);
+    }
+    return data;
+  }
+
+  function errorText(body, status) {
+    if (body && typeof body.detail === "string") return body.detail;
+    if (body && typeof body === "object") {
+      return Object.entries(body)
+        .map(([field, problems]) => `${field}: ${[].concat(problems).join(" ")}`)
+        .join("; ");
+    }
+    return `the search failed (HTTP ${status})`;
+  }
+
+  let generation = 0; // only the latest search may render
+
+  async function runSearch() {
+    if (!photo) return;
+    const mine = ++generation;
+    statusLine.textContent = "Searching…";
+    errorLine.hidden = true;
+    searchButton.disabled = true;
+    try {
+      const response = await fetch("/api/search", { method: "POST", body: formData(), headers: { Accept: "application/json" } });
+      const body = await response.json().catch(() => null);
+      if (mine !== generation) return;
+      if (!response.ok) {
+        showError(errorText(body, response.status));
+        return;
+      }
+      render(body);
+      statusLine.textContent = `${body.results.length} products found`;
+    } catch (failure) {
+      if (mine === generation) showError(`the search failed: ${failure}`);
+    } finally {
+      if (mine === generation) searchButton.disabled = false;
+    }
+  }
+
+  function showError(message) {
+    statusLine.textContent = "";
+    errorLine.textContent = message;
+    errorLine.hidden = false;
+    results.replaceChildren();
+    timingsLine.textContent = "";
+    querySummary.textContent = "";
+  }
+
+  // --- rendering -------------------------------------------------------------------------------------------------
+  const money = (price) => (price === null ? "" : `€${Number(price).toFixed(2)}`);
+  const number = (value, digits) => (value === null || value === undefined ? "–" : Number(value).toFixed(digits));
+
+  function render(body) {
+    const t = body.timings_ms;
+    timingsLine.textContent = ["intake", "encode", "coarse", "fine", "explain", "total"]
+      .filter((stage) => stage in t)
+      .map((stage) => `${stage} ${number(t[stage], 1)} ms`)
+      .join(" · ");
+    const q = body.query;
+    querySummary.textContent =
+      (q.category ? `Looks like: ${q.category} (${Math.round((q.category_confidence || 0) * 100)}%). ` : "") +
+      `Coarse stage: ${body.coarse.candidates} candidates within Hamming distance ${body.coarse.radius} ` +
+      `(${body.coarse.backend}). Model: ${body.model_version.name}.`;
+    const queryBox = body.results.length ? body.results[0].explanation.query_landmark_box : null;
+    if (queryBox && !box) placeBox(queryLandmarkBox, queryBox);
+    else queryLandmarkBox.hidden = true;
+    results.replaceChildren(...body.results.map(card));
+  }
+
+  function card(hit) {
+    const node = template.content.firstElementChild.cloneNode(true);
+    const product = hit.product;
+    node.dataset.productId = product.id;
+    node.dataset.sku = product.sku;
+    node.querySelector(".rank").textContent = `#${hit.rank}`;
+    const title = node.querySelector(".title");
+    title.textContent = product.title;
+    if (product.url) title.href = product.url;
+    node.querySelector(".price").textContent = money(product.price);
+    node.querySelector(".merchant").textContent = product.merchant;
+    const image = node.querySelector(".result-image");
+    image.alt = product.title;
+    image.src = hit.image_url;
+    const landmarkBox = node.querySelector(".landmark-box");
+    if (hit.explanation.result_landmark_box) {
+      image.addEventListener("load", () => placeOnContainedImage(image, landmarkBox, hit.explanation.result_landmark_box));
+    }
+    node.querySelector(".why dl").replaceChildren(...why(hit.explanation));
+    return node;
+  }
+
+  function placeOnContainedImage(image, element, fractions) {
+    // The thumbnail is letterboxed (object-fit: contain): find where the picture actually sits.
+    const scale = Math.min(image.clientWidth / image.naturalWidth, image.clientHeight / image.naturalHeight);
+    const width = image.naturalWidth * scale;
+    const height = image.naturalHeight * scale;
+    const left = (image.clientWidth - width) / 2;
+    const top = (image.clientHeight - height) / 2;
+    const [x0, y0, x1, y1] = fractions;
+    element.style.left = left + x0 * width + "px";
+    element.style.top = top + y0 * height + "px";
+    element.style.width = (x1 - x0) * width + "px";
+    element.style.height = (y1 - y0) * height + "px";
+    element.hidden = false;
+  }
+
+  function why(e) {
+    const rows = [
+      ["Hamming distance", `${e.hamming_distance} of ${e.code_bits} bits`],
+      ["fc7 distance", number(e.fc7_distance, 4)],
+      [
+        "Category",
+        e.category_predicted
+          ? `${e.category_agrees ? "✓" : "✗"} looks like ${e.category_predicted}, listed as ${e.category_catalog || "–"}`
+          : `listed as ${e.category_catalog || "–"}`,
+        e.category_agrees === null ? "" : e.category_agrees ? "agree" : "disagree",
+      ],
+      [
+        "Attributes",
+        Object.keys(e.attributes_predicted).length
+          ? `agree on ${e.attributes_agreeing.join(", ") || "none"} (predicted ${Object.keys(e.attributes_predicted).join(", ")})`
+          : `listed: ${e.attributes_catalog.join(", ") || "–"}`,
+      ],
+      [
+        "Landmarks",
+        e.result_landmark_box
+          ? `item box ${e.result_landmark_box.map((v) => v.toFixed(2)).join(", ")} (dashed)`
+          : "not predicted by this model",
+      ],
+    ];
+    return rows.flatMap(([label, text, css]) => {
+      const dt = document.createElement("dt");
+      dt.textContent = label;
+      const dd = document.createElement("dd");
+      dd.textContent = text;
+      if (css) dd.className = css;
+      return [dt, dd];
+    });
+  }
+})();
