@@ -1,6 +1,18 @@
-from django.contrib import admin
+import dataclasses
 
+from django import forms
+from django.contrib import admin
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+
+from catalog import intake, selectors, services
 from catalog.models import (
+    DuplicateFinding,
     ImageEmbedding,
     ImportJob,
     Merchant,
@@ -9,6 +21,8 @@ from catalog.models import (
     ProductImage,
     TrainingRun,
 )
+
+ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages through all of them
 
 
 @admin.register(Merchant)
@@ -50,10 +64,141 @@ class ImageEmbeddingAdmin(admin.ModelAdmin):
     exclude = ["code", "fc7"]
 
 
+class ImportUploadForm(forms.Form):
+    merchant = forms.ModelChoiceField(queryset=Merchant.objects.all())
+    manifest = forms.FileField(
+        help_text="CSV or JSON lines: sku, title, description, category, attributes, price, url, active, "
+        "images (zip entry names or http(s) URLs, separated by | or ;)"
+    )
+    images = forms.FileField(required=False, help_text="a zip of the image files the manifest names")
+    manifest_format = forms.ChoiceField(
+        choices=[("", "detect"), *ImportJob.Format.choices], required=False, label="format"
+    )
+
+
+def _progress_bar(job: ImportJob) -> str:
+    progress = selectors.import_job_progress(job=job)
+    eta = "" if progress.eta_seconds in (None, 0) else f", ETA {progress.eta_seconds:.0f} s"
+    return format_html(
+        '<progress max="100" value="{}" style="width:8em"></progress> {}% ({}/{}{})',
+        progress.percent,
+        progress.percent,
+        progress.processed,
+        progress.total,
+        eta,
+    )
+
+
 @admin.register(ImportJob)
 class ImportJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "merchant", "state", "total", "processed", "ok", "rejected", "created_at"]
+    """Uploads go through the admin's upload form (the same service as the API); progress refreshes live."""
+
+    list_display = ["id", "merchant", "source_name", "state", "progress", "ok", "rejected", "created_at"]
     list_filter = ["state", "merchant"]
+    list_select_related = ["merchant"]
+    actions = ["resume"]
+    readonly_fields = [
+        "merchant", "created_by", "source_name", "manifest_format", "state", "progress", "total", "processed", "ok",
+        "rejected", "images_new", "chunks_done", "chunks_total", "created_at", "started_at", "finished_at",
+        "rejected_rows",
+    ]  # fmt: skip
+    exclude = ["errors", "archive"]
+    change_form_template = "admin/catalog/importjob/change_form.html"
+
+    @admin.display(description="progress")
+    def progress(self, job: ImportJob) -> str:
+        return _progress_bar(job)
+
+    @admin.display(description="rejected rows")
+    def rejected_rows(self, job: ImportJob) -> str:
+        rows = selectors.import_job_rejected_rows(job=job)[:ADMIN_REJECTED_ROWS_SHOWN]
+        if not rows:
+            return "none"
+        return format_html(
+            "<table><tr><th>line</th><th>sku</th><th>error</th></tr>{}</table>{}",
+            format_html_join(
+                "", "<tr><td>{}</td><td>{}</td><td>{}</td></tr>", ((r["line"], r["sku"], r["error"]) for r in rows)
+            ),
+            f"(first {ADMIN_REJECTED_ROWS_SHOWN} of {job.rejected})"
+            if job.rejected > ADMIN_REJECTED_ROWS_SHOWN
+            else "",
+        )
+
+    @admin.action(description="Queue unfinished chunks again (after a lost broker)")
+    def resume(self, request: HttpRequest, queryset) -> None:
+        queued = sum(services.import_job_resume(job=job) for job in queryset.exclude(state=ImportJob.State.DONE))
+        self.message_user(request, f"{queued} chunks queued again")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # jobs are created by the upload form below, never typed in
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        custom = [
+            path("upload/", view(self.upload_view), name="catalog_importjob_upload"),
+            path("<int:job_id>/progress/", view(self.progress_view), name="catalog_importjob_progress"),
+        ]
+        return custom + super().get_urls()
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        extra = {**(extra_context or {}), "upload_url": reverse("admin:catalog_importjob_upload")}
+        return super().changelist_view(request, extra_context=extra)
+
+    def upload_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request) or not request.user.has_perm("catalog.change_importjob"):
+            raise PermissionDenied
+        form = ImportUploadForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            manifest = form.cleaned_data["manifest"]
+            try:
+                with transaction.atomic():
+                    job = services.import_job_create(
+                        merchant=form.cleaned_data["merchant"],
+                        manifest=manifest.read(),
+                        manifest_name=manifest.name,
+                        manifest_format=form.cleaned_data["manifest_format"] or None,
+                        archive=form.cleaned_data["images"],
+                        created_by=request.user,
+                    )
+            except intake.IntakeError as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.message_user(
+                    request, f"Import {job.pk} queued: {job.total} rows, {job.rejected} rejected at upload"
+                )
+                return redirect("admin:catalog_importjob_change", job.pk)
+        context = {**self.admin_site.each_context(request), "form": form, "opts": self.model._meta,
+                   "title": "Upload a catalog"}  # fmt: skip
+        return TemplateResponse(request, "admin/catalog/importjob/upload.html", context)
+
+    def progress_view(self, request: HttpRequest, job_id: int) -> JsonResponse:
+        job = ImportJob.objects.filter(pk=job_id).first()
+        if job is None or not self.has_view_permission(request, job):
+            raise PermissionDenied
+        return JsonResponse({"state": job.state, **dataclasses.asdict(selectors.import_job_progress(job=job))})
+
+
+@admin.register(DuplicateFinding)
+class DuplicateFindingAdmin(admin.ModelAdmin):
+    """Admins see both sides of every finding (merchants only ever see their own side)."""
+
+    list_display = ["id", "kind", "merchant", "image", "own_sku", "other_merchant", "other_sku", "hamming",
+                    "fc7_distance", "model_version", "created_at"]  # fmt: skip
+    list_filter = ["kind", "merchant", "model_version"]
+    list_select_related = ["merchant", "image__product", "other_image__product__merchant", "model_version"]
+    raw_id_fields = ["image", "other_image"]
+
+    @admin.display(description="sku")
+    def own_sku(self, finding: DuplicateFinding) -> str:
+        return finding.image.product.sku
+
+    @admin.display(description="other merchant")
+    def other_merchant(self, finding: DuplicateFinding) -> str:
+        return str(finding.other_image.product.merchant)
+
+    @admin.display(description="other sku")
+    def other_sku(self, finding: DuplicateFinding) -> str:
+        return finding.other_image.product.sku
 
 
 @admin.register(TrainingRun)
