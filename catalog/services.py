@@ -415,12 +415,14 @@ def import_job_create(
     archive: File | None = None,
     created_by: Any = None,
     chunk_rows: int = IMPORT_CHUNK_ROWS,
+    enqueue: bool = True,
 ) -> ImportJob:
     """Check an upload as a whole and record it as an import job whose chunks run in Celery after commit.
 
     The manifest and the zip are parsed and read completely first: a file-level problem (not a manifest, a zip
     slip, a zip bomb) raises intake.IntakeError and stores nothing. Row-level problems become rejected rows with
-    their line numbers, counted at once; good rows are split into chunks of `chunk_rows`.
+    their line numbers, counted at once; good rows are split into chunks of `chunk_rows`. With `enqueue=False`
+    the caller runs the chunks itself (`import_run_chunk`, e.g. `import_catalog --inline`).
     """
     from workers import tasks  # late: tasks imports this module
 
@@ -476,7 +478,7 @@ def import_job_create(
             ImportChunk(job=job, index=index, rows=[row.to_json() for row in chunk])
             for index, chunk in enumerate(chunks)
         )
-        for chunk_row in created:
+        for chunk_row in created if enqueue else ():
             transaction.on_commit(lambda pk=chunk_row.pk: tasks.import_run_chunk.delay(pk))
     return job
 
