@@ -327,24 +327,23 @@ def fine_rank(
     if len(candidates) == 0:
         return []
     where = product_filter.where_sql("p")
+    # `id = ANY(array)` rather than a join with unnest(): the planner then always probes the primary key, where a
+    # join tempts it into hashing the whole table on small catalogs.
     sql = (
-        "WITH candidates(id, hamming) AS (SELECT * FROM unnest(%s::bigint[], %s::int[])),"
-        " best AS ("
-        "  SELECT DISTINCT ON (e.product_id) e.product_id, e.id AS embedding_id, e.image_id, c.hamming,"
+        "WITH best AS ("
+        "  SELECT DISTINCT ON (e.product_id) e.product_id, e.id AS embedding_id, e.image_id,"
         "   (e.fc7 <-> %s::vector) AS fc7_distance, (p.category = %s) AS category_match, e.landmarks"
-        "  FROM candidates c JOIN catalog_imageembedding e ON e.id = c.id"
-        "  JOIN catalog_product p ON p.id = e.product_id"
-        f"  WHERE e.model_version_id = {int(version.pk)} AND {where.sql}"
-        "  ORDER BY e.product_id, fc7_distance, c.hamming, e.id)"
-        " SELECT product_id, embedding_id, image_id, hamming, fc7_distance,"
+        "  FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
+        f"  WHERE e.id = ANY(%s::bigint[]) AND e.model_version_id = {int(version.pk)} AND {where.sql}"
+        "  ORDER BY e.product_id, fc7_distance, e.id)"
+        " SELECT product_id, embedding_id, image_id, fc7_distance,"
         "  fc7_distance * (1 - %s * category_match::int) AS score, landmarks"
         " FROM best ORDER BY score, fc7_distance, product_id LIMIT %s"
     )
     params = [
-        candidates.embedding_ids.tolist(),
-        candidates.distances.tolist(),
         _vector_literal(fc7),
         boost_category,
+        candidates.embedding_ids.tolist(),
         *where.params,
         float(boost),
         k,
@@ -352,27 +351,27 @@ def fine_rank(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         found = cursor.fetchall()
+    hamming_of = dict(zip(candidates.embedding_ids.tolist(), candidates.distances.tolist()))
     return [
         FineRow(
             product_id=product_id,
             embedding_id=embedding_id,
             image_id=image_id,
-            hamming=int(hamming),
+            hamming=int(hamming_of[embedding_id]),
             fc7_distance=float(fc7_distance),
             score=float(score),
             landmarks=_json(landmarks) or [],
         )
-        for product_id, embedding_id, image_id, hamming, fc7_distance, score, landmarks in found
+        for product_id, embedding_id, image_id, fc7_distance, score, landmarks in found
     ]
 
 
 def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: ModelVersion) -> list[ProductHit]:
-    products = Product.objects.select_related("merchant").in_bulk([row.product_id for row in rows])
-    images = ProductImage.objects.in_bulk([row.image_id for row in rows])
+    images = ProductImage.objects.select_related("product__merchant").in_bulk([row.image_id for row in rows])
     predicted_attributes = set(encoding.attributes)
     hits = []
     for rank, row in enumerate(rows, start=1):
-        product = products[row.product_id]
+        product = images[row.image_id].product
         catalog_attributes = list(product.attributes or [])
         explanation = Explanation(
             hamming_distance=row.hamming,

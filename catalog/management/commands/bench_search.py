@@ -1,0 +1,327 @@
+"""`manage.py bench_search`: the cascade (excluding the network) on synthetic catalogs of 10k, 100k and 1M products.
+
+For each size and coarse backend: p50/p99 of coarse, fine and total time, recall@10 of the cascade against exact
+fc7 search, and memory; printed and written as JSON. Runs in its own throwaway database on the same server (created,
+migrated, bulk-loaded with binary COPY, dropped at the end), so it never touches the shop.
+
+Synthetic data that makes recall mean something: fc7 vectors are clustered (products come in kinds), L2-normalised;
+codes are signs of a random projection of fc7 plus noise (what a hash layer learns, imperfectly); a query is another
+photo of a catalog product (its fc7 perturbed, its code recomputed with fresh noise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
+
+BENCH_DATABASE = "shop_search_bench"
+INNER_FLAG = "--inside-bench-database"
+CLUSTER_SIZE = 200  # products per cluster of look-alikes (a kind: "navy striped shirts")
+CLUSTER_SPREAD = 0.7  # within-cluster spread relative to the distance between cluster centres
+QUERY_NOISE = 0.25  # how far a shopper's photo lands from the catalog photo of the same product, in fc7
+CODE_NOISE = 0.35  # noise added before the sign: an imperfect hash layer flips bits near the boundary
+COPY_CHUNK = 100_000  # rows per COPY buffer: bounded memory, few round trips
+WARMUP_QUERIES = 10  # first queries pay for cold caches (and the memory backend's load): not measured
+TOP_K = 10  # recall@10, as the issue asks
+
+
+class Command(BaseCommand):
+    help = "Benchmark the search cascade on synthetic catalogs (10k/100k/1M) for both coarse backends."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated catalog sizes")
+        parser.add_argument("--queries", type=int, default=200, help="measured queries per size and backend")
+        parser.add_argument("--code-bits", type=int, default=256)
+        parser.add_argument("--fc7-dim", type=int, default=128)
+        parser.add_argument("--backends", default="memory,sql")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "search.json")
+        parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
+        parser.add_argument(INNER_FLAG, action="store_true", help="(internal) run inside the bench database")
+
+    def handle(self, *args, **options) -> None:
+        if options["inside_bench_database"]:
+            self._benchmark(**options)
+            return
+        url = _bench_database_url(settings.DATABASE_URL)
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE}")
+            cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
+        command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_search", INNER_FLAG]
+        for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out"):
+            command += [f"--{name.replace('_', '-')}", str(options[name])]
+        try:
+            done = subprocess.run(command, env={**os.environ, "DATABASE_URL": url}, cwd=settings.BASE_DIR)
+        finally:
+            if not options["keep_database"]:
+                connection.close()
+                with connection.cursor() as cursor:
+                    cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
+        if done.returncode:
+            raise CommandError(f"the benchmark failed (exit {done.returncode})")
+
+    # -- inside the bench database ----------------------------------------------------------------------------------
+    def _benchmark(self, *, sizes: str, queries: int, code_bits: int, fc7_dim: int, backends: str, seed: int,
+                   out: Path, **_) -> None:  # fmt: skip
+        from catalog import hamming, search
+        from catalog.models import Merchant, ModelVersion
+
+        if connection.settings_dict["NAME"] != BENCH_DATABASE:
+            raise CommandError(f"refusing to bulk-load into {connection.settings_dict['NAME']!r}")
+        call_command("migrate", interactive=False, verbosity=0)
+        _relax_table_defaults()
+        size_list = sorted(int(s) for s in sizes.split(","))
+        data = SyntheticCatalog.make(size=size_list[-1], code_bits=code_bits, fc7_dim=fc7_dim, seed=seed)
+        merchant = Merchant.objects.create(name="Bench", slug="bench")
+        version = ModelVersion.objects.create(
+            name="bench", code_bits=code_bits, fc7_dim=fc7_dim, status=ModelVersion.Status.ACTIVE
+        )
+        report: dict = {
+            "config": {
+                "code_bits": code_bits, "fc7_dim": fc7_dim, "queries": queries, "cluster_size": CLUSTER_SIZE,
+                "cluster_spread": CLUSTER_SPREAD, "query_noise": QUERY_NOISE, "code_noise": CODE_NOISE,
+                "coarse_min_candidates": search.COARSE_MIN_CANDIDATES,
+                "coarse_max_candidates": search.COARSE_MAX_CANDIDATES, "cpus": os.cpu_count(),
+            },
+            "sizes": [],
+        }  # fmt: skip
+        loaded = 0
+        for size in size_list:
+            started = time.perf_counter()
+            _copy_rows(data=data, start=loaded, stop=size, merchant_id=merchant.pk, version_id=version.pk)
+            load_s = time.perf_counter() - started
+            loaded = size
+            started = time.perf_counter()
+            index_name = _rebuild_hnsw(version)
+            index_s = time.perf_counter() - started
+            with connection.cursor() as cursor:
+                cursor.execute("ANALYZE catalog_imageembedding; ANALYZE catalog_product")
+                cursor.execute("SELECT pg_relation_size(%s), pg_total_relation_size('catalog_imageembedding')",
+                               [index_name])  # fmt: skip
+                hnsw_bytes, table_bytes = cursor.fetchone()
+            query_set = data.queries(count=queries + WARMUP_QUERIES, size=size, seed=seed + size)
+            entry: dict = {
+                "products": size, "copy_s": round(load_s, 2), "hnsw_build_s": round(index_s, 2),
+                "hnsw_index_mb": round(hnsw_bytes / 1e6, 1), "embedding_table_mb": round(table_bytes / 1e6, 1),
+                "backends": {},
+            }  # fmt: skip
+            for backend in backends.split(","):
+                rss_before = _rss_mb()
+                started = time.perf_counter()
+                if backend == "memory":
+                    hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=code_bits, force=True)
+                entry_backend = {"load_s": round(time.perf_counter() - started, 2)}
+                entry_backend.update(_measure(version=version, backend=backend, query_set=query_set))
+                if backend == "memory":
+                    entry_backend["memory_mb"] = round(hamming.MEMORY_INDEX.stats().memory_bytes / 1e6, 1)
+                else:
+                    entry_backend["memory_mb"] = round(hnsw_bytes / 1e6, 1)  # what it needs cached: the graph
+                entry_backend["process_rss_growth_mb"] = round(_rss_mb() - rss_before, 1)
+                entry["backends"][backend] = entry_backend
+                self._print(size, backend, entry_backend)
+            report["sizes"].append(entry)
+            hamming.MEMORY_INDEX.clear()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        self.stdout.write(f"written {out}")
+
+    def _print(self, size: int, backend: str, row: dict) -> None:
+        self.stdout.write(
+            f"{size:>9,} {backend:<6} coarse p50 {row['coarse_ms']['p50']:7.2f} p99 {row['coarse_ms']['p99']:7.2f} | "
+            f"fine p50 {row['fine_ms']['p50']:6.2f} p99 {row['fine_ms']['p99']:6.2f} | "
+            f"total p50 {row['total_ms']['p50']:7.2f} p99 {row['total_ms']['p99']:7.2f} ms | "
+            f"recall@10 {row['recall_at_10']:.3f} | candidates {row['candidates_mean']:.0f} | "
+            f"memory {row['memory_mb']} MB"
+        )
+        self.stdout.flush()
+
+
+@dataclass(frozen=True)
+class QuerySet:
+    fc7: np.ndarray  # (Q, D)
+    bits: np.ndarray  # (Q, B) bool
+    truth: np.ndarray  # (Q, 10) product ids of the exact fc7 top 10
+
+
+@dataclass(frozen=True)
+class SyntheticCatalog:
+    fc7: np.ndarray  # (N, D) float32, unit length
+    bits: np.ndarray  # (N, B) bool
+    projection: np.ndarray  # (D, B): the "hash layer"
+    seed: int
+
+    @classmethod
+    def make(cls, *, size: int, code_bits: int, fc7_dim: int, seed: int) -> SyntheticCatalog:
+        rng = np.random.default_rng(seed)
+        clusters = max(1, size // CLUSTER_SIZE)
+        centres = rng.standard_normal((clusters, fc7_dim)).astype(np.float32)
+        members = rng.integers(0, clusters, size)
+        fc7 = centres[members] + CLUSTER_SPREAD * rng.standard_normal((size, fc7_dim)).astype(np.float32)
+        fc7 /= np.linalg.norm(fc7, axis=1, keepdims=True)
+        projection = rng.standard_normal((fc7_dim, code_bits)).astype(np.float32)
+        return cls(fc7=fc7, bits=_hash(fc7, projection, rng), projection=projection, seed=seed)
+
+    def queries(self, *, count: int, size: int, seed: int) -> QuerySet:
+        rng = np.random.default_rng(seed)
+        targets = rng.integers(0, size, count)
+        noise = rng.standard_normal((count, self.fc7.shape[1])).astype(np.float32)
+        fc7 = self.fc7[targets] + QUERY_NOISE * noise / np.sqrt(self.fc7.shape[1])  # a step of length ~QUERY_NOISE
+        fc7 /= np.linalg.norm(fc7, axis=1, keepdims=True)
+        catalog = self.fc7[:size]
+        truth = np.empty((count, TOP_K), np.int64)
+        for start in range(0, count, 32):  # exact L2 on unit vectors = largest dot product
+            scores = fc7[start : start + 32] @ catalog.T
+            top = np.argpartition(-scores, TOP_K, axis=1)[:, :TOP_K]
+            truth[start : start + 32] = top + 1  # product ids are row + 1
+        return QuerySet(fc7=fc7, bits=_hash(fc7, self.projection, rng), truth=truth)
+
+
+def _hash(fc7: np.ndarray, projection: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    activations = fc7 @ projection
+    scale = activations.std()
+    return (activations + CODE_NOISE * scale * rng.standard_normal(activations.shape).astype(np.float32)) > 0
+
+
+def _measure(*, version, backend: str, query_set: QuerySet) -> dict:
+    from catalog import search
+
+    timings: dict[str, list[float]] = {"coarse": [], "fine": [], "total": []}
+    recalls, candidates = [], []
+    for index in range(len(query_set.fc7)):
+        encoding = search.QueryEncoding(
+            model_version_id=version.pk, code=np.packbits(query_set.bits[index]), fc7=query_set.fc7[index]
+        )
+        options = search.SearchOptions(k=TOP_K, backend=backend, category_mode="off")
+        started = time.perf_counter()
+        result = search.search_encoding(encoding=encoding, version=version, options=options)
+        total_ms = (time.perf_counter() - started) * 1000
+        if index < WARMUP_QUERIES:
+            continue
+        timings["coarse"].append(result.timings_ms["coarse"])
+        timings["fine"].append(result.timings_ms["fine"])
+        timings["total"].append(total_ms)
+        found = {hit.product.pk for hit in result.hits}
+        recalls.append(len(found & set(query_set.truth[index].tolist())) / TOP_K)
+        candidates.append(result.coarse.candidates)
+    return {
+        **{
+            f"{stage}_ms": {
+                "p50": round(float(np.percentile(values, 50)), 3),
+                "p99": round(float(np.percentile(values, 99)), 3),
+            }
+            for stage, values in timings.items()
+        },
+        "recall_at_10": round(float(np.mean(recalls)), 4),
+        "candidates_mean": round(float(np.mean(candidates)), 1),
+    }
+
+
+# --- bulk loading ----------------------------------------------------------------------------------------------------
+def _relax_table_defaults() -> None:
+    """Give every NOT NULL column without a default one (bench database only), so COPY can name just a few."""
+    defaults = {"character varying": "''", "text": "''", "jsonb": "'[]'", "timestamp with time zone": "now()",
+                "boolean": "true", "integer": "0", "smallint": "0", "bigint": "0"}  # fmt: skip
+    with connection.cursor() as cursor:
+        for table in ("catalog_product", "catalog_productimage", "catalog_imageembedding"):
+            cursor.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = %s "
+                "AND is_nullable = 'NO' AND column_default IS NULL AND column_name <> 'id'",
+                [table],
+            )
+            for column, data_type in cursor.fetchall():
+                if data_type in defaults:
+                    cursor.execute(f'ALTER TABLE {table} ALTER COLUMN "{column}" SET DEFAULT {defaults[data_type]}')
+
+
+def _copy_rows(*, data: SyntheticCatalog, start: int, stop: int, merchant_id: int, version_id: int) -> None:
+    """Products, images and embeddings [start, stop) with ids row + 1, by COPY; triggers and FK checks are off
+    (session_replication_role) because the bench database has no reader to notify and the ids are consistent."""
+    raw = connection.connection
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = replica")
+    for chunk in range(start, stop, COPY_CHUNK):
+        end = min(stop, chunk + COPY_CHUNK)
+        ids = np.arange(chunk + 1, end + 1)
+        products = "".join(f"{i}\t{merchant_id}\tB-{i}\tBench product {i}\t{10 + i % 90}.99\n" for i in ids.tolist())
+        images = "".join(f"{i}\t{i}\tbench/{i}.png\t{i:064x}\tembedded\t128\t128\n" for i in ids.tolist())
+        with raw.cursor() as cursor:
+            with cursor.copy("COPY catalog_product (id, merchant_id, sku, title, price) FROM STDIN") as copy:
+                copy.write(products)
+            with cursor.copy(
+                "COPY catalog_productimage (id, product_id, file, sha256, status, width, height) FROM STDIN"
+            ) as copy:
+                copy.write(images)
+            with cursor.copy(
+                "COPY catalog_imageembedding (id, image_id, product_id, model_version_id, code, fc7) "
+                "FROM STDIN (FORMAT BINARY)"
+            ) as copy:
+                copy.write(_embedding_copy_payload(ids=ids, data=data, version_id=version_id))
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = origin")
+        for table in ("catalog_product", "catalog_productimage", "catalog_imageembedding"):
+            cursor.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
+
+
+def _embedding_copy_payload(*, ids: np.ndarray, data: SyntheticCatalog, version_id: int) -> bytes:
+    """PostgreSQL binary COPY rows: int8 x4, varbit (bit length + bytes), pgvector (dim, unused, float4s)."""
+    rows = ids - 1
+    code_bits = data.bits.shape[1]
+    code_bytes = code_bits // 8
+    dim = data.fc7.shape[1]
+    row_type = np.dtype(
+        [
+            ("fields", ">i2"),
+            ("id_len", ">i4"), ("id", ">i8"),
+            ("image_len", ">i4"), ("image", ">i8"),
+            ("product_len", ">i4"), ("product", ">i8"),
+            ("version_len", ">i4"), ("version", ">i8"),
+            ("code_len", ">i4"), ("code_bits", ">i4"), ("code", np.uint8, (code_bytes,)),
+            ("fc7_len", ">i4"), ("fc7_dim", ">i2"), ("fc7_unused", ">i2"), ("fc7", ">f4", (dim,)),
+        ]
+    )  # fmt: skip
+    table = np.zeros(len(ids), row_type)
+    table["fields"] = 6
+    for name in ("id", "image", "product", "version"):
+        table[f"{name}_len"] = 8
+    table["id"] = table["image"] = table["product"] = ids
+    table["version"] = version_id
+    table["code_len"], table["code_bits"] = 4 + code_bytes, code_bits
+    table["code"] = np.packbits(data.bits[rows], axis=1)
+    table["fc7_len"], table["fc7_dim"] = 4 + 4 * dim, dim
+    table["fc7"] = data.fc7[rows]
+    header = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+    return header + table.tobytes() + (-1).to_bytes(2, "big", signed=True)
+
+
+def _rebuild_hnsw(version) -> str:
+    from catalog import services
+
+    name = services.code_index_name(version)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP INDEX IF EXISTS {name}")
+        cursor.execute("SET maintenance_work_mem = '2GB'")
+        cursor.execute(f"SET max_parallel_maintenance_workers = {max(1, (os.cpu_count() or 2) - 1)}")
+    services.code_index_ensure(version=version)
+    return name
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _bench_database_url(url: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{BENCH_DATABASE}"))
