@@ -140,3 +140,17 @@ def test_rows_without_a_zip_are_rejected_but_rows_without_images_land():
     )
     assert (job.ok, job.rejected) == (1, 1)
     assert "no zip" in job.errors[0]["error"]
+
+
+def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
+    """When the bulk path meets a concurrent writer it hands the chunk to the row-by-row path: same outcome."""
+    monkeypatch.setattr(services, "_chunk_import_bulk", lambda **kwargs: None)
+    merchant = factories.merchant()
+    manifest, archive = catalog(4)
+    manifest += b"BAD,Broken,dress,1,broken.png\n"
+    archive_files = zip_bytes({**{f"img/{i}.png": picture(i) for i in range(4)}, "broken.png": b"junk"})
+    job = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
+    assert (job.ok, job.rejected, job.images_new) == (4, 1, 4)
+    assert job.errors[0]["line"] == 6 and "broken.png" in job.errors[0]["error"]
+    again = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
+    assert (again.ok, again.images_new) == (4, 0) and ProductImage.objects.count() == 4

@@ -1,0 +1,257 @@
+"""`manage.py bench_ingest`: catalog ingest throughput end to end, embedding included, on real workers.
+
+Renders N distinct products (workers.ml.datasets.render, cached under var/bench/), uploads them as one import
+(manifest + zip) through `services.import_job_create`, starts a real Celery worker with `--workers` pool processes
+(one torch thread each) and measures until every image is embedded by the active version. Then it profiles a
+sample in this process to show where the time goes per image. With no active version, version 0 is fitted first
+(not counted). Run it against its own database so the demo shop is not touched, e.g.
+
+    createdb -h var/pgdata -U postgres shop_search_bench   # or any empty database with pgvector
+    DATABASE_URL='postgresql://postgres:@/shop_search_bench?host=/work/main/var/pgdata' \\
+    REDIS_URL=redis://127.0.0.1:6379/14 .venv/bin/python manage.py bench_ingest --products 10000 --workers 2
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from catalog import intake, selectors, services
+from catalog.models import ImageEmbedding, ImportJob, Merchant, ModelVersion, ProductImage
+from shop_search.celery import app
+
+RENDER_SIZE = 128  # the renderer's default photo size; JPEG at this size is ~4 kB, like a catalog thumbnail
+JPEG_QUALITY = 90
+FIT_SAMPLE = 512  # version 0 fits in seconds on this many and is representative of the encoder's cost
+PROFILE_SAMPLE = 256  # images profiled in-process for the per-stage breakdown
+POLL_S = 0.25
+
+
+def _render(seed: int) -> tuple[int, bytes, str, str, list[str]]:
+    from workers.ml.datasets.render import product_spec, render_product
+
+    spec = product_spec(seed)
+    buffer = io.BytesIO()
+    render_product(spec, 0, RENDER_SIZE).image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return seed, buffer.getvalue(), spec.category, spec.title, list(spec.attribute_names)
+
+
+def bench_catalog(n: int, directory: Path) -> tuple[Path, Path]:
+    """manifest.csv + images.zip for n rendered products, made once and cached."""
+    manifest, archive = directory / "manifest.csv", directory / "images.zip"
+    if manifest.exists() and archive.exists():
+        return manifest, archive
+    directory.mkdir(parents=True, exist_ok=True)
+    with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
+        rendered = pool.map(_render, range(n), chunksize=64)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:  # JPEGs do not compress
+        for seed, data, *_ in rendered:
+            zf.writestr(f"images/{seed}.jpg", data)
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sku", "title", "category", "attributes", "price", "images"])
+        for seed, _, category, title, attributes in rendered:
+            writer.writerow([f"B-{seed}", title[:300], category, "|".join(attributes), f"{10 + seed % 90}.99",
+                             f"{seed}.jpg"])  # fmt: skip
+    return manifest, archive
+
+
+class Command(BaseCommand):
+    help = "Benchmark catalog ingest end to end (import + embedding) on real worker processes."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--products", type=int, default=2000)
+        parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker pool processes")
+        parser.add_argument("--chunk-rows", type=int, default=services.IMPORT_CHUNK_ROWS)
+        parser.add_argument("--timeout", type=float, default=3600.0)
+        parser.add_argument("--json", type=Path, help="also write the results here")
+        parser.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
+
+    def handle(self, *args, products: int, workers: int, chunk_rows: int, timeout: float, **options) -> None:
+        call_command("migrate", interactive=False, verbosity=0)
+        directory = Path(settings.VAR_DIR) / "bench" / f"ingest-{products}-{RENDER_SIZE}"
+        started = time.perf_counter()
+        manifest, archive = bench_catalog(products, directory)
+        self.stdout.write(f"catalog: {products} products in {directory} ({time.perf_counter() - started:.1f} s)")
+        version = selectors.model_version_active() or self._fit_version_zero(archive)
+        self.stdout.write(f"model version: {version} ({version.code_bits} bits, fc7 {version.fc7_dim})")
+        merchant = Merchant.objects.create(name="Bench", slug=f"bench-{int(time.time() * 1000)}")
+
+        worker = self._start_worker(workers)
+        try:
+            result = self._run(merchant, manifest, archive, chunk_rows, timeout, worker, workers)
+        finally:
+            worker.terminate()
+            worker.wait(timeout=60)
+        result.update(workers=workers, products=products, model_version=version.pk)
+        if not options["no_profile"]:
+            result["profile_ms_per_image"] = self._profile(archive, version)
+        self._report(result)
+        if options["json"]:
+            options["json"].write_text(json.dumps(result, indent=2))
+
+    # --- phases -----------------------------------------------------------------------------------------------
+
+    def _fit_version_zero(self, archive: Path) -> ModelVersion:
+        from PIL import Image
+
+        from workers.encoders import encoder_for
+        from workers.ml.baseline import fit_baseline
+
+        self.stdout.write(f"no active model version: fitting version 0 on {FIT_SAMPLE} images (not timed)")
+        with zipfile.ZipFile(archive) as zf:
+            names = zf.namelist()[:FIT_SAMPLE]
+            pictures = [Image.open(io.BytesIO(zf.read(name))).convert("RGB") for name in names]
+        version = ModelVersion.objects.create(name=f"v0-bench-{int(time.time())}", kind="baseline",
+                                              status=ModelVersion.Status.READY, code_bits=64, fc7_dim=128)  # fmt: skip
+        path = fit_baseline(pictures, out_path=Path(settings.MODELS_DIR) / f"{version.name}.pt", code_bits=64,
+                            fc7_dim=128)  # fmt: skip
+        encoder = encoder_for(path)
+        version.checkpoint, version.fc7_dim, version.config = str(path), encoder.fc7_dim, encoder.version_info
+        version.save()
+        return services.model_version_activate(version=version)
+
+    def _start_worker(self, workers: int) -> subprocess.Popen:
+        env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL,
+               "WORKER_TORCH_THREADS": "1"}  # fmt: skip
+        name = f"bench-{os.getpid()}"
+        command = [sys.executable, "-m", "celery", "-A", "shop_search", "worker", "-Q", "embed",
+                   "--concurrency", str(workers), "--loglevel", "WARNING", "-n", f"{name}@%h",
+                   "--without-gossip", "--without-mingle"]  # fmt: skip
+        process = subprocess.Popen(command, cwd=settings.BASE_DIR, env=env)
+        deadline = time.monotonic() + 120
+        while not any(name in key for reply in (app.control.ping(timeout=1.0) or []) for key in reply):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise CommandError("the benchmark worker did not start")
+        return process
+
+    def _run(
+        self, merchant, manifest: Path, archive: Path, chunk_rows: int, timeout: float, worker, workers: int
+    ) -> dict:
+        cpu_before, machine_before = _cpu_seconds(worker.pid), _machine_cpu_seconds()
+        t0 = time.perf_counter()
+        with archive.open("rb") as handle, transaction.atomic():
+            job = services.import_job_create(
+                merchant=merchant, manifest=manifest.read_bytes(), manifest_name=manifest.name, archive=handle,
+                chunk_rows=chunk_rows,
+            )  # fmt: skip
+        t_created = time.perf_counter()
+        rows_done: float | None = None
+        embedded_done: float | None = None
+        images = ProductImage.objects.filter(product__merchant=merchant)
+        while embedded_done is None:
+            if time.perf_counter() - t0 > timeout:
+                raise CommandError(f"not done after {timeout:.0f} s")
+            if worker.poll() is not None:
+                raise CommandError("the benchmark worker died")
+            time.sleep(POLL_S)
+            job.refresh_from_db()
+            if rows_done is None and job.state == ImportJob.State.DONE:
+                rows_done = time.perf_counter()
+            if rows_done is not None and not images.filter(status=ProductImage.Status.PENDING).exists():
+                embedded_done = time.perf_counter()
+        assert rows_done is not None
+        cpu = _cpu_seconds(worker.pid) - cpu_before
+        machine_cpu = _machine_cpu_seconds() - machine_before
+        embedded = ImageEmbedding.objects.filter(product__merchant=merchant).count()
+        wall = embedded_done - t0
+        return {
+            "job": job.pk,
+            "total": job.total, "processed": job.processed, "ok": job.ok, "rejected": job.rejected,
+            "images": images.count(), "embeddings": embedded,
+            "wall_s": round(wall, 2),
+            "upload_s": round(t_created - t0, 2),
+            "rows_done_s": round(rows_done - t0, 2),
+            "embedding_tail_s": round(embedded_done - rows_done, 2),
+            "images_per_s": round(embedded / wall, 1),
+            "images_per_s_per_worker_process": round(embedded / wall / workers, 1),
+            "worker_cpu_s": round(cpu, 1),
+            "images_per_worker_cpu_s": round(embedded / cpu, 1) if cpu else None,
+            "machine_cpu_s": round(machine_cpu, 1),  # workers + PostgreSQL + Redis + this process
+            "images_per_machine_cpu_s": round(embedded / machine_cpu, 1) if machine_cpu else None,
+        }  # fmt: skip
+
+    def _profile(self, archive: Path, version: ModelVersion) -> dict:
+        """Per-image cost of each stage on a sample, in this process (one thread), writes rolled back."""
+        import torch
+        from pgvector import Bit
+
+        from workers.encoders import encoder_for
+
+        torch.set_num_threads(1)
+        with zipfile.ZipFile(archive) as zf:
+            blobs = [zf.read(name) for name in zf.namelist()[:PROFILE_SAMPLE]]
+        n = len(blobs)
+        timings: dict[str, float] = {}
+
+        def timed(name: str, fn):
+            start = time.perf_counter()
+            value = fn()
+            timings[name] = round((time.perf_counter() - start) * 1000 / n, 3)
+            return value
+
+        with intake.SafeZip(archive.open("rb")) as safe:
+            names = list(safe.entries)[:n]
+            timed("zip_read", lambda: [safe.read(name) for name in names])
+        timed("validate_reencode", lambda: [intake.image_validate(blob) for blob in blobs])
+        encoder = encoder_for(services.checkpoint_path(version))
+        with transaction.atomic():
+            merchant = Merchant.objects.create(name="Profile", slug=f"profile-{int(time.time() * 1000)}")
+            rows = [intake.ManifestRow(line=i + 2, sku=f"P-{i}", title=f"t{i}", category="dress") for i in range(n)]
+            added = timed("db_rows_and_file_store", lambda: [
+                services._row_import(merchant=merchant, row=row, files=[(blob, "")]).new_image_ids[0]
+                for row, blob in zip(rows, blobs)
+            ])  # fmt: skip
+            stored = list(ProductImage.objects.filter(pk__in=added))
+            pictures = timed("load_stored_image", lambda: [services.image_open(image) for image in stored])
+            encoder.encode(pictures[:8])  # warm-up outside the timing
+            encoding = timed("encode_network", lambda: encoder.encode(pictures))
+            timed("embedding_db_write", lambda: services.embeddings_bulk_save(model_version=version, rows=[
+                ImageEmbedding(image=image, model_version=version, product_id=image.product_id,
+                               code=Bit(encoding.bits[i]).to_text(), fc7=encoding.fc7[i])
+                for i, image in enumerate(stored)
+            ]))  # fmt: skip
+            timed("duplicate_check", lambda: services.duplicates_find(model_version=version, image_ids=added))
+            names_to_delete = [image.file.name for image in stored]
+            transaction.set_rollback(True)
+        storage = ProductImage._meta.get_field("file").storage
+        for name in names_to_delete:
+            storage.delete(name)
+        timings["total_single_thread"] = round(sum(v for k, v in timings.items() if k != "zip_read"), 3)
+        return timings
+
+    def _report(self, result: dict) -> None:
+        self.stdout.write(json.dumps(result, indent=2))
+
+
+def _machine_cpu_seconds() -> float:
+    times = psutil.cpu_times()
+    return times.user + times.system + getattr(times, "nice", 0.0)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time of a worker and its pool processes so far."""
+    process = psutil.Process(pid)
+    total = 0.0
+    for proc in [process, *process.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
