@@ -40,6 +40,7 @@ COMPACT_DEAD_FRACTION = 0.25  # dead rows cost scan time; past this fraction the
 MIN_CAPACITY = 1_024  # appends grow the arrays geometrically from here
 HNSW_EF_SEARCH_MIN = 40  # pgvector's default: below this the graph walk loses recall for nothing
 HNSW_EF_SEARCH_MAX = 1_000  # pgvector's upper bound for hnsw.ef_search
+SQL_SHELL_HEADROOM = 1.5  # SQL rows fetched per candidate wanted: room to finish the last shell in one query
 HNSW_MAX_SCAN_TUPLES = 50_000  # iterative scans stop here; anything still short falls back to an exact scan
 UNREACHABLE = np.iinfo(np.int32).max  # distance given to rows a query must not see (dead, other merchant)
 
@@ -256,13 +257,16 @@ class MemoryCodeIndex:
                 hammings = faiss.hammings  # type: ignore[attr-defined]  # (SWIG exports it; stubs do not)
                 hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
                          faiss.swig_ptr(distances))  # fmt: skip
-            hidden = ~rows.alive[:n]
-            if product_filter.merchant_id is not None:
-                hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
-            if product_filter.exclude_product_id is not None:
-                hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
-            distances[hidden] = UNREACHABLE
-            visible = n - int(hidden.sum())
+            visible = n - self._dead
+            masked = self._dead or product_filter.merchant_id is not None or product_filter.exclude_product_id
+            if masked:  # (skipped in the common case: a full-catalog query with nothing deleted since the load)
+                hidden = ~rows.alive[:n]
+                if product_filter.merchant_id is not None:
+                    hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
+                if product_filter.exclude_product_id is not None:
+                    hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
+                distances[hidden] = UNREACHABLE
+                visible = n - int(np.count_nonzero(hidden))
             rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
             order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
             rows_taken = rows_taken[order]
@@ -535,6 +539,7 @@ def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: Cand
         first = int(np.flatnonzero(counts)[0])
         rows = np.flatnonzero(distances == first)[: depth.max_count]
         return rows.astype(np.int64), first
+    radius = int(np.flatnonzero(counts[: radius + 1])[-1])  # the farthest shell actually taken
     return np.flatnonzero(distances <= radius).astype(np.int64), radius
 
 
@@ -547,7 +552,9 @@ class SqlCodeIndex:
     def candidates(
         self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
     ) -> CoarseCandidates:
-        limit = depth.max_count + 1  # one more than needed shows whether the last shell was cut by the LIMIT
+        # Enough rows to complete the shell that reaches min_count (usually), plus one to tell whether the LIMIT cut
+        # the last shell; asking for max_count would make every query walk the graph for thousands of rows.
+        limit = min(depth.max_count, int(depth.min_count * SQL_SHELL_HEADROOM)) + 1
         query_bits = packed_bitstring(code, code_bits)
         where = product_filter.where_sql("p")
         radius_sql, radius_params = "", []

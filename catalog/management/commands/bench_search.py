@@ -58,7 +58,7 @@ class Command(BaseCommand):
             return
         url = _bench_database_url(settings.DATABASE_URL)
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE}")
+            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
             cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
         command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_search", INNER_FLAG]
         for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out"):
@@ -166,9 +166,9 @@ class SyntheticCatalog:
     @classmethod
     def make(cls, *, size: int, code_bits: int, fc7_dim: int, seed: int) -> SyntheticCatalog:
         rng = np.random.default_rng(seed)
-        clusters = max(1, size // CLUSTER_SIZE)
+        clusters = -(-size // CLUSTER_SIZE)
         centres = rng.standard_normal((clusters, fc7_dim)).astype(np.float32)
-        members = rng.integers(0, clusters, size)
+        members = np.arange(size) // CLUSTER_SIZE  # contiguous: every prefix (10k of the 1M) keeps whole clusters
         fc7 = centres[members] + CLUSTER_SPREAD * rng.standard_normal((size, fc7_dim)).astype(np.float32)
         fc7 /= np.linalg.norm(fc7, axis=1, keepdims=True)
         projection = rng.standard_normal((fc7_dim, code_bits)).astype(np.float32)
