@@ -42,6 +42,7 @@ CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident pre
 QUERY_ENCODE_TIMEOUT_S = 30.0  # the shopper is waiting; matches the task's own time limit
 QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
 CATEGORY_MODES = ("off", "boost", "restrict")
+SQL_FOR_SELECTIVE_FILTERS = "sql"  # where a starved filtered query goes: it filters inside the coarse stage
 DEFAULT_BACKEND = "memory"  # bench_search: ~10x faster than the HNSW walk at 1M; settings.SEARCH_COARSE_BACKEND wins
 
 
@@ -260,11 +261,15 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
         if len(rows) >= options.k or candidates.exhaustive:
             break
         depth = _widen(depth, rounds=rounds)
+        if backend.name != SQL_FOR_SELECTIVE_FILTERS and _filters_beyond_memory(product_filter):
+            # The memory index cannot see category/attribute/price: widening it would drag ever more rows through
+            # the fine stage. The SQL backend applies those filters inside the coarse query itself.
+            backend = backend_get(SQL_FOR_SELECTIVE_FILTERS)
     started = time.perf_counter()
     hits = _explain(rows=rows, encoding=encoding, version=version)
     explain_ms = _ms(time.perf_counter() - started)
     report = CoarseReport(
-        backend=candidates.backend,
+        backend=backend.name,
         candidates=len(candidates),
         radius=candidates.radius,
         exhaustive=candidates.exhaustive,
@@ -273,6 +278,15 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
     )
     timings = {"coarse": coarse_ms, "fine": fine_ms, "explain": explain_ms, "total": coarse_ms + fine_ms + explain_ms}
     return SearchResult(version=version, query=encoding, hits=hits, coarse=report, timings_ms=timings)
+
+
+def _filters_beyond_memory(product_filter: ProductFilter) -> bool:
+    return bool(
+        product_filter.category
+        or product_filter.attributes
+        or product_filter.price_min is not None
+        or product_filter.price_max is not None
+    )
 
 
 def candidate_depth(*, k: int, radius: int | None = None) -> CandidateDepth:

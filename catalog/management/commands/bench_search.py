@@ -100,6 +100,7 @@ class Command(BaseCommand):
         }  # fmt: skip
         loaded = 0
         for size in size_list:
+            _drop_hnsw(version)  # inserting into a live HNSW graph row by row is far slower than building it afterwards
             started = time.perf_counter()
             _copy_rows(data=data, start=loaded, stop=size, merchant_id=merchant.pk, version_id=version.pk)
             load_s = time.perf_counter() - started
@@ -306,12 +307,19 @@ def _embedding_copy_payload(*, ids: np.ndarray, data: SyntheticCatalog, version_
     return header + table.tobytes() + (-1).to_bytes(2, "big", signed=True)
 
 
+def _drop_hnsw(version) -> None:
+    from catalog import services
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP INDEX IF EXISTS {services.code_index_name(version)}")
+
+
 def _rebuild_hnsw(version) -> str:
     from catalog import services
 
     name = services.code_index_name(version)
+    _drop_hnsw(version)
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP INDEX IF EXISTS {name}")
         cursor.execute("SET maintenance_work_mem = '2GB'")
         cursor.execute(f"SET max_parallel_maintenance_workers = {max(1, (os.cpu_count() or 2) - 1)}")
     services.code_index_ensure(version=version)
