@@ -625,27 +625,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
                     else:
                         ok += 1
                         new_ids.extend(outcome.new_image_ids)
-            errors.sort(key=lambda error: error["line"])
-            chunk.done, chunk.ok, chunk.rejected, chunk.finished_at = True, ok, len(errors), timezone.now()
-            chunk.save(update_fields=["done", "ok", "rejected", "finished_at"])
-            job = ImportJob.objects.select_for_update().get(pk=job.pk)
-            job.processed += len(chunk.rows)
-            job.ok += ok
-            job.rejected += len(errors)
-            job.images_new += len(new_ids)
-            job.chunks_done += 1
-            job.errors = sorted([*job.errors, *errors], key=lambda error: error["line"])
-            fields = ["processed", "ok", "rejected", "images_new", "chunks_done", "errors"]
-            job_done = job.chunks_done >= job.chunks_total
-            if job_done:
-                job.state, job.finished_at = ImportJob.State.DONE, timezone.now()
-                fields += ["state", "finished_at"]
-                if job.archive:  # every chunk has read its entries: the upload is no longer needed
-                    archive_name, storage = job.archive.name, job.archive.storage
-                    transaction.on_commit(lambda: storage.delete(archive_name))
-                    job.archive = ""
-                    fields.append("archive")
-            job.save(update_fields=fields)
+            job_done = _chunk_commit(chunk=chunk, ok=ok, errors=errors, images_new=len(new_ids))
             images_embed_enqueue(image_ids=new_ids)
             return ChunkResult(chunk_id, ok, len(errors), len(new_ids), already_done=False, job_done=job_done)
     finally:
@@ -777,6 +757,47 @@ def _bulk_write(
     for image in stale:
         image_delete(image=image)
     return [image.pk for image in new_images]
+
+
+def _chunk_commit(*, chunk: ImportChunk, ok: int, errors: list[dict[str, Any]], images_new: int) -> bool:
+    """Mark a locked chunk done and add its outcome to the job's counters (same transaction); True when that
+    finished the job."""
+    errors.sort(key=lambda error: error["line"])
+    chunk.done, chunk.ok, chunk.rejected, chunk.finished_at = True, ok, len(errors), timezone.now()
+    chunk.save(update_fields=["done", "ok", "rejected", "finished_at"])
+    job = ImportJob.objects.select_for_update().get(pk=chunk.job_id)
+    job.processed += len(chunk.rows)
+    job.ok += ok
+    job.rejected += len(errors)
+    job.images_new += images_new
+    job.chunks_done += 1
+    job.errors = sorted([*job.errors, *errors], key=lambda error: error["line"])
+    fields = ["processed", "ok", "rejected", "images_new", "chunks_done", "errors"]
+    job_done = job.chunks_done >= job.chunks_total
+    if job_done:
+        job.state, job.finished_at = ImportJob.State.DONE, timezone.now()
+        fields += ["state", "finished_at"]
+        if job.archive:  # every chunk has read its entries: the upload is no longer needed
+            archive_name, storage = job.archive.name, job.archive.storage
+            transaction.on_commit(lambda: storage.delete(archive_name))
+            job.archive = ""
+            fields.append("archive")
+    job.save(update_fields=fields)
+    return job_done
+
+
+def import_chunk_fail(*, chunk_id: int, error: str) -> bool:
+    """Give up on a chunk that keeps failing (after the task's retries): its rows are rejected with the reason,
+    so the job still finishes with counts that add up and the merchant knows which rows to upload again.
+    False if the chunk had committed after all."""
+    with transaction.atomic():
+        chunk = ImportChunk.objects.select_for_update().filter(pk=chunk_id).first()
+        if chunk is None or chunk.done:
+            return False
+        message = f"not imported ({error[:300]}); upload this row again"
+        errors = [{"line": row["line"], "sku": row["sku"], "error": message} for row in chunk.rows]
+        _chunk_commit(chunk=chunk, ok=0, errors=errors, images_new=0)
+    return True
 
 
 def _chunk_row(

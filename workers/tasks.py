@@ -9,10 +9,11 @@ import base64
 import dataclasses
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import OperationalError
 
 from catalog import selectors, services
-from catalog.models import ModelVersion
+from catalog.models import ImportChunk, ModelVersion
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
 QUERY_ENCODE_TIME_LIMIT_S = 30  # a shopper waits on this: fail fast rather than hang the page
@@ -81,15 +82,24 @@ IMPORT_CHUNK_MAX_RETRIES = 5  # database restarts and lock timeouts pass; more f
 
 @shared_task(
     name="workers.tasks.import_run_chunk",
+    bind=True,
     queue="embed",  # ingest feeds embedding: same workers, no extra queue to deploy
     acks_late=True,  # a worker lost mid-chunk leaves the message for the next one; the chunk is exactly-once
-    autoretry_for=(OperationalError,),
-    retry_backoff=True,
     max_retries=IMPORT_CHUNK_MAX_RETRIES,
     soft_time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S,
     time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S + 60,
 )
-def import_run_chunk(chunk_id: int) -> dict:
-    """Import one chunk of a catalog upload (products upserted, images stored, embedding queued). Idempotent."""
-    result = services.import_run_chunk(chunk_id=chunk_id)
-    return dataclasses.asdict(result)
+def import_run_chunk(self, chunk_id: int) -> dict:
+    """Import one chunk of a catalog upload (products upserted, images stored, embedding queued). Idempotent.
+
+    Failures are retried with backoff; a chunk that still fails has its rows rejected with the reason, so the job
+    finishes with honest counts instead of hanging in "running"."""
+    try:
+        return dataclasses.asdict(services.import_run_chunk(chunk_id=chunk_id))
+    except ImportChunk.DoesNotExist:
+        return {"chunk_id": chunk_id, "missing": True}  # its job was deleted meanwhile
+    except Exception as exc:
+        if self.request.retries < IMPORT_CHUNK_MAX_RETRIES and not isinstance(exc, SoftTimeLimitExceeded):
+            raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
+        services.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
+        raise

@@ -5,10 +5,11 @@ from decimal import Decimal
 
 import pytest
 
-from catalog import intake, services
+from catalog import intake, selectors, services
 from catalog.models import ImportChunk, ImportJob, Product, ProductImage
 from tests import factories
 from tests.catalog.ingest_helpers import catalog, csv_bytes, jsonl_bytes, picture, run_inline, zip_bytes
+from workers import tasks
 
 pytestmark = pytest.mark.django_db
 
@@ -154,3 +155,40 @@ def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
     assert job.errors[0]["line"] == 6 and "broken.png" in job.errors[0]["error"]
     again = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
     assert (again.ok, again.images_new) == (4, 0) and ProductImage.objects.count() == 4
+
+
+def test_progress_has_a_rate_and_eta_while_running_and_resume_requeues_only_unfinished_chunks(
+    django_capture_on_commit_callbacks,
+):
+    merchant = factories.merchant()
+    manifest, archive = catalog(6)
+    job = _create(merchant, manifest, archive, chunk_rows=2)
+    services.import_run_chunk(chunk_id=job.chunks.get(index=0).pk)
+    job.refresh_from_db()
+    progress = selectors.import_job_progress(job=job)
+    assert (progress.processed, progress.total, progress.percent) == (2, 6, 33.3)
+    assert progress.rows_per_second and progress.eta_seconds is not None and progress.eta_seconds >= 0
+    assert progress.images_pending == 2  # stored, waiting for the embed queue
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert services.import_job_resume(job=job) == 2
+    assert len(callbacks) == 2
+
+
+def test_a_chunk_that_keeps_failing_is_rejected_with_the_reason_and_the_job_finishes(monkeypatch):
+    merchant = factories.merchant()
+    manifest, archive = catalog(4)
+    job = _create(merchant, manifest, archive, chunk_rows=2)
+    first, second = job.chunks.order_by("index")
+    services.import_run_chunk(chunk_id=first.pk)
+    assert tasks.import_run_chunk.apply(args=[10**9]).get() == {"chunk_id": 10**9, "missing": True}
+
+    def broken(*, chunk_id):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(services, "import_run_chunk", broken)
+    result = tasks.import_run_chunk.apply(args=[second.pk])  # runs here, retries included
+    assert result.failed()
+    job.refresh_from_db()
+    assert (job.state, job.processed, job.ok, job.rejected) == ("done", 4, 2, 2)
+    assert [error["line"] for error in job.errors] == [4, 5] and "disk on fire" in job.errors[0]["error"]
+    assert services.import_chunk_fail(chunk_id=second.pk, error="again") is False
