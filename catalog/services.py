@@ -436,7 +436,7 @@ def model_version_finish_indexing(*, version: ModelVersion) -> bool:
 
 # --- Catalog ingest: import jobs, chunks, updates, deletes, duplicates -------------------------------------------
 
-IMPORT_CHUNK_ROWS = 200  # rows per import task: ~1-2 s of work, so a lost worker redoes little
+IMPORT_CHUNK_ROWS = 3 * EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); embed batches stay full
 IMPORT_ROW_RETRIES = 1  # a concurrent import may create the same sku between our read and insert: retry once
 DUPLICATE_MAX_HAMMING_FRACTION = 0.04  # near-identical images differ in a few bits; distinct products in ~half
 DUPLICATE_MAX_FC7_DISTANCE = 0.08  # L2 between unit fc7 vectors: a re-compressed copy is ~0.01, a sibling ~0.3+

@@ -76,7 +76,7 @@ def embed_finish_indexing(self, model_version_id: int) -> dict:
     return {"model_version": version.pk, "status": version.status}
 
 
-IMPORT_CHUNK_SOFT_TIME_LIMIT_S = 300  # a 200-row chunk takes seconds; minutes means a stuck image URL or disk
+IMPORT_CHUNK_SOFT_TIME_LIMIT_S = 300  # a chunk takes about a second; minutes means a stuck image URL or disk
 IMPORT_CHUNK_MAX_RETRIES = 5  # database restarts and lock timeouts pass; more failures are real bugs
 
 
