@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from celery.contrib.testing.worker import start_worker
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection, transaction
 from django.db.models import Count
 from PIL import Image
@@ -183,3 +184,19 @@ def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp
     assert twin.other_image.product.sku == "P-3" and twin.merchant == shop
     copies = DuplicateFinding.objects.filter(kind="possible_copy")
     assert {(f.merchant.slug, f.image.product.sku) for f in copies} == {("shop", "P-7"), ("other", "C-1")}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_import_catalog_command_watches_the_workers(tmp_path):
+    manifest = csv_bytes([{"sku": f"W-{i}", "title": f"Item {i}", "images": f"{i}.png"} for i in range(5)])
+    (tmp_path / "catalog.csv").write_bytes(manifest + b"W-BAD,,x,1,\n")
+    (tmp_path / "images.zip").write_bytes(zip_bytes({f"{i}.png": picture(i) for i in range(5)}))
+    out = io.StringIO()
+    app.control.purge()
+    with start_worker(app, queues=["embed"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        call_command(
+            "import_catalog", str(tmp_path / "catalog.csv"), images=str(tmp_path / "images.zip"), merchant="watched",
+            create_merchant=True, chunk_rows=2, timeout=60, stdout=out, stderr=io.StringIO(),
+        )  # fmt: skip
+    assert "5 ok, 1 rejected of 6" in out.getvalue()
+    assert Product.objects.filter(merchant__slug="watched").count() == 5
