@@ -631,6 +631,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
     finally:
         if archive is not None:
             archive.close()
+            job.archive.close()  # the zip reader does not close a file object it was given
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,28 @@ def test_update_and_delete_hide_the_product_from_search_data_at_once(shop_a):
     assert client.get(url).status_code == 404
 
 
+def test_create_a_product_idempotently(shop_a):
+    client = _client(shop_a["user"])
+    url = reverse("api:merchant-product-list")
+    body = {"sku": "NEW-1", "title": "New coat", "attributes": ["wool", "wool"], "price": "99.00"}
+    created = client.post(url, body, format="json")
+    assert created.status_code == 201 and created.json()["attributes"] == ["wool"]
+    again = client.post(url, body, format="json")
+    assert again.status_code == 200 and again.json()["id"] == created.json()["id"]
+    assert client.post(url, {"sku": "", "title": "x"}, format="json").status_code == 400
+    assert Product.objects.filter(sku="NEW-1", merchant=shop_a["merchant"]).count() == 1
+
+    # A user acting for two merchants names the one a write is for.
+    second = factories.merchant("alpha-outlet")
+    second.users.add(shop_a["user"])
+    ambiguous = client.post(url, {"sku": "NEW-2", "title": "Coat"}, format="json")
+    assert ambiguous.status_code == 400 and "merchant" in ambiguous.json()
+    named = client.post(url, {"sku": "NEW-2", "title": "Coat", "merchant": "alpha-outlet"}, format="json")
+    assert named.status_code == 201 and named.json()["merchant"] == "alpha-outlet"
+    assert client.get(url, {"merchant": "alpha-outlet"}).json()["count"] == 1
+    assert client.get(url).json()["count"] == 4
+
+
 def test_image_add_and_delete_through_the_api(shop_a):
     client = _client(shop_a["user"])
     product = shop_a["product"]
