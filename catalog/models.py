@@ -191,7 +191,9 @@ class ImportJob(models.Model):
     processed = models.PositiveIntegerField(default=0)
     ok = models.PositiveIntegerField(default=0)
     rejected = models.PositiveIntegerField(default=0)
-    errors = models.JSONField(default=list, blank=True)  # [{"line": 12, "sku": "...", "error": "..."}]
+    # Rows rejected at upload [{"line": 12, "sku": "...", "error": "..."}]; rows rejected while importing are on
+    # the chunks. `selectors.import_job_rejected_rows` lists both.
+    errors = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -213,6 +215,9 @@ class ImportChunk(models.Model):
     done = models.BooleanField(default=False)
     ok = models.PositiveIntegerField(default=0)
     rejected = models.PositiveIntegerField(default=0)
+    # This chunk's rejected rows; kept here rather than appended to the job's list so that a large, bad import
+    # does not rewrite an ever-growing JSON document once per chunk.
+    errors = models.JSONField(default=list, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -127,8 +127,12 @@ def import_job_progress(*, job: ImportJob) -> ImportProgress:
 
 
 def import_job_rejected_rows(*, job: ImportJob) -> list[dict[str, Any]]:
-    """The job's rejected rows, by line: what the merchant fixes and uploads again."""
-    return sorted(job.errors, key=lambda error: error.get("line", 0))
+    """The job's rejected rows (at upload and while importing), by line: what the merchant fixes and uploads
+    again."""
+    errors = list(job.errors)
+    for chunk_errors in job.chunks.exclude(rejected=0).values_list("errors", flat=True):
+        errors.extend(chunk_errors)
+    return sorted(errors, key=lambda error: error.get("line", 0))
 
 
 def duplicate_findings_for_user(*, user: Any, kind: str = "") -> QuerySet[DuplicateFinding]:

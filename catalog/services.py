@@ -765,15 +765,15 @@ def _chunk_commit(*, chunk: ImportChunk, ok: int, errors: list[dict[str, Any]], 
     finished the job."""
     errors.sort(key=lambda error: error["line"])
     chunk.done, chunk.ok, chunk.rejected, chunk.finished_at = True, ok, len(errors), timezone.now()
-    chunk.save(update_fields=["done", "ok", "rejected", "finished_at"])
+    chunk.errors = errors
+    chunk.save(update_fields=["done", "ok", "rejected", "finished_at", "errors"])
     job = ImportJob.objects.select_for_update().get(pk=chunk.job_id)
     job.processed += len(chunk.rows)
     job.ok += ok
     job.rejected += len(errors)
     job.images_new += images_new
     job.chunks_done += 1
-    job.errors = sorted([*job.errors, *errors], key=lambda error: error["line"])
-    fields = ["processed", "ok", "rejected", "images_new", "chunks_done", "errors"]
+    fields = ["processed", "ok", "rejected", "images_new", "chunks_done"]
     job_done = job.chunks_done >= job.chunks_total
     if job_done:
         job.state, job.finished_at = ImportJob.State.DONE, timezone.now()

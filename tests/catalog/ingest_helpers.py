@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catalog import services
+from catalog import selectors, services
 from catalog.models import ImportJob
 
 
@@ -65,3 +65,7 @@ def run_inline(job: ImportJob) -> ImportJob:
         services.import_run_chunk(chunk_id=chunk_id)
     job.refresh_from_db()
     return job
+
+
+def rejected(job: ImportJob) -> list[dict]:
+    return selectors.import_job_rejected_rows(job=job)

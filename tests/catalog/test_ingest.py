@@ -8,7 +8,7 @@ import pytest
 from catalog import intake, selectors, services
 from catalog.models import ImportChunk, ImportJob, Product, ProductImage
 from tests import factories
-from tests.catalog.ingest_helpers import catalog, csv_bytes, jsonl_bytes, picture, run_inline, zip_bytes
+from tests.catalog.ingest_helpers import catalog, csv_bytes, jsonl_bytes, picture, rejected, run_inline, zip_bytes
 from workers import tasks
 
 pytestmark = pytest.mark.django_db
@@ -41,7 +41,7 @@ def test_good_rows_land_and_malformed_rows_are_rejected_with_line_numbers():
     job = run_inline(_create(merchant, manifest, archive, chunk_rows=2))
 
     assert (job.state, job.total, job.processed, job.ok, job.rejected) == ("done", 8, 8, 2, 6)
-    lines = {error["line"]: error for error in job.errors}
+    lines = {error["line"]: error for error in rejected(job)}
     assert sorted(lines) == [3, 4, 7, 8, 9, 10]
     assert "sku is required" in lines[3]["error"]
     assert "price" in lines[4]["error"] and lines[4]["sku"] == "A3"
@@ -69,8 +69,8 @@ def test_jsonl_manifest_rows_and_errors():
     job = run_inline(_create(merchant, manifest, zip_bytes({"j1.png": picture(5)}), name="catalog.jsonl"))
     assert job.manifest_format == "jsonl"
     assert (job.total, job.ok, job.rejected) == (5, 2, 3)
-    assert [error["line"] for error in job.errors] == [2, 4, 5]
-    assert "JSON" in job.errors[0]["error"] and "price" in job.errors[2]["error"]
+    assert [error["line"] for error in rejected(job)] == [2, 4, 5]
+    assert "JSON" in rejected(job)[0]["error"] and "price" in rejected(job)[2]["error"]
     assert Product.objects.get(sku="J3").active is False
 
 
@@ -140,7 +140,7 @@ def test_rows_without_a_zip_are_rejected_but_rows_without_images_land():
         _create(merchant, csv_bytes([{"sku": "A", "title": "a", "images": "a.png"}, {"sku": "B", "title": "b"}]))
     )
     assert (job.ok, job.rejected) == (1, 1)
-    assert "no zip" in job.errors[0]["error"]
+    assert "no zip" in rejected(job)[0]["error"]
 
 
 def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
@@ -152,7 +152,7 @@ def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
     archive_files = zip_bytes({**{f"img/{i}.png": picture(i) for i in range(4)}, "broken.png": b"junk"})
     job = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
     assert (job.ok, job.rejected, job.images_new) == (4, 1, 4)
-    assert job.errors[0]["line"] == 6 and "broken.png" in job.errors[0]["error"]
+    assert rejected(job)[0]["line"] == 6 and "broken.png" in rejected(job)[0]["error"]
     again = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
     assert (again.ok, again.images_new) == (4, 0) and ProductImage.objects.count() == 4
 
@@ -190,5 +190,5 @@ def test_a_chunk_that_keeps_failing_is_rejected_with_the_reason_and_the_job_fini
     assert result.failed()
     job.refresh_from_db()
     assert (job.state, job.processed, job.ok, job.rejected) == ("done", 4, 2, 2)
-    assert [error["line"] for error in job.errors] == [4, 5] and "disk on fire" in job.errors[0]["error"]
+    assert [error["line"] for error in rejected(job)] == [4, 5] and "disk on fire" in rejected(job)[0]["error"]
     assert services.import_chunk_fail(chunk_id=second.pk, error="again") is False

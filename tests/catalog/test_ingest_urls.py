@@ -10,7 +10,7 @@ import pytest
 from catalog import intake, services
 from catalog.models import Product, ProductImage
 from tests import factories
-from tests.catalog.ingest_helpers import csv_bytes, picture, run_inline
+from tests.catalog.ingest_helpers import csv_bytes, picture, rejected, run_inline
 
 IMAGE = picture(3)
 
@@ -110,7 +110,7 @@ def test_an_import_fetches_image_urls_under_the_configured_policy(server, settin
     ]
     job = run_inline(services.import_job_create(merchant=merchant, manifest=csv_bytes(rows)))
     assert (job.ok, job.rejected) == (2, 2)
-    assert [(error["line"], error["sku"]) for error in job.errors] == [(4, "U3"), (5, "U4")]
-    assert "HTTP 404" in job.errors[0]["error"] and "non-public" in job.errors[1]["error"]
+    assert [(error["line"], error["sku"]) for error in rejected(job)] == [(4, "U3"), (5, "U4")]
+    assert "HTTP 404" in rejected(job)[0]["error"] and "non-public" in rejected(job)[1]["error"]
     assert sorted(Product.objects.values_list("sku", flat=True)) == ["U1", "U2"]
     assert ProductImage.objects.get(product__sku="U1").source_url == f"{server}/img.png"

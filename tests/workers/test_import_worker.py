@@ -26,7 +26,7 @@ from catalog import services
 from catalog.models import DuplicateFinding, ImageEmbedding, ImportChunk, ImportJob, ModelVersion, Product, ProductImage
 from shop_search.celery import app
 from tests import factories
-from tests.catalog.ingest_helpers import csv_bytes, picture, zip_bytes
+from tests.catalog.ingest_helpers import csv_bytes, picture, rejected, zip_bytes
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_a_worker_killed_mid_import_and_another_started_leaves_exactly_the_right
     job.refresh_from_db()
     assert (job.total, job.processed, job.ok, job.rejected) == (good + broken + 1, good + broken + 1, good, broken + 1)
     assert job.chunks_done == job.chunks_total == ImportChunk.objects.filter(job=job, done=True).count()
-    assert sorted(error["line"] for error in job.errors) == list(range(good + 2, good + broken + 3))
+    assert sorted(error["line"] for error in rejected(job)) == list(range(good + 2, good + broken + 3))
     assert Product.objects.count() == good and ProductImage.objects.count() == good
     assert set(Product.objects.values_list("sku", flat=True)) == {f"K-{i}" for i in range(good)}
     assert not ProductImage.objects.values("product").annotate(n=Count("id")).filter(n__gt=1).exists()
