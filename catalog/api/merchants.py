@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -155,7 +155,7 @@ class ImportJobOutputSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = fields
 
-    @extend_schema(responses=ProgressOutputSerializer)
+    @extend_schema_field(ProgressOutputSerializer)
     def get_progress(self, job: ImportJob) -> dict[str, Any]:
         return ProgressOutputSerializer(selectors.import_job_progress(job=job)).data
 
@@ -164,6 +164,10 @@ class RejectedRowOutputSerializer(serializers.Serializer):
     line = serializers.IntegerField()
     sku = serializers.CharField()
     error = serializers.CharField()
+
+
+class DuplicateListInputSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=DuplicateFinding.Kind.choices, required=False, default="")
 
 
 class DuplicateFindingOutputSerializer(serializers.ModelSerializer):
@@ -357,10 +361,9 @@ class ImportJobRejectedView(ImportJobDetailView):
 
 
 class DuplicateListView(MerchantAPIView):
-    @extend_schema(responses=DuplicateFindingOutputSerializer(many=True))
+    @extend_schema(parameters=[DuplicateListInputSerializer], responses=DuplicateFindingOutputSerializer(many=True))
     def get(self, request: Request) -> Response:
-        kind = request.query_params.get("kind", "")
-        if kind and kind not in DuplicateFinding.Kind.values:
-            raise ValidationError({"kind": f"one of {', '.join(DuplicateFinding.Kind.values)}"})
-        findings = selectors.duplicate_findings_for_user(user=request.user, kind=kind)
+        params = DuplicateListInputSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        findings = selectors.duplicate_findings_for_user(user=request.user, kind=params.validated_data["kind"])
         return _paginated(request, self, findings, DuplicateFindingOutputSerializer)

@@ -231,6 +231,9 @@ def test_duplicates_show_own_products_only(shop_a):
     copies = [f for f in a if f["kind"] == "possible_copy"]
     assert len(listing) == 2 and {f["other"]["sku"] for f in listing} == {"A-1", "A-2"}
     assert len(copies) == 2 and all(f["other"] is None for f in copies)
+    listing_only = _client(shop_a["user"]).get(reverse("api:merchant-duplicate-list"), {"kind": "duplicate_listing"})
+    assert listing_only.json()["count"] == 2
+    assert _client(user_b).get(reverse("api:merchant-duplicate-list"), {"kind": "nope"}).status_code == 400
     b = _client(user_b).get(reverse("api:merchant-duplicate-list")).json()
     assert b["count"] == 2 and all(f["kind"] == "possible_copy" and f["other"] is None for f in b["results"])
     assert "alpha" not in str(b).lower() and "A-1" not in str(b)
