@@ -8,6 +8,7 @@ import io
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -438,6 +439,8 @@ def model_version_finish_indexing(*, version: ModelVersion) -> bool:
 
 IMPORT_CHUNK_ROWS = 3 * EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); embed batches stay full
 IMPORT_ROW_RETRIES = 1  # a concurrent import may create the same sku between our read and insert: retry once
+URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
+URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
 DUPLICATE_MAX_HAMMING_FRACTION = 0.04  # near-identical images differ in a few bits; distinct products in ~half
 DUPLICATE_MAX_FC7_DISTANCE = 0.08  # L2 between unit fc7 vectors: a re-compressed copy is ~0.01, a sibling ~0.3+
 DUPLICATE_CANDIDATES = 8  # nearest codes examined per new image; more near-identical copies than this are rare
@@ -490,6 +493,8 @@ def import_job_create(
         safe_zip.close()
     errors.sort(key=lambda error: error.line)
 
+    if any(intake.is_image_url(reference) for row in rows for reference in row.images):
+        chunk_rows = min(chunk_rows, URL_CHUNK_ROWS)
     chunk_rows = max(1, chunk_rows)
     chunks = [rows[start : start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
     with transaction.atomic():
@@ -535,13 +540,37 @@ class _RowOutcome:
     new_image_ids: list[int]
 
 
-def _row_images(row: intake.ManifestRow, archive: intake.SafeZip | None) -> list[tuple[bytes, str]]:
+Fetched = dict[str, bytes | intake.IntakeError]  # image URL -> its bytes, or why it could not be fetched
+
+
+def _urls_prefetch(rows: Sequence[intake.ManifestRow]) -> Fetched:
+    """Fetch every image URL of a chunk in parallel, before its transaction opens (no lock waits on the network)."""
+    urls = sorted({reference for row in rows for reference in row.images if intake.is_image_url(reference)})
+    if not urls:
+        return {}
+
+    def fetch(url: str) -> bytes | intake.IntakeError:
+        try:
+            return image_fetch(url=url)
+        except intake.IntakeError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls))) as pool:
+        return dict(zip(urls, pool.map(fetch, urls)))
+
+
+def _row_images(
+    row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None = None
+) -> list[tuple[bytes, str]]:
     """The row's image files as (bytes, source URL), read under the zip caps or fetched under the URL policy."""
     files = []
     for reference in row.images:
         if intake.is_image_url(reference):
             try:
-                files.append((image_fetch(url=reference), reference))
+                data = fetched.get(reference) if fetched else None
+                if isinstance(data, intake.IntakeError):
+                    raise data
+                files.append((data if data is not None else image_fetch(url=reference), reference))
             except intake.IntakeError as exc:
                 raise intake.IntakeError(f"image {reference}: {exc}") from exc
         else:
@@ -606,6 +635,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
             archive = intake.SafeZip(job.archive.open("rb"))
         except (intake.IntakeError, OSError):
             archive = None  # rows that need it are rejected with a clear error below
+    fetched = _urls_prefetch([intake.ManifestRow.from_json(data) for data in chunk.rows]) if not chunk.done else {}
     try:
         with transaction.atomic():
             chunk = ImportChunk.objects.select_for_update().get(pk=chunk_id)
@@ -613,13 +643,13 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
                 images_embed_enqueue(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
                 return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=True, job_done=False)
             rows = [intake.ManifestRow.from_json(data) for data in chunk.rows]
-            bulk = _chunk_import_bulk(merchant=job.merchant, rows=rows, archive=archive)
+            bulk = _chunk_import_bulk(merchant=job.merchant, rows=rows, archive=archive, fetched=fetched)
             if bulk is not None:
                 ok, errors, new_ids = bulk.ok, [error.to_json() for error in bulk.errors], bulk.new_image_ids
             else:  # a concurrent writer got in the way: row by row, each in its own savepoint, with retries
                 ok, errors, new_ids = 0, [], []
                 for row in rows:
-                    outcome = _chunk_row(merchant=job.merchant, row=row, archive=archive)
+                    outcome = _chunk_row(merchant=job.merchant, row=row, archive=archive, fetched=fetched)
                     if isinstance(outcome, intake.RowError):
                         errors.append(outcome.to_json())
                     else:
@@ -642,7 +672,11 @@ class _BulkOutcome:
 
 
 def _chunk_import_bulk(
-    *, merchant: Merchant, rows: Sequence[intake.ManifestRow], archive: intake.SafeZip | None
+    *,
+    merchant: Merchant,
+    rows: Sequence[intake.ManifestRow],
+    archive: intake.SafeZip | None,
+    fetched: Fetched | None = None,
 ) -> _BulkOutcome | None:
     """`_row_import` for a whole chunk in a handful of statements instead of several per row.
 
@@ -655,7 +689,7 @@ def _chunk_import_bulk(
     prepared: list[tuple[intake.ManifestRow, list[tuple[bytes, str, str]]]] = []
     for row in rows:
         try:
-            files = _row_images(row, archive)
+            files = _row_images(row, archive, fetched)
         except intake.IntakeError as exc:
             errors.append(intake.RowError(row.line, row.sku, str(exc)))
             continue
@@ -802,10 +836,10 @@ def import_chunk_fail(*, chunk_id: int, error: str) -> bool:
 
 
 def _chunk_row(
-    *, merchant: Merchant, row: intake.ManifestRow, archive: intake.SafeZip | None
+    *, merchant: Merchant, row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None = None
 ) -> _RowOutcome | intake.RowError:
     try:
-        files = _row_images(row, archive)
+        files = _row_images(row, archive, fetched)
     except intake.IntakeError as exc:
         return intake.RowError(row.line, row.sku, str(exc))
     for attempt in range(IMPORT_ROW_RETRIES + 1):

@@ -17,22 +17,23 @@ IMAGE = picture(3)
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path == "/img.png":
+        path = self.path.split("?")[0]
+        if path == "/img.png":
             self._send(200, IMAGE, {"Content-Type": "image/png", "Content-Length": str(len(IMAGE))})
-        elif self.path == "/redirect":
+        elif path == "/redirect":
             self._send(302, b"", {"Location": "/img.png", "Content-Length": "0"})
-        elif self.path == "/to-private":
+        elif path == "/to-private":
             self._send(302, b"", {"Location": "http://10.1.2.3/img.png", "Content-Length": "0"})
-        elif self.path == "/loop":
+        elif path == "/loop":
             self._send(302, b"", {"Location": "/loop", "Content-Length": "0"})
-        elif self.path == "/big-undeclared":  # no Content-Length: only counting while reading stops it
+        elif path == "/big-undeclared":  # no Content-Length: only counting while reading stops it
             self.send_response(200)
             self.end_headers()
             for _ in range(40):
                 self.wfile.write(b"\0" * 65536)
-        elif self.path == "/big-declared":
+        elif path == "/big-declared":
             self._send(200, b"", {"Content-Length": str(10**9)})
-        elif self.path == "/slow":
+        elif path == "/slow":
             time.sleep(1.5)
             self._send(200, IMAGE, {"Content-Length": str(len(IMAGE))})
         else:
@@ -114,3 +115,17 @@ def test_an_import_fetches_image_urls_under_the_configured_policy(server, settin
     assert "HTTP 404" in rejected(job)[0]["error"] and "non-public" in rejected(job)[1]["error"]
     assert sorted(Product.objects.values_list("sku", flat=True)) == ["U1", "U2"]
     assert ProductImage.objects.get(product__sku="U1").source_url == f"{server}/img.png"
+
+
+@pytest.mark.django_db
+def test_a_chunk_fetches_its_urls_in_parallel_and_url_imports_use_small_chunks(server, settings):
+    settings.IMAGE_FETCH_ALLOWED_NETWORKS = list(LOCAL)
+    merchant = factories.merchant()
+    rows = [{"sku": f"S{i}", "title": "Slow host", "images": f"{server}/slow?{i}"} for i in range(6)]
+    rows += [{"sku": f"Z{i}", "title": "Fast", "images": f"{server}/img.png?{i}"} for i in range(30)]
+    job = services.import_job_create(merchant=merchant, manifest=csv_bytes(rows))
+    assert job.chunks_total == 2  # 24 + 12 rows: URL chunks are small
+    started = time.monotonic()
+    run_inline(job)
+    assert time.monotonic() - started < 6  # six 1.5 s fetches one after another would take 9 s
+    assert (job.ok, job.rejected) == (36, 0)
