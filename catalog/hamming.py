@@ -42,7 +42,6 @@ HNSW_EF_SEARCH_MIN = 40  # pgvector's default: below this the graph walk loses r
 HNSW_EF_SEARCH_MAX = 1_000  # pgvector's upper bound for hnsw.ef_search
 SQL_SHELL_HEADROOM = 1.5  # SQL rows fetched per candidate wanted: room to finish the last shell in one query
 HNSW_MAX_SCAN_TUPLES = 50_000  # iterative scans stop here; anything still short falls back to an exact scan
-UNREACHABLE = np.iinfo(np.int32).max  # distance given to rows a query must not see (dead, other merchant)
 
 
 # --- the query and the answer --------------------------------------------------------------------------------------
@@ -265,7 +264,7 @@ class MemoryCodeIndex:
                     hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
                 if product_filter.exclude_product_id is not None:
                     hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
-                distances[hidden] = UNREACHABLE
+                distances[hidden] = code_bits + 1  # beyond any real distance: the histogram's overflow bin
                 visible = n - int(np.count_nonzero(hidden))
             rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
             order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
@@ -526,7 +525,7 @@ def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
 def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: CandidateDepth) -> tuple[np.ndarray, int]:
     """Rows (unordered) of the whole shells `depth` asks for, and the radius taken. O(N): one histogram, one scan."""
     limit = code_bits if depth.radius is None else min(code_bits, depth.radius)
-    counts = np.bincount(np.minimum(distances, code_bits + 1), minlength=code_bits + 2)[: limit + 1]
+    counts = np.bincount(distances, minlength=code_bits + 2)[: limit + 1]  # hidden rows sit at code_bits + 1
     cumulative = np.cumsum(counts)
     if cumulative.size == 0 or cumulative[-1] == 0:
         return np.zeros(0, np.int64), -1

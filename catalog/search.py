@@ -19,6 +19,7 @@ import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,7 @@ from django.db import connection
 
 from catalog import intake, selectors
 from catalog.hamming import CandidateDepth, CoarseCandidates, ProductFilter, backend_get, bitstring_pack
-from catalog.models import ImageEmbedding, ModelVersion, Product, ProductImage
+from catalog.models import ImageEmbedding, ModelVersion, ProductImage
 
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
@@ -117,10 +118,26 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class ProductCard:
+    """What a result shows of a product, read in the same query as the ranking (no ORM round trip per search)."""
+
+    pk: int
+    merchant_id: int
+    merchant_slug: str
+    sku: str
+    title: str
+    category: str
+    attributes: list[str]
+    price: Decimal | None
+    url: str
+
+
+@dataclass(frozen=True)
 class ProductHit:
     rank: int
-    product: Product
-    image: ProductImage  # the product's best-matching image
+    product: ProductCard
+    image_id: int  # the product's best-matching image
+    image_url: str  # where the storage serves it (relative unless the storage says otherwise)
     embedding_id: int
     score: float  # what the ranking sorts by: fc7 distance, less any category boost
     explanation: Explanation
@@ -318,9 +335,10 @@ def _category_policy(*, encoding: QueryEncoding, options: SearchOptions) -> tupl
 
 @dataclass(frozen=True)
 class FineRow:
-    product_id: int
+    product: ProductCard
     embedding_id: int
     image_id: int
+    image_file: str
     hamming: int
     fc7_distance: float
     score: float
@@ -337,7 +355,8 @@ def fine_rank(
     boost_category: str = "",
     boost: float = 0.0,
 ) -> list[FineRow]:
-    """Exact fc7 L2 in pgvector over the candidates, filtered, one row per product (its best image), best first."""
+    """Exact fc7 L2 in pgvector over the candidates, filtered, one row per product (its best image), best first;
+    the k winners come back with what their result cards show."""
     if len(candidates) == 0:
         return []
     where = product_filter.where_sql("p")
@@ -349,10 +368,16 @@ def fine_rank(
         "   (e.fc7 <-> %s::vector) AS fc7_distance, (p.category = %s) AS category_match, e.landmarks"
         "  FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
         f"  WHERE e.id = ANY(%s::bigint[]) AND e.model_version_id = {int(version.pk)} AND {where.sql}"
-        "  ORDER BY e.product_id, fc7_distance, e.id)"
-        " SELECT product_id, embedding_id, image_id, fc7_distance,"
-        "  fc7_distance * (1 - %s * category_match::int) AS score, landmarks"
-        " FROM best ORDER BY score, fc7_distance, product_id LIMIT %s"
+        "  ORDER BY e.product_id, fc7_distance, e.id),"
+        " top AS ("
+        "  SELECT product_id, embedding_id, image_id, fc7_distance,"
+        "   fc7_distance * (1 - %s * category_match::int) AS score, landmarks"
+        "  FROM best ORDER BY score, fc7_distance, product_id LIMIT %s)"
+        " SELECT t.product_id, t.embedding_id, t.image_id, i.file, t.fc7_distance, t.score, t.landmarks,"
+        "  p.merchant_id, m.slug, p.sku, p.title, p.category, p.attributes, p.price, p.url"
+        " FROM top t JOIN catalog_productimage i ON i.id = t.image_id JOIN catalog_product p ON p.id = t.product_id"
+        " JOIN catalog_merchant m ON m.id = p.merchant_id"
+        " ORDER BY t.score, t.fc7_distance, t.product_id"
     )
     params = [
         _vector_literal(fc7),
@@ -366,26 +391,41 @@ def fine_rank(
         cursor.execute(sql, params)
         found = cursor.fetchall()
     hamming_of = dict(zip(candidates.embedding_ids.tolist(), candidates.distances.tolist()))
-    return [
-        FineRow(
-            product_id=product_id,
-            embedding_id=embedding_id,
-            image_id=image_id,
-            hamming=int(hamming_of[embedding_id]),
-            fc7_distance=float(fc7_distance),
-            score=float(score),
-            landmarks=_json(landmarks) or [],
+    rows = []
+    for (product_id, embedding_id, image_id, image_file, fc7_distance, score, landmarks, merchant_id, merchant_slug,
+         sku, title, category, attributes, price, url) in found:  # fmt: skip
+        card = ProductCard(
+            pk=product_id,
+            merchant_id=merchant_id,
+            merchant_slug=merchant_slug,
+            sku=sku,
+            title=title,
+            category=category,
+            attributes=list(_json(attributes) or []),
+            price=price,
+            url=url,
         )
-        for product_id, embedding_id, image_id, fc7_distance, score, landmarks in found
-    ]
+        rows.append(
+            FineRow(
+                product=card,
+                embedding_id=embedding_id,
+                image_id=image_id,
+                image_file=image_file,
+                hamming=int(hamming_of[embedding_id]),
+                fc7_distance=float(fc7_distance),
+                score=float(score),
+                landmarks=_json(landmarks) or [],
+            )
+        )
+    return rows
 
 
 def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: ModelVersion) -> list[ProductHit]:
-    images = ProductImage.objects.select_related("product__merchant").in_bulk([row.image_id for row in rows])
+    storage = ProductImage._meta.get_field("file").storage
     predicted_attributes = set(encoding.attributes)
     hits = []
     for rank, row in enumerate(rows, start=1):
-        product = images[row.image_id].product
+        product = row.product
         catalog_attributes = list(product.attributes or [])
         explanation = Explanation(
             hamming_distance=row.hamming,
@@ -407,7 +447,8 @@ def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: Model
             ProductHit(
                 rank=rank,
                 product=product,
-                image=images[row.image_id],
+                image_id=row.image_id,
+                image_url=storage.url(row.image_file),
                 embedding_id=row.embedding_id,
                 score=round(row.score, 6),
                 explanation=explanation,

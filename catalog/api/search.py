@@ -124,14 +124,14 @@ class ExplanationOutputSerializer(serializers.Serializer):
 
 
 class HitProductOutputSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
+    id = serializers.IntegerField(source="pk")
     sku = serializers.CharField()
     title = serializers.CharField()
     category = serializers.CharField()
     attributes = serializers.ListField(child=serializers.CharField())
     price = serializers.DecimalField(max_digits=12, decimal_places=2, allow_null=True)
     url = serializers.CharField()
-    merchant = serializers.SlugField(source="merchant.slug")
+    merchant = serializers.SlugField(source="merchant_slug")
 
 
 class HitOutputSerializer(serializers.Serializer):
@@ -142,7 +142,7 @@ class HitOutputSerializer(serializers.Serializer):
     explanation = ExplanationOutputSerializer()
 
     def get_image_url(self, hit: search.ProductHit) -> str:
-        url = hit.image.file.url
+        url = hit.image_url
         request = self.context.get("request")
         return request.build_absolute_uri(url) if request is not None else url
 

@@ -52,7 +52,7 @@ def test_the_planted_item_comes_first(shop, backend):
 
     result = run(version, query_for(version, bits, fc7), backend, k=5)
 
-    assert result.hits[0].product == planted.product
+    assert result.hits[0].product.pk == planted.product.pk
     assert result.hits[0].explanation.hamming_distance == 0
     assert result.hits[0].explanation.fc7_distance == pytest.approx(0, abs=1e-5)
     assert len(result.hits) == 5 and result.coarse.backend == backend

@@ -48,6 +48,11 @@ class Command(BaseCommand):
         parser.add_argument("--fc7-dim", type=int, default=128)
         parser.add_argument("--backends", default="memory,sql")
         parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            "--min-candidates",
+            default="",
+            help="comma-separated COARSE_MIN_CANDIDATES to sweep (default: the module's)",
+        )
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "search.json")
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help="(internal) run inside the bench database")
@@ -61,7 +66,7 @@ class Command(BaseCommand):
             cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
             cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
         command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_search", INNER_FLAG]
-        for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out"):
+        for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out", "min_candidates"):
             command += [f"--{name.replace('_', '-')}", str(options[name])]
         try:
             done = subprocess.run(command, env={**os.environ, "DATABASE_URL": url}, cwd=settings.BASE_DIR)
@@ -75,8 +80,8 @@ class Command(BaseCommand):
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, queries: int, code_bits: int, fc7_dim: int, backends: str, seed: int,
-                   out: Path, **_) -> None:  # fmt: skip
-        from catalog import hamming, search
+                   out: Path, min_candidates: str, **_) -> None:  # fmt: skip
+        from catalog import hamming, search, services
         from catalog.models import Merchant, ModelVersion
 
         if connection.settings_dict["NAME"] != BENCH_DATABASE:
@@ -106,12 +111,14 @@ class Command(BaseCommand):
             load_s = time.perf_counter() - started
             loaded = size
             started = time.perf_counter()
-            index_name = _rebuild_hnsw(version)
+            index_name = services.code_index_name(version)
+            if "sql" in backends.split(","):  # only the SQL backend reads the graph; building it at 1M takes minutes
+                _rebuild_hnsw(version)
             index_s = time.perf_counter() - started
             with connection.cursor() as cursor:
                 cursor.execute("ANALYZE catalog_imageembedding; ANALYZE catalog_product")
-                cursor.execute("SELECT pg_relation_size(%s), pg_total_relation_size('catalog_imageembedding')",
-                               [index_name])  # fmt: skip
+                cursor.execute("SELECT coalesce(pg_relation_size(to_regclass(%s)), 0), "
+                               "pg_total_relation_size('catalog_imageembedding')", [index_name])  # fmt: skip
                 hnsw_bytes, table_bytes = cursor.fetchone()
             query_set = data.queries(count=queries + WARMUP_QUERIES, size=size, seed=seed + size)
             entry: dict = {
@@ -119,20 +126,23 @@ class Command(BaseCommand):
                 "hnsw_index_mb": round(hnsw_bytes / 1e6, 1), "embedding_table_mb": round(table_bytes / 1e6, 1),
                 "backends": {},
             }  # fmt: skip
-            for backend in backends.split(","):
+            sweep = [int(m) for m in min_candidates.split(",") if m.strip()] or [search.COARSE_MIN_CANDIDATES]
+            for backend, minimum in [(b, m) for b in backends.split(",") for m in sweep]:
+                search.COARSE_MIN_CANDIDATES = minimum
                 rss_before = _rss_mb()
                 started = time.perf_counter()
                 if backend == "memory":
                     hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=code_bits, force=True)
-                entry_backend = {"load_s": round(time.perf_counter() - started, 2)}
+                entry_backend = {"load_s": round(time.perf_counter() - started, 2), "min_candidates": minimum}
                 entry_backend.update(_measure(version=version, backend=backend, query_set=query_set))
                 if backend == "memory":
                     entry_backend["memory_mb"] = round(hamming.MEMORY_INDEX.stats().memory_bytes / 1e6, 1)
                 else:
                     entry_backend["memory_mb"] = round(hnsw_bytes / 1e6, 1)  # what it needs cached: the graph
                 entry_backend["process_rss_growth_mb"] = round(_rss_mb() - rss_before, 1)
-                entry["backends"][backend] = entry_backend
-                self._print(size, backend, entry_backend)
+                key = backend if len(sweep) == 1 else f"{backend}@{minimum}"
+                entry["backends"][key] = entry_backend
+                self._print(size, key, entry_backend)
             report["sizes"].append(entry)
             hamming.MEMORY_INDEX.clear()
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +151,7 @@ class Command(BaseCommand):
 
     def _print(self, size: int, backend: str, row: dict) -> None:
         self.stdout.write(
-            f"{size:>9,} {backend:<6} coarse p50 {row['coarse_ms']['p50']:7.2f} p99 {row['coarse_ms']['p99']:7.2f} | "
+            f"{size:>9,} {backend:<10} coarse p50 {row['coarse_ms']['p50']:7.2f} p99 {row['coarse_ms']['p99']:7.2f} | "
             f"fine p50 {row['fine_ms']['p50']:6.2f} p99 {row['fine_ms']['p99']:6.2f} | "
             f"total p50 {row['total_ms']['p50']:7.2f} p99 {row['total_ms']['p99']:7.2f} ms | "
             f"recall@10 {row['recall_at_10']:.3f} | candidates {row['candidates_mean']:.0f} | "
