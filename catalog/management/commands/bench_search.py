@@ -337,6 +337,13 @@ def _rebuild_hnsw(version) -> str:
 
 
 def _rss_mb() -> float:
+    """Current resident memory of this process (Linux), falling back to the peak elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
