@@ -75,7 +75,7 @@ RECIPES: dict[str, dict] = {
     },
     "renderer": {
         "out_dir": "var/runs/renderer",
-        "dataset": {"name": "renderer", "products": 3000, "views": 2},
+        "dataset": {"name": "renderer", "products": 2000, "views": 2},
         "model": {"input_size": 64, "code_bits": 64, "local_stride": 8},
         "epochs": 4,
         "steps_per_epoch": 150,
