@@ -9,6 +9,12 @@ sample in this process to show where the time goes per image. With no active ver
     createdb -h var/pgdata -U postgres shop_search_bench   # or any empty database with pgvector
     DATABASE_URL='postgresql://postgres:@/shop_search_bench?host=/work/main/var/pgdata' \\
     REDIS_URL=redis://127.0.0.1:6379/14 .venv/bin/python manage.py bench_ingest --products 10000 --workers 2
+
+Measured on the 2-core CI-class machine (shared with other jobs, so wall clock varies; worker CPU time does not):
+10,000 products, 2 worker processes: all 10,000 rows, images and embeddings, 86 images/s end to end (43 per
+worker core); 2,000 products on 1 worker process: 76 images/s. Per worker CPU second: 87-97 images. Per image
+(one thread): network 7.3 ms (80%), duplicate check 0.6, import (zip read, validate + re-encode, rows, file) 0.7,
+embedding write 0.3, loading the stored image 0.2.
 """
 
 from __future__ import annotations
