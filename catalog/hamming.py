@@ -262,7 +262,9 @@ class MemoryCodeIndex:
                 hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
                          faiss.swig_ptr(distances))  # fmt: skip
             visible = n - self._dead
-            masked = self._dead or product_filter.merchant_id is not None or product_filter.exclude_product_id
+            masked = (
+                self._dead or product_filter.merchant_id is not None or product_filter.exclude_product_id is not None
+            )
             if masked:  # (skipped in the common case: a full-catalog query with nothing deleted since the load)
                 hidden = ~rows.alive[:n]
                 if product_filter.merchant_id is not None:
