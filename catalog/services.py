@@ -983,3 +983,32 @@ def product_image_add(
             raise intake.IntakeError("give an image file or an image URL")
         data = image_fetch(url=url)
     return image_add(product=product, data=data, position=position, source_url=url)
+
+
+MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
+
+
+def media_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
+    """Delete stored image and upload files no row points at (left by a worker killed mid-chunk: its rows rolled
+    back, its files did not). Only files older than `min_age_s`, so nothing an open transaction may yet commit."""
+    storage = ProductImage._meta.get_field("file").storage
+    referenced = set(ProductImage.objects.values_list("file", flat=True))
+    referenced |= set(ImportJob.objects.exclude(archive="").values_list("archive", flat=True))
+    cutoff = timezone.now() - timezone.timedelta(seconds=min_age_s)
+    deleted = 0
+    for top in ("products", "imports"):
+        for name in _storage_walk(storage, top):
+            if name not in referenced and storage.get_modified_time(name) < cutoff:
+                storage.delete(name)
+                deleted += 1
+    return deleted
+
+
+def _storage_walk(storage: Any, directory: str) -> list[str]:
+    if not storage.exists(directory):
+        return []
+    folders, files = storage.listdir(directory)
+    names = [f"{directory}/{name}" for name in files]
+    for folder in folders:
+        names.extend(_storage_walk(storage, f"{directory}/{folder}"))
+    return names

@@ -192,3 +192,14 @@ def test_a_chunk_that_keeps_failing_is_rejected_with_the_reason_and_the_job_fini
     assert (job.state, job.processed, job.ok, job.rejected) == ("done", 4, 2, 2)
     assert [error["line"] for error in rejected(job)] == [4, 5] and "disk on fire" in rejected(job)[0]["error"]
     assert services.import_chunk_fail(chunk_id=second.pk, error="again") is False
+
+
+def test_media_sweep_deletes_only_old_unreferenced_files(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path  # its own media: other test processes' files are unreferenced from here
+    product = factories.product(factories.merchant())
+    kept = services.image_add(product=product, data=picture(1), enqueue=False).image
+    storage = kept.file.storage
+    orphan = storage.save("products/orphan-test/left-by-a-killed-worker.png", io.BytesIO(picture(2)))
+    assert services.media_orphans_delete(min_age_s=3600) == 0  # too young: may still be committed
+    assert services.media_orphans_delete(min_age_s=0) == 1
+    assert not storage.exists(orphan) and storage.exists(kept.file.name)
