@@ -140,6 +140,11 @@ STORAGES = {
 }
 MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoints of ModelVersions
 
+# --- Search and ingest -------------------------------------------------------------------------------------------
+SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # memory | sql (catalog.hamming)
+# Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
+IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
+
 # --- DRF + OpenAPI -----------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
