@@ -385,6 +385,10 @@ class MemoryCodeIndex:
                         [sorted(self._gaps)],
                     )
                     late = cursor.fetchall()
+            if changes and int(changes[0][0]) > self._high + 1 and self._pruned_unseen():
+                assert self._version_id is not None
+                self._load(version_id=self._version_id, code_bits=self._code_bits)
+                return
             if len(changes) >= CHANGE_BATCH and self._backlog() > RELOAD_BACKLOG:
                 assert self._version_id is not None
                 self._load(version_id=self._version_id, code_bits=self._code_bits)
@@ -397,6 +401,15 @@ class MemoryCodeIndex:
             self._applied_changes += len(todo)
             if len(changes) < CHANGE_BATCH:
                 return
+
+    def _pruned_unseen(self) -> bool:
+        """Did `services.index_changes_prune` delete changes this index never read (it slept past the retention)?
+        Then replaying is impossible and only a reload is correct. Asked only when the next change is not the one
+        right after the last seen, so the common poll pays nothing for it."""
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT min(id) FROM catalog_indexchange")
+            oldest = cursor.fetchone()[0]
+        return oldest is not None and int(oldest) > self._high + 1
 
     def _backlog(self) -> int:
         with connection.cursor() as cursor:

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from catalog.models import (
     ImageEmbedding,
     ImportChunk,
     ImportJob,
+    IndexChange,
     Merchant,
     ModelVersion,
     Product,
@@ -1012,3 +1014,13 @@ def _storage_walk(storage: Any, directory: str) -> list[str]:
     for folder in folders:
         names.extend(_storage_walk(storage, f"{directory}/{folder}"))
     return names
+
+
+INDEX_CHANGE_RETENTION = timedelta(days=1)  # in-memory indexes poll on every search; one asleep longer reloads
+
+
+def index_changes_prune(*, older_than: timedelta = INDEX_CHANGE_RETENTION) -> int:
+    """Delete change-log rows older than `older_than` (the log only notifies; the catalog rows are the truth).
+    An in-memory index that had not read them yet notices the hole and reloads (catalog.hamming)."""
+    deleted, _ = IndexChange.objects.filter(created_at__lt=timezone.now() - older_than).delete()
+    return deleted

@@ -123,6 +123,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long embed/train tasks must not queue u
 CELERY_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CELERY_TASK_SOFT_TIME_LIMIT", "600"))
 CELERY_TASK_TIME_LIMIT = int(os.environ.get("CELERY_TASK_TIME_LIMIT", "900"))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BEAT_SCHEDULE = {
+    "prune-index-changes": {"task": "workers.tasks.index_changes_prune", "schedule": 3600.0},
+}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- Files --------------------------------------------------------------------------------------------------------
@@ -153,6 +156,9 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # Client identity for throttles: X-Forwarded-For is trusted only through this many proxies (0: never, so a
+    # shopper cannot dodge the search throttle by sending the header).
+    "NUM_PROXIES": int(os.environ.get("NUM_PROXIES", "0")),
     "DEFAULT_THROTTLE_RATES": {
         "search": os.environ.get("SEARCH_THROTTLE_RATE", "60/min"),
     },

@@ -103,3 +103,9 @@ def import_run_chunk(self, chunk_id: int) -> dict:
             raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
         services.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+@shared_task(name="workers.tasks.index_changes_prune", acks_late=True)
+def index_changes_prune() -> dict:
+    """Periodic (beat): keep the change log short; see services.index_changes_prune."""
+    return {"deleted": services.index_changes_prune()}

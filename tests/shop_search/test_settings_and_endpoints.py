@@ -66,3 +66,12 @@ def test_openapi_schema_and_swagger_ui_are_served(client):
 @pytest.mark.django_db
 def test_admin_login_page_is_served(client):
     assert client.get("/admin/login/").status_code == 200
+
+
+def test_throttle_identity_ignores_a_spoofed_forwarded_for_header(rf):
+    from rest_framework.request import Request
+
+    from catalog.api.search import SearchRateThrottle
+
+    request = Request(rf.get("/api/search", HTTP_X_FORWARDED_FOR="203.0.113.9", REMOTE_ADDR="198.51.100.7"))
+    assert SearchRateThrottle().get_ident(request) == "198.51.100.7"

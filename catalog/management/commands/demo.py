@@ -17,6 +17,8 @@ from django.core.management.base import BaseCommand
 from shop_search import embedded
 
 WORKER_QUEUES = "search,embed,train"
+# One worker process per core: embedding the sample catalog is CPU-bound and torch runs one thread per process.
+WORKER_CONCURRENCY = max(1, min(os.cpu_count() or 1, 4))
 
 
 class Command(BaseCommand):
@@ -65,6 +67,6 @@ class Command(BaseCommand):
     def _start_worker(self) -> subprocess.Popen:
         command = [
             sys.executable, "-m", "celery", "-A", "shop_search", "worker",
-            "-Q", WORKER_QUEUES, "--concurrency", "1", "--loglevel", "WARNING", "-n", "demo@%h",
+            "-Q", WORKER_QUEUES, "--concurrency", str(WORKER_CONCURRENCY), "--loglevel", "WARNING", "-n", "demo@%h",
         ]  # fmt: skip
         return subprocess.Popen(command, cwd=settings.BASE_DIR, env=os.environ.copy())
