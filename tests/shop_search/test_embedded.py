@@ -1,5 +1,8 @@
 """The embedded defaults start real servers where the machine has none."""
 
+import os
+
+import pytest
 import redis
 
 from shop_search import embedded
@@ -27,3 +30,14 @@ def test_redis_url_prefers_the_environment(monkeypatch):
 def test_embedded_postgres_url_is_a_unix_socket_url_to_the_project_database():
     url = embedded.postgres_url()
     assert url.startswith("postgresql://postgres:@/shop_search?host=")
+
+
+@pytest.mark.skipif(bool(os.environ.get("DATABASE_URL")), reason="an external database keeps its own settings")
+@pytest.mark.django_db
+def test_embedded_postgres_runs_with_the_project_settings():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for name, value in embedded.EMBEDDED_POSTGRES_SETTINGS.items():
+            cursor.execute(f"SHOW {name}")
+            assert cursor.fetchone()[0] == value
