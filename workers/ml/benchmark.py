@@ -146,7 +146,9 @@ def _query_views(records: Sequence[Record], seed: int, strength: str = QUERY_STR
     return [shopper_view(record, rng, strength) for record in records]
 
 
-def evaluation_sets(name: str, *, catalog_size: int, num_queries: int, seed: int = 0) -> EvaluationSets:
+def evaluation_sets(
+    name: str, *, catalog_size: int, num_queries: int, seed: int = 0, strength: str = QUERY_STRENGTH
+) -> EvaluationSets:
     """Catalog and shopper-photo queries for `evaluate`, never drawn from training data."""
     if name == "fashion-mnist":
         records, label_space = fashion_mnist_records("t10k")
@@ -159,7 +161,7 @@ def evaluation_sets(name: str, *, catalog_size: int, num_queries: int, seed: int
     else:
         raise ValueError(f"unknown evaluation dataset {name!r} (fashion-mnist | renderer)")
     picks = [catalog[i % len(catalog)] for i in range(num_queries)]
-    queries = _query_views(picks, EVALUATION_QUERY_SEED + seed)
+    queries = _query_views(picks, EVALUATION_QUERY_SEED + seed, strength)
     return EvaluationSets(catalog, queries, label_space)
 
 
@@ -250,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="evaluate this checkpoint")
     parser.add_argument("--catalog-size", type=int, default=DEFAULT_CATALOG_SIZE)
     parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
+    parser.add_argument("--query-strength", default=QUERY_STRENGTH, help="shopper-view strength of the queries")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--baseline-bits", type=int, default=0, help="code bits of version 0 (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
@@ -259,8 +262,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or Path(f"var/bench/{args.dataset}.json")
     recipe = json.loads(args.config.read_text()) if args.config else RECIPES[args.dataset]
 
-    sets = evaluation_sets(args.dataset, catalog_size=args.catalog_size, num_queries=args.queries)
-    report: dict = {"dataset": args.dataset, "catalog": len(sets.catalog), "queries": len(sets.queries)}
+    sets = evaluation_sets(
+        args.dataset, catalog_size=args.catalog_size, num_queries=args.queries, strength=args.query_strength
+    )
+    report: dict = {
+        "dataset": args.dataset,
+        "catalog": len(sets.catalog),
+        "queries": len(sets.queries),
+        "query_strength": args.query_strength,
+    }
 
     if not args.skip_baseline:
         started = time.perf_counter()
