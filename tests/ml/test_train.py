@@ -103,3 +103,14 @@ def _train_one_epoch_then_stop(config: TrainConfig) -> None:
 
     with contextlib.suppress(Stop):
         train(config, **_mixed_dataset(), progress=stop_after_first_epoch)
+
+
+def test_init_checkpoint_starts_from_previous_weights(tmp_path):
+    first = train(_config(tmp_path / "a", epochs=1), **_mixed_dataset())
+    zero_steps = _config(tmp_path / "b", epochs=1, lr=0.0, init_checkpoint=str(first))
+    continued = load_checkpoint(train(zero_steps, **_mixed_dataset()))
+    before = load_checkpoint(first)["state_dict"]
+    # With lr 0 only BatchNorm running statistics may move; every learned weight is the initial one.
+    for key, value in before.items():
+        if "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, continued["state_dict"][key]), key

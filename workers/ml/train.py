@@ -67,6 +67,7 @@ class TrainConfig:
     num_threads: int = 2
     loader_workers: int = 1  # augmentation runs beside the training step; 0 = in the training process
     resume: bool = True
+    init_checkpoint: str = ""  # start from this FashionNet checkpoint's weights (fine-tuning, e.g. the active version)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -195,6 +196,11 @@ def train(
 
     start_epoch = 0
     resume_path = out_dir / "last.pt"
+    if config.init_checkpoint and not (config.resume and resume_path.exists()):
+        initial = load_checkpoint(config.init_checkpoint)
+        if initial["kind"] != "fashionnet":
+            raise ValueError(f"init_checkpoint must be a fashionnet checkpoint, not {initial['kind']!r}")
+        model.load_state_dict(initial["state_dict"], strict=True)
     if config.resume and resume_path.exists():
         state = load_checkpoint(resume_path)
         model.load_state_dict(state["state_dict"])
