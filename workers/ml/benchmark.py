@@ -52,6 +52,7 @@ RENDER_CACHE_LIMIT = 20000  # renders are pre-drawn once (15 ms each) and kept i
 # The default recipes (TrainConfig fields). Fashion-MNIST: 48 px input (the photos are 28 px), 128-bit codes,
 # InfoNCE + batch-hard triplet on fc7 and on the relaxed codes, P=64 x K=2 (a clean photo + a strong shopper
 # view). Renderer: 64 px with a stride-8 landmark map, landmarks weighted up.
+# A recipe may add fine-tuning stages (FINE_TUNE_STAGES): each starts from the previous stage's model.pt.
 RECIPES: dict[str, dict] = {
     "fashion-mnist": {
         "out_dir": "var/runs/fashion_mnist",
@@ -99,6 +100,20 @@ RECIPES: dict[str, dict] = {
 }
 QUERY_STRENGTH = "query"
 RENDER_VALIDATION_OFFSET = 5_000_000  # validation products: inside the training seed range, past any run's count
+# Fashion-MNIST stage 2: one more pass at a quarter of the learning rate with a 5x stronger pull of the hash
+# activations toward 0/1 (measured: validation Hamming R@1 0.797 -> 0.817, fc7 0.885 -> 0.891).
+FINE_TUNE_STAGES: dict[str, list[dict]] = {
+    "fashion-mnist": [
+        {
+            **RECIPES["fashion-mnist"],
+            "out_dir": "var/runs/fashion_mnist_finetune",
+            "epochs": 1,
+            "seed": 1,  # fresh batches, not a replay of stage 1's first epoch
+            "lr": 0.0005,
+            "loss_weights": {**RECIPES["fashion-mnist"]["loss_weights"], "hash_quantization": 1.0},
+        }
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -254,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--queries", type=int, default=DEFAULT_QUERIES)
     parser.add_argument("--query-strength", default=QUERY_STRENGTH, help="shopper-view strength of the queries")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--no-fine-tune", action="store_true", help="train the first stage only")
     parser.add_argument("--baseline-bits", type=int, default=0, help="code bits of version 0 (default: the recipe's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
@@ -289,12 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train:
         started = time.perf_counter()
         checkpoint = train(TrainConfig.from_dict(recipe))
+        stages = [] if args.config or args.no_fine_tune else FINE_TUNE_STAGES.get(args.dataset, [])
+        for stage in stages:
+            checkpoint = train(TrainConfig.from_dict({**stage, "init_checkpoint": str(checkpoint)}))
         report["train_seconds_this_invocation"] = round(time.perf_counter() - started, 1)
     if checkpoint is not None:
         encoder = Encoder.load(checkpoint)
         trained = evaluate_encoder(encoder, sets.catalog, sets.queries)
         trained["catalog_heads"] = head_metrics(encoder, sets.catalog)
-        trained["train_seconds"] = _train_seconds(Path(checkpoint).parent / "metrics.jsonl")
+        trained["train_seconds_last_stage"] = _train_seconds(Path(checkpoint).parent / "metrics.jsonl")
         report["trained"] = {"checkpoint": str(checkpoint), **trained}
         _print_summary("trained", trained)
 
