@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
 from django.db import OperationalError
 
 from catalog import selectors, services
 from catalog.models import ImportChunk, ModelVersion
+
+logger = logging.getLogger(__name__)
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
 QUERY_ENCODE_TIME_LIMIT_S = 30  # a shopper waits on this: fail fast rather than hang the page
@@ -109,3 +113,23 @@ def import_run_chunk(self, chunk_id: int) -> dict:
 def index_changes_prune() -> dict:
     """Periodic (beat): keep the change log short; see services.index_changes_prune."""
     return {"deleted": services.index_changes_prune()}
+
+
+def encoder_warm_up() -> str | None:
+    """Load the active version's network now, so the first shopper query is not the one that pays ~3 s for it."""
+    from workers.encoders import encoder_for
+
+    version = selectors.model_version_active()
+    if version is None or not version.checkpoint:
+        return None
+    try:
+        encoder_for(services.checkpoint_path(version))
+    except Exception:  # a worker that cannot preload still serves: the task loads (and reports) it lazily
+        logger.exception("could not preload the encoder of %s", version)
+        return None
+    return version.name
+
+
+@worker_process_init.connect
+def _warm_up_worker_process(**_: object) -> None:
+    encoder_warm_up()

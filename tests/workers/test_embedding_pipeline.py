@@ -70,3 +70,17 @@ def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings,
         key=lambda e: float(np.linalg.norm(np.asarray(e.fc7) - np.asarray(encoded["fc7"]))),
     )
     assert nearest.pk == stored.pk
+
+
+@pytest.mark.django_db
+def test_a_worker_process_preloads_the_active_encoder(settings, tmp_path):
+    from workers import encoders
+    from workers.ml.baseline import fit_baseline
+
+    settings.MODELS_DIR = tmp_path
+    assert tasks.encoder_warm_up() is None  # nothing active yet: nothing to load, no error
+    images = [Image.open(io.BytesIO(_picture(seed))) for seed in range(4)]
+    path = fit_baseline(images, out_path=tmp_path / "v.pt", code_bits=32, fc7_dim=2, input_size=32)
+    ModelVersion.objects.create(name="warm", checkpoint=str(path), status=ModelVersion.Status.ACTIVE)
+    assert tasks.encoder_warm_up() == "warm"
+    assert path.resolve() in encoders._encoders
