@@ -1,9 +1,10 @@
 import dataclasses
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
@@ -51,9 +52,36 @@ class ProductAdmin(admin.ModelAdmin):
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
+    """Versions are made by training and bootstrap, and switched only through the action below: editing `status`
+    by hand would point search at a version whose embeddings may not exist."""
+
     list_display = ["name", "kind", "status", "code_bits", "fc7_dim", "created_at", "activated_at"]
     list_filter = ["status", "kind"]
-    readonly_fields = ["created_at", "activated_at"]
+    readonly_fields = [
+        "kind", "status", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at", "activated_at",
+    ]  # fmt: skip
+    actions = ["switch_to_version"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    @admin.action(description="Switch search to this version (embed the catalog with it, then activate)")
+    def switch_to_version(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one version to switch to.", messages.ERROR)
+            return
+        version = queryset.get()
+        try:
+            services.model_version_switch(version=version)
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        self.message_user(
+            request,
+            f"{version.name} is indexing: search switches to it as soon as every image has its embedding "
+            "(a version switched back to keeps its embeddings, so that is immediate).",
+            messages.SUCCESS,
+        )
 
 
 @admin.register(ImageEmbedding)

@@ -414,6 +414,22 @@ def model_version_fit_baseline(
     return model_version_start_indexing(version=version)
 
 
+SWITCHABLE_STATUSES = (ModelVersion.Status.READY, ModelVersion.Status.RETIRED)
+
+
+def model_version_switch(*, version: ModelVersion) -> ModelVersion:
+    """An admin's "use this version": a trained (ready) version, or a retired one to roll back to. Search keeps
+    the current version until `version` has embedded every image, then switches atomically."""
+    if version.status not in SWITCHABLE_STATUSES:
+        raise ValueError(f"{version.name} is {version.status}; only a ready or retired version can be switched to")
+    if not version.checkpoint:
+        raise ValueError(f"{version.name} has no checkpoint")
+    busy = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).exclude(pk=version.pk).first()
+    if busy is not None:
+        raise ValueError(f"{busy.name} is still being indexed; switch when it is done")
+    return model_version_start_indexing(version=version)
+
+
 def model_version_start_indexing(*, version: ModelVersion) -> ModelVersion:
     """Embed the whole catalog with `version` in the background; it becomes active when that is complete."""
     from workers import tasks
