@@ -10,6 +10,7 @@ from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from catalog import intake, selectors, services
 from catalog.models import (
@@ -229,7 +230,112 @@ class DuplicateFindingAdmin(admin.ModelAdmin):
         return finding.other_image.product.sku
 
 
+class TrainingRunForm(forms.ModelForm):
+    """What an admin chooses for a retraining run; everything else comes from services.TRAINING_DEFAULTS."""
+
+    epochs = forms.IntegerField(min_value=1, max_value=100, initial=services.TRAINING_DEFAULTS["epochs"])
+    code_bits = forms.TypedChoiceField(
+        choices=[(b, f"{b} bits") for b in (32, 64, 128, 256)],
+        coerce=int,
+        initial=services.TRAINING_DEFAULTS["model"]["code_bits"],
+    )
+    input_size = forms.IntegerField(
+        min_value=32, max_value=320, initial=services.TRAINING_DEFAULTS["model"]["input_size"]
+    )
+    fine_tune_active = forms.BooleanField(
+        required=False, initial=True, help_text="start from the active version if it is a trained network"
+    )
+
+    class Meta:
+        model = TrainingRun
+        fields: list[str] = []
+
+    def run_config(self) -> dict:
+        data = self.cleaned_data
+        config: dict = {
+            "epochs": data["epochs"],
+            "model": {"code_bits": data["code_bits"], "input_size": data["input_size"]},
+        }
+        active = selectors.model_version_active()
+        if data["fine_tune_active"] and active and active.kind == ModelVersion.Kind.FASHIONNET:
+            config["init_checkpoint"] = str(services.checkpoint_path(active))
+        return config
+
+
+LOSS_CURVE_SIZE = (360, 120)  # px: a glance, not an analysis tool
+
+
+def loss_curve_svg(epoch_metrics: list[dict]) -> str:
+    """Per-epoch training loss as an inline SVG polyline (no JavaScript, no chart library)."""
+    losses = [float(m["loss"]) for m in epoch_metrics if "loss" in m]
+    width, height = LOSS_CURVE_SIZE
+    if len(losses) < 2:
+        return ""
+    low, high = min(losses), max(losses)
+    span = (high - low) or 1.0
+    points = " ".join(
+        f"{i * (width - 20) / (len(losses) - 1) + 10:.1f},{height - 10 - (loss - low) / span * (height - 20):.1f}"
+        for i, loss in enumerate(losses)
+    )
+    return (
+        f'<svg width="{width}" height="{height}" role="img" aria-label="training loss per epoch">'
+        f'<polyline fill="none" stroke="#447e9b" stroke-width="2" points="{points}"/>'
+        f'<text x="10" y="12" font-size="11">loss {high:.3f}</text>'
+        f'<text x="10" y="{height - 1}" font-size="11">{low:.3f}</text></svg>'
+    )
+
+
 @admin.register(TrainingRun)
 class TrainingRunAdmin(admin.ModelAdmin):
-    list_display = ["id", "state", "progress", "model_version", "created_at", "finished_at"]
+    """Retraining from the dashboard: "Add" starts a run on the `train` queue; the run page shows its progress and
+    loss curve; the resulting version is switched to from the model versions page."""
+
+    form = TrainingRunForm
+    list_display = ["id", "state", "progress_percent", "model_version", "created_by", "created_at", "finished_at"]
     list_filter = ["state"]
+
+    def get_fields(self, request: HttpRequest, obj: TrainingRun | None = None) -> list[str]:
+        if obj is None:
+            return ["epochs", "code_bits", "input_size", "fine_tune_active"]
+        return ["state", "progress_percent", "loss_curve", "epoch_table", "model_version", "config", "log"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: TrainingRun | None = None) -> list[str]:
+        if obj is None:
+            return []
+        return ["state", "progress_percent", "loss_curve", "epoch_table", "model_version", "config", "log"]
+
+    def has_change_permission(self, request: HttpRequest, obj: TrainingRun | None = None) -> bool:
+        return obj is None and super().has_change_permission(request)
+
+    def save_model(self, request: HttpRequest, obj: TrainingRun, form: TrainingRunForm, change: bool) -> None:
+        obj.config = form.run_config()
+        obj.created_by = request.user if request.user.is_authenticated else None
+        services.training_run_start(run=obj)
+
+    @admin.display(description="progress")
+    def progress_percent(self, obj: TrainingRun) -> str:
+        return f"{obj.progress * 100:.0f}%"
+
+    @admin.display(description="loss per epoch")
+    def loss_curve(self, obj: TrainingRun) -> str:
+        return mark_safe(loss_curve_svg(obj.epoch_metrics)) or "-"  # noqa: S308 - numbers we formatted ourselves
+
+    @admin.display(description="metrics per epoch")
+    def epoch_table(self, obj: TrainingRun) -> str:
+        keys = sorted({key for m in obj.epoch_metrics for key in m if isinstance(m[key], int | float)})
+        if not keys:
+            return "-"
+        header = format_html_join("", "<th>{}</th>", ((key,) for key in keys))
+        rows = format_html_join(
+            "",
+            "<tr>{}</tr>",
+            (
+                (format_html_join("", "<td>{}</td>", ((_short(m.get(key)),) for key in keys)),)
+                for m in obj.epoch_metrics
+            ),
+        )
+        return format_html("<table><tr>{}</tr>{}</table>", header, rows)
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import logging
+import time
+import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +38,7 @@ from catalog.models import (
     ModelVersion,
     Product,
     ProductImage,
+    TrainingRun,
 )
 
 logger = logging.getLogger(__name__)
@@ -1040,3 +1044,114 @@ def index_changes_prune(*, older_than: timedelta = INDEX_CHANGE_RETENTION) -> in
     An in-memory index that had not read them yet notices the hole and reloads (catalog.hamming)."""
     deleted, _ = IndexChange.objects.filter(created_at__lt=timezone.now() - older_than).delete()
     return deleted
+
+
+# --- retraining -------------------------------------------------------------------------------------------------
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "epochs": 5,
+    "instances_per_batch": 32,  # P products per batch, K views each: batch-hard triplets need several products
+    "views_per_instance": 2,
+    "augment": "strong",  # the catalog photos are clean; shoppers' are not
+    "num_threads": 2,
+    "model": {"input_size": 64, "code_bits": 64},  # small inputs keep a CPU run to minutes per epoch
+}
+TRAINING_PROGRESS_SAVE_S = 2.0  # progress is written at most this often: the dashboard polls, SGD must not wait
+
+
+def training_run_start(*, run: TrainingRun) -> TrainingRun:
+    """Save a prepared run (its `config` overlays TRAINING_DEFAULTS) and train it on the `train` queue."""
+    from workers import tasks
+
+    run.state = TrainingRun.State.PENDING
+    run.save()
+    transaction.on_commit(lambda: tasks.train_network.delay(run.pk))
+    return run
+
+
+def catalog_export_write(*, directory: Path) -> Path:
+    """The active catalog in the catalog-export format that workers.ml.datasets.catalog_export reads: one line per
+    product (several images each: the instances metric learning needs) with its category and attributes."""
+    images_dir = directory / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    products = Product.objects.filter(active=True).prefetch_related("images").order_by("pk")
+    with open(directory / "manifest.jsonl", "w", encoding="utf-8") as manifest:
+        for product in products.iterator(chunk_size=500):
+            paths = []
+            for image in product.images.all():
+                if image.status == ProductImage.Status.FAILED:
+                    continue
+                target = images_dir / f"{image.pk}{Path(image.file.name).suffix}"
+                with image.file.open("rb") as source:
+                    target.write_bytes(source.read())
+                paths.append(f"images/{target.name}")
+            if paths:
+                line = {
+                    "sku": f"{product.merchant_id}/{product.sku}",
+                    "category": product.category or None,
+                    "attributes": list(product.attributes),
+                    "images": paths,
+                    "title": product.title,
+                }
+                manifest.write(json.dumps(line) + "\n")
+    return directory
+
+
+def training_run_execute(
+    *,
+    run: TrainingRun,
+    train: Callable[..., Path],
+    load_records: Callable[[Path], tuple[Sequence[Any], Any]],
+    encoder_for: EncoderFor,
+) -> ModelVersion:
+    """Export the catalog, train on it (progress and per-epoch metrics land on the run for the dashboard) and
+    register the result as a ready ModelVersion; switching search to it is the admin's decision."""
+    run.state = TrainingRun.State.RUNNING
+    run.progress = 0.0
+    run.epoch_metrics = []
+    run.save(update_fields=["state", "progress", "epoch_metrics"])
+    work_dir = Path(settings.MODELS_DIR) / "runs" / f"run-{run.pk}"
+    config = {**TRAINING_DEFAULTS, **run.config, "out_dir": str(work_dir)}
+    config["model"] = {**TRAINING_DEFAULTS["model"], **run.config.get("model", {})}
+    last_save = 0.0
+
+    def progress(event: dict[str, Any]) -> None:
+        nonlocal last_save
+        epochs = max(1, int(event.get("epochs") or config["epochs"]))
+        if event.get("done"):
+            run.epoch_metrics = [*run.epoch_metrics, {"epoch": event["epoch"], **event.get("metrics", {})}]
+            run.progress = (int(event["epoch"]) + 1) / epochs
+        else:
+            steps = max(1, int(event.get("steps") or 1))
+            run.progress = (int(event.get("epoch", 0)) + int(event.get("step", 0)) / steps) / epochs
+        if event.get("done") or time.monotonic() - last_save >= TRAINING_PROGRESS_SAVE_S:
+            run.save(update_fields=["progress", "epoch_metrics"])
+            last_save = time.monotonic()
+
+    try:
+        records, label_space = load_records(catalog_export_write(directory=work_dir / "catalog"))
+        if not len(records):
+            raise ValueError("the catalog has no active product with an image to train on")
+        path = train(config, records=records, label_space=label_space, progress=progress)
+        encoder = encoder_for(path)
+        version = ModelVersion.objects.create(
+            name=f"fashionnet-run{run.pk}",
+            kind=ModelVersion.Kind.FASHIONNET,
+            status=ModelVersion.Status.READY,
+            checkpoint=str(path),
+            code_bits=encoder.code_bits,
+            fc7_dim=encoder.fc7_dim,
+            config={**encoder.version_info, "training": config},
+            metrics=run.epoch_metrics[-1] if run.epoch_metrics else {},
+        )
+    except Exception:
+        run.state = TrainingRun.State.FAILED
+        run.log = traceback.format_exc()[-20_000:]
+        run.finished_at = timezone.now()
+        run.save(update_fields=["state", "log", "finished_at"])
+        raise
+    run.state = TrainingRun.State.DONE
+    run.progress = 1.0
+    run.model_version = version
+    run.finished_at = timezone.now()
+    run.save(update_fields=["state", "progress", "model_version", "finished_at", "epoch_metrics"])
+    return version

@@ -15,7 +15,7 @@ from celery.signals import worker_process_init
 from django.db import OperationalError
 
 from catalog import selectors, services
-from catalog.models import ImportChunk, ModelVersion
+from catalog.models import ImportChunk, ModelVersion, TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -133,3 +133,24 @@ def encoder_warm_up() -> str | None:
 @worker_process_init.connect
 def _warm_up_worker_process(**_: object) -> None:
     encoder_warm_up()
+
+
+@shared_task(
+    name="workers.tasks.train_network",
+    acks_late=False,  # hours long: redelivery after the broker's visibility timeout would train it twice
+    soft_time_limit=6 * 3600,
+    time_limit=6 * 3600 + 60,
+)
+def train_network(training_run_id: int) -> dict:
+    """Train FashionNet on the exported catalog for a TrainingRun started from the admin."""
+    from workers.encoders import encoder_for
+    from workers.ml.datasets.catalog_export import CatalogExport
+    from workers.ml.train import train
+
+    def load_records(directory):
+        export = CatalogExport(directory)
+        return export, export.label_space
+
+    run = TrainingRun.objects.get(pk=training_run_id)
+    version = services.training_run_execute(run=run, train=train, load_records=load_records, encoder_for=encoder_for)
+    return {"training_run": run.pk, "model_version": version.pk}

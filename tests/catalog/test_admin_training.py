@@ -1,0 +1,56 @@
+"""Retraining from the admin: the add form starts a run on the train queue; the run page shows its curves."""
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from catalog.admin import loss_curve_svg
+from catalog.models import ModelVersion, TrainingRun
+
+pytestmark = pytest.mark.django_db
+
+RUNS = "/admin/catalog/trainingrun/"
+
+
+@pytest.fixture
+def admin_client(client):
+    client.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw"))
+    return client
+
+
+def test_the_add_form_starts_a_run_that_fine_tunes_the_active_network(admin_client, django_capture_on_commit_callbacks):
+    ModelVersion.objects.create(name="trained", kind="fashionnet", checkpoint="/models/t.pt", status="active")
+    form = {"epochs": "3", "code_bits": "128", "input_size": "48", "fine_tune_active": "on"}
+    with django_capture_on_commit_callbacks() as callbacks:
+        response = admin_client.post(f"{RUNS}add/", form)
+    assert response.status_code == 302
+    run = TrainingRun.objects.get()
+    assert run.state == TrainingRun.State.PENDING and run.created_by.username == "root"
+    assert run.config == {
+        "epochs": 3,
+        "model": {"code_bits": 128, "input_size": 48},
+        "init_checkpoint": "/models/t.pt",
+    }
+    assert len(callbacks) == 1  # train_network, after the commit
+
+
+def test_a_baseline_is_not_fine_tuned_and_bad_input_is_refused(admin_client):
+    ModelVersion.objects.create(name="v0", kind="baseline", checkpoint="/models/v0.pt", status="active")
+    admin_client.post(f"{RUNS}add/", {"epochs": "2", "code_bits": "64", "input_size": "64", "fine_tune_active": "on"})
+    assert "init_checkpoint" not in TrainingRun.objects.get().config
+    response = admin_client.post(f"{RUNS}add/", {"epochs": "0", "code_bits": "63", "input_size": "64"})
+    assert response.status_code == 200 and TrainingRun.objects.count() == 1
+
+
+def test_the_run_page_shows_progress_curve_and_metrics(admin_client):
+    metrics = [{"epoch": 0, "loss": 2.5, "val_r1": 0.4}, {"epoch": 1, "loss": 1.25, "val_r1": 0.7}]
+    run = TrainingRun.objects.create(state="running", progress=0.5, epoch_metrics=metrics)
+    page = admin_client.get(f"{RUNS}{run.pk}/change/").content.decode()
+    assert "50%" in page and "<polyline" in page and "val_r1" in page and "0.7" in page
+
+
+def test_loss_curve_goes_down_when_the_loss_does():
+    svg = loss_curve_svg([{"loss": 3.0}, {"loss": 2.0}, {"loss": 1.0}])
+    points = svg.split('points="')[1].split('"')[0].split()
+    heights = [float(point.split(",")[1]) for point in points]
+    assert heights == sorted(heights)  # SVG y grows downwards: a falling loss is a rising y
+    assert loss_curve_svg([{"loss": 1.0}]) == ""
