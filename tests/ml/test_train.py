@@ -114,3 +114,16 @@ def test_init_checkpoint_starts_from_previous_weights(tmp_path):
     for key, value in before.items():
         if "running" not in key and "num_batches" not in key:
             assert torch.equal(value, continued["state_dict"][key]), key
+
+
+def test_init_checkpoint_with_another_code_length_starts_a_fresh_hash_layer(tmp_path):
+    first = train(_config(tmp_path / "a", epochs=1), **_mixed_dataset())
+    before = load_checkpoint(first)
+    bits = before["model_config"]["code_bits"] * 2
+    model = {**_config(tmp_path).model, "code_bits": bits}
+    wider = _config(tmp_path / "b", epochs=1, lr=0.0, model=model, init_checkpoint=str(first))
+    continued = load_checkpoint(train(wider, **_mixed_dataset()))
+    assert continued["state_dict"]["hash.weight"].shape[0] == bits
+    for key, value in before["state_dict"].items():
+        if not key.startswith("hash.") and "running" not in key and "num_batches" not in key:
+            assert torch.equal(value, continued["state_dict"][key]), key

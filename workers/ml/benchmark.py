@@ -49,7 +49,8 @@ DEFAULT_CATALOG_SIZE = 1000  # the issue's "1,000+ catalog items"
 DEFAULT_QUERIES = 2000  # two shopper photos per catalog item
 RENDER_CACHE_LIMIT = 20000  # renders are pre-drawn once (15 ms each) and kept in memory, ~50 kB apiece
 
-# The default recipes (TrainConfig fields). Fashion-MNIST: 48 px input (the photos are 28 px), 128-bit codes,
+# The default recipes (TrainConfig fields). Fashion-MNIST: 48 px input (the photos are 28 px), 128-bit codes
+# (256 after the last fine-tuning stage),
 # InfoNCE + batch-hard triplet on fc7 and on the relaxed codes, P=64 x K=2 (a clean photo + a strong shopper
 # view). Renderer: 64 px with a stride-8 landmark map, landmarks weighted up.
 # A recipe may add fine-tuning stages (FINE_TUNE_STAGES): each starts from the previous stage's model.pt.
@@ -111,7 +112,21 @@ FINE_TUNE_STAGES: dict[str, list[dict]] = {
             "seed": 1,  # fresh batches, not a replay of stage 1's first epoch
             "lr": 0.0005,
             "loss_weights": {**RECIPES["fashion-mnist"]["loss_weights"], "hash_quantization": 1.0},
-        }
+        },
+        # Stage 3: 256-bit codes. A fresh 256-bit hash layer on stage 2's fc7 (train.py keeps every other
+        # weight), one more pass like stage 2. Measured on the benchmark (1,000 catalog, 2,000 queries):
+        # "query" fc7 R@1 0.8795 -> 0.8890, Hamming 0.8117 -> 0.8592 (gap 6.8 -> 3.0 points), cascade = fc7;
+        # "mild" fc7 0.9445 -> 0.9520, Hamming 0.8855 -> 0.9237. The same pass at 128 bits: Hamming 0.8145
+        # (fc7 0.8910), so the bits close the gap; hash_quantization 3.0 instead of 1.0: Hamming 0.8510.
+        {
+            **RECIPES["fashion-mnist"],
+            "out_dir": "var/runs/fashion_mnist_finetune256",
+            "model": {**RECIPES["fashion-mnist"]["model"], "code_bits": 256},
+            "epochs": 1,
+            "seed": 2,
+            "lr": 0.0005,
+            "loss_weights": {**RECIPES["fashion-mnist"]["loss_weights"], "hash_quantization": 1.0},
+        },
     ]
 }
 

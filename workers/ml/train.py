@@ -200,7 +200,16 @@ def train(
         initial = load_checkpoint(config.init_checkpoint)
         if initial["kind"] != "fashionnet":
             raise ValueError(f"init_checkpoint must be a fashionnet checkpoint, not {initial['kind']!r}")
-        model.load_state_dict(initial["state_dict"], strict=True)
+        weights = dict(initial["state_dict"])
+        fresh: set[str] = set()
+        if weights["hash.weight"].shape != model.hash.weight.shape:
+            # a different code length: keep everything up to fc7, start a fresh hash layer on it
+            fresh = {"hash.weight", "hash.bias"}
+            for key in fresh:
+                del weights[key]
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) != fresh:
+            raise ValueError(f"init_checkpoint does not fit: missing {missing}, unexpected {unexpected}")
     if config.resume and resume_path.exists():
         state = load_checkpoint(resume_path)
         model.load_state_dict(state["state_dict"])
