@@ -30,18 +30,6 @@ import numpy as np
 
 from workers.ml.records import LabelSpace, Record
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 VALIDATION_HOLDOUT = 1000  # train-split images kept out of training to watch retrieval per epoch
 VALIDATION_QUERY_SEED = 12345
 EVALUATION_QUERY_SEED = 2024  # fixed: every model version is measured on the same shopper photos
