@@ -205,7 +205,7 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def embedding_save(
+def embedding_row(
     *,
     image: ProductImage,
     model_version: ModelVersion,
@@ -216,28 +216,32 @@ def embedding_save(
     attributes: dict[str, float] | None = None,
     landmarks: Sequence[Sequence[float]] | None = None,
 ) -> ImageEmbedding:
-    """Insert or replace the embedding of `image` under `model_version` (idempotent: re-embedding is an update)."""
-    bits = np.asarray(bits, dtype=bool).reshape(-1)
-    fc7 = np.asarray(fc7, dtype=np.float32).reshape(-1)
-    if bits.size != model_version.code_bits or fc7.size != model_version.fc7_dim:
-        raise ValueError(
-            f"version {model_version.pk} expects {model_version.code_bits} bits and {model_version.fc7_dim}-d fc7,"
-            f" got {bits.size} bits and {fc7.size}-d"
-        )
-    embedding, _ = ImageEmbedding.objects.update_or_create(
+    """An unsaved embedding row of `image` under `model_version` (sizes are checked when it is saved)."""
+    return ImageEmbedding(
         image=image,
         model_version=model_version,
-        defaults={
-            "product_id": image.product_id,
-            "code": Bit(bits).to_text(),
-            "fc7": fc7,
-            "category": category,
-            "category_confidence": category_confidence,
-            "attributes": attributes or {},
-            "landmarks": [list(map(float, point)) for point in (landmarks or [])],
-        },
+        product_id=image.product_id,
+        code=Bit(np.asarray(bits, dtype=bool).reshape(-1)).to_text(),
+        fc7=np.asarray(fc7, dtype=np.float32).reshape(-1),
+        category=category,
+        category_confidence=category_confidence,
+        attributes=attributes or {},
+        landmarks=[list(map(float, point)) for point in (landmarks or [])],
     )
-    return embedding
+
+
+def embedding_save(
+    *,
+    image: ProductImage,
+    model_version: ModelVersion,
+    bits: np.ndarray,
+    fc7: np.ndarray,
+    **predictions: Any,  # category, category_confidence, attributes, landmarks: see embedding_row
+) -> ImageEmbedding:
+    """Insert or replace one embedding (idempotent: re-embedding is an update)."""
+    row = embedding_row(image=image, model_version=model_version, bits=bits, fc7=fc7, **predictions)
+    embeddings_bulk_save(model_version=model_version, rows=[row])
+    return row
 
 
 def checkpoint_path(version: ModelVersion) -> Path:
@@ -298,11 +302,10 @@ def images_embed(*, image_ids: Sequence[int], encoder_for: EncoderFor) -> dict[s
             embeddings_bulk_save(
                 model_version=version,
                 rows=[
-                    ImageEmbedding(
+                    embedding_row(
                         image=image,
                         model_version=version,
-                        product_id=image.product_id,
-                        code=Bit(encoding.bits[index]).to_text(),
+                        bits=encoding.bits[index],
                         fc7=encoding.fc7[index],
                         **_predictions(encoding, index, encoder.label_space),
                     )
@@ -322,7 +325,8 @@ def embeddings_bulk_save(*, model_version: ModelVersion, rows: Sequence[ImageEmb
     for row in rows:
         if len(row.code) != model_version.code_bits or len(row.fc7) != model_version.fc7_dim:
             raise ValueError(
-                f"version {model_version.pk} expects {model_version.code_bits} bits and {model_version.fc7_dim}-d fc7"
+                f"version {model_version.pk} expects {model_version.code_bits} bits and {model_version.fc7_dim}-d fc7,"
+                f" got {len(row.code)} bits and {len(row.fc7)}-d"
             )
     ImageEmbedding.objects.bulk_create(
         rows,

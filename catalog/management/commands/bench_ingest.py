@@ -195,7 +195,6 @@ class Command(BaseCommand):
     def _profile(self, archive: Path, version: ModelVersion) -> dict:
         """Per-image cost of each stage on a sample, in this process (one thread), writes rolled back."""
         import torch
-        from pgvector import Bit
 
         from workers.encoders import encoder_for
 
@@ -231,8 +230,8 @@ class Command(BaseCommand):
                 encoder.encode(pictures[:8])  # warm-up outside the timing
                 encoding = timed("encode_network", lambda: encoder.encode(pictures))
                 timed("embedding_db_write", lambda: services.embeddings_bulk_save(model_version=version, rows=[
-                    ImageEmbedding(image=image, model_version=version, product_id=image.product_id,
-                                   code=Bit(encoding.bits[i]).to_text(), fc7=encoding.fc7[i])
+                    services.embedding_row(image=image, model_version=version, bits=encoding.bits[i],
+                                           fc7=encoding.fc7[i])
                     for i, image in enumerate(stored)
                 ]))  # fmt: skip
                 timed("duplicate_check", lambda: services.duplicates_find(model_version=version, image_ids=added))
