@@ -15,7 +15,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 requirements=$("$PYTHON" - <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["dev"]))
+extras = [requirement for group in project["optional-dependencies"].values() for requirement in group]
+print("\n".join(project["dependencies"] + extras))
 PY
 )
 key=$( { "$PYTHON" -c 'import sys; print(sys.version)'; echo "$requirements"; } | sha256sum | cut -c1-16)

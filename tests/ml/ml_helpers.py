@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import torch
 from PIL import Image
 
-from workers.ml.model import FashionNetConfig
+from workers.ml.checkpoint import build_checkpoint, save_checkpoint
+from workers.ml.model import FashionNet, FashionNetConfig
 from workers.ml.records import LabelSpace, Record
+from workers.ml.train import preprocessing_for
 
 TINY_BACKBONE = "test_efficientnet"  # timm's own test model: same structure as EfficientNet, 82k params
+DEEPFASHION_FIXTURES = Path(__file__).parent / "fixtures" / "deepfashion"  # tiny data in the benchmarks' formats
+DEEPFASHION_INSHOP = DEEPFASHION_FIXTURES / "inshop"
 LABELS = LabelSpace(categories=("a", "b", "c"), attributes=("red", "striped", "long"), num_landmarks=4)
 
 
@@ -28,6 +35,26 @@ def tiny_config(**overrides) -> FashionNetConfig:
     }
     fields.update(overrides)
     return FashionNetConfig(**fields)
+
+
+def save_tiny_checkpoint(path: Path, *, seed: int = 0, **overrides) -> Path:
+    """A randomly initialised tiny FashionNet saved as a self-describing checkpoint."""
+    torch.manual_seed(seed)
+    config = tiny_config(**overrides)
+    labels = LABELS if config.num_landmarks else LabelSpace(categories=LABELS.categories)
+    return save_checkpoint(
+        build_checkpoint(
+            kind="fashionnet",
+            model_config=config.to_dict(),
+            label_space=labels.to_dict(),
+            preprocessing=preprocessing_for(config).to_dict(),
+            code_bits=config.code_bits,
+            fc7_dim=config.fc7_dim,
+            state_dict=FashionNet(config).state_dict(),
+            metrics={"note": "random"},
+        ),
+        path,
+    )
 
 
 def random_image(rng: np.random.Generator, size: tuple[int, int] = (40, 32), mode: str = "RGB") -> Image.Image:

@@ -1,8 +1,7 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from tests.ml.ml_helpers import DEEPFASHION_FIXTURES, DEEPFASHION_INSHOP
 from workers.ml.datasets.deepfashion import (
     DeepFashionCategoryAttribute,
     DeepFashionInShop,
@@ -10,8 +9,7 @@ from workers.ml.datasets.deepfashion import (
 )
 from workers.ml.datasets.render import product_spec, render_product
 
-FIXTURES = Path(__file__).parent / "fixtures" / "deepfashion"
-INSHOP, CATEGORY_ATTRIBUTE = FIXTURES / "inshop", FIXTURES / "category_attribute"
+INSHOP, CATEGORY_ATTRIBUTE = DEEPFASHION_INSHOP, DEEPFASHION_FIXTURES / "category_attribute"
 
 
 def test_inshop_splits_items_and_categories():

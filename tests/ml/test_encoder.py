@@ -2,36 +2,16 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.ml.ml_helpers import LABELS, random_image, tiny_config
-from workers.ml.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from tests.ml.ml_helpers import LABELS, random_image, save_tiny_checkpoint
+from workers.ml.checkpoint import load_checkpoint, save_checkpoint
 from workers.ml.encoder import Encoder, Encoding
-from workers.ml.model import FashionNet
-from workers.ml.train import preprocessing_for
 
 
 @pytest.fixture(scope="module")
 def checkpoint_path(tmp_path_factory):
-    torch.manual_seed(0)
-    config = tiny_config()
-    net = FashionNet(config)
-    path = tmp_path_factory.mktemp("encoder") / "model.pt"
-    save_checkpoint(
-        build_checkpoint(
-            kind="fashionnet",
-            model_config=config.to_dict(),
-            label_space=LABELS.to_dict(),
-            preprocessing=preprocessing_for(config).to_dict(),
-            code_bits=config.code_bits,
-            fc7_dim=config.fc7_dim,
-            state_dict=net.state_dict(),
-            metrics={"note": "random"},
-        ),
-        path,
-    )
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("encoder") / "model.pt")
 
 
 def _images(count=5, seed=0):

@@ -2,11 +2,16 @@ import contextlib
 import json
 
 import numpy as np
+import pytest
 import torch
 
+from tests.ml.ml_helpers import DEEPFASHION_INSHOP as INSHOP
 from tests.ml.ml_helpers import LABELS, random_records, tiny_config
+from workers.ml.benchmark import evaluation_sets
 from workers.ml.checkpoint import load_checkpoint
 from workers.ml.datasets.torch_dataset import prepare_record
+from workers.ml.encoder import Encoder
+from workers.ml.evaluate import evaluate_encoder
 from workers.ml.losses import MultiTaskLoss
 from workers.ml.model import FashionNet
 from workers.ml.records import collate
@@ -127,3 +132,32 @@ def test_init_checkpoint_with_another_code_length_starts_a_fresh_hash_layer(tmp_
     for key, value in before["state_dict"].items():
         if not key.startswith("hash.") and "running" not in key and "num_batches" not in key:
             assert torch.equal(value, continued["state_dict"][key]), key
+
+
+def test_trains_on_deepfashion_inshop_and_evaluates_query_photos_against_the_gallery(tmp_path):
+    """A user with DeepFashion trains and measures with the same commands (here on the format fixture)."""
+    config = _config(
+        tmp_path, dataset={"name": "deepfashion-inshop", "root": str(INSHOP)}, epochs=1, instances_per_batch=2
+    )
+    path = train(config)
+    checkpoint = load_checkpoint(path)
+    # the label space spans every split, so gallery and query records carry the categories training knew
+    assert checkpoint["label_space"]["categories"] == ["MEN/Denim", "WOMEN/Blouses_Shirts", "WOMEN/Dresses"]
+    assert checkpoint["label_space"]["num_landmarks"] == 8 and len(checkpoint["label_space"]["attributes"]) == 3
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and np.isfinite(json.loads(lines[0])["landmarks"])
+
+    sets = evaluation_sets("deepfashion-inshop", catalog_size=10, num_queries=10, root=INSHOP)
+    assert [r.extra["split"] for r in sets.catalog] == ["gallery"]
+    assert [r.extra["split"] for r in sets.queries] == ["query"]  # the benchmark's real photos, not augmented
+    assert sets.queries[0].instance_id == sets.catalog[0].instance_id
+    report = evaluate_encoder(Encoder.load(path), sets.catalog, sets.queries)
+    assert report["fc7"]["R@1"] == 1.0  # a one-item gallery: the plumbing, not the network, is under test
+    assert 0.0 <= report["landmark_pck@0.1"] <= 1.0
+
+
+def test_deepfashion_needs_its_data_root(tmp_path):
+    with pytest.raises(ValueError, match="needs the folder"):
+        train(_config(tmp_path, dataset={"name": "deepfashion-inshop"}))
+    with pytest.raises(ValueError, match="needs the folder"):
+        evaluation_sets("deepfashion-inshop", catalog_size=1, num_queries=1)

@@ -4,7 +4,8 @@
     encoding = encoder.encode(images)                             # cheap, repeatable
     encoding.codes   # (N, B/8) uint8, np.packbits big-endian: bit 0 = MSB of byte 0 (pgvector's order)
 
-Both checkpoint kinds — a trained FashionNet and the untrained "version 0" baseline — give the same Encoding.
+Both checkpoint kinds — a trained FashionNet and the untrained "version 0" baseline — give the same Encoding,
+and so does a FashionNet exported to ONNX (workers.ml.onnx_export) and run by ONNX Runtime.
 Calls to `encode` are serialised by a lock, so one Encoder can be shared by the threads of a worker process.
 """
 
@@ -51,6 +52,32 @@ class _Network(Protocol):
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]: ...
 
 
+# Every head an Encoding carries, in this order; a model without a head (no landmarks, say) lacks that one.
+HEAD_NAMES = ("hash_probs", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
+
+
+def head_outputs(model: FashionNet, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Run the network; its heads as the Encoder stores them (probabilities, not logits), absent heads left out.
+
+    Shared by the torch path and the ONNX export, so both compute exactly the same thing.
+    """
+    out = model(batch)
+    heads = {
+        "hash_probs": out.hash_probs,
+        "fc7": out.fc7,
+        "category_probs": out.category_logits.softmax(1) if out.category_logits is not None else None,
+        "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
+        "landmarks": out.landmarks,
+        "visibility": torch.sigmoid(out.visibility_logits) if out.visibility_logits is not None else None,
+    }
+    return {name: value for name, value in heads.items() if value is not None}
+
+
+def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """Head arrays -> what a _Network returns: bits instead of hash activations, None for the absent heads."""
+    return {"bits": heads["hash_probs"] > 0.5, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
+
+
 class _FashionNetRunner:
     def __init__(self, model: FashionNet) -> None:
         self.model = model
@@ -64,17 +91,8 @@ class _FashionNetRunner:
         return cls(model)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
-        out = self.model(batch.contiguous(memory_format=torch.channels_last))
-        return {
-            "bits": (out.hash_probs > 0.5).numpy(),
-            "fc7": out.fc7.float().numpy(),
-            "category_probs": out.category_logits.softmax(1).numpy() if out.category_logits is not None else None,
-            "attribute_probs": torch.sigmoid(out.attribute_logits).numpy()
-            if out.attribute_logits is not None
-            else None,
-            "landmarks": out.landmarks.numpy() if out.landmarks is not None else None,
-            "visibility": torch.sigmoid(out.visibility_logits).numpy() if out.visibility_logits is not None else None,
-        }
+        heads = head_outputs(self.model, batch.contiguous(memory_format=torch.channels_last))
+        return network_result({name: value.float().numpy() for name, value in heads.items()})
 
 
 class Encoder:
@@ -89,9 +107,16 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | Path, *, num_threads: int | None = None) -> Encoder:
-        """Load a checkpoint of any kind. `num_threads` pins torch's intra-op threads (process-wide)."""
+        """Load a checkpoint of any kind, or an ONNX export of one (`.onnx`, run by ONNX Runtime).
+
+        `num_threads` pins torch's intra-op threads (process-wide) and ONNX Runtime's.
+        """
         if num_threads:
             torch.set_num_threads(num_threads)
+        if Path(path).suffix == ".onnx":
+            from workers.ml.onnx_export import OnnxNetwork, read_metadata
+
+            return cls(read_metadata(path), OnnxNetwork(path, num_threads=num_threads), Path(path))
         checkpoint = load_checkpoint(path)
         return cls.from_checkpoint(checkpoint, path=Path(path))
 

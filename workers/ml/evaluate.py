@@ -269,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--dataset", required=True, help="fashion-mnist | renderer")
+    parser.add_argument("--dataset", required=True, help="fashion-mnist | renderer | deepfashion-inshop")
+    parser.add_argument("--data-root", help="where the user's DeepFashion data is (deepfashion-inshop)")
     parser.add_argument("--catalog-size", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
@@ -280,7 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     encoder = Encoder.load(args.checkpoint, num_threads=args.threads)
-    sets = evaluation_sets(args.dataset, catalog_size=args.catalog_size, num_queries=args.queries, seed=args.seed)
+    sets = evaluation_sets(
+        args.dataset,
+        catalog_size=args.catalog_size,
+        num_queries=args.queries,
+        seed=args.seed,
+        root=args.data_root,
+    )
     report = evaluate_encoder(
         encoder, sets.catalog, sets.queries, cascade_min=args.cascade_min, cascade_max=args.cascade_max
     )

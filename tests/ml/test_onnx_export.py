@@ -1,0 +1,71 @@
+"""ONNX export: the exported graph, run by ONNX Runtime through the Encoder, gives the torch Encoding."""
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.ml.ml_helpers import LABELS, random_image, save_tiny_checkpoint
+from workers.ml.checkpoint import load_checkpoint, save_checkpoint
+from workers.ml.encoder import Encoder
+from workers.ml.onnx_export import export, read_metadata
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx")
+    checkpoint = save_tiny_checkpoint(folder / "model.pt")
+    return checkpoint, export(checkpoint)
+
+
+def _images(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [random_image(rng, (24 + 7 * (i % 5), 40 - 3 * (i % 4))) for i in range(count)]
+
+
+@pytest.mark.parametrize("count, batch_size", [(1, 64), (7, 3), (70, 64)])  # the batch axis is dynamic
+def test_onnx_encoder_matches_torch(exported, count, batch_size):
+    checkpoint, onnx_path = exported
+    images = _images(count)
+    expected = Encoder.load(checkpoint).encode(images, batch_size=batch_size)
+    actual = Encoder.load(onnx_path, num_threads=1).encode(images, batch_size=batch_size)
+    assert np.array_equal(actual.codes, expected.codes)
+    assert np.allclose(actual.fc7, expected.fc7, atol=1e-5)
+    for head in ("category_probs", "attribute_probs", "landmarks", "visibility"):
+        assert getattr(actual, head).dtype == np.float32
+        assert np.allclose(getattr(actual, head), getattr(expected, head), atol=1e-5), head
+
+
+def test_onnx_file_is_self_describing(exported):
+    checkpoint, onnx_path = exported
+    assert onnx_path == checkpoint.with_suffix(".onnx")
+    encoder = Encoder.load(onnx_path)
+    assert encoder.code_bits == 32 and encoder.fc7_dim == 32 and encoder.label_space == LABELS
+    assert encoder.preprocessing == Encoder.load(checkpoint).preprocessing
+    assert encoder.version_info["path"] == str(onnx_path) and encoder.version_info["kind"] == "fashionnet"
+    assert "state_dict" not in read_metadata(onnx_path)
+
+
+def test_model_without_landmarks_exports_only_its_heads(tmp_path):
+    onnx_path = export(save_tiny_checkpoint(tmp_path / "plain.pt", num_landmarks=0, num_attributes=0))
+    names = [output.name for output in onnx.load(str(onnx_path)).graph.output]
+    assert names == ["hash_probs", "fc7", "category_probs"]
+    encoding = Encoder.load(onnx_path).encode(_images(3))
+    assert encoding.landmarks is None and encoding.visibility is None and encoding.attribute_probs is None
+    assert encoding.category_probs.shape == (3, len(LABELS.categories))
+
+
+def test_only_fashionnet_checkpoints_export(tmp_path, exported):
+    checkpoint, _ = exported
+    baseline = save_checkpoint({**load_checkpoint(checkpoint), "kind": "baseline"}, tmp_path / "v0.pt")
+    with pytest.raises(ValueError, match="only fashionnet"):
+        export(baseline)
+    assert not (tmp_path / "v0.onnx").exists()
+
+
+def test_an_onnx_file_from_elsewhere_is_refused(tmp_path, exported):
+    _, onnx_path = exported
+    foreign = onnx.load(str(onnx_path))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    with pytest.raises(ValueError, match="not exported by workers.ml.onnx_export"):
+        Encoder.load(tmp_path / "foreign.onnx")

@@ -1,0 +1,184 @@
+"""ONNX export of a trained FashionNet, and the ONNX Runtime network the Encoder runs it with.
+
+    python -m workers.ml.onnx_export var/models/v3.pt           # -> var/models/v3.onnx, checked against torch
+    Encoder.load("var/models/v3.onnx")                          # the same Encoding, computed by ONNX Runtime
+
+The .onnx file is as self-describing as the checkpoint it came from: the checkpoint's metadata (model config,
+vocabularies, preprocessing, sizes, metrics; no weights) rides along as JSON in the model's metadata_props, so
+a worker needs just the one file. The graph takes a preprocessed float batch (N, 3, S, S) with a dynamic batch
+axis and returns the heads the network has, named as in `encoder.HEAD_NAMES`; preprocessing and bit packing stay in
+Python, shared with the torch path. onnx, onnxscript and onnxruntime are optional (the `onnx` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from workers.ml.checkpoint import load_checkpoint
+from workers.ml.encoder import Encoder, head_outputs, network_result
+from workers.ml.model import FashionNet, FashionNetConfig
+
+INPUT_NAME = "images"
+METADATA_KEY = "shop_search.checkpoint"
+OPSET = 18
+# Largest |difference| between any ONNX Runtime output and torch's that `export` accepts (both are float32;
+# the graph optimiser reorders sums, so the last bits differ).
+OUTPUT_TOLERANCE = 1e-4
+
+
+class _Heads(nn.Module):
+    """FashionNet -> a flat tuple of head tensors: ONNX graphs return tensors, not NamedTuples."""
+
+    def __init__(self, model: FashionNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(head_outputs(self.model, images).values())
+
+
+def checkpoint_metadata(checkpoint: dict) -> dict:
+    """What an Encoder needs besides the weights (everything but state_dict and resumable training state)."""
+    return {key: value for key, value in checkpoint.items() if key not in ("state_dict", "training")}
+
+
+def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, verify: bool = True) -> Path:
+    """Write `<checkpoint>.onnx` (or `out_path`) for a fashionnet checkpoint; with `verify`, compare with torch."""
+    import onnx
+
+    checkpoint = load_checkpoint(checkpoint_path)
+    if checkpoint["kind"] != "fashionnet":
+        raise ValueError(f"only fashionnet checkpoints export to ONNX, not {checkpoint['kind']!r}")
+    out_path = Path(out_path) if out_path else Path(checkpoint_path).with_suffix(".onnx")
+    config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
+    model = FashionNet(config)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    model.eval()
+    size = int(checkpoint["preprocessing"]["input_size"])
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        names = list(head_outputs(model, example))
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a name of this process's own and renamed once checked: a worker never loads half a file or
+    # an unchecked one, and two workers exporting the same checkpoint at once do not trip over each other.
+    temporary = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    try:
+        program = torch.onnx.export(
+            _Heads(model).eval(),
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=names,
+            opset_version=OPSET,
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
+            dynamo=True,
+            external_data=False,
+        )
+        assert program is not None  # the dynamo exporter always returns its ONNXProgram
+        graph = program.model_proto
+        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(checkpoint_metadata(checkpoint))})
+        onnx.save(graph, str(temporary))
+        if verify:
+            _verify(model, temporary, size)
+        temporary.replace(out_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return out_path
+
+
+def _verify(model: FashionNet, onnx_path: Path, size: int) -> None:
+    """Compare ONNX Runtime with torch on a fresh batch of another size than the export example."""
+    batch = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    with torch.no_grad():
+        expected = {name: value.numpy() for name, value in head_outputs(model, batch).items()}
+    actual = OnnxNetwork(onnx_path).run(batch.numpy())
+    for name, value in expected.items():
+        difference = float(np.abs(actual[name] - value).max())
+        if difference > OUTPUT_TOLERANCE:
+            raise RuntimeError(f"{onnx_path}: ONNX Runtime's {name} differs from torch by {difference:.2e}")
+
+
+def read_metadata(onnx_path: str | Path) -> dict:
+    """The checkpoint metadata stored in an exported .onnx file."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False)
+    props = {prop.key: prop.value for prop in graph.metadata_props}
+    if METADATA_KEY not in props:
+        raise ValueError(f"{onnx_path}: not exported by workers.ml.onnx_export (no {METADATA_KEY} metadata)")
+    return json.loads(props[METADATA_KEY])
+
+
+class OnnxNetwork:
+    """An exported FashionNet run by ONNX Runtime on the CPU; the Encoder's network for .onnx files."""
+
+    def __init__(self, onnx_path: str | Path, *, num_threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
+        return dict(zip(self.output_names, values))
+
+    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
+        return network_result(self.run(batch.numpy()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path, help="a fashionnet checkpoint (.pt)")
+    parser.add_argument("--out", type=Path, help="where to write the .onnx (default: beside the checkpoint)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch comparison")
+    parser.add_argument("--bench", action="store_true", help="then time torch and ONNX Runtime encoders")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for --bench (a worker uses 1)")
+    args = parser.parse_args(argv)
+    path = export(args.checkpoint, args.out, verify=not args.no_verify)
+    sys.stdout.write(f"{path}\n")
+    if args.bench:
+        for batch_size in (1, 64):
+            torch_ms, onnx_ms = compare_speed(args.checkpoint, path, batch_size=batch_size, threads=args.threads)
+            sys.stdout.write(
+                f"batch {batch_size:>2}: torch {torch_ms:.2f} ms/image, onnxruntime {onnx_ms:.2f} ms/image "
+                f"(median of repeats; torch/onnxruntime = {torch_ms / onnx_ms:.2f})\n"
+            )
+    return 0
+
+
+def compare_speed(
+    checkpoint_path: Path, onnx_path: Path, *, batch_size: int, threads: int, repeats: int = 15
+) -> tuple[float, float]:
+    """Median milliseconds per image of Encoder.encode (preprocessing included) for the .pt and the .onnx."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (300, 220, 3), dtype=np.uint8)) for _ in range(batch_size)]
+    medians = []
+    for path in (checkpoint_path, onnx_path):
+        encoder = Encoder.load(path, num_threads=threads)
+        encoder.encode(images)  # warm-up: allocations, lazy initialisation
+        timings = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            encoder.encode(images)
+            timings.append((time.perf_counter() - started) * 1000 / batch_size)
+        medians.append(float(np.median(timings)))
+    return medians[0], medians[1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
