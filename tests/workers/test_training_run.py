@@ -1,6 +1,7 @@
 """Retraining from the catalog on a real worker: export, train (tiny), register a ready version with its curves."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,6 +64,9 @@ def test_a_training_run_trains_on_the_catalog_and_registers_a_ready_version(sett
     assert version.kind == ModelVersion.Kind.FASHIONNET and version.status == ModelVersion.Status.READY
     assert (version.code_bits, version.fc7_dim) == (32, 16)
     assert version.config["training"]["epochs"] == 2
+    # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
+    onnx_path = Path(version.checkpoint).with_suffix(".onnx")
+    assert onnx_path.exists() and version.config["path"] == str(onnx_path)
     manifest = (tmp_path / "runs" / f"run-{run.pk}" / "catalog" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == 4  # the inactive product is not trained on
 
