@@ -61,6 +61,11 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> Path:
     return path
 
 
+def checkpoint_metadata(checkpoint: dict) -> dict:
+    """Everything but the weights and the resumable training state: what describes the model."""
+    return {key: value for key, value in checkpoint.items() if key not in ("state_dict", "training")}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
     version = checkpoint.get("format_version")

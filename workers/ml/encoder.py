@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.ml.checkpoint import FORMAT_VERSION, load_checkpoint
+from workers.ml.checkpoint import FORMAT_VERSION, checkpoint_metadata, load_checkpoint
 from workers.ml.codes import pack_bits
 from workers.ml.model import FashionNet, FashionNetConfig
 from workers.ml.preprocess import Letterbox, Preprocessing, preprocess_batch
@@ -97,9 +97,7 @@ class _FashionNetRunner:
 
 class Encoder:
     def __init__(self, checkpoint: dict, network: _Network, path: Path | None = None) -> None:
-        self.checkpoint_meta = {
-            key: value for key, value in checkpoint.items() if key not in ("state_dict", "training")
-        }
+        self.checkpoint_meta = checkpoint_metadata(checkpoint)
         self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
         self._network = network
         self._path = path

@@ -6,8 +6,8 @@
 The .onnx file is as self-describing as the checkpoint it came from: the checkpoint's metadata (model config,
 vocabularies, preprocessing, sizes, metrics; no weights) rides along as JSON in the model's metadata_props, so
 a worker needs just the one file. The graph takes a preprocessed float batch (N, 3, S, S) with a dynamic batch
-axis and returns the heads the network has, named as in `encoder.HEAD_NAMES`; preprocessing and bit packing stay in
-Python, shared with the torch path. onnx, onnxscript and onnxruntime are optional (the `onnx` extra).
+axis and returns the heads the network has, named as in `encoder.HEAD_NAMES`; preprocessing and bit packing
+stay in Python, shared with the torch path. Workers run these files by default (workers/encoders.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from workers.ml.checkpoint import load_checkpoint
+from workers.ml.checkpoint import checkpoint_metadata, load_checkpoint
 from workers.ml.encoder import Encoder, head_outputs, network_result
 from workers.ml.model import FashionNet, FashionNetConfig
 
@@ -46,11 +46,6 @@ class _Heads(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(head_outputs(self.model, images).values())
-
-
-def checkpoint_metadata(checkpoint: dict) -> dict:
-    """What an Encoder needs besides the weights (everything but state_dict and resumable training state)."""
-    return {key: value for key, value in checkpoint.items() if key not in ("state_dict", "training")}
 
 
 def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, verify: bool = True) -> Path:
