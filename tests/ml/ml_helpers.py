@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers.ml.checkpoint import build_checkpoint, save_checkpoint
+from workers.ml.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from workers.ml.encoder import Encoder, heads_module
 from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.preprocess import preprocess_batch
 from workers.ml.records import LabelSpace, Record
 from workers.ml.train import preprocessing_for
 
@@ -76,3 +78,14 @@ def random_records(count: int, *, seed: int = 0, instances: int | None = None, l
             record.visibility = (rng.random(LABELS.num_landmarks) > 0.3).astype(np.float32)
         records.append(record)
     return records
+
+
+def assert_same_bits(checkpoint, images, actual, expected):
+    """Codes agree bit for bit, except where torch's activation sits within 1e-4 of the 0.5 threshold (float
+    sums in another order may flip those)."""
+    batch, _ = preprocess_batch(images, Encoder.load(checkpoint).preprocessing)
+    with torch.no_grad():
+        probs = heads_module(load_checkpoint(checkpoint))(batch)["hash_probs"].numpy()
+    settled = np.abs(probs - 0.5) > 1e-4
+    assert np.array_equal(actual.bits[settled], expected.bits[settled])
+    assert np.array_equal(np.unpackbits(actual.codes, axis=1).astype(bool), actual.bits)

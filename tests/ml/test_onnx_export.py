@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.ml.ml_helpers import LABELS, random_image, save_tiny_checkpoint
-from workers.ml.checkpoint import load_checkpoint, save_checkpoint
+from tests.ml.ml_helpers import LABELS, assert_same_bits, random_image, save_tiny_checkpoint
+from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
 from workers.ml.onnx_export import export, read_metadata
 
@@ -28,7 +28,7 @@ def test_onnx_encoder_matches_torch(exported, count, batch_size):
     images = _images(count)
     expected = Encoder.load(checkpoint).encode(images, batch_size=batch_size)
     actual = Encoder.load(onnx_path, num_threads=1).encode(images, batch_size=batch_size)
-    assert np.array_equal(actual.codes, expected.codes)
+    assert_same_bits(checkpoint, images, actual, expected)
     assert np.allclose(actual.fc7, expected.fc7, atol=1e-5)
     for head in ("category_probs", "attribute_probs", "landmarks", "visibility"):
         assert getattr(actual, head).dtype == np.float32
@@ -54,12 +54,19 @@ def test_model_without_landmarks_exports_only_its_heads(tmp_path):
     assert encoding.category_probs.shape == (3, len(LABELS.categories))
 
 
-def test_only_fashionnet_checkpoints_export(tmp_path, exported):
-    checkpoint, _ = exported
-    baseline = save_checkpoint({**load_checkpoint(checkpoint), "kind": "baseline"}, tmp_path / "v0.pt")
-    with pytest.raises(ValueError, match="only fashionnet"):
-        export(baseline)
-    assert not (tmp_path / "v0.onnx").exists()
+def test_version_zero_exports_too(tmp_path):
+    images = _images(12)
+    categories = ["a", "b", "c"] * 4
+    baseline = fit_baseline(images, categories=categories, code_bits=32, input_size=32, out_path=tmp_path / "v0.pt")
+    onnx_path = export(baseline)
+    expected = Encoder.load(baseline).encode(images, batch_size=5)
+    actual = Encoder.load(onnx_path).encode(images, batch_size=5)
+    assert_same_bits(baseline, images, actual, expected)
+    assert np.allclose(actual.fc7, expected.fc7, atol=1e-5)
+    # class means at temperature 20 magnify fc7's last-digit differences twentyfold
+    assert np.allclose(actual.category_probs, expected.category_probs, atol=1e-4)
+    assert actual.landmarks is None and actual.attribute_probs is None
+    assert Encoder.load(onnx_path).version_info["kind"] == "baseline"
 
 
 def test_an_onnx_file_from_elsewhere_is_refused(tmp_path, exported):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from tests.ml.ml_helpers import random_image, save_tiny_checkpoint
+from tests.ml.ml_helpers import assert_same_bits, random_image, save_tiny_checkpoint
 from workers import encoders
 from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
@@ -23,7 +23,8 @@ def test_a_trained_network_is_exported_once_and_run_on_onnx_runtime(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
     expected = Encoder.load(checkpoint).encode(_images())
     actual = encoder.encode(_images())
-    assert np.array_equal(actual.codes, expected.codes) and np.allclose(actual.fc7, expected.fc7, atol=1e-5)
+    assert_same_bits(checkpoint, _images(), actual, expected)
+    assert np.allclose(actual.fc7, expected.fc7, atol=1e-5)
 
     exported_at = onnx_path.stat().st_mtime_ns
     encoders._load(checkpoint, "onnx")
@@ -37,12 +38,15 @@ def test_a_trained_network_is_exported_once_and_run_on_onnx_runtime(tmp_path):
     assert np.allclose(renewed.encode(_images()).fc7, Encoder.load(checkpoint).encode(_images()).fc7, atol=1e-5)
 
 
-def test_torch_runtime_and_the_baseline_never_export(tmp_path):
+def test_torch_runtime_never_exports_and_version_zero_runs_on_onnx_too(tmp_path):
     checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
     assert encoders._load(checkpoint, "torch").version_info["path"] == str(checkpoint)
-    baseline = fit_baseline(_images(6), out_path=tmp_path / "v0.pt", code_bits=32, input_size=32)
-    assert encoders._load(baseline, "onnx").version_info["kind"] == "baseline"
     assert not list(tmp_path.glob("*.onnx"))
+    baseline = fit_baseline(_images(6), out_path=tmp_path / "v0.pt", code_bits=32, input_size=32)
+    encoder = encoders._load(baseline, "onnx")
+    assert encoder.version_info["kind"] == "baseline" and encoder.version_info["path"] == str(tmp_path / "v0.onnx")
+    expected = Encoder.load(baseline).encode(_images())
+    assert_same_bits(baseline, _images(), encoder.encode(_images()), expected)
 
 
 def test_a_failed_export_falls_back_to_torch(tmp_path, monkeypatch, caplog):

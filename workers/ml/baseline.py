@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from workers.ml.backbone import PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD, create_pooled_model
 from workers.ml.checkpoint import build_checkpoint, save_checkpoint
@@ -146,34 +147,36 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-class BaselineRunner:
-    """Encoder's network for "baseline" checkpoints."""
+class BaselineNetwork(nn.Module):
+    """Version 0 as a network (what the Encoder runs, and what exports to ONNX): pooled backbone features,
+    centred, projected to fc7 (PCA) and to code bits (ITQ), plus nearest-class-mean category probabilities.
+
+    Returns the Encoder's heads by name (encoder.HEAD_NAMES). A bit is set where its projection is positive;
+    the sigmoid makes that "activation > 0.5", the same rule as FashionNet's hash layer.
+    """
 
     def __init__(self, checkpoint: dict) -> None:
         import timm
 
+        super().__init__()
         state = checkpoint["state_dict"]
-        self.model = timm.create_model(checkpoint["model_config"]["backbone"], pretrained=False)
-        self.model.reset_classifier(0)  # type: ignore[operator]
+        self.backbone = timm.create_model(checkpoint["model_config"]["backbone"], pretrained=False)
+        self.backbone.reset_classifier(0)  # type: ignore[operator]
         backbone_state = {key[len("backbone.") :]: value for key, value in state.items() if key.startswith("backbone.")}
-        self.model.load_state_dict(backbone_state, strict=True)
-        self.model.eval().to(memory_format=torch.channels_last)
-        self.mean = state["feature_mean"]
-        self.fc7_projection = state["fc7_projection"]
-        self.hash_projection = state["hash_projection"]
-        self.class_means = state.get("class_means")
+        self.backbone.load_state_dict(backbone_state, strict=True)
+        self.feature_mean: torch.Tensor
+        self.fc7_projection: torch.Tensor
+        self.hash_projection: torch.Tensor
+        self.register_buffer("feature_mean", state["feature_mean"])
+        self.register_buffer("fc7_projection", state["fc7_projection"])
+        self.register_buffer("hash_projection", state["hash_projection"])
+        self.class_means: torch.Tensor | None
+        self.register_buffer("class_means", state.get("class_means"))
 
-    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
-        features = F.normalize(self.model(batch.contiguous(memory_format=torch.channels_last)), dim=1) - self.mean
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = F.normalize(self.backbone(images), dim=1) - self.feature_mean
         fc7 = F.normalize(features @ self.fc7_projection, dim=1)
-        category_probs = None
+        heads = {"hash_probs": torch.sigmoid(features @ self.hash_projection), "fc7": fc7}
         if self.class_means is not None:
-            category_probs = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1).numpy()
-        return {
-            "bits": (features @ self.hash_projection > 0).numpy(),
-            "fc7": fc7.numpy(),
-            "category_probs": category_probs,
-            "attribute_probs": None,
-            "landmarks": None,
-            "visibility": None,
-        }
+            heads["category_probs"] = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1)
+        return heads

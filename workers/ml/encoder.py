@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from workers.ml.checkpoint import FORMAT_VERSION, checkpoint_metadata, load_checkpoint
 from workers.ml.codes import pack_bits
@@ -56,21 +57,38 @@ class _Network(Protocol):
 HEAD_NAMES = ("hash_probs", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
 
 
-def head_outputs(model: FashionNet, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Run the network; its heads as the Encoder stores them (probabilities, not logits), absent heads left out.
+class FashionNetHeads(nn.Module):
+    """A FashionNet whose forward returns the Encoder's heads by name (probabilities, not logits); absent heads
+    are left out. The baseline's BaselineNetwork returns the same, so the torch path and the ONNX export treat
+    both kinds alike."""
 
-    Shared by the torch path and the ONNX export, so both compute exactly the same thing.
-    """
-    out = model(batch)
-    heads = {
-        "hash_probs": out.hash_probs,
-        "fc7": out.fc7,
-        "category_probs": out.category_logits.softmax(1) if out.category_logits is not None else None,
-        "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
-        "landmarks": out.landmarks,
-        "visibility": torch.sigmoid(out.visibility_logits) if out.visibility_logits is not None else None,
-    }
-    return {name: value for name, value in heads.items() if value is not None}
+    def __init__(self, model: FashionNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.model(images)
+        heads = {
+            "hash_probs": out.hash_probs,
+            "fc7": out.fc7,
+            "category_probs": out.category_logits.softmax(1) if out.category_logits is not None else None,
+            "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
+            "landmarks": out.landmarks,
+            "visibility": torch.sigmoid(out.visibility_logits) if out.visibility_logits is not None else None,
+        }
+        return {name: value for name, value in heads.items() if value is not None}
+
+
+def heads_module(checkpoint: dict) -> nn.Module:
+    """The torch network of a checkpoint of either kind, in eval mode, returning the Encoder's heads by name."""
+    if checkpoint["kind"] == "fashionnet":
+        config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
+        model = FashionNet(config)
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+        return FashionNetHeads(model).eval()
+    from workers.ml.baseline import BaselineNetwork
+
+    return BaselineNetwork(checkpoint).eval()
 
 
 def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
@@ -78,20 +96,14 @@ def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]
     return {"bits": heads["hash_probs"] > 0.5, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
 
 
-class _FashionNetRunner:
-    def __init__(self, model: FashionNet) -> None:
-        self.model = model
-        self.model.eval().to(memory_format=torch.channels_last)
+class _TorchNetwork:
+    """A heads module run by torch: inference mode (the Encoder's), channels-last."""
 
-    @classmethod
-    def from_checkpoint(cls, checkpoint: dict) -> _FashionNetRunner:
-        config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
-        model = FashionNet(config)
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-        return cls(model)
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module.eval().to(memory_format=torch.channels_last)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]:
-        heads = head_outputs(self.model, batch.contiguous(memory_format=torch.channels_last))
+        heads = self.module(batch.contiguous(memory_format=torch.channels_last))
         return network_result({name: value.float().numpy() for name, value in heads.items()})
 
 
@@ -120,13 +132,7 @@ class Encoder:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: dict, *, path: Path | None = None) -> Encoder:
-        if checkpoint["kind"] == "fashionnet":
-            network: _Network = _FashionNetRunner.from_checkpoint(checkpoint)
-        else:
-            from workers.ml.baseline import BaselineRunner
-
-            network = BaselineRunner(checkpoint)
-        return cls(checkpoint, network, path)
+        return cls(checkpoint, _TorchNetwork(heads_module(checkpoint)), path)
 
     @classmethod
     def from_model(cls, model: FashionNet, *, label_space: LabelSpace, preprocessing: Preprocessing) -> Encoder:
@@ -141,7 +147,7 @@ class Encoder:
             "code_bits": model.config.code_bits,
             "fc7_dim": model.config.fc7_dim,
         }
-        return cls(meta, _FashionNetRunner(model))
+        return cls(meta, _TorchNetwork(FashionNetHeads(model)))
 
     @property
     def code_bits(self) -> int:

@@ -1,4 +1,5 @@
-"""ONNX export of a trained FashionNet, and the ONNX Runtime network the Encoder runs it with.
+"""ONNX export of a model version (a trained FashionNet or version 0), and the ONNX Runtime network the
+Encoder runs it with.
 
     python -m workers.ml.onnx_export var/models/v3.pt           # -> var/models/v3.onnx, checked against torch
     Encoder.load("var/models/v3.onnx")                          # the same Encoding, computed by ONNX Runtime
@@ -26,8 +27,7 @@ from PIL import Image
 from torch import nn
 
 from workers.ml.checkpoint import checkpoint_metadata, load_checkpoint
-from workers.ml.encoder import Encoder, head_outputs, network_result
-from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.encoder import Encoder, heads_module, network_result
 
 INPUT_NAME = "images"
 METADATA_KEY = "shop_search.checkpoint"
@@ -37,33 +37,28 @@ OPSET = 18
 OUTPUT_TOLERANCE = 1e-4
 
 
-class _Heads(nn.Module):
-    """FashionNet -> a flat tuple of head tensors: ONNX graphs return tensors, not NamedTuples."""
+class _HeadTuple(nn.Module):
+    """A heads module -> a flat tuple of its head tensors, in its own order (named by the export)."""
 
-    def __init__(self, model: FashionNet) -> None:
+    def __init__(self, heads: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.heads = heads
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(head_outputs(self.model, images).values())
+        return tuple(self.heads(images).values())
 
 
 def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, verify: bool = True) -> Path:
-    """Write `<checkpoint>.onnx` (or `out_path`) for a fashionnet checkpoint; with `verify`, compare with torch."""
+    """Write `<checkpoint>.onnx` (or `out_path`) for a checkpoint of either kind; with `verify`, compare with torch."""
     import onnx
 
     checkpoint = load_checkpoint(checkpoint_path)
-    if checkpoint["kind"] != "fashionnet":
-        raise ValueError(f"only fashionnet checkpoints export to ONNX, not {checkpoint['kind']!r}")
     out_path = Path(out_path) if out_path else Path(checkpoint_path).with_suffix(".onnx")
-    config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
-    model = FashionNet(config)
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    model.eval()
+    module = heads_module(checkpoint)
     size = int(checkpoint["preprocessing"]["input_size"])
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        names = list(head_outputs(model, example))
+        names = list(module(example))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Written under a name of this process's own and renamed once checked: a worker never loads half a file or
@@ -71,7 +66,7 @@ def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, v
     temporary = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
     try:
         program = torch.onnx.export(
-            _Heads(model).eval(),
+            _HeadTuple(module).eval(),
             (example,),
             input_names=[INPUT_NAME],
             output_names=names,
@@ -85,18 +80,18 @@ def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, v
         onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(checkpoint_metadata(checkpoint))})
         onnx.save(graph, str(temporary))
         if verify:
-            _verify(model, temporary, size)
+            _verify(module, temporary, size)
         temporary.replace(out_path)
     finally:
         temporary.unlink(missing_ok=True)
     return out_path
 
 
-def _verify(model: FashionNet, onnx_path: Path, size: int) -> None:
+def _verify(module: nn.Module, onnx_path: Path, size: int) -> None:
     """Compare ONNX Runtime with torch on a fresh batch of another size than the export example."""
     batch = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(1)) * 4 - 2
     with torch.no_grad():
-        expected = {name: value.numpy() for name, value in head_outputs(model, batch).items()}
+        expected = {name: value.numpy() for name, value in module(batch).items()}
     actual = OnnxNetwork(onnx_path).run(batch.numpy())
     for name, value in expected.items():
         difference = float(np.abs(actual[name] - value).max())
@@ -116,7 +111,7 @@ def read_metadata(onnx_path: str | Path) -> dict:
 
 
 class OnnxNetwork:
-    """An exported FashionNet run by ONNX Runtime on the CPU; the Encoder's network for .onnx files."""
+    """An exported network run by ONNX Runtime on the CPU; the Encoder's network for .onnx files."""
 
     def __init__(self, onnx_path: str | Path, *, num_threads: int | None = None) -> None:
         import onnxruntime
@@ -138,7 +133,7 @@ class OnnxNetwork:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a fashionnet checkpoint (.pt)")
+    parser.add_argument("checkpoint", type=Path, help="a checkpoint (.pt) of either kind")
     parser.add_argument("--out", type=Path, help="where to write the .onnx (default: beside the checkpoint)")
     parser.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch comparison")
     parser.add_argument("--bench", action="store_true", help="then time torch and ONNX Runtime encoders")
