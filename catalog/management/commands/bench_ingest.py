@@ -15,6 +15,8 @@ Measured on the 2-core CI-class machine (shared with other jobs, so wall clock v
 worker core); 2,000 products on 1 worker process: 76 images/s. Per worker CPU second: 87-97 images. Per image
 (one thread): network 7.3 ms (80%), duplicate check 0.6, import (zip read, validate + re-encode, rows, file) 0.7,
 embedding write 0.3, loading the stored image 0.2.
+Since workers run version 0 on ONNX Runtime (2,000 products, 2 worker processes, a quiet machine): 287 images/s
+end to end and 197 per worker CPU second, against 184 and 113 with WORKER_ENCODER_RUNTIME=torch in the same run.
 """
 
 from __future__ import annotations
