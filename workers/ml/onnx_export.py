@@ -74,6 +74,7 @@ def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, v
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
             dynamo=True,
             external_data=False,
+            verbose=False,  # the exporter's step-by-step report would land in worker logs and progress bars
         )
         assert program is not None  # the dynamo exporter always returns its ONNXProgram
         graph = program.model_proto
