@@ -120,6 +120,9 @@ CELERY_TASK_ROUTES = {
 CELERY_TASK_ACKS_LATE = True  # tasks are idempotent: a worker lost mid-task means the task runs again
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1  # long embed/train tasks must not queue up behind one busy process
+# A new worker process preloads the active network (and exports it to ONNX if no fresh export exists, ~7 s on 2
+# cores) before it reports alive; Celery's default 4 s would SIGKILL it mid-load, over and over.
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = float(os.environ.get("CELERY_WORKER_PROC_ALIVE_TIMEOUT", "60"))
 CELERY_TASK_SOFT_TIME_LIMIT = int(os.environ.get("CELERY_TASK_SOFT_TIME_LIMIT", "600"))
 CELERY_TASK_TIME_LIMIT = int(os.environ.get("CELERY_TASK_TIME_LIMIT", "900"))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

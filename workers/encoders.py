@@ -4,8 +4,9 @@ Model versions run on ONNX Runtime by default (WORKER_ENCODER_RUNTIME=onnx), one
 image, preprocessing included, a trained FashionNet (48 px) is ~4x faster than torch for a single shopper photo
 and 2x in batches of 64; version 0 (112 px) 2.9x and 2.65x (`python -m workers.ml.onnx_export MODEL.pt --bench`).
 The .onnx file is exported beside the checkpoint the first time any worker needs it (the worker that fitted or
-trained the version, right away) and re-exported when the checkpoint is newer. If the export cannot be made,
-the worker logs why and runs the checkpoint on torch: a slower search beats no search.
+trained the version, right away) and exported again when the checkpoint changes (the export records the size
+and modification time of the checkpoint file it came from). If the export cannot be made, the worker logs why
+and runs the checkpoint on torch: a slower search beats no search.
 
 Imported only inside task bodies, so that web processes (which import workers.tasks to enqueue) never load torch.
 """
@@ -16,6 +17,8 @@ import logging
 import os
 import threading
 from pathlib import Path
+
+from celery.exceptions import SoftTimeLimitExceeded
 
 from workers.ml.encoder import Encoder
 
@@ -51,13 +54,15 @@ def _load(path: Path, runtime: str) -> Encoder:
 
 def onnx_export_for(checkpoint: Path) -> Path | None:
     """The up-to-date ONNX export of a checkpoint (made now if missing or stale), or None if it cannot be made."""
+    from workers.ml.onnx_export import export, is_current_export
+
     onnx_path = checkpoint.with_suffix(".onnx")
-    if onnx_path.exists() and onnx_path.stat().st_mtime >= checkpoint.stat().st_mtime:
+    if is_current_export(onnx_path, checkpoint):
         return onnx_path
     try:
-        from workers.ml.onnx_export import export
-
-        return export(checkpoint, onnx_path)
+        return export(checkpoint, onnx_path, num_threads=WORKER_TORCH_THREADS)
+    except SoftTimeLimitExceeded:  # the task's time is up: that is not an exporter problem
+        raise
     except Exception:  # an exporter gap must not stop search: torch computes the same encoding
         logger.exception("ONNX export of %s failed; encoding with torch instead", checkpoint)
         return None

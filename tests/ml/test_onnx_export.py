@@ -13,7 +13,7 @@ from workers.ml.onnx_export import export, read_metadata
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("onnx")
-    checkpoint = save_tiny_checkpoint(folder / "model.pt")
+    checkpoint = save_tiny_checkpoint(folder / "model.pt", spread_codes=True)
     return checkpoint, export(checkpoint)
 
 
@@ -48,7 +48,7 @@ def test_onnx_file_is_self_describing(exported):
 def test_model_without_landmarks_exports_only_its_heads(tmp_path):
     onnx_path = export(save_tiny_checkpoint(tmp_path / "plain.pt", num_landmarks=0, num_attributes=0))
     names = [output.name for output in onnx.load(str(onnx_path)).graph.output]
-    assert names == ["hash_probs", "fc7", "category_probs"]
+    assert names == ["hash_logits", "fc7", "category_probs"]
     encoding = Encoder.load(onnx_path).encode(_images(3))
     assert encoding.landmarks is None and encoding.visibility is None and encoding.attribute_probs is None
     assert encoding.category_probs.shape == (3, len(LABELS.categories))

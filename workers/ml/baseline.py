@@ -151,8 +151,8 @@ class BaselineNetwork(nn.Module):
     """Version 0 as a network (what the Encoder runs, and what exports to ONNX): pooled backbone features,
     centred, projected to fc7 (PCA) and to code bits (ITQ), plus nearest-class-mean category probabilities.
 
-    Returns the Encoder's heads by name (encoder.HEAD_NAMES). A bit is set where its projection is positive;
-    the sigmoid makes that "activation > 0.5", the same rule as FashionNet's hash layer.
+    Returns the Encoder's heads by name (encoder.HEAD_NAMES); the projections are the hash logits: a bit is set
+    where its projection is positive, the same rule as FashionNet's hash layer.
     """
 
     def __init__(self, checkpoint: dict) -> None:
@@ -176,7 +176,7 @@ class BaselineNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         features = F.normalize(self.backbone(images), dim=1) - self.feature_mean
         fc7 = F.normalize(features @ self.fc7_projection, dim=1)
-        heads = {"hash_probs": torch.sigmoid(features @ self.hash_projection), "fc7": fc7}
+        heads = {"hash_logits": features @ self.hash_projection, "fc7": fc7}
         if self.class_means is not None:
             heads["category_probs"] = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1)
         return heads

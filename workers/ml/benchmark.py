@@ -405,8 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict = {
         "dataset": args.dataset,
         "catalog": len(catalog),
-        "queries": args.queries,
-        "by_strength": {strength: {} for strength in strengths},
+        "by_strength": {strength: {"queries": len(sets.queries)} for strength, sets in sets_by_strength.items()},
     }
 
     if not args.skip_baseline:

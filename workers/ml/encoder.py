@@ -5,7 +5,7 @@
     encoding.codes   # (N, B/8) uint8, np.packbits big-endian: bit 0 = MSB of byte 0 (pgvector's order)
 
 Both checkpoint kinds — a trained FashionNet and the untrained "version 0" baseline — give the same Encoding,
-and so does a FashionNet exported to ONNX (workers.ml.onnx_export) and run by ONNX Runtime.
+and so does either kind exported to ONNX (workers.ml.onnx_export) and run by ONNX Runtime.
 Calls to `encode` are serialised by a lock, so one Encoder can be shared by the threads of a worker process.
 """
 
@@ -54,13 +54,13 @@ class _Network(Protocol):
 
 
 # Every head an Encoding carries, in this order; a model without a head (no landmarks, say) lacks that one.
-HEAD_NAMES = ("hash_probs", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
+HEAD_NAMES = ("hash_logits", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
 
 
 class FashionNetHeads(nn.Module):
-    """A FashionNet whose forward returns the Encoder's heads by name (probabilities, not logits); absent heads
-    are left out. The baseline's BaselineNetwork returns the same, so the torch path and the ONNX export treat
-    both kinds alike."""
+    """A FashionNet whose forward returns the Encoder's heads by name (probabilities, but the hash layer's
+    logits: see network_result); absent heads are left out. Version 0's BaselineNetwork returns the same, so
+    the torch path and the ONNX export treat both kinds alike."""
 
     def __init__(self, model: FashionNet) -> None:
         super().__init__()
@@ -69,7 +69,7 @@ class FashionNetHeads(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.model(images)
         heads = {
-            "hash_probs": out.hash_probs,
+            "hash_logits": out.hash_logits,
             "fc7": out.fc7,
             "category_probs": out.category_logits.softmax(1) if out.category_logits is not None else None,
             "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
@@ -92,8 +92,12 @@ def heads_module(checkpoint: dict) -> nn.Module:
 
 
 def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """Head arrays -> what a _Network returns: bits instead of hash activations, None for the absent heads."""
-    return {"bits": heads["hash_probs"] > 0.5, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
+    """Head arrays -> what a _Network returns: bits instead of hash logits, None for the absent heads.
+
+    A bit is set where the sigmoid activation exceeds 0.5, i.e. where the logit is positive; comparing the logit
+    is exact, while a float32 sigmoid rounds logits within ~1e-7 of zero to exactly 0.5.
+    """
+    return {"bits": heads["hash_logits"] > 0, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
 
 
 class _TorchNetwork:

@@ -17,20 +17,25 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import google.protobuf.message
 import numpy as np
+import onnx
 import torch
 from PIL import Image
 from torch import nn
 
-from workers.ml.checkpoint import checkpoint_metadata, load_checkpoint
+from workers.ml.checkpoint import FORMAT_VERSION, KINDS, checkpoint_metadata, load_checkpoint
 from workers.ml.encoder import Encoder, heads_module, network_result
 
 INPUT_NAME = "images"
 METADATA_KEY = "shop_search.checkpoint"
+SOURCE_KEY = "shop_search.source"  # which checkpoint file (size, mtime) and export code made this graph
+EXPORT_FORMAT = 1  # bump when the graph's inputs or outputs change: older exports are then made again
 OPSET = 18
 # Largest |difference| between any ONNX Runtime output and torch's that `export` accepts (both are float32;
 # the graph optimiser reorders sums, so the last bits differ).
@@ -48,10 +53,16 @@ class _HeadTuple(nn.Module):
         return tuple(self.heads(images).values())
 
 
-def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, verify: bool = True) -> Path:
-    """Write `<checkpoint>.onnx` (or `out_path`) for a checkpoint of either kind; with `verify`, compare with torch."""
-    import onnx
-
+def export(
+    checkpoint_path: str | Path,
+    out_path: str | Path | None = None,
+    *,
+    verify: bool = True,
+    num_threads: int | None = None,
+) -> Path:
+    """Write `<checkpoint>.onnx` (or `out_path`) for a checkpoint of either kind; with `verify`, compare with torch
+    (ONNX Runtime on `num_threads` threads, default: its own choice)."""
+    source = checkpoint_source(Path(checkpoint_path))  # before reading: a checkpoint replaced meanwhile is stale
     checkpoint = load_checkpoint(checkpoint_path)
     out_path = Path(out_path) if out_path else Path(checkpoint_path).with_suffix(".onnx")
     module = heads_module(checkpoint)
@@ -61,9 +72,11 @@ def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, v
         names = list(module(example))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a name of this process's own and renamed once checked: a worker never loads half a file or
-    # an unchecked one, and two workers exporting the same checkpoint at once do not trip over each other.
-    temporary = out_path.with_name(f"{out_path.name}.{os.getpid()}.tmp")
+    # Written under a unique name and renamed once checked: a worker never loads half a file or an unchecked
+    # one, and workers (on any host sharing the folder) exporting the same checkpoint do not trip over each other.
+    handle, temporary_name = tempfile.mkstemp(dir=out_path.parent, prefix=f"{out_path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(temporary_name)
     try:
         program = torch.onnx.export(
             _HeadTuple(module).eval(),
@@ -78,37 +91,64 @@ def export(checkpoint_path: str | Path, out_path: str | Path | None = None, *, v
         )
         assert program is not None  # the dynamo exporter always returns its ONNXProgram
         graph = program.model_proto
-        onnx.helper.set_model_props(graph, {METADATA_KEY: json.dumps(checkpoint_metadata(checkpoint))})
+        onnx.helper.set_model_props(
+            graph, {METADATA_KEY: json.dumps(checkpoint_metadata(checkpoint)), SOURCE_KEY: json.dumps(source)}
+        )
         onnx.save(graph, str(temporary))
         if verify:
-            _verify(module, temporary, size)
+            _verify(module, temporary, size, num_threads)
         temporary.replace(out_path)
     finally:
         temporary.unlink(missing_ok=True)
     return out_path
 
 
-def _verify(module: nn.Module, onnx_path: Path, size: int) -> None:
+def checkpoint_source(checkpoint_path: Path) -> dict:
+    """What identifies the checkpoint file an export was made from (and the export code's format)."""
+    stat = checkpoint_path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "export_format": EXPORT_FORMAT}
+
+
+def is_current_export(onnx_path: Path, checkpoint_path: Path) -> bool:
+    """True if `onnx_path` exists and was exported, by this export format, from the checkpoint file as it is now."""
+    if not onnx_path.exists():
+        return False
+    try:
+        source = json.loads(_metadata_props(onnx_path).get(SOURCE_KEY, "null"))
+    except (OSError, ValueError, google.protobuf.message.DecodeError):  # unreadable: export it again
+        return False
+    return source == checkpoint_source(checkpoint_path)
+
+
+def _verify(module: nn.Module, onnx_path: Path, size: int, num_threads: int | None) -> None:
     """Compare ONNX Runtime with torch on a fresh batch of another size than the export example."""
     batch = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(1)) * 4 - 2
     with torch.no_grad():
         expected = {name: value.numpy() for name, value in module(batch).items()}
-    actual = OnnxNetwork(onnx_path).run(batch.numpy())
+    actual = OnnxNetwork(onnx_path, num_threads=num_threads).run(batch.numpy())
     for name, value in expected.items():
         difference = float(np.abs(actual[name] - value).max())
         if difference > OUTPUT_TOLERANCE:
             raise RuntimeError(f"{onnx_path}: ONNX Runtime's {name} differs from torch by {difference:.2e}")
 
 
-def read_metadata(onnx_path: str | Path) -> dict:
-    """The checkpoint metadata stored in an exported .onnx file."""
-    import onnx
-
+def _metadata_props(onnx_path: str | Path) -> dict[str, str]:
     graph = onnx.load(str(onnx_path), load_external_data=False)
-    props = {prop.key: prop.value for prop in graph.metadata_props}
+    return {prop.key: prop.value for prop in graph.metadata_props}
+
+
+def read_metadata(onnx_path: str | Path) -> dict:
+    """The checkpoint metadata stored in an exported .onnx file, checked like load_checkpoint checks a .pt."""
+    props = _metadata_props(onnx_path)
     if METADATA_KEY not in props:
         raise ValueError(f"{onnx_path}: not exported by workers.ml.onnx_export (no {METADATA_KEY} metadata)")
-    return json.loads(props[METADATA_KEY])
+    metadata = json.loads(props[METADATA_KEY])
+    if metadata.get("format_version") != FORMAT_VERSION or metadata.get("kind") not in KINDS:
+        raise ValueError(
+            f"{onnx_path}: checkpoint format {metadata.get('format_version')!r} / kind {metadata.get('kind')!r}, "
+            f"this code reads format {FORMAT_VERSION} and kinds {KINDS}"
+        )
+    return metadata
 
 
 class OnnxNetwork:
