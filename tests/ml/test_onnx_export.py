@@ -1,5 +1,8 @@
 """ONNX export: the exported graph, run by ONNX Runtime through the Encoder, gives the torch Encoding."""
 
+import os
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -76,3 +79,16 @@ def test_an_onnx_file_from_elsewhere_is_refused(tmp_path, exported):
     onnx.save(foreign, str(tmp_path / "foreign.onnx"))
     with pytest.raises(ValueError, match="not exported by workers.ml.onnx_export"):
         Encoder.load(tmp_path / "foreign.onnx")
+
+
+def test_temp_files_of_killed_exports_are_cleaned_up(tmp_path, exported):
+    checkpoint, _ = exported
+    out = tmp_path / "model.onnx"
+    abandoned, in_progress = tmp_path / "model.onnx.1234.tmp", tmp_path / "model.onnx.5678.tmp"
+    abandoned.write_bytes(b"half")
+    in_progress.write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
+    export(checkpoint, out)
+    assert out.exists() and not abandoned.exists()
+    assert in_progress.exists()  # recent: it may belong to another worker's export that is still running

@@ -35,6 +35,7 @@ from workers.ml.encoder import Encoder, heads_module, network_result
 INPUT_NAME = "images"
 METADATA_KEY = "shop_search.checkpoint"
 SOURCE_KEY = "shop_search.source"  # which checkpoint file (size, mtime) and export code made this graph
+ABANDONED_TEMPORARY_SECONDS = 3600  # an export takes seconds; a temp file this old belongs to a killed process
 EXPORT_FORMAT = 1  # bump when the graph's inputs or outputs change: older exports are then made again
 OPSET = 18
 # Largest |difference| between any ONNX Runtime output and torch's that `export` accepts (both are float32;
@@ -72,6 +73,7 @@ def export(
         names = list(module(example))
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_temporaries(out_path)
     # Written under a unique name and renamed once checked: a worker never loads half a file or an unchecked
     # one, and workers (on any host sharing the folder) exporting the same checkpoint do not trip over each other.
     handle, temporary_name = tempfile.mkstemp(dir=out_path.parent, prefix=f"{out_path.name}.", suffix=".tmp")
@@ -101,6 +103,16 @@ def export(
     finally:
         temporary.unlink(missing_ok=True)
     return out_path
+
+
+def _remove_abandoned_temporaries(out_path: Path) -> None:
+    """Temp files of exports whose process was killed mid-way; old enough that no live export still writes them."""
+    for temporary in out_path.parent.glob(f"{out_path.name}.*.tmp"):
+        try:
+            if time.time() - temporary.stat().st_mtime > ABANDONED_TEMPORARY_SECONDS:
+                temporary.unlink(missing_ok=True)
+        except FileNotFoundError:  # another worker removed it first
+            continue
 
 
 def checkpoint_source(checkpoint_path: Path) -> dict:
