@@ -128,9 +128,10 @@ class Encoder:
         if num_threads:
             torch.set_num_threads(num_threads)
         if Path(path).suffix == ".onnx":
-            from workers.ml.onnx_export import OnnxNetwork, read_metadata
+            from workers.ml.onnx_export import OnnxNetwork
 
-            return cls(read_metadata(path), OnnxNetwork(path, num_threads=num_threads), Path(path))
+            network = OnnxNetwork(path, num_threads=num_threads)
+            return cls(network.checkpoint_metadata, network, Path(path))
         checkpoint = load_checkpoint(path)
         return cls.from_checkpoint(checkpoint, path=Path(path))
 

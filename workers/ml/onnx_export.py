@@ -151,7 +151,10 @@ def _metadata_props(onnx_path: str | Path) -> dict[str, str]:
 
 def read_metadata(onnx_path: str | Path) -> dict:
     """The checkpoint metadata stored in an exported .onnx file, checked like load_checkpoint checks a .pt."""
-    props = _metadata_props(onnx_path)
+    return _checkpoint_metadata(_metadata_props(onnx_path), onnx_path)
+
+
+def _checkpoint_metadata(props: dict[str, str], onnx_path: str | Path) -> dict:
     if METADATA_KEY not in props:
         raise ValueError(f"{onnx_path}: not exported by workers.ml.onnx_export (no {METADATA_KEY} metadata)")
     metadata = json.loads(props[METADATA_KEY])
@@ -175,6 +178,8 @@ class OnnxNetwork:
             options.inter_op_num_threads = 1
         self.session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
+        # read from the session ONNX Runtime already parsed, not by parsing the file a second time
+        self.checkpoint_metadata = _checkpoint_metadata(self.session.get_modelmeta().custom_metadata_map, onnx_path)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         values = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)})
