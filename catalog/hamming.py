@@ -28,6 +28,8 @@ import faiss
 import numpy as np
 from django.db import connection, transaction
 
+from catalog.codes import bitstring_pack, code_sql, packed_bitstring, version_sql
+
 logger = logging.getLogger(__name__)
 
 # --- tunables ------------------------------------------------------------------------------------------------------
@@ -132,18 +134,7 @@ class CoarseBackend(Protocol):
     ) -> CoarseCandidates: ...
 
 
-# --- codes ---------------------------------------------------------------------------------------------------------
-def bitstring_pack(text: str) -> np.ndarray:
-    """pgvector's bit text ('0101...') -> packed uint8 bytes, bit 0 = most significant bit of byte 0 (its order)."""
-    bits = np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")
-    return np.packbits(bits)
-
-
-def packed_bitstring(code: np.ndarray, code_bits: int) -> str:
-    bits = np.unpackbits(np.asarray(code, dtype=np.uint8))[:code_bits]
-    return "".join("1" if bit else "0" for bit in bits)
-
-
+# --- shells ---------------------------------------------------------------------------------------------------------
 def shell_cut(*, sorted_distances: np.ndarray, depth: CandidateDepth, complete: bool) -> int:
     """How many leading items of a distance-sorted list form whole shells under `depth`.
 
@@ -441,7 +432,7 @@ class MemoryCodeIndex:
         assert rows is not None and self._version_id is not None
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT e.id, e.product_id, p.merchant_id, p.active, (e.code::bit({int(self._code_bits)}))::text "
+                f"SELECT e.id, e.product_id, p.merchant_id, p.active, ({code_sql('e.code', self._code_bits)})::text "
                 "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
                 "WHERE e.model_version_id = %s AND (e.id = ANY(%s) OR e.product_id = ANY(%s))",
                 [self._version_id, sorted(embedding_ids), sorted(product_ids)],
@@ -516,9 +507,9 @@ def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
     """All visible embeddings of a version in one binary COPY, parsed by numpy (1M rows in about a second)."""
     code_bytes = (code_bits + 7) // 8
     sql = (
-        f"COPY (SELECT e.id, e.product_id, p.merchant_id, e.code::bit({int(code_bits)}) "
+        f"COPY (SELECT e.id, e.product_id, p.merchant_id, {code_sql('e.code', code_bits)} "
         "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
-        f"WHERE e.model_version_id = {int(version_id)} AND p.active) TO STDOUT (FORMAT BINARY)"
+        f"WHERE {version_sql('e', version_id)} AND p.active) TO STDOUT (FORMAT BINARY)"
     )
     buffer = io.BytesIO()
     connection.ensure_connection()
@@ -581,16 +572,17 @@ class SqlCodeIndex:
         query_bits = packed_bitstring(code, code_bits)
         where = product_filter.where_sql("p")
         radius_sql, radius_params = "", []
+        # The partial HNSW index (services.code_index_ensure) serves only the exact expressions catalog.codes writes.
+        ordering = f"({code_sql('e.code', code_bits)} <~> {code_sql('%s', code_bits)})"
         if depth.radius is not None:
-            radius_sql = f" AND (e.code::bit({int(code_bits)}) <~> %s::bit({int(code_bits)})) <= %s"
+            radius_sql = f" AND {ordering} <= %s"
             radius_params = [query_bits, depth.radius]
         notes: list[str] = []
-        ordering = f"(e.code::bit({int(code_bits)}) <~> %s::bit({int(code_bits)}))"
         sql = (
             "WITH hits AS MATERIALIZED ("
             f" SELECT e.id, {ordering} AS distance"
             " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
-            f" WHERE e.model_version_id = {int(version_id)} AND {where.sql}{radius_sql}"
+            f" WHERE {version_sql('e', version_id)} AND {where.sql}{radius_sql}"
             f" ORDER BY {ordering} LIMIT %s"
             ") SELECT id, distance FROM hits ORDER BY distance, id"
         )
@@ -611,11 +603,11 @@ class SqlCodeIndex:
                 # tell, and it is what a shopper is owed.
                 exact = True
                 notes.append("exact scan: the HNSW index returned fewer rows than asked")
-                distance = f"bit_count((e.code::bit({int(code_bits)})) # %s::bit({int(code_bits)}))"
+                distance = f"bit_count({code_sql('e.code', code_bits)} # {code_sql('%s', code_bits)})"
                 cursor.execute(
                     f"SELECT e.id, {distance} AS distance"
                     " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
-                    f" WHERE e.model_version_id = {int(version_id)} AND {where.sql}"
+                    f" WHERE {version_sql('e', version_id)} AND {where.sql}"
                     + (f" AND {distance} <= %s" if depth.radius is not None else "")
                     + " ORDER BY distance, e.id LIMIT %s",
                     [query_bits, *where.params, *([query_bits, depth.radius] if depth.radius is not None else []),

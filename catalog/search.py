@@ -14,7 +14,6 @@ Web processes run this module, so it never imports torch: the network runs in a 
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 from collections.abc import Sequence
@@ -26,9 +25,11 @@ import numpy as np
 from django.conf import settings
 from django.db import connection
 
-from catalog import intake, selectors
-from catalog.hamming import CandidateDepth, CoarseCandidates, ProductFilter, backend_get, bitstring_pack
+from catalog import dispatch, intake, selectors
+from catalog.codes import bitstring_pack, version_sql
+from catalog.hamming import CandidateDepth, CoarseCandidates, ProductFilter, backend_get
 from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog.query_payload import QueryEncoding
 
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
@@ -69,33 +70,6 @@ class SearchOptions:
             raise ValueError(f"k must be between 1 and {MAX_K}")
         if self.category_mode not in CATEGORY_MODES:
             raise ValueError(f"category_mode must be one of {CATEGORY_MODES}")
-
-
-@dataclass(frozen=True)
-class QueryEncoding:
-    """What the network says about the query photo (or a catalog image used as a query)."""
-
-    model_version_id: int
-    code: np.ndarray  # packed bits, uint8
-    fc7: np.ndarray  # float32
-    category: str = ""
-    category_confidence: float | None = None
-    category_probs: dict[str, float] = field(default_factory=dict)
-    attributes: dict[str, float] = field(default_factory=dict)
-    landmarks: list[list[float]] = field(default_factory=list)  # [[x, y, visibility], ...] in [0, 1]
-
-    @classmethod
-    def from_worker(cls, payload: dict[str, Any]) -> QueryEncoding:
-        return cls(
-            model_version_id=int(payload["model_version_id"]),
-            code=bitstring_pack(payload["bits"]),
-            fc7=np.asarray(payload["fc7"], np.float32),
-            category=payload.get("category") or "",
-            category_confidence=payload.get("category_confidence"),
-            category_probs=dict(payload.get("category_probs") or {}),
-            attributes=dict(payload.get("attributes") or {}),
-            landmarks=[list(point) for point in payload.get("landmarks") or []],
-        )
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
@@ -230,17 +204,10 @@ def version_serving() -> ModelVersion:
 
 def query_encode_remote(*, data: bytes, version: ModelVersion) -> QueryEncoding:
     """Encode the query photo in a worker on the `search` queue, so this process never loads the network."""
-    from celery.exceptions import TimeoutError as CeleryTimeout
-
-    from workers import tasks  # imports no torch at module level
-
     try:
-        payload = tasks.encode_query.delay(base64.b64encode(data).decode("ascii"), version.pk).get(
-            timeout=QUERY_ENCODE_TIMEOUT_S
-        )
-    except CeleryTimeout as exc:
-        raise SearchUnavailable(f"the search worker did not answer within {QUERY_ENCODE_TIMEOUT_S:.0f} s") from exc
-    return QueryEncoding.from_worker(payload)
+        return dispatch.encode_query(photo=data, version_id=version.pk, timeout_s=QUERY_ENCODE_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise SearchUnavailable(str(exc)) from exc
 
 
 # --- the cascade proper --------------------------------------------------------------------------------------------
@@ -367,7 +334,7 @@ def fine_rank(
         "  SELECT DISTINCT ON (e.product_id) e.product_id, e.id AS embedding_id, e.image_id,"
         "   (e.fc7 <-> %s::vector) AS fc7_distance, (p.category = %s) AS category_match, e.landmarks"
         "  FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
-        f"  WHERE e.id = ANY(%s::bigint[]) AND e.model_version_id = {int(version.pk)} AND {where.sql}"
+        f"  WHERE e.id = ANY(%s::bigint[]) AND {version_sql('e', version.pk)} AND {where.sql}"
         "  ORDER BY e.product_id, fc7_distance, e.id),"
         " top AS ("
         "  SELECT product_id, embedding_id, image_id, fc7_distance,"

@@ -24,10 +24,10 @@ from django.core.files.base import ContentFile, File
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
-from pgvector import Bit
 from PIL import Image
 
-from catalog import intake, selectors
+from catalog import dispatch, intake, query_payload, selectors
+from catalog.codes import bits_to_bitstring, code_index_create_sql, code_sql, version_sql
 from catalog.models import (
     DuplicateFinding,
     ImageEmbedding,
@@ -43,7 +43,6 @@ from catalog.models import (
 
 logger = logging.getLogger(__name__)
 
-EMBED_CHUNK = 64  # images per embed task: big enough to batch the network, small enough to retry cheaply
 BASELINE_FIT_SAMPLE = 3000  # PCA/ITQ are stable well before this; more only costs fitting time
 ATTRIBUTE_REPORT_THRESHOLD = 0.5  # predicted attributes kept on an embedding (independent sigmoids)
 CATEGORY_TOP = 5  # category probabilities returned with a query encoding
@@ -145,7 +144,7 @@ def image_add(
     )
     image.save()
     if enqueue:
-        images_embed_enqueue(image_ids=[image.pk])
+        dispatch.embed_images(image_ids=[image.pk])
     return ImageAddResult(image, True)
 
 
@@ -170,25 +169,10 @@ def image_store(
     )
 
 
-def code_index_name(version: ModelVersion) -> str:
-    return f"catalog_embedding_code_hnsw_v{version.pk}"
-
-
-def code_index_ensure(*, version: ModelVersion) -> str:
-    """Create the version's HNSW index on its codes (bit_hamming_ops) unless it exists.
-
-    Codes are stored unsized because versions differ in code length; pgvector indexes such a column through an
-    expression (`code::bit(B)`) on a partial index (`WHERE model_version_id = v`), one per version. Queries must
-    use the same expression to use it (catalog.hamming does).
-    """
-    name = code_index_name(version)
+def code_index_ensure(*, version: ModelVersion) -> None:
+    """Create the version's HNSW index on its codes unless it exists (catalog.codes says why one per version)."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {name} ON catalog_imageembedding "
-            f"USING hnsw ((code::bit({int(version.code_bits)})) bit_hamming_ops) "
-            f"WHERE model_version_id = {int(version.pk)}"
-        )
-    return name
+        cursor.execute(code_index_create_sql(version_id=version.pk, code_bits=version.code_bits))
 
 
 def model_version_activate(*, version: ModelVersion) -> ModelVersion:
@@ -221,7 +205,7 @@ def embedding_row(
         image=image,
         model_version=model_version,
         product_id=image.product_id,
-        code=Bit(np.asarray(bits, dtype=bool).reshape(-1)).to_text(),
+        code=bits_to_bitstring(bits),
         fc7=np.asarray(fc7, dtype=np.float32).reshape(-1),
         category=category,
         category_confidence=category_confidence,
@@ -336,32 +320,22 @@ def embeddings_bulk_save(*, model_version: ModelVersion, rows: Sequence[ImageEmb
     )
 
 
-def images_embed_enqueue(*, image_ids: Sequence[int]) -> None:
-    """Queue embedding of these images once the current transaction commits (in chunks on the `embed` queue)."""
-    from workers import tasks  # late: tasks imports this module
-
-    ids = list(image_ids)
-    for start in range(0, len(ids), EMBED_CHUNK):
-        chunk = ids[start : start + EMBED_CHUNK]
-        transaction.on_commit(lambda chunk=chunk: tasks.embed_images.delay(chunk))
-
-
 def query_encode(*, data: bytes, version: ModelVersion, encoder_for: EncoderFor) -> dict[str, Any]:
     """Encode one validated query photo; plain JSON for the trip back through the result backend."""
     encoder = encoder_for(checkpoint_path(version))
     encoding = encoder.encode([Image.open(io.BytesIO(data)).convert("RGB")])
     labels = encoder.label_space
-    result = {
-        "model_version_id": version.pk,
-        "bits": Bit(encoding.bits[0]).to_text(),
-        "fc7": [float(x) for x in encoding.fc7[0]],
-        **_predictions(encoding, 0, labels),
-        "category_probs": {},
-    }
+    category_probs = {}
     if encoding.category_probs is not None and labels.categories:
         order = np.argsort(-encoding.category_probs[0])[:CATEGORY_TOP]
-        result["category_probs"] = {labels.categories[i]: float(encoding.category_probs[0][i]) for i in order}
-    return result
+        category_probs = {labels.categories[i]: float(encoding.category_probs[0][i]) for i in order}
+    return query_payload.encoding_to_message(
+        model_version_id=version.pk,
+        bits=encoding.bits[0],
+        fc7=encoding.fc7[0],
+        category_probs=category_probs,
+        **_predictions(encoding, 0, labels),
+    )
 
 
 def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 64, fc7_dim: int = 256) -> ModelVersion:
@@ -372,7 +346,6 @@ def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 64, f
     ).first()
     if serving:
         return serving
-    from workers import tasks
 
     version = ModelVersion.objects.create(
         name=name if not ModelVersion.objects.filter(name=name).exists() else f"{name}-{timezone.now():%Y%m%d%H%M%S}",
@@ -381,7 +354,7 @@ def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 64, f
         code_bits=code_bits,
         fc7_dim=fc7_dim,
     )
-    transaction.on_commit(lambda: tasks.train_baseline.delay(version.pk))
+    dispatch.fit_baseline(version_id=version.pk)
     return version
 
 
@@ -440,16 +413,14 @@ def model_version_switch(*, version: ModelVersion) -> ModelVersion:
 
 def model_version_start_indexing(*, version: ModelVersion) -> ModelVersion:
     """Embed the whole catalog with `version` in the background; it becomes active when that is complete."""
-    from workers import tasks
-
     code_index_ensure(version=version)
     with transaction.atomic():
         version.status = ModelVersion.Status.INDEXING
         version.save(update_fields=["status"])
-        images_embed_enqueue(
+        dispatch.embed_images(
             image_ids=list(selectors.images_missing_embedding(version=version).values_list("id", flat=True))
         )
-        transaction.on_commit(lambda: tasks.embed_finish_indexing.delay(version.pk))
+        dispatch.finish_indexing(version_id=version.pk)
     return version
 
 
@@ -463,7 +434,8 @@ def model_version_finish_indexing(*, version: ModelVersion) -> bool:
 
 # --- Catalog ingest: import jobs, chunks, updates, deletes, duplicates -------------------------------------------
 
-IMPORT_CHUNK_ROWS = 3 * EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); embed batches stay full
+# ~1 s of work per task (a lost worker redoes little); embed batches stay full
+IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK
 IMPORT_ROW_RETRIES = 1  # a concurrent import may create the same sku between our read and insert: retry once
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
 URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
@@ -496,8 +468,6 @@ def import_job_create(
     their line numbers, counted at once; good rows are split into chunks of `chunk_rows`. With `enqueue=False`
     the caller runs the chunks itself (`import_run_chunk`, e.g. `import_catalog --inline`).
     """
-    from workers import tasks  # late: tasks imports this module
-
     parsed = intake.manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
     errors = list(parsed.errors)
     rows: list[intake.ManifestRow] = []
@@ -553,7 +523,7 @@ def import_job_create(
             for index, chunk in enumerate(chunks)
         )
         for chunk_row in created if enqueue else ():
-            transaction.on_commit(lambda pk=chunk_row.pk: tasks.import_run_chunk.delay(pk))
+            dispatch.run_import_chunk(chunk_id=chunk_row.pk)
     return job
 
 
@@ -672,7 +642,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
         with transaction.atomic():
             chunk = ImportChunk.objects.select_for_update().get(pk=chunk_id)
             if chunk.done:
-                images_embed_enqueue(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
+                dispatch.embed_images(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
                 return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=True, job_done=False)
             rows = [intake.ManifestRow.from_json(data) for data in chunk.rows]
             bulk = _chunk_import_bulk(merchant=job.merchant, rows=rows, archive=archive, fetched=fetched)
@@ -688,7 +658,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
                         ok += 1
                         new_ids.extend(outcome.new_image_ids)
             job_done = _chunk_commit(chunk=chunk, ok=ok, errors=errors, images_new=len(new_ids))
-            images_embed_enqueue(image_ids=new_ids)
+            dispatch.embed_images(image_ids=new_ids)
             return ChunkResult(chunk_id, ok, len(errors), len(new_ids), already_done=False, job_done=job_done)
     finally:
         if archive is not None:
@@ -898,11 +868,9 @@ def _chunk_pending_image_ids(*, chunk: ImportChunk, merchant: Merchant) -> Query
 def import_job_resume(*, job: ImportJob) -> int:
     """Queue again every chunk of `job` not yet committed (after a broker lost its messages); returns how many.
     Safe at any time: a chunk that is running or done is skipped by its own lock and flag."""
-    from workers import tasks
-
     pending = list(job.chunks.filter(done=False).values_list("id", flat=True))
     for chunk_id in pending:
-        transaction.on_commit(lambda pk=chunk_id: tasks.import_run_chunk.delay(pk))
+        dispatch.run_import_chunk(chunk_id=chunk_id)
     return len(pending)
 
 
@@ -948,24 +916,22 @@ def duplicates_find(*, model_version: ModelVersion, image_ids: Sequence[int]) ->
     if not image_ids:
         return 0
     bits = int(model_version.code_bits)
-    version_id = int(model_version.pk)
     max_hamming = int(bits * DUPLICATE_MAX_HAMMING_FRACTION)
-    # Literal version id and bit length: the partial HNSW index (code_index_ensure) matches only these forms.
+    # The partial HNSW index (code_index_ensure) serves only the exact expressions catalog.codes writes.
+    hamming = f"{code_sql('e.code', bits)} <~> {code_sql('n.code', bits)}"
     sql = f"""
         SELECT n.image_id, np.merchant_id, c.image_id, p.merchant_id, c.hamming, c.distance
         FROM catalog_imageembedding n
         JOIN catalog_product np ON np.id = n.product_id
         CROSS JOIN LATERAL (
-            SELECT e.image_id, e.product_id,
-                   (e.code::bit({bits}) <~> n.code::bit({bits}))::int AS hamming,
-                   (e.fc7 <-> n.fc7) AS distance
+            SELECT e.image_id, e.product_id, ({hamming})::int AS hamming, (e.fc7 <-> n.fc7) AS distance
             FROM catalog_imageembedding e
-            WHERE e.model_version_id = {version_id} AND e.product_id <> n.product_id
-            ORDER BY e.code::bit({bits}) <~> n.code::bit({bits})
+            WHERE {version_sql("e", model_version.pk)} AND e.product_id <> n.product_id
+            ORDER BY {hamming}
             LIMIT %s
         ) c
         JOIN catalog_product p ON p.id = c.product_id  -- outside the LATERAL: joins findings, not all candidates
-        WHERE n.model_version_id = {version_id} AND n.image_id = ANY(%s)
+        WHERE {version_sql("n", model_version.pk)} AND n.image_id = ANY(%s)
           AND c.hamming <= %s AND c.distance <= %s
     """
     with transaction.atomic(), connection.cursor() as cursor:
@@ -1064,11 +1030,9 @@ TRAINING_PROGRESS_SAVE_S = 2.0  # progress is written at most this often: the da
 
 def training_run_start(*, run: TrainingRun) -> TrainingRun:
     """Save a prepared run (its `config` overlays TRAINING_DEFAULTS) and train it on the `train` queue."""
-    from workers import tasks
-
     run.state = TrainingRun.State.PENDING
     run.save()
-    transaction.on_commit(lambda: tasks.train_network.delay(run.pk))
+    dispatch.train_network(training_run_id=run.pk)
     return run
 
 

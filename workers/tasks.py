@@ -5,7 +5,6 @@ to enqueue and must stay free of it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import logging
 
@@ -14,7 +13,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from django.db import OperationalError
 
-from catalog import selectors, services
+from catalog import query_payload, selectors, services
 from catalog.models import ImportChunk, ModelVersion, TrainingRun
 
 logger = logging.getLogger(__name__)
@@ -54,7 +53,9 @@ def encode_query(image_b64: str, model_version_id: int) -> dict:
     from workers.encoders import encoder_for
 
     version = ModelVersion.objects.get(pk=model_version_id)
-    return services.query_encode(data=base64.b64decode(image_b64), version=version, encoder_for=encoder_for)
+    return services.query_encode(
+        data=query_payload.photo_from_message(image_b64), version=version, encoder_for=encoder_for
+    )
 
 
 @shared_task(name="workers.tasks.train_baseline", acks_late=True, soft_time_limit=3000, time_limit=3600)

@@ -8,6 +8,7 @@ from pgvector import Bit
 from pgvector.django import HammingDistance, L2Distance
 
 from catalog import services
+from catalog.codes import code_index_name
 from catalog.models import ImageEmbedding, IndexChange, ModelVersion, Product, ProductImage
 from tests import factories
 
@@ -106,7 +107,7 @@ def test_activation_retires_the_previous_version_and_indexes_codes(product):
     assert statuses == {"first": "retired", "second": "active"}
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [services.code_index_name(second)])
+        cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", [code_index_name(version_id=second.pk)])
         (definition,) = cursor.fetchone()
     assert "hnsw" in definition and "bit_hamming_ops" in definition and "bit(8)" in definition
 
@@ -119,7 +120,7 @@ def test_activation_retires_the_previous_version_and_indexes_codes(product):
             [second.pk, "10101010"],
         )
         plan = "\n".join(row[0] for row in cursor.fetchall())
-    assert services.code_index_name(second) in plan
+    assert code_index_name(version_id=second.pk) in plan
 
 
 def test_change_sequence_records_embedding_writes_deletes_and_visibility(product, version):

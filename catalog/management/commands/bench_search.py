@@ -27,6 +27,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from catalog.codes import code_index_name
+
 BENCH_DATABASE = "shop_search_bench"
 INNER_FLAG = "--inside-bench-database"
 CLUSTER_SIZE = 200  # products per cluster of look-alikes (a kind: "navy striped shirts")
@@ -81,7 +83,7 @@ class Command(BaseCommand):
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, queries: int, code_bits: int, fc7_dim: int, backends: str, seed: int,
                    out: Path, min_candidates: str, **_) -> None:  # fmt: skip
-        from catalog import hamming, search, services
+        from catalog import hamming, search
         from catalog.models import Merchant, ModelVersion
 
         if connection.settings_dict["NAME"] != BENCH_DATABASE:
@@ -111,7 +113,7 @@ class Command(BaseCommand):
             load_s = time.perf_counter() - started
             loaded = size
             started = time.perf_counter()
-            index_name = services.code_index_name(version)
+            index_name = code_index_name(version_id=version.pk)
             if "sql" in backends.split(","):  # only the SQL backend reads the graph; building it at 1M takes minutes
                 _rebuild_hnsw(version)
             index_s = time.perf_counter() - started
@@ -318,16 +320,14 @@ def _embedding_copy_payload(*, ids: np.ndarray, data: SyntheticCatalog, version_
 
 
 def _drop_hnsw(version) -> None:
-    from catalog import services
-
     with connection.cursor() as cursor:
-        cursor.execute(f"DROP INDEX IF EXISTS {services.code_index_name(version)}")
+        cursor.execute(f"DROP INDEX IF EXISTS {code_index_name(version_id=version.pk)}")
 
 
 def _rebuild_hnsw(version) -> str:
     from catalog import services
 
-    name = services.code_index_name(version)
+    name = code_index_name(version_id=version.pk)
     _drop_hnsw(version)
     with connection.cursor() as cursor:
         cursor.execute("SET maintenance_work_mem = '2GB'")

@@ -1,0 +1,85 @@
+"""Work handed to the Celery workers, by task name.
+
+The catalog never imports `workers` (the workers import the catalog): web processes stay free of torch and the
+two packages never import each other. A task is named here by the string `workers/tasks.py` registers it under,
+with the queue CELERY_TASK_ROUTES (or the task's own `queue=`) gives it; tests/catalog/test_dispatch.py checks
+that both still agree.
+
+Writes are queued only once the current transaction commits: a worker must never look for a row that is not
+visible yet, or that a rollback took back. The shopper's query encoding is the one call that waits for its answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from celery import current_app
+from celery.exceptions import TimeoutError as CeleryTimeout
+from django.db import transaction
+
+from catalog import query_payload
+
+EMBED_CHUNK = 64  # images per embed task: big enough to batch the network, small enough to retry cheaply
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # as registered by workers/tasks.py
+    queue: str  # as routed by settings.CELERY_TASK_ROUTES
+
+
+EMBED_IMAGES = Task("workers.tasks.embed_images", "embed")
+FINISH_INDEXING = Task("workers.tasks.embed_finish_indexing", "embed")
+RUN_IMPORT_CHUNK = Task("workers.tasks.import_run_chunk", "embed")  # ingest feeds embedding: same workers
+FIT_BASELINE = Task("workers.tasks.train_baseline", "train")
+TRAIN_NETWORK = Task("workers.tasks.train_network", "train")
+ENCODE_QUERY = Task("workers.tasks.encode_query", "search")
+TASKS = (EMBED_IMAGES, FINISH_INDEXING, RUN_IMPORT_CHUNK, FIT_BASELINE, TRAIN_NETWORK, ENCODE_QUERY)
+
+
+def _send(task: Task, *args: Any) -> Any:
+    return current_app.send_task(task.name, args=list(args), queue=task.queue)
+
+
+def _send_after_commit(task: Task, *args: Any) -> None:
+    transaction.on_commit(partial(_send, task, *args))
+
+
+def embed_images(*, image_ids: Sequence[int]) -> None:
+    """Embed these images under every serving version, in tasks of EMBED_CHUNK images."""
+    ids = list(image_ids)
+    for start in range(0, len(ids), EMBED_CHUNK):
+        _send_after_commit(EMBED_IMAGES, ids[start : start + EMBED_CHUNK])
+
+
+def finish_indexing(*, version_id: int) -> None:
+    """Activate an indexing version once every image has its embedding (the task polls until then)."""
+    _send_after_commit(FINISH_INDEXING, version_id)
+
+
+def run_import_chunk(*, chunk_id: int) -> None:
+    _send_after_commit(RUN_IMPORT_CHUNK, chunk_id)
+
+
+def fit_baseline(*, version_id: int) -> None:
+    """Fit version 0 on the catalog, then index the catalog with it."""
+    _send_after_commit(FIT_BASELINE, version_id)
+
+
+def train_network(*, training_run_id: int) -> None:
+    _send_after_commit(TRAIN_NETWORK, training_run_id)
+
+
+def encode_query(*, photo: bytes, version_id: int, timeout_s: float) -> query_payload.QueryEncoding:
+    """Encode a validated query photo in a worker on the `search` queue and wait for it (the shopper is waiting).
+
+    Raises TimeoutError when no worker answered in time."""
+    result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id)
+    try:
+        message = result.get(timeout=timeout_s)
+    except CeleryTimeout as exc:
+        raise TimeoutError(f"the search worker did not answer within {timeout_s:.0f} s") from exc
+    return query_payload.encoding_from_message(message)
