@@ -54,7 +54,7 @@ def _load(path: Path, runtime: str) -> Encoder:
 
 def onnx_export_for(checkpoint: Path) -> Path | None:
     """The up-to-date ONNX export of a checkpoint (made now if missing or stale), or None if it cannot be made."""
-    from workers.ml.onnx_export import export, is_current_export
+    from workers.ml.export import export, is_current_export
 
     onnx_path = checkpoint.with_suffix(".onnx")
     if is_current_export(onnx_path, checkpoint):

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from workers.ml.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
-from workers.ml.encoder import Encoder, heads_module
+from workers.ml.encoder import Encoder
+from workers.ml.heads import heads_module
 from workers.ml.model import FashionNet, FashionNetConfig
 from workers.ml.preprocess import preprocess_batch
 from workers.ml.records import LabelSpace, Record

@@ -10,7 +10,8 @@ import pytest
 from tests.ml.ml_helpers import LABELS, assert_same_bits, random_image, save_tiny_checkpoint
 from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
-from workers.ml.onnx_export import export, read_metadata
+from workers.ml.export import export
+from workers.ml.onnx_runtime import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_an_onnx_file_from_elsewhere_is_refused(tmp_path, exported):
     foreign = onnx.load(str(onnx_path))
     del foreign.metadata_props[:]
     onnx.save(foreign, str(tmp_path / "foreign.onnx"))
-    with pytest.raises(ValueError, match="not exported by workers.ml.onnx_export"):
+    with pytest.raises(ValueError, match="not exported by workers.ml.export"):
         Encoder.load(tmp_path / "foreign.onnx")
 
 

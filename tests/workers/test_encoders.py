@@ -10,7 +10,7 @@ from tests.ml.ml_helpers import assert_same_bits, random_image, save_tiny_checkp
 from workers import encoders
 from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
-from workers.ml.onnx_export import is_current_export
+from workers.ml.export import is_current_export
 
 
 def _images(count=4):
@@ -63,7 +63,7 @@ def test_a_failed_export_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     def broken_export(*args, **kwargs):
         raise RuntimeError("exporter gap")
 
-    monkeypatch.setattr("workers.ml.onnx_export.export", broken_export)
+    monkeypatch.setattr("workers.ml.export.export", broken_export)
     checkpoint = save_tiny_checkpoint(tmp_path / "model.pt")
     encoder = encoders._load(checkpoint, "onnx")
     assert encoder.version_info["path"] == str(checkpoint)  # torch, from the checkpoint itself
@@ -75,7 +75,7 @@ def test_a_task_out_of_time_is_not_mistaken_for_an_export_failure(tmp_path, monk
     def slow_export(*args, **kwargs):
         raise SoftTimeLimitExceeded()
 
-    monkeypatch.setattr("workers.ml.onnx_export.export", slow_export)
+    monkeypatch.setattr("workers.ml.export.export", slow_export)
     with pytest.raises(SoftTimeLimitExceeded):
         encoders._load(save_tiny_checkpoint(tmp_path / "model.pt"), "onnx")
 

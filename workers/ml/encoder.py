@@ -5,7 +5,7 @@
     encoding.codes   # (N, B/8) uint8, np.packbits big-endian: bit 0 = MSB of byte 0 (pgvector's order)
 
 Both checkpoint kinds — a trained FashionNet and the untrained "version 0" baseline — give the same Encoding,
-and so does either kind exported to ONNX (workers.ml.onnx_export) and run by ONNX Runtime.
+and so does either kind exported to ONNX (workers.ml.export) and run by ONNX Runtime (workers.ml.onnx_runtime).
 Calls to `encode` are serialised by a lock, so one Encoder can be shared by the threads of a worker process.
 """
 
@@ -24,7 +24,8 @@ from torch import nn
 
 from workers.ml.checkpoint import FORMAT_VERSION, checkpoint_metadata, load_checkpoint
 from workers.ml.codes import pack_bits
-from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.heads import FashionNetHeads, heads_module, network_result
+from workers.ml.model import FashionNet
 from workers.ml.preprocess import Letterbox, Preprocessing, preprocess_batch
 from workers.ml.records import LabelSpace
 
@@ -51,53 +52,6 @@ class _Network(Protocol):
     """What Encoder needs from a model: a preprocessed batch -> dict of numpy outputs (landmarks in input units)."""
 
     def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray | None]: ...
-
-
-# Every head an Encoding carries, in this order; a model without a head (no landmarks, say) lacks that one.
-HEAD_NAMES = ("hash_logits", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
-
-
-class FashionNetHeads(nn.Module):
-    """A FashionNet whose forward returns the Encoder's heads by name (probabilities, but the hash layer's
-    logits: see network_result); absent heads are left out. Version 0's BaselineNetwork returns the same, so
-    the torch path and the ONNX export treat both kinds alike."""
-
-    def __init__(self, model: FashionNet) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = self.model(images)
-        heads = {
-            "hash_logits": out.hash_logits,
-            "fc7": out.fc7,
-            "category_probs": out.category_logits.softmax(1) if out.category_logits is not None else None,
-            "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
-            "landmarks": out.landmarks,
-            "visibility": torch.sigmoid(out.visibility_logits) if out.visibility_logits is not None else None,
-        }
-        return {name: value for name, value in heads.items() if value is not None}
-
-
-def heads_module(checkpoint: dict) -> nn.Module:
-    """The torch network of a checkpoint of either kind, in eval mode, returning the Encoder's heads by name."""
-    if checkpoint["kind"] == "fashionnet":
-        config = FashionNetConfig.from_dict({**checkpoint["model_config"], "packaged_weights": False})
-        model = FashionNet(config)
-        model.load_state_dict(checkpoint["state_dict"], strict=True)
-        return FashionNetHeads(model).eval()
-    from workers.ml.baseline import BaselineNetwork
-
-    return BaselineNetwork(checkpoint).eval()
-
-
-def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """Head arrays -> what a _Network returns: bits instead of hash logits, None for the absent heads.
-
-    A bit is set where the sigmoid activation exceeds 0.5, i.e. where the logit is positive; comparing the logit
-    is exact, while a float32 sigmoid rounds logits within ~1e-7 of zero to exactly 0.5.
-    """
-    return {"bits": heads["hash_logits"] > 0, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
 
 
 class _TorchNetwork:
@@ -128,7 +82,7 @@ class Encoder:
         if num_threads:
             torch.set_num_threads(num_threads)
         if Path(path).suffix == ".onnx":
-            from workers.ml.onnx_export import OnnxNetwork
+            from workers.ml.onnx_runtime import OnnxNetwork  # onnxruntime is loaded only for .onnx files
 
             network = OnnxNetwork(path, num_threads=num_threads)
             return cls(network.checkpoint_metadata, network, Path(path))
