@@ -14,7 +14,7 @@ from workers.ml.heads import heads_module
 from workers.ml.model import FashionNet, FashionNetConfig
 from workers.ml.preprocess import preprocess_batch
 from workers.ml.records import LabelSpace, Record
-from workers.ml.train import preprocessing_for
+from workers.ml.training import preprocessing_for
 
 TINY_BACKBONE = "test_efficientnet"  # timm's own test model: same structure as EfficientNet, 82k params
 DEEPFASHION_FIXTURES = Path(__file__).parent / "fixtures" / "deepfashion"  # tiny data in the benchmarks' formats

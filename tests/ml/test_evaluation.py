@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from workers.ml.codes import pack_bits
-from workers.ml.evaluate import (
+from workers.ml.evaluation import (
     RetrievalInputs,
     attribute_metrics,
     category_accuracy,

@@ -7,15 +7,16 @@ import torch
 
 from tests.ml.ml_helpers import DEEPFASHION_INSHOP as INSHOP
 from tests.ml.ml_helpers import LABELS, random_records, tiny_config
-from workers.ml.benchmark import evaluation_sets
 from workers.ml.checkpoint import load_checkpoint
+from workers.ml.datasets.factory import evaluation_sets
 from workers.ml.datasets.torch_dataset import prepare_record
 from workers.ml.encoder import Encoder
-from workers.ml.evaluate import evaluate_encoder
+from workers.ml.evaluation import evaluate_encoder
 from workers.ml.losses import MultiTaskLoss
-from workers.ml.model import FashionNet
+from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.recipes import FINE_TUNE_STAGES, RECIPES
 from workers.ml.records import collate
-from workers.ml.train import TrainConfig, preprocessing_for, train
+from workers.ml.training import TrainConfig, build_model_config, preprocessing_for, train, train_stages
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
@@ -161,3 +162,43 @@ def test_deepfashion_needs_its_data_root(tmp_path):
         train(_config(tmp_path, dataset={"name": "deepfashion-inshop"}))
     with pytest.raises(ValueError, match="needs the folder"):
         evaluation_sets("deepfashion-inshop", catalog_size=1, num_queries=1)
+
+
+def test_from_overrides_lays_each_mapping_over_the_defaults():
+    assert TrainConfig.from_overrides() == TrainConfig()
+    config = TrainConfig.from_overrides(
+        RECIPES["renderer"],
+        {"epochs": 1, "model": {"code_bits": 32}, "loss_weights": {"landmarks": 1}, "dataset": {"name": "x"}},
+    )
+    assert config.epochs == 1 and config.lr == RECIPES["renderer"]["lr"]
+    assert config.model == {"input_size": 64, "code_bits": 32, "local_stride": 8}  # merged key by key
+    assert config.loss_weights == {**RECIPES["renderer"]["loss_weights"], "landmarks": 1}
+    assert config.dataset == {"name": "x"}  # replaced whole: a spec's keys depend on its name
+    config.model["input_size"] = 96
+    assert RECIPES["renderer"]["model"]["input_size"] == 64  # the config does not share the recipe's dicts
+    assert TrainConfig.from_overrides(config.to_dict()) == config
+    assert TrainConfig.from_overrides(FINE_TUNE_STAGES["fashion-mnist"][0]) == TrainConfig.from_dict(
+        FINE_TUNE_STAGES["fashion-mnist"][0]
+    )
+    with pytest.raises(TypeError):
+        TrainConfig.from_overrides({"epoch": 3})
+
+
+def test_the_admins_retraining_defaults_are_the_train_config_defaults():
+    """What a TrainingRun without overrides trains: 5 epochs of P=32 x K=2, strong shopper views, 2 threads,
+    64 px input and 64-bit codes (the model's defaults)."""
+    config = TrainConfig.from_overrides({})
+    assert (config.epochs, config.instances_per_batch, config.views_per_instance) == (5, 32, 2)
+    assert (config.augment, config.num_threads) == ("strong", 2)
+    model = build_model_config(config, LABELS)
+    assert (model.input_size, model.code_bits) == (64, 64) == (FashionNetConfig.input_size, FashionNetConfig.code_bits)
+
+
+def test_train_stages_fine_tunes_each_stage_from_the_previous_one(tmp_path):
+    first = _config(
+        tmp_path / "a", dataset={"name": "deepfashion-inshop", "root": str(INSHOP)}, epochs=1, instances_per_batch=2
+    )
+    second = {**first.to_dict(), "out_dir": str(tmp_path / "b"), "lr": 0.0}
+    paths = train_stages([first.to_dict(), second])
+    assert paths == [tmp_path / "a" / "run" / "model.pt", tmp_path / "b" / "model.pt"]
+    assert load_checkpoint(paths[1])["metrics"]["train_config"]["init_checkpoint"] == str(paths[0])
