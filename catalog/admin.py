@@ -12,7 +12,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from catalog import intake, selectors, services
+from catalog import intake, selectors
 from catalog.models import (
     DuplicateFinding,
     ImageEmbedding,
@@ -23,6 +23,7 @@ from catalog.models import (
     ProductImage,
     TrainingRun,
 )
+from catalog.services import imports, model_versions, training
 
 ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages through all of them
 
@@ -73,7 +74,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
             return
         version = queryset.get()
         try:
-            services.model_version_switch(version=version)
+            model_versions.model_version_switch(version=version)
         except ValueError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return
@@ -155,7 +156,7 @@ class ImportJobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Queue unfinished chunks again (after a lost broker)")
     def resume(self, request: HttpRequest, queryset) -> None:
-        queued = sum(services.import_job_resume(job=job) for job in queryset.exclude(state=ImportJob.State.DONE))
+        queued = sum(imports.import_job_resume(job=job) for job in queryset.exclude(state=ImportJob.State.DONE))
         self.message_user(request, f"{queued} chunks queued again")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -181,7 +182,7 @@ class ImportJobAdmin(admin.ModelAdmin):
             manifest = form.cleaned_data["manifest"]
             try:
                 with transaction.atomic():
-                    job = services.import_job_create(
+                    job = imports.import_job_create(
                         merchant=form.cleaned_data["merchant"],
                         manifest=manifest.read(),
                         manifest_name=manifest.name,
@@ -230,17 +231,24 @@ class DuplicateFindingAdmin(admin.ModelAdmin):
         return finding.other_image.product.sku
 
 
-class TrainingRunForm(forms.ModelForm):
-    """What an admin chooses for a retraining run; everything else comes from services.TRAINING_DEFAULTS."""
+TRAINING_DEFAULT_HELP = "blank: the default (the run page shows every value used once the run starts)"
 
-    epochs = forms.IntegerField(min_value=1, max_value=100, initial=services.TRAINING_DEFAULTS["epochs"])
+
+class TrainingRunForm(forms.ModelForm):
+    """What an admin chooses for a retraining run. A run stores only these choices: the train worker fills in
+    everything else from the training defaults (workers.ml.training.TrainConfig, which this web process does not
+    import) and writes the full configuration back onto the run."""
+
+    epochs = forms.IntegerField(min_value=1, max_value=100, required=False, help_text=TRAINING_DEFAULT_HELP)
     code_bits = forms.TypedChoiceField(
-        choices=[(b, f"{b} bits") for b in (32, 64, 128, 256)],
+        choices=[("", "default"), *((b, f"{b} bits") for b in (32, 64, 128, 256))],
         coerce=int,
-        initial=services.TRAINING_DEFAULTS["model"]["code_bits"],
+        empty_value=None,
+        required=False,
+        help_text=TRAINING_DEFAULT_HELP,
     )
     input_size = forms.IntegerField(
-        min_value=32, max_value=320, initial=services.TRAINING_DEFAULTS["model"]["input_size"]
+        min_value=32, max_value=320, required=False, help_text=f"pixels; {TRAINING_DEFAULT_HELP}"
     )
     fine_tune_active = forms.BooleanField(
         required=False, initial=True, help_text="start from the active version if it is a trained network"
@@ -251,14 +259,17 @@ class TrainingRunForm(forms.ModelForm):
         fields: list[str] = []
 
     def run_config(self) -> dict:
+        """The admin's choices, as TrainConfig overrides: only the fields not left blank."""
         data = self.cleaned_data
-        config: dict = {
-            "epochs": data["epochs"],
-            "model": {"code_bits": data["code_bits"], "input_size": data["input_size"]},
-        }
+        config: dict = {}
+        if data["epochs"] is not None:
+            config["epochs"] = data["epochs"]
+        model = {name: data[name] for name in ("code_bits", "input_size") if data[name] is not None}
+        if model:
+            config["model"] = model
         active = selectors.model_version_active()
         if data["fine_tune_active"] and active and active.kind == ModelVersion.Kind.FASHIONNET:
-            config["init_checkpoint"] = str(services.checkpoint_path(active))
+            config["init_checkpoint"] = str(selectors.checkpoint_path(version=active))
         return config
 
 
@@ -310,7 +321,7 @@ class TrainingRunAdmin(admin.ModelAdmin):
     def save_model(self, request: HttpRequest, obj: TrainingRun, form: TrainingRunForm, change: bool) -> None:
         obj.config = form.run_config()
         obj.created_by = request.user if request.user.is_authenticated else None
-        services.training_run_start(run=obj)
+        training.training_run_start(run=obj)
 
     @admin.display(description="progress")
     def progress_percent(self, obj: TrainingRun) -> str:

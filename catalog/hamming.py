@@ -394,9 +394,9 @@ class MemoryCodeIndex:
                 return
 
     def _pruned_unseen(self) -> bool:
-        """Did `services.index_changes_prune` delete changes this index never read (it slept past the retention)?
-        Then replaying is impossible and only a reload is correct. Asked only when the next change is not the one
-        right after the last seen, so the common poll pays nothing for it."""
+        """Did the change-log prune (catalog.services.maintenance) delete changes this index never read (it slept
+        past the retention)? Then replaying is impossible and only a reload is correct. Asked only when the next
+        change is not the one right after the last seen, so the common poll pays nothing for it."""
         with connection.cursor() as cursor:
             cursor.execute("SELECT min(id) FROM catalog_indexchange")
             oldest = cursor.fetchone()[0]
@@ -559,7 +559,7 @@ def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: Cand
 
 # --- backend 2: SQL on the bit column ------------------------------------------------------------------------------
 class SqlCodeIndex:
-    """Hamming search in PostgreSQL through the version's partial HNSW index (services.code_index_ensure)."""
+    """Hamming search in PostgreSQL through the version's partial HNSW index (catalog.codes)."""
 
     name = "sql"
 
@@ -572,7 +572,7 @@ class SqlCodeIndex:
         query_bits = packed_bitstring(code, code_bits)
         where = product_filter.where_sql("p")
         radius_sql, radius_params = "", []
-        # The partial HNSW index (services.code_index_ensure) serves only the exact expressions catalog.codes writes.
+        # The version's partial HNSW index serves only the exact expressions catalog.codes writes.
         ordering = f"({code_sql('e.code', code_bits)} <~> {code_sql('%s', code_bits)})"
         if depth.radius is not None:
             radius_sql = f" AND {ordering} <= %s"

@@ -2,7 +2,7 @@
 
 Codes and fc7 vectors are stored unsized (`bit`, `vector`) because model versions may differ in code length and
 fc7 size; each version gets its own partial HNSW index on `code::bit(B)` when it is activated
-(`services.model_version_activate`), which is how pgvector indexes mixed-size columns.
+(`catalog.services.model_versions.code_index_ensure`), which is how pgvector indexes mixed-size columns.
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
-"""Reads. Keyword-only, typed; views and tasks call these instead of building querysets themselves."""
+"""Reads. Keyword-only, typed; views, commands and worker pipelines call these instead of building querysets."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.conf import settings
+from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
+from PIL import Image
 
-from catalog.models import DuplicateFinding, ImportJob, Merchant, ModelVersion, Product, ProductImage
+from catalog.models import DuplicateFinding, ImportJob, Merchant, ModelVersion, Product, ProductImage, TrainingRun
 
 
 def model_version_list() -> QuerySet[ModelVersion]:
@@ -24,9 +29,54 @@ def model_versions_serving() -> QuerySet[ModelVersion]:
     return ModelVersion.objects.filter(status__in=[ModelVersion.Status.ACTIVE, ModelVersion.Status.INDEXING])
 
 
+def model_version_get(*, version_id: int) -> ModelVersion:
+    return ModelVersion.objects.get(pk=version_id)
+
+
+def checkpoint_path(*, version: ModelVersion) -> Path:
+    """Where the version's network is stored (a relative checkpoint is under MODELS_DIR)."""
+    path = Path(version.checkpoint)
+    return path if path.is_absolute() else Path(settings.MODELS_DIR) / path
+
+
 def images_missing_embedding(*, version: ModelVersion) -> QuerySet[ProductImage]:
     """Images that `version` has not embedded yet (images that failed to decode are not waited for)."""
     return ProductImage.objects.exclude(status=ProductImage.Status.FAILED).exclude(embeddings__model_version=version)
+
+
+def images_by_id(*, image_ids: Sequence[int]) -> QuerySet[ProductImage]:
+    return ProductImage.objects.filter(id__in=image_ids)
+
+
+def images_usable(*, limit: int) -> list[ProductImage]:
+    """Up to `limit` images that have not failed to decode, oldest first, with their products."""
+    return list(
+        ProductImage.objects.exclude(status=ProductImage.Status.FAILED).select_related("product").order_by("id")[:limit]
+    )
+
+
+def image_read(*, image: ProductImage) -> bytes:
+    """The stored (validated, re-encoded) file of an image."""
+    with image.file.open("rb") as handle:
+        return handle.read()
+
+
+def image_open(*, image: ProductImage) -> Image.Image:
+    """A stored product image as RGB."""
+    return Image.open(io.BytesIO(image_read(image=image))).convert("RGB")
+
+
+def products_to_train_on() -> Iterator[Product]:
+    """Active products with their images that have not failed to decode (as `usable_images`), by id: what a
+    retraining run learns from."""
+    usable = Prefetch(
+        "images", queryset=ProductImage.objects.exclude(status=ProductImage.Status.FAILED), to_attr="usable_images"
+    )
+    return Product.objects.filter(active=True).prefetch_related(usable).order_by("pk").iterator(chunk_size=500)
+
+
+def training_run_get(*, run_id: int) -> TrainingRun:
+    return TrainingRun.objects.get(pk=run_id)
 
 
 # --- Merchant-scoped reads: every queryset a merchant user sees starts from that user's merchants -----------------

@@ -1,6 +1,7 @@
-"""Celery tasks: thin. Each takes primary keys (or bytes for a query photo), loads rows, calls one service.
-Retries and time limits live here. Torch is imported inside task bodies only: web processes import this module
-to enqueue and must stay free of it.
+"""Celery tasks: thin. Each takes primary keys (or the query photo as catalog.query_payload sends it) and calls
+one pipeline (workers.pipelines) or service. Retries, time limits and queues live here; the catalog enqueues these
+by name (catalog.dispatch), so only worker processes import this module. It imports no torch itself: a worker
+loads the network for its first task, or its warm-up below.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 from django.db import OperationalError
 
-from catalog import query_payload, selectors, services
-from catalog.models import ImportChunk, ModelVersion, TrainingRun
+from catalog import selectors
+from catalog.models import ImportChunk, ModelVersion
+from catalog.services import imports, maintenance, model_versions
+from workers import pipelines
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +40,7 @@ def ping_database() -> dict:
 )
 def embed_images(image_ids: list[int]) -> dict:
     """Embed these images under every serving version (active, and one being indexed). Idempotent."""
-    from workers.encoders import encoder_for
-
-    return services.images_embed(image_ids=image_ids, encoder_for=encoder_for)
+    return pipelines.images_embed(image_ids=image_ids)
 
 
 @shared_task(
@@ -50,32 +51,23 @@ def embed_images(image_ids: list[int]) -> dict:
 )
 def encode_query(image_b64: str, model_version_id: int) -> dict:
     """Encode a validated, re-encoded shopper photo with the given version; returns plain JSON."""
-    from workers.encoders import encoder_for
-
-    version = ModelVersion.objects.get(pk=model_version_id)
-    return services.query_encode(
-        data=query_payload.photo_from_message(image_b64), version=version, encoder_for=encoder_for
-    )
+    return pipelines.query_encode(photo_message=image_b64, version_id=model_version_id)
 
 
 @shared_task(name="workers.tasks.train_baseline", acks_late=True, soft_time_limit=3000, time_limit=3600)
 def train_baseline(model_version_id: int) -> dict:
     """Fit version 0 (pretrained backbone + PCA + ITQ) on the catalog, then start indexing with it."""
-    from workers.encoders import encoder_for
-    from workers.ml.baseline import fit_baseline
-
-    version = ModelVersion.objects.get(pk=model_version_id)
-    services.model_version_fit_baseline(version=version, fit=fit_baseline, encoder_for=encoder_for)
+    version = pipelines.model_version_fit_baseline(version_id=model_version_id)
     return {"model_version": version.pk, "status": version.status}
 
 
 @shared_task(name="workers.tasks.embed_finish_indexing", bind=True, max_retries=None, acks_late=True)
 def embed_finish_indexing(self, model_version_id: int) -> dict:
     """Activate an indexing version once every image has its embedding; until then, look again shortly."""
-    version = ModelVersion.objects.get(pk=model_version_id)
+    version = selectors.model_version_get(version_id=model_version_id)
     if version.status != ModelVersion.Status.INDEXING:
         return {"model_version": version.pk, "status": version.status}
-    if not services.model_version_finish_indexing(version=version):
+    if not model_versions.model_version_finish_indexing(version=version):
         missing = selectors.images_missing_embedding(version=version).count()
         raise self.retry(countdown=INDEXING_POLL_S, exc=RuntimeError(f"{missing} images still to embed"))
     return {"model_version": version.pk, "status": version.status}
@@ -100,40 +92,25 @@ def import_run_chunk(self, chunk_id: int) -> dict:
     Failures are retried with backoff; a chunk that still fails has its rows rejected with the reason, so the job
     finishes with honest counts instead of hanging in "running"."""
     try:
-        return dataclasses.asdict(services.import_run_chunk(chunk_id=chunk_id))
+        return dataclasses.asdict(imports.import_run_chunk(chunk_id=chunk_id))
     except ImportChunk.DoesNotExist:
         return {"chunk_id": chunk_id, "missing": True}  # its job was deleted meanwhile
     except Exception as exc:
         if self.request.retries < IMPORT_CHUNK_MAX_RETRIES and not isinstance(exc, SoftTimeLimitExceeded):
             raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
-        services.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
+        imports.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
         raise
 
 
 @shared_task(name="workers.tasks.index_changes_prune", acks_late=True)
 def index_changes_prune() -> dict:
-    """Periodic (beat): keep the change log short; see services.index_changes_prune."""
-    return {"deleted": services.index_changes_prune()}
-
-
-def encoder_warm_up() -> str | None:
-    """Load the active version's network now, so the first shopper query is not the one that pays ~3 s for it."""
-    from workers.encoders import encoder_for
-
-    version = selectors.model_version_active()
-    if version is None or not version.checkpoint:
-        return None
-    try:
-        encoder_for(services.checkpoint_path(version))
-    except Exception:  # a worker that cannot preload still serves: the task loads (and reports) it lazily
-        logger.exception("could not preload the encoder of %s", version)
-        return None
-    return version.name
+    """Periodic (beat): keep the change log short; see catalog.services.maintenance.index_changes_prune."""
+    return {"deleted": maintenance.index_changes_prune()}
 
 
 @worker_process_init.connect
 def _warm_up_worker_process(**_: object) -> None:
-    encoder_warm_up()
+    pipelines.encoder_warm_up()
 
 
 @shared_task(
@@ -144,14 +121,5 @@ def _warm_up_worker_process(**_: object) -> None:
 )
 def train_network(training_run_id: int) -> dict:
     """Train FashionNet on the exported catalog for a TrainingRun started from the admin."""
-    from workers.encoders import encoder_for
-    from workers.ml.datasets.catalog_export import CatalogExport
-    from workers.ml.train import train
-
-    def load_records(directory):
-        export = CatalogExport(directory)
-        return export, export.label_space
-
-    run = TrainingRun.objects.get(pk=training_run_id)
-    version = services.training_run_execute(run=run, train=train, load_records=load_records, encoder_for=encoder_for)
-    return {"training_run": run.pk, "model_version": version.pk}
+    version = pipelines.training_run_execute(run_id=training_run_id)
+    return {"training_run": training_run_id, "model_version": version.pk}

@@ -20,9 +20,10 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from catalog import intake, selectors, services
+from catalog import intake, selectors
 from catalog.api.permissions import IsMerchantUser
 from catalog.models import DuplicateFinding, ImportJob, Merchant, Product, ProductImage
+from catalog.services import imports, products
 
 
 class MerchantPagination(LimitOffsetPagination):
@@ -230,14 +231,14 @@ class ProductListView(MerchantAPIView):
     def get(self, request: Request) -> Response:
         params = ProductListInputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
-        products = selectors.product_list_for_user(
+        listed = selectors.product_list_for_user(
             user=request.user,
             merchant_slug=params.validated_data.get("merchant", ""),
             active=params.validated_data["active"],
             category=params.validated_data["category"],
             query=params.validated_data["q"],
         )
-        return _paginated(request, self, products, ProductOutputSerializer)
+        return _paginated(request, self, listed, ProductOutputSerializer)
 
     @extend_schema(request=ProductCreateInputSerializer, responses=ProductOutputSerializer)
     def post(self, request: Request) -> Response:
@@ -245,7 +246,7 @@ class ProductListView(MerchantAPIView):
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
         merchant = _acting_merchant(request, fields.pop("merchant", None))
-        result = services.product_upsert(merchant=merchant, **fields)
+        result = products.product_upsert(merchant=merchant, **fields)
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ProductOutputSerializer(result.product).data, status=code)
 
@@ -260,12 +261,12 @@ class ProductDetailView(MerchantAPIView):
         product = self._product(request, product_id)
         data = ProductFieldsSerializer(data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        product = services.product_update(product=product, **data.validated_data)
+        product = products.product_update(product=product, **data.validated_data)
         return Response(ProductOutputSerializer(product).data)
 
     @extend_schema(responses={204: None})
     def delete(self, request: Request, product_id: int) -> Response:
-        services.product_delete(product=self._product(request, product_id))
+        products.product_delete(product=self._product(request, product_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -285,7 +286,7 @@ class ProductImageListView(MerchantAPIView):
         if upload is not None and upload.size > intake.MAX_IMAGE_BYTES:
             raise ValidationError({"file": f"the image is larger than {intake.MAX_IMAGE_BYTES:,} bytes"})
         try:
-            result = services.product_image_add(
+            result = products.product_image_add(
                 product=product,
                 data=upload.read() if upload is not None else None,
                 url=data.validated_data.get("url", ""),
@@ -304,7 +305,7 @@ class ProductImageDetailView(MerchantAPIView):
         if image is None:
             raise NotFound()
         self.check_object_permissions(request, image)
-        services.image_delete(image=image)
+        products.image_delete(image=image)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -327,7 +328,7 @@ class ImportJobListView(MerchantAPIView):
             raise ValidationError({"manifest": f"the manifest is larger than {intake.MAX_MANIFEST_BYTES:,} bytes"})
         try:
             with transaction.atomic():
-                job = services.import_job_create(
+                job = imports.import_job_create(
                     merchant=merchant,
                     manifest=manifest.read(),
                     manifest_name=manifest.name or "",

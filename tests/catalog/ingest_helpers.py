@@ -10,8 +10,9 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catalog import selectors, services
+from catalog import selectors
 from catalog.models import ImportJob
+from catalog.services import imports
 
 
 def picture(seed: int, size: int = 48, fmt: str = "PNG") -> bytes:
@@ -62,7 +63,7 @@ def catalog(n: int, *, first_seed: int = 0) -> tuple[bytes, bytes]:
 def run_inline(job: ImportJob) -> ImportJob:
     """Run every chunk of a job in this process (what the Celery tasks do), then reload the job."""
     for chunk_id in job.chunks.order_by("index").values_list("id", flat=True):
-        services.import_run_chunk(chunk_id=chunk_id)
+        imports.import_run_chunk(chunk_id=chunk_id)
     job.refresh_from_db()
     return job
 

@@ -9,8 +9,8 @@ from decimal import Decimal
 
 import numpy as np
 
-from catalog import services
 from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product
+from catalog.services import embeddings, model_versions
 from tests import factories
 
 CODE_BITS = 32
@@ -25,7 +25,7 @@ def active_version(*, code_bits: int = CODE_BITS, fc7_dim: int = FC7_DIM) -> Mod
         fc7_dim=fc7_dim,
         status=ModelVersion.Status.READY,
     )
-    return services.model_version_activate(version=version)
+    return model_versions.model_version_activate(version=version)
 
 
 def random_bits(rng: np.random.Generator, code_bits: int = CODE_BITS) -> np.ndarray:
@@ -63,11 +63,11 @@ def product_with_embeddings(
         price=None if price is None else Decimal(price),
         active=active,
     )
-    embeddings = []
+    saved = []
     for index, (bits, fc7) in enumerate(encodings):
         image = factories.image(product, f"{sku}-{index}-{next(_names)}")
-        embeddings.append(
-            services.embedding_save(
+        saved.append(
+            embeddings.embedding_save(
                 image=image,
                 model_version=version,
                 bits=bits,
@@ -76,7 +76,7 @@ def product_with_embeddings(
                 landmarks=[[0.2, 0.3, 1.0], [0.7, 0.8, 0.9], [0.5, 0.5, 0.0]],
             )
         )
-    return Planted(product=product, embeddings=embeddings)
+    return Planted(product=product, embeddings=saved)
 
 
 def random_catalog(

@@ -41,6 +41,11 @@ def test_a_baseline_is_not_fine_tuned_and_bad_input_is_refused(admin_client):
     assert response.status_code == 200 and TrainingRun.objects.count() == 1
 
 
+def test_fields_left_blank_leave_their_defaults_to_the_train_worker(admin_client):
+    admin_client.post(f"{RUNS}add/", {"epochs": "", "code_bits": "", "input_size": "32"})
+    assert TrainingRun.objects.get().config == {"model": {"input_size": 32}}
+
+
 def test_the_run_page_shows_progress_curve_and_metrics(admin_client):
     metrics = [{"epoch": 0, "loss": 2.5, "val_r1": 0.4}, {"epoch": 1, "loss": 1.25, "val_r1": 0.7}]
     run = TrainingRun.objects.create(state="running", progress=0.5, epoch_metrics=metrics)

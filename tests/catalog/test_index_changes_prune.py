@@ -5,9 +5,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from catalog import services
 from catalog.hamming import MemoryCodeIndex
 from catalog.models import IndexChange, ModelVersion
+from catalog.services import embeddings, maintenance
 from tests import factories
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -18,8 +18,8 @@ def test_prune_deletes_only_old_changes():
     product.active = False
     product.save()
     assert IndexChange.objects.count() == 1
-    assert services.index_changes_prune() == 0  # younger than the retention
-    assert services.index_changes_prune(older_than=timedelta(0)) == 1
+    assert maintenance.index_changes_prune() == 0  # younger than the retention
+    assert maintenance.index_changes_prune(older_than=timedelta(0)) == 1
     assert IndexChange.objects.count() == 0
 
 
@@ -29,14 +29,14 @@ def test_an_index_that_slept_through_a_prune_reloads_instead_of_missing_a_deleti
     kept, doomed = factories.product(merchant, sku="kept"), factories.product(merchant, sku="doomed")
     for product in (kept, doomed):
         image = factories.image(product, product.sku)
-        services.embedding_save(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.zeros(2))
+        embeddings.embedding_save(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.zeros(2))
 
     index = MemoryCodeIndex()
     index.refresh(version_id=version.pk, code_bits=8, force=True)
     assert index.stats().rows == 2 and index.stats().full_loads == 1
 
     doomed.delete()  # the index does not poll now ...
-    services.index_changes_prune(older_than=timedelta(0))  # ... and the deletion's change is pruned
+    maintenance.index_changes_prune(older_than=timedelta(0))  # ... and the deletion's change is pruned
     kept.title = "still here"
     kept.active = False
     kept.save()

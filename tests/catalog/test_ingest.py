@@ -5,8 +5,9 @@ from decimal import Decimal
 
 import pytest
 
-from catalog import intake, selectors, services
+from catalog import intake, selectors
 from catalog.models import ImportChunk, ImportJob, Product, ProductImage
+from catalog.services import imports, maintenance, products
 from tests import factories
 from tests.catalog.ingest_helpers import catalog, csv_bytes, jsonl_bytes, picture, rejected, run_inline, zip_bytes
 from workers import tasks
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.django_db
 
 
 def _create(merchant, manifest: bytes, archive: bytes | None = None, **kwargs) -> ImportJob:
-    return services.import_job_create(
+    return imports.import_job_create(
         merchant=merchant,
         manifest=manifest,
         manifest_name=kwargs.pop("name", "catalog.csv"),
@@ -84,7 +85,7 @@ def test_the_same_upload_twice_changes_nothing_and_stores_no_new_image(django_ca
         "images": list(ProductImage.objects.values_list("id", "sha256", "file")),
     }
     with django_capture_on_commit_callbacks() as callbacks:
-        second = services.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive))
+        second = imports.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive))
         run_inline(second)
     second.refresh_from_db()
     assert (second.ok, second.rejected, second.images_new) == (5, 0, 0)
@@ -111,8 +112,8 @@ def test_a_chunk_runs_exactly_once():
     manifest, archive = catalog(3)
     job = _create(merchant, manifest, archive, chunk_rows=2)
     chunk = ImportChunk.objects.get(job=job, index=0)
-    first = services.import_run_chunk(chunk_id=chunk.pk)
-    again = services.import_run_chunk(chunk_id=chunk.pk)  # a re-delivered task
+    first = imports.import_run_chunk(chunk_id=chunk.pk)
+    again = imports.import_run_chunk(chunk_id=chunk.pk)  # a re-delivered task
     assert not first.already_done and again.already_done
     job.refresh_from_db()
     assert (job.processed, job.ok, job.chunks_done, job.state) == (2, 2, 1, "running")
@@ -145,7 +146,7 @@ def test_rows_without_a_zip_are_rejected_but_rows_without_images_land():
 
 def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
     """When the bulk path meets a concurrent writer it hands the chunk to the row-by-row path: same outcome."""
-    monkeypatch.setattr(services, "_chunk_import_bulk", lambda **kwargs: None)
+    monkeypatch.setattr(imports, "_chunk_import_bulk", lambda **kwargs: None)
     merchant = factories.merchant()
     manifest, archive = catalog(4)
     manifest += b"BAD,Broken,dress,1,broken.png\n"
@@ -163,14 +164,14 @@ def test_progress_has_a_rate_and_eta_while_running_and_resume_requeues_only_unfi
     merchant = factories.merchant()
     manifest, archive = catalog(6)
     job = _create(merchant, manifest, archive, chunk_rows=2)
-    services.import_run_chunk(chunk_id=job.chunks.get(index=0).pk)
+    imports.import_run_chunk(chunk_id=job.chunks.get(index=0).pk)
     job.refresh_from_db()
     progress = selectors.import_job_progress(job=job)
     assert (progress.processed, progress.total, progress.percent) == (2, 6, 33.3)
     assert progress.rows_per_second and progress.eta_seconds is not None and progress.eta_seconds >= 0
     assert progress.images_pending == 2  # stored, waiting for the embed queue
     with django_capture_on_commit_callbacks() as callbacks:
-        assert services.import_job_resume(job=job) == 2
+        assert imports.import_job_resume(job=job) == 2
     assert len(callbacks) == 2
 
 
@@ -179,27 +180,27 @@ def test_a_chunk_that_keeps_failing_is_rejected_with_the_reason_and_the_job_fini
     manifest, archive = catalog(4)
     job = _create(merchant, manifest, archive, chunk_rows=2)
     first, second = job.chunks.order_by("index")
-    services.import_run_chunk(chunk_id=first.pk)
+    imports.import_run_chunk(chunk_id=first.pk)
     assert tasks.import_run_chunk.apply(args=[10**9]).get() == {"chunk_id": 10**9, "missing": True}
 
     def broken(*, chunk_id):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(services, "import_run_chunk", broken)
+    monkeypatch.setattr(imports, "import_run_chunk", broken)
     result = tasks.import_run_chunk.apply(args=[second.pk])  # runs here, retries included
     assert result.failed()
     job.refresh_from_db()
     assert (job.state, job.processed, job.ok, job.rejected) == ("done", 4, 2, 2)
     assert [error["line"] for error in rejected(job)] == [4, 5] and "disk on fire" in rejected(job)[0]["error"]
-    assert services.import_chunk_fail(chunk_id=second.pk, error="again") is False
+    assert imports.import_chunk_fail(chunk_id=second.pk, error="again") is False
 
 
 def test_media_sweep_deletes_only_old_unreferenced_files(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path  # its own media: other test processes' files are unreferenced from here
     product = factories.product(factories.merchant())
-    kept = services.image_add(product=product, data=picture(1), enqueue=False).image
+    kept = products.image_add(product=product, data=picture(1), enqueue=False).image
     storage = kept.file.storage
     orphan = storage.save("products/orphan-test/left-by-a-killed-worker.png", io.BytesIO(picture(2)))
-    assert services.media_orphans_delete(min_age_s=3600) == 0  # too young: may still be committed
-    assert services.media_orphans_delete(min_age_s=0) == 1
+    assert maintenance.media_orphans_delete(min_age_s=3600) == 0  # too young: may still be committed
+    assert maintenance.media_orphans_delete(min_age_s=0) == 1
     assert not storage.exists(orphan) and storage.exists(kept.file.name)

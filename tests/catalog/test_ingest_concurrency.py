@@ -8,8 +8,8 @@ import threading
 import pytest
 from django.db import connection
 
-from catalog import services
 from catalog.models import ImportJob, Product, ProductImage
+from catalog.services import imports
 from tests import factories
 from tests.catalog.ingest_helpers import catalog
 
@@ -19,7 +19,7 @@ def test_concurrent_imports_of_the_same_catalog_write_each_row_once():
     merchant = factories.merchant()
     manifest, archive = catalog(30)
     jobs = [
-        services.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive), enqueue=False)
+        imports.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive), enqueue=False)
         for _ in range(2)
     ]
     barrier = threading.Barrier(2)
@@ -29,7 +29,7 @@ def test_concurrent_imports_of_the_same_catalog_write_each_row_once():
         try:
             barrier.wait(timeout=10)
             for chunk_id in job.chunks.values_list("id", flat=True):
-                services.import_run_chunk(chunk_id=chunk_id)
+                imports.import_run_chunk(chunk_id=chunk_id)
         except BaseException as exc:  # reported below: a thread's exception would otherwise vanish
             failures.append(exc)
         finally:

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from catalog import intake, services
+from catalog import intake
 from catalog.models import Product, ProductImage
+from catalog.services import imports
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes, picture, rejected, run_inline
 
@@ -114,7 +115,7 @@ def test_an_import_fetches_image_urls_under_the_configured_policy(server, settin
         {"sku": "U3", "title": "Gone", "images": f"{server}/gone.png"},
         {"sku": "U4", "title": "Private", "images": "http://10.9.8.7/a.png"},
     ]
-    job = run_inline(services.import_job_create(merchant=merchant, manifest=csv_bytes(rows)))
+    job = run_inline(imports.import_job_create(merchant=merchant, manifest=csv_bytes(rows)))
     assert (job.ok, job.rejected) == (2, 2)
     assert [(error["line"], error["sku"]) for error in rejected(job)] == [(4, "U3"), (5, "U4")]
     assert "HTTP 404" in rejected(job)[0]["error"] and "non-public" in rejected(job)[1]["error"]
@@ -128,7 +129,7 @@ def test_a_chunk_fetches_its_urls_in_parallel_and_url_imports_use_small_chunks(s
     merchant = factories.merchant()
     rows = [{"sku": f"S{i}", "title": "Slow host", "images": f"{server}/slow?{i}"} for i in range(6)]
     rows += [{"sku": f"Z{i}", "title": "Fast", "images": f"{server}/img.png?{i}"} for i in range(30)]
-    job = services.import_job_create(merchant=merchant, manifest=csv_bytes(rows))
+    job = imports.import_job_create(merchant=merchant, manifest=csv_bytes(rows))
     assert job.chunks_total == 2  # 24 + 12 rows: URL chunks are small
     started = time.monotonic()
     run_inline(job)

@@ -10,8 +10,8 @@ from pgvector import Bit
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from catalog import services
 from catalog.models import DuplicateFinding, ImageEmbedding, ImportJob, IndexChange, ModelVersion, Product, ProductImage
+from catalog.services import embeddings, products
 from tests import factories
 from tests.catalog.ingest_helpers import catalog, picture, run_inline
 
@@ -51,9 +51,9 @@ def shop_a():
     """Merchant A with a product, an image, an import job and two duplicate findings."""
     merchant, user = _owner("alpha")
     product = factories.product(merchant, sku="A-1", title="Alpha dress", category="dress")
-    image = services.image_add(product=product, data=picture(1), enqueue=False).image
+    image = products.image_add(product=product, data=picture(1), enqueue=False).image
     twin = factories.product(merchant, sku="A-2", title="Alpha dress again")
-    twin_image = services.image_add(product=twin, data=picture(1), enqueue=False).image
+    twin_image = products.image_add(product=twin, data=picture(1), enqueue=False).image
     job = ImportJob.objects.create(merchant=merchant, total=1, processed=1, rejected=1, state="done",
                                    errors=[{"line": 2, "sku": "bad", "error": "title is required"}])  # fmt: skip
     return {
@@ -217,14 +217,14 @@ def test_import_through_the_api_reports_progress_and_rejected_rows(shop_a):
 def test_duplicates_show_own_products_only(shop_a):
     """A duplicate listing names the merchant's own twin; a possible copy never describes the other merchant."""
     merchant_b, user_b = _owner("beta")
-    copy = services.image_add(product=factories.product(merchant_b, sku="B-COPY"), data=picture(1), enqueue=False)
+    copy = products.image_add(product=factories.product(merchant_b, sku="B-COPY"), data=picture(1), enqueue=False)
     version = _version()
     images = [shop_a["image"], shop_a["twin_image"], copy.image]
     for image in images:
         _embed(image, version, seed=42)  # identical code and fc7: the same picture
-    created = services.duplicates_find(model_version=version, image_ids=[image.pk for image in images])
+    created = embeddings.duplicates_find(model_version=version, image_ids=[image.pk for image in images])
     assert created == 6  # three pairs, both directions
-    assert services.duplicates_find(model_version=version, image_ids=[images[0].pk]) == 0  # idempotent
+    assert embeddings.duplicates_find(model_version=version, image_ids=[images[0].pk]) == 0  # idempotent
 
     a = _client(shop_a["user"]).get(reverse("api:merchant-duplicate-list")).json()["results"]
     listing = [f for f in a if f["kind"] == "duplicate_listing"]

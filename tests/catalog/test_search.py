@@ -132,9 +132,9 @@ def test_memory_index_follows_the_change_log_without_reloading(shop):
     _eventually(lambda: product_ids(run(version, query, "memory", k=3)), lambda ids: ids[0] == added.product.pk)
 
     # An updated code moves the image: far away now, so the product is no longer first.
-    from catalog import services
+    from catalog.services import embeddings
 
-    services.embedding_save(image=added.embeddings[0].image, model_version=version, bits=~bits, fc7=-fc7)
+    embeddings.embedding_save(image=added.embeddings[0].image, model_version=version, bits=~bits, fc7=-fc7)
     _eventually(lambda: product_ids(run(version, query, "memory", k=3)), lambda ids: added.product.pk not in ids)
 
     added.embeddings[0].delete()

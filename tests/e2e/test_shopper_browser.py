@@ -14,8 +14,8 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from django.db import transaction
 
-from catalog import services
 from catalog.models import ModelVersion
+from catalog.services import model_versions, products
 from shop_search.celery import app
 from tests import factories
 from workers.ml.datasets.render import render_product
@@ -46,18 +46,18 @@ def indexed_shop(settings, tmp_path):
     photos = {}
     for seed in range(PRODUCTS):
         record = render_product(seed, view=0)
-        product = services.product_upsert(
+        product = products.product_upsert(
             merchant=merchant, sku=f"R-{seed}", title=record.extra["title"], category=f"cat{seed % 3}",
             price=Decimal("10") + seed,
         ).product  # fmt: skip
         for view in range(VIEWS):
             photo = _png(render_product(seed, view=view).image)
-            services.image_add(product=product, data=photo, position=view)
+            products.image_add(product=product, data=photo, position=view)
             photos[(seed, view)] = photo
     app.control.purge()
     with start_worker(app, queues=["train", "embed", "search"], pool="solo", perform_ping_check=False):
         with transaction.atomic():
-            version = services.model_version_bootstrap(code_bits=32, fc7_dim=16)
+            version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=16)
         deadline = time.monotonic() + ACTIVATION_TIMEOUT_S
         while ModelVersion.objects.get(pk=version.pk).status != ModelVersion.Status.ACTIVE:
             assert time.monotonic() < deadline, ModelVersion.objects.get(pk=version.pk).metrics

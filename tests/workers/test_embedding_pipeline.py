@@ -11,11 +11,11 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from PIL import Image, ImageDraw
 
-from catalog import services
 from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog.services import model_versions
 from shop_search.celery import app
 from tests import factories
-from workers import tasks
+from workers import pipelines, tasks
 
 
 def _picture(seed: int) -> bytes:
@@ -46,7 +46,7 @@ def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings,
     app.control.purge()
     with start_worker(app, queues=["train", "embed", "search"], pool="solo", perform_ping_check=False):
         with transaction.atomic():
-            version = services.model_version_bootstrap(code_bits=32, fc7_dim=8)
+            version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=8)
         # train_baseline -> embed_images -> embed_finish_indexing (which polls until every image is in)
         deadline_s, waited = 120, 0.0
         while ModelVersion.objects.get(pk=version.pk).status != ModelVersion.Status.ACTIVE and waited < deadline_s:
@@ -78,9 +78,9 @@ def test_a_worker_process_preloads_the_active_encoder(settings, tmp_path):
     from workers.ml.baseline import fit_baseline
 
     settings.MODELS_DIR = tmp_path
-    assert tasks.encoder_warm_up() is None  # nothing active yet: nothing to load, no error
+    assert pipelines.encoder_warm_up() is None  # nothing active yet: nothing to load, no error
     images = [Image.open(io.BytesIO(_picture(seed))) for seed in range(4)]
     path = fit_baseline(images, out_path=tmp_path / "v.pt", code_bits=32, fc7_dim=2, input_size=32)
     ModelVersion.objects.create(name="warm", checkpoint=str(path), status=ModelVersion.Status.ACTIVE)
-    assert tasks.encoder_warm_up() == "warm"
+    assert pipelines.encoder_warm_up() == "warm"
     assert path.resolve() in encoders._encoders

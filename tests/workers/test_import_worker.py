@@ -22,8 +22,8 @@ from django.db import connection, transaction
 from django.db.models import Count
 from PIL import Image
 
-from catalog import services
 from catalog.models import DuplicateFinding, ImageEmbedding, ImportChunk, ImportJob, ModelVersion, Product, ProductImage
+from catalog.services import imports, model_versions
 from shop_search.celery import app
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes, picture, rejected, zip_bytes
@@ -91,7 +91,7 @@ def test_a_worker_killed_mid_import_and_another_started_leaves_exactly_the_right
     files = {f"{i}.png": _noisy_png(i) for i in range(good)} | {f"broken{i}.png": b"junk" for i in range(broken)}
     app.control.purge()
     with transaction.atomic():
-        job = services.import_job_create(
+        job = imports.import_job_create(
             merchant=merchant, manifest=csv_bytes(rows), archive=io.BytesIO(zip_bytes(files)), chunk_rows=8
         )
     assert job.chunks_total == 31 and job.rejected == 1
@@ -129,7 +129,7 @@ def _wait_active(version: ModelVersion, timeout_s: float = 120) -> ModelVersion:
 
 def _import(merchant, manifest: bytes, archive: bytes) -> ImportJob:
     with transaction.atomic():
-        job = services.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive))
+        job = imports.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive))
     assert _wait(lambda: ImportJob.objects.get(pk=job.pk).state == "done", 60, interval_s=0.1)
     job.refresh_from_db()
     return job
@@ -155,7 +155,7 @@ def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp
         job = _import(shop, manifest, archive)
         assert (job.ok, job.images_new) == (11, 11)
         with transaction.atomic():
-            version = services.model_version_bootstrap(code_bits=32, fc7_dim=8)
+            version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=8)
         version = _wait_active(version)
         assert version.status == "active", version.metrics
         assert _wait(lambda: _embedded(11), 30)

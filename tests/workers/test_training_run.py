@@ -8,10 +8,11 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 from django.db import transaction
 
-from catalog import services
 from catalog.models import ModelVersion, TrainingRun
+from catalog.services import training
 from shop_search.celery import app
 from tests import factories
+from workers import pipelines
 
 # A tiny network (timm's test model, random init, 32 px): the flow is under test here, not the accuracy.
 TINY_RUN = {
@@ -50,7 +51,7 @@ def test_a_training_run_trains_on_the_catalog_and_registers_a_ready_version(sett
     app.control.purge()
     with start_worker(app, queues=["train"], pool="solo", perform_ping_check=False):
         with transaction.atomic():
-            run = services.training_run_start(run=TrainingRun(config=TINY_RUN))
+            run = training.training_run_start(run=TrainingRun(config=TINY_RUN))
         deadline = time.monotonic() + 180
         while TrainingRun.objects.get(pk=run.pk).state in {"pending", "running"} and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -64,6 +65,9 @@ def test_a_training_run_trains_on_the_catalog_and_registers_a_ready_version(sett
     assert version.kind == ModelVersion.Kind.FASHIONNET and version.status == ModelVersion.Status.READY
     assert (version.code_bits, version.fc7_dim) == (32, 16)
     assert version.config["training"]["epochs"] == 2
+    # the run now shows the whole configuration that ran: the admin's choices over TrainConfig's defaults
+    assert run.config == version.config["training"]
+    assert run.config["epochs"] == 2 and run.config["lr"] > 0 and run.config["dataset"]["name"] == "catalog-export"
     # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
     onnx_path = Path(version.checkpoint).with_suffix(".onnx")
     assert onnx_path.exists() and version.config["path"] == str(onnx_path)
@@ -76,6 +80,6 @@ def test_a_failed_run_says_why(settings, tmp_path):
     settings.MODELS_DIR = tmp_path
     run = TrainingRun.objects.create(config=TINY_RUN)
     with pytest.raises(ValueError, match="no active product"):
-        services.training_run_execute(run=run, train=None, load_records=lambda directory: ([], None), encoder_for=None)
+        pipelines.training_run_execute(run_id=run.pk)
     run.refresh_from_db()
     assert run.state == TrainingRun.State.FAILED and "no active product" in run.log

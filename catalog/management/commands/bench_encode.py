@@ -15,7 +15,7 @@ import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog import search, selectors, services
+from catalog import intake, query_payload, search, selectors
 from catalog.models import ProductImage
 
 WARMUP = 3  # the first encodes pay for loading the checkpoint (worker and here): not what a shopper waits for
@@ -40,10 +40,10 @@ class Command(BaseCommand):
         images = list(
             ProductImage.objects.filter(status=ProductImage.Status.EMBEDDED).order_by("id")[: queries + WARMUP]
         )
-        photos = [services.image_open(image) for image in images]
-        payloads = [search.intake.image_validate(_png(photo)).data for photo in photos]
+        photos = [selectors.image_open(image=image) for image in images]
+        payloads = [intake.image_validate(_png(photo)).data for photo in photos]
 
-        from workers.encoders import encoder_for  # torch, in this process only
+        from workers import pipelines  # the worker's own encode, run here: torch in this process only
 
         remote, local = [], []
         for index, data in enumerate(payloads):
@@ -51,9 +51,9 @@ class Command(BaseCommand):
             via_queue = search.query_encode_remote(data=data, version=version)
             remote_ms = (time.perf_counter() - started) * 1000
             started = time.perf_counter()
-            in_process = services.query_encode(data=data, version=version, encoder_for=encoder_for)
+            message = pipelines.query_encode(photo_message=query_payload.photo_to_message(data), version_id=version.pk)
             local_ms = (time.perf_counter() - started) * 1000
-            if via_queue.code.tobytes() != search.bitstring_pack(in_process["bits"]).tobytes():
+            if via_queue.code.tobytes() != query_payload.encoding_from_message(message).code.tobytes():
                 raise CommandError("the worker and this process encode differently: different checkpoints?")
             if index >= WARMUP:
                 remote.append(remote_ms)

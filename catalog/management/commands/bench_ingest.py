@@ -1,7 +1,7 @@
 """`manage.py bench_ingest`: catalog ingest throughput end to end, embedding included, on real workers.
 
 Renders N distinct products (workers.ml.datasets.render, cached under var/bench/), uploads them as one import
-(manifest + zip) through `services.import_job_create`, starts a real Celery worker with `--workers` pool processes
+(manifest + zip) through `imports.import_job_create`, starts a real Celery worker with `--workers` pool processes
 (one torch thread each) and measures until every image is embedded by the active version. Then it profiles a
 sample in this process to show where the time goes per image. With no active version, version 0 is fitted first
 (not counted). Run it against its own database so the demo shop is not touched, e.g.
@@ -38,8 +38,9 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from catalog import intake, selectors, services
+from catalog import intake, selectors
 from catalog.models import ImageEmbedding, ImportJob, Merchant, ModelVersion, ProductImage
+from catalog.services import embeddings, imports, model_versions
 from shop_search.celery import app
 
 RENDER_SIZE = 128  # the renderer's default photo size; JPEG at this size is ~4 kB, like a catalog thumbnail
@@ -84,7 +85,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--products", type=int, default=2000)
         parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker pool processes")
-        parser.add_argument("--chunk-rows", type=int, default=services.IMPORT_CHUNK_ROWS)
+        parser.add_argument("--chunk-rows", type=int, default=imports.IMPORT_CHUNK_ROWS)
         parser.add_argument("--timeout", type=float, default=3600.0)
         parser.add_argument("--json", type=Path, help="also write the results here")
         parser.add_argument("--no-profile", action="store_true", help="skip the per-stage breakdown")
@@ -131,7 +132,7 @@ class Command(BaseCommand):
         encoder = encoder_for(path)
         version.checkpoint, version.fc7_dim, version.config = str(path), encoder.fc7_dim, encoder.version_info
         version.save()
-        return services.model_version_activate(version=version)
+        return model_versions.model_version_activate(version=version)
 
     def _start_worker(self, workers: int) -> subprocess.Popen:
         env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL,
@@ -154,7 +155,7 @@ class Command(BaseCommand):
         cpu_before, machine_before = _cpu_seconds(worker.pid), _machine_cpu_seconds()
         t0 = time.perf_counter()
         with archive.open("rb") as handle, transaction.atomic():
-            job = services.import_job_create(
+            job = imports.import_job_create(
                 merchant=merchant, manifest=manifest.read_bytes(), manifest_name=manifest.name, archive=handle,
                 chunk_rows=chunk_rows,
             )  # fmt: skip
@@ -216,27 +217,27 @@ class Command(BaseCommand):
             names = list(safe.entries)[:n]
             timed("zip_read", lambda: [safe.read(name) for name in names])
             timed("validate_reencode", lambda: [intake.image_validate(blob) for blob in blobs])
-            encoder = encoder_for(services.checkpoint_path(version))
+            encoder = encoder_for(selectors.checkpoint_path(version=version))
             with transaction.atomic():
                 merchant = Merchant.objects.create(name="Profile", slug=f"profile-{int(time.time() * 1000)}")
                 rows = [
                     intake.ManifestRow(line=i + 2, sku=f"P-{i}", title=f"t{i}", category="dress", images=(name,))
                     for i, name in enumerate(names)
                 ]
-                bulk = timed("import_chunk_total", lambda: services._chunk_import_bulk(
+                bulk = timed("import_chunk_total", lambda: imports._chunk_import_bulk(
                     merchant=merchant, rows=rows, archive=safe))  # fmt: skip
                 assert bulk is not None
                 added = bulk.new_image_ids
                 stored = list(ProductImage.objects.filter(pk__in=added))
-                pictures = timed("load_stored_image", lambda: [services.image_open(image) for image in stored])
+                pictures = timed("load_stored_image", lambda: [selectors.image_open(image=image) for image in stored])
                 encoder.encode(pictures[:8])  # warm-up outside the timing
                 encoding = timed("encode_network", lambda: encoder.encode(pictures))
-                timed("embedding_db_write", lambda: services.embeddings_bulk_save(model_version=version, rows=[
-                    services.embedding_row(image=image, model_version=version, bits=encoding.bits[i],
+                timed("embedding_db_write", lambda: embeddings.embeddings_bulk_save(model_version=version, rows=[
+                    embeddings.embedding_row(image=image, model_version=version, bits=encoding.bits[i],
                                            fc7=encoding.fc7[i])
                     for i, image in enumerate(stored)
                 ]))  # fmt: skip
-                timed("duplicate_check", lambda: services.duplicates_find(model_version=version, image_ids=added))
+                timed("duplicate_check", lambda: embeddings.duplicates_find(model_version=version, image_ids=added))
                 names_to_delete = [image.file.name for image in stored]
                 transaction.set_rollback(True)
         storage = ProductImage._meta.get_field("file").storage

@@ -325,14 +325,14 @@ def _drop_hnsw(version) -> None:
 
 
 def _rebuild_hnsw(version) -> str:
-    from catalog import services
+    from catalog.services import model_versions
 
     name = code_index_name(version_id=version.pk)
     _drop_hnsw(version)
     with connection.cursor() as cursor:
         cursor.execute("SET maintenance_work_mem = '2GB'")
         cursor.execute(f"SET max_parallel_maintenance_workers = {max(1, (os.cpu_count() or 2) - 1)}")
-    services.code_index_ensure(version=version)
+    model_versions.code_index_ensure(version=version)
     return name
 
 

@@ -11,8 +11,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from tqdm import tqdm
 
-from catalog import sample_shop, services
+from catalog import sample_shop
 from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
+from catalog.services import model_versions
+from catalog.services.products import image_add, product_upsert
 
 WRITE_BATCH = 50  # products per transaction: commits (and embed tasks) in batches, progress stays visible
 POLL_S = 1.0  # how often the wait loop looks at the worker's progress
@@ -44,7 +46,7 @@ class Command(BaseCommand):
         for start in range(0, len(todo), WRITE_BATCH):
             with transaction.atomic():
                 for item in todo[start : start + WRITE_BATCH]:
-                    result = services.product_upsert(
+                    result = product_upsert(
                         merchant=merchants[item.merchant_slug],
                         sku=item.sku,
                         title=item.title,
@@ -54,9 +56,7 @@ class Command(BaseCommand):
                     )
                     added_products += result.created
                     for position, photo in enumerate(item.photos()):
-                        added_images += services.image_add(
-                            product=result.product, data=photo, position=position
-                        ).created
+                        added_images += image_add(product=result.product, data=photo, position=position).created
                     progress.update(1)
         progress.close()
         self.stdout.write(
@@ -64,7 +64,7 @@ class Command(BaseCommand):
             f"({len(catalog) - len(todo)} already there)"
         )
         with transaction.atomic():
-            version = services.model_version_bootstrap()
+            version = model_versions.model_version_bootstrap()
         if not no_wait:
             self._wait(version_id=version.pk, timeout=timeout)
         self.stdout.write(self.style.SUCCESS(f"sample shop ready in {time.monotonic() - started:.0f} s"))

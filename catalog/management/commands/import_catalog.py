@@ -11,8 +11,9 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from tqdm import tqdm
 
-from catalog import intake, selectors, services
+from catalog import intake, selectors
 from catalog.models import ImportJob, Merchant
+from catalog.services import imports
 
 POLL_S = 0.5  # progress bar refresh while workers import
 REJECTED_SHOWN = 20  # the rest are in the admin and the API
@@ -28,7 +29,7 @@ class Command(BaseCommand):
         parser.add_argument("--create-merchant", action="store_true", help="create the merchant if it is missing")
         parser.add_argument("--format", choices=["csv", "jsonl"], help="default: from the file name or contents")
         parser.add_argument("--inline", action="store_true", help="run the chunks here instead of in the workers")
-        parser.add_argument("--chunk-rows", type=int, default=services.IMPORT_CHUNK_ROWS)
+        parser.add_argument("--chunk-rows", type=int, default=imports.IMPORT_CHUNK_ROWS)
         parser.add_argument("--no-wait", action="store_true", help="queue the job and exit")
         parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the workers")
 
@@ -42,7 +43,7 @@ class Command(BaseCommand):
                 merchant = self._merchant(options["merchant"], options["create_merchant"])
                 archive = images.open("rb") if images else None
                 try:
-                    job = services.import_job_create(
+                    job = imports.import_job_create(
                         merchant=merchant,
                         manifest=manifest_path.read_bytes(),
                         manifest_name=manifest_path.name,
@@ -66,7 +67,7 @@ class Command(BaseCommand):
         with tqdm(total=job.total, initial=job.processed, unit="row", desc=f"import {job.pk}", file=stream) as bar:
             if options["inline"]:
                 for chunk_id in job.chunks.filter(done=False).order_by("index").values_list("id", flat=True):
-                    services.import_run_chunk(chunk_id=chunk_id)
+                    imports.import_run_chunk(chunk_id=chunk_id)
                     job.refresh_from_db()
                     self._update(bar, job)
             else:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from catalog import services
+from catalog.services import maintenance
 
 
 class Command(BaseCommand):
     help = "Delete product image and import upload files that no database row references."
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--min-age", type=float, default=services.MEDIA_ORPHAN_MIN_AGE_S, help="seconds")
+        parser.add_argument("--min-age", type=float, default=maintenance.MEDIA_ORPHAN_MIN_AGE_S, help="seconds")
 
     def handle(self, *args, min_age: float, **options) -> None:
-        deleted = services.media_orphans_delete(min_age_s=min_age)
+        deleted = maintenance.media_orphans_delete(min_age_s=min_age)
         self.stdout.write(f"{deleted} unreferenced files deleted")

@@ -1,6 +1,7 @@
 """A dataset over an exported shop catalog: several photos per product, category and attributes, no landmarks.
 
-Export format (written by the Django side, read here; `write_catalog_export` writes it too):
+Export format (written only through `CatalogExportWriter`: by the retraining pipeline from the shop's catalog,
+workers.pipelines, and by `write_catalog_export` from products in memory; read here by `CatalogExport`):
 
     <export dir>/
         manifest.jsonl      one product per line, UTF-8 JSON
@@ -22,6 +23,7 @@ as when fine-tuning a model whose vocabularies are fixed; names outside it then 
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Iterable, Sequence
@@ -144,19 +146,68 @@ class CatalogExport(Sequence[Record]):
         return np.array([number for number, _ in self.items])
 
 
+class CatalogExportWriter:
+    """Writes an export one product at a time (a shop's catalog is streamed from its database, not held)."""
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        (self.directory / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+        self.manifest = self.directory / MANIFEST_NAME
+        self._file = self.manifest.open("w", encoding="utf-8")
+
+    def add(
+        self,
+        *,
+        sku: str,
+        category: str | None,
+        attributes: Iterable[str] | None,
+        title: str = "",
+        images: Iterable[tuple[str, bytes]],
+    ) -> bool:
+        """One product; `images` are (file name, file contents), stored under images/. A product without an image
+        is left out (a manifest line needs one): returns whether it was written."""
+        paths = []
+        for name, data in images:
+            relative = f"{IMAGES_DIR}/{name}"
+            (self.directory / relative).write_bytes(data)
+            paths.append(relative)
+        if not paths:
+            return False
+        labels = tuple(attributes) if attributes is not None else None
+        line = ExportedProduct(sku, category or None, labels, tuple(paths), title)
+        self._file.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
+        return True
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CatalogExportWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def write_catalog_export(directory: Path | str, products: Iterable[CatalogProduct], image_format: str = "png") -> Path:
     """Write products and their images in the export format; returns the manifest path."""
-    directory = Path(directory)
-    (directory / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
-    manifest = directory / MANIFEST_NAME
-    with manifest.open("w", encoding="utf-8") as file:
+    pil_format = Image.registered_extensions()[f".{image_format}"]
+    with CatalogExportWriter(directory) as writer:
         for product in products:
             stem = re.sub(r"[^A-Za-z0-9._-]+", "_", product.id)
-            paths = []
-            for i, image in enumerate(product.images):
-                relative = f"{IMAGES_DIR}/{stem}-{i}.{image_format}"
-                image.convert("RGB").save(directory / relative)
-                paths.append(relative)
-            line = ExportedProduct(product.id, product.category, tuple(product.attributes), tuple(paths), product.title)
-            file.write(json.dumps(line.to_json(), ensure_ascii=False) + "\n")
-    return manifest
+            images = [
+                (f"{stem}-{i}.{image_format}", _encoded(image, pil_format)) for i, image in enumerate(product.images)
+            ]
+            writer.add(
+                sku=product.id,
+                category=product.category,
+                attributes=product.attributes,
+                title=product.title,
+                images=images,
+            )
+    return writer.manifest
+
+
+def _encoded(image: Image.Image, pil_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=pil_format)
+    return buffer.getvalue()

@@ -1,0 +1,110 @@
+"""Model versions: version 0's bootstrap, the outcome of fitting one, indexing the catalog with a version and the
+atomic switch that makes it the one search reads. The network itself runs in the workers (workers.pipelines)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from catalog import dispatch, selectors
+from catalog.codes import code_index_create_sql
+from catalog.models import ModelVersion
+
+
+def code_index_ensure(*, version: ModelVersion) -> None:
+    """Create the version's HNSW index on its codes unless it exists (catalog.codes says why one per version)."""
+    with connection.cursor() as cursor:
+        cursor.execute(code_index_create_sql(version_id=version.pk, code_bits=version.code_bits))
+
+
+def model_version_activate(*, version: ModelVersion) -> ModelVersion:
+    """Make `version` the one search reads, atomically: the previous active version is retired in the same
+    transaction, and the partial unique constraint rejects any concurrent second activation."""
+    code_index_ensure(version=version)
+    with transaction.atomic():
+        ModelVersion.objects.select_for_update().filter(status=ModelVersion.Status.ACTIVE).exclude(
+            pk=version.pk
+        ).update(status=ModelVersion.Status.RETIRED)
+        version.status = ModelVersion.Status.ACTIVE
+        version.activated_at = timezone.now()
+        version.save(update_fields=["status", "activated_at"])
+    return version
+
+
+def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 64, fc7_dim: int = 256) -> ModelVersion:
+    """Make sure a shop can search before anyone trains: if no version is active or on its way, fit version 0
+    (pretrained backbone + PCA + ITQ) on the catalog in the background. Returns the version that will serve."""
+    serving = ModelVersion.objects.filter(
+        status__in=[ModelVersion.Status.ACTIVE, ModelVersion.Status.INDEXING, ModelVersion.Status.TRAINING]
+    ).first()
+    if serving:
+        return serving
+    version = ModelVersion.objects.create(
+        name=name if not ModelVersion.objects.filter(name=name).exists() else f"{name}-{timezone.now():%Y%m%d%H%M%S}",
+        kind=ModelVersion.Kind.BASELINE,
+        status=ModelVersion.Status.TRAINING,
+        code_bits=code_bits,
+        fc7_dim=fc7_dim,
+    )
+    dispatch.fit_baseline(version_id=version.pk)
+    return version
+
+
+def model_version_fail(*, version: ModelVersion, error: str) -> None:
+    """Fitting the version failed: it never serves, and says why."""
+    version.status = ModelVersion.Status.FAILED
+    version.metrics = {"error": error[:1000]}
+    version.save(update_fields=["status", "metrics"])
+
+
+def model_version_ready(
+    *, version: ModelVersion, checkpoint: Path, code_bits: int, fc7_dim: int, config: dict[str, Any]
+) -> ModelVersion:
+    """A fitted version's checkpoint and its real sizes (a fit may clamp fc7 to its sample): ready to index."""
+    version.checkpoint = str(checkpoint)
+    version.code_bits = code_bits
+    version.fc7_dim = fc7_dim
+    version.config = config
+    version.status = ModelVersion.Status.READY
+    version.save()
+    return version
+
+
+SWITCHABLE_STATUSES = (ModelVersion.Status.READY, ModelVersion.Status.RETIRED)
+
+
+def model_version_switch(*, version: ModelVersion) -> ModelVersion:
+    """An admin's "use this version": a trained (ready) version, or a retired one to roll back to. Search keeps
+    the current version until `version` has embedded every image, then switches atomically."""
+    if version.status not in SWITCHABLE_STATUSES:
+        raise ValueError(f"{version.name} is {version.status}; only a ready or retired version can be switched to")
+    if not version.checkpoint:
+        raise ValueError(f"{version.name} has no checkpoint")
+    busy = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).exclude(pk=version.pk).first()
+    if busy is not None:
+        raise ValueError(f"{busy.name} is still being indexed; switch when it is done")
+    return model_version_start_indexing(version=version)
+
+
+def model_version_start_indexing(*, version: ModelVersion) -> ModelVersion:
+    """Embed the whole catalog with `version` in the background; it becomes active when that is complete."""
+    code_index_ensure(version=version)
+    with transaction.atomic():
+        version.status = ModelVersion.Status.INDEXING
+        version.save(update_fields=["status"])
+        dispatch.embed_images(
+            image_ids=list(selectors.images_missing_embedding(version=version).values_list("id", flat=True))
+        )
+        dispatch.finish_indexing(version_id=version.pk)
+    return version
+
+
+def model_version_finish_indexing(*, version: ModelVersion) -> bool:
+    """Activate `version` if every image has its embedding (the atomic switch); False if not yet."""
+    if selectors.images_missing_embedding(version=version).exists():
+        return False
+    model_version_activate(version=version)
+    return True

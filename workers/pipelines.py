@@ -1,0 +1,252 @@
+"""What the workers do between the catalog and the network: embed images, encode a shopper's query photo, fit
+version 0, train a new version on the catalog. Rows are read through catalog.selectors and written through
+catalog.services; the network is workers.encoders (a process-wide Encoder per checkpoint) and workers.ml.
+
+Only worker processes import this module (through workers.tasks). The network's modules (torch) are imported on
+first use inside the functions below, so a worker process starts without them and loads them once, for its first
+task or its warm-up.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from django.conf import settings
+from PIL import Image
+
+from catalog import query_payload, selectors
+from catalog.models import ModelVersion, ProductImage, TrainingRun
+from catalog.services import embeddings, model_versions, training
+
+if TYPE_CHECKING:
+    from workers.ml.encoder import Encoder, Encoding
+    from workers.ml.records import LabelSpace
+    from workers.ml.training import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+ATTRIBUTE_REPORT_THRESHOLD = 0.5  # predicted attributes kept on an embedding (independent sigmoids)
+CATEGORY_TOP = 5  # category probabilities returned with a query encoding
+BASELINE_FIT_SAMPLE = 3000  # PCA/ITQ are stable well before this; more only costs fitting time
+TRAINING_PROGRESS_SAVE_S = 2.0  # progress is written at most this often: the dashboard polls, SGD must not wait
+
+
+def encoder_at(checkpoint: Path) -> Encoder:
+    """The process's Encoder of a checkpoint, loaded on first use (this is where a worker first imports torch)."""
+    from workers.encoders import encoder_for
+
+    return encoder_for(checkpoint)
+
+
+def encoder_of(version: ModelVersion) -> Encoder:
+    return encoder_at(selectors.checkpoint_path(version=version))
+
+
+def encoder_warm_up() -> str | None:
+    """Load the active version's network now, so the first shopper query is not the one that pays ~3 s for it."""
+    version = selectors.model_version_active()
+    if version is None or not version.checkpoint:
+        return None
+    try:
+        encoder_of(version)
+    except Exception:  # a worker that cannot preload still serves: the task loads (and reports) it lazily
+        logger.exception("could not preload the encoder of %s", version)
+        return None
+    return version.name
+
+
+# --- embedding and query encoding -----------------------------------------------------------------------------------
+def predictions(encoding: Encoding, index: int, label_space: LabelSpace) -> dict[str, Any]:
+    """The per-image predictions of an Encoding, as stored on an embedding and shown in explanations."""
+    result: dict[str, Any] = {"category": "", "category_confidence": None, "attributes": {}, "landmarks": []}
+    if encoding.category_probs is not None and label_space.categories:
+        probs = encoding.category_probs[index]
+        best = int(np.argmax(probs))
+        result["category"] = label_space.categories[best]
+        result["category_confidence"] = float(probs[best])
+    if encoding.attribute_probs is not None and label_space.attributes:
+        result["attributes"] = {
+            name: round(float(p), 4)
+            for name, p in zip(label_space.attributes, encoding.attribute_probs[index])
+            if p >= ATTRIBUTE_REPORT_THRESHOLD
+        }
+    if encoding.landmarks is not None:
+        visibility = (
+            encoding.visibility[index] if encoding.visibility is not None else np.ones(len(encoding.landmarks[index]))
+        )
+        result["landmarks"] = [
+            [round(float(x), 4), round(float(y), 4), round(float(v), 4)]
+            for (x, y), v in zip(encoding.landmarks[index], visibility)
+        ]
+    return result
+
+
+def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
+    """Embed images under every serving version; images that cannot be decoded are marked failed, not retried."""
+    versions = list(selectors.model_versions_serving())
+    loaded: list[tuple[ProductImage, Image.Image]] = []
+    failed = 0
+    for image in selectors.images_by_id(image_ids=image_ids):
+        try:
+            loaded.append((image, selectors.image_open(image=image)))
+        except Exception as exc:  # a broken stored file must not block the rest of the batch
+            failed += 1
+            embeddings.image_mark_failed(image_id=image.pk, error=str(exc))
+    if not versions or not loaded:
+        return {"embedded": 0, "failed": failed, "versions": [v.pk for v in versions]}
+    duplicates = 0
+    for version in versions:
+        encoder = encoder_of(version)
+        encoding = encoder.encode([picture for _, picture in loaded])
+        rows = [
+            embeddings.embedding_row(
+                image=image,
+                model_version=version,
+                bits=encoding.bits[index],
+                fc7=encoding.fc7[index],
+                **predictions(encoding, index, encoder.label_space),
+            )
+            for index, (image, _) in enumerate(loaded)
+        ]
+        duplicates += embeddings.embeddings_record(model_version=version, rows=rows)
+    embeddings.images_mark_embedded(image_ids=[image.pk for image, _ in loaded])
+    return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
+
+
+def query_encode(*, photo_message: str, version_id: int) -> dict[str, Any]:
+    """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back."""
+    version = selectors.model_version_get(version_id=version_id)
+    photo = Image.open(io.BytesIO(query_payload.photo_from_message(photo_message))).convert("RGB")
+    encoder = encoder_of(version)
+    encoding = encoder.encode([photo])
+    labels = encoder.label_space
+    category_probs = {}
+    if encoding.category_probs is not None and labels.categories:
+        order = np.argsort(-encoding.category_probs[0])[:CATEGORY_TOP]
+        category_probs = {labels.categories[i]: float(encoding.category_probs[0][i]) for i in order}
+    return query_payload.encoding_to_message(
+        model_version_id=version.pk,
+        bits=encoding.bits[0],
+        fc7=encoding.fc7[0],
+        category_probs=category_probs,
+        **predictions(encoding, 0, labels),
+    )
+
+
+# --- version 0 ------------------------------------------------------------------------------------------------------
+def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
+    """Fit version 0 (pretrained backbone + PCA + ITQ) on a sample of the catalog's images, then start indexing
+    the catalog with it."""
+    from workers.ml.baseline import fit_baseline
+
+    version = selectors.model_version_get(version_id=version_id)
+    pictures, categories = [], []
+    for image in selectors.images_usable(limit=BASELINE_FIT_SAMPLE):
+        try:
+            pictures.append(selectors.image_open(image=image))
+            categories.append(image.product.category or None)
+        except Exception:
+            logger.warning("skipping unreadable image %s in baseline fit", image.pk)
+    out_path = Path(settings.MODELS_DIR) / f"{version.name}-{version.pk}.pt"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path = fit_baseline(
+            pictures, out_path=out_path, categories=categories, code_bits=version.code_bits, fc7_dim=version.fc7_dim
+        )
+    except Exception as exc:
+        model_versions.model_version_fail(version=version, error=str(exc))
+        raise
+    encoder = encoder_at(path)  # the fitted checkpoint's real sizes (fc7 may be clamped to the sample)
+    model_versions.model_version_ready(
+        version=version, checkpoint=path, code_bits=encoder.code_bits, fc7_dim=encoder.fc7_dim,
+        config=encoder.version_info,
+    )  # fmt: skip
+    return model_versions.model_version_start_indexing(version=version)
+
+
+# --- retraining -----------------------------------------------------------------------------------------------------
+CATALOG_EXPORT_DATASET = "catalog-export"  # what a run's resolved config names as its data
+
+
+def catalog_export_write(*, directory: Path) -> Path:
+    """The active catalog in the catalog-export format (workers.ml.datasets.catalog_export): one line per product,
+    with every usable image (the several instances metric learning needs), its category and attributes."""
+    from workers.ml.datasets.catalog_export import CatalogExportWriter
+
+    with CatalogExportWriter(directory) as writer:
+        for product in selectors.products_to_train_on():
+            writer.add(
+                sku=f"{product.merchant_id}/{product.sku}",
+                category=product.category,
+                attributes=product.attributes,
+                title=product.title,
+                images=(
+                    (f"{image.pk}{Path(image.file.name).suffix}", selectors.image_read(image=image))
+                    for image in product.usable_images
+                ),
+            )
+    return directory
+
+
+def training_run_execute(*, run_id: int) -> ModelVersion:
+    """Export the catalog, train on it (progress and per-epoch metrics land on the run for the dashboard) and
+    register the result as a ready ModelVersion; switching search to it is the admin's decision.
+
+    The run holds only what the admin chose; TrainConfig's defaults fill in the rest, and the resolved config is
+    written back onto the run."""
+    from workers.ml.datasets.catalog_export import CatalogExport
+    from workers.ml.training import TrainConfig, train
+
+    run = selectors.training_run_get(run_id=run_id)
+    work_dir = Path(settings.MODELS_DIR) / "runs" / f"run-{run.pk}"
+    export_dir = work_dir / "catalog"
+    try:
+        config = TrainConfig.from_overrides(
+            run.config,
+            {"out_dir": str(work_dir), "dataset": {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir)}},
+        )
+        training.training_run_begin(run=run, config=config.to_dict())
+        export = CatalogExport(catalog_export_write(directory=export_dir))
+        if not len(export):
+            raise ValueError("the catalog has no active product with an image to train on")
+        path = train(config, records=export, label_space=export.label_space, progress=_progress_saver(run, config))
+        encoder = encoder_at(path)
+        return training.training_run_finish(
+            run=run,
+            checkpoint=path,
+            code_bits=encoder.code_bits,
+            fc7_dim=encoder.fc7_dim,
+            config={**encoder.version_info, "training": config.to_dict()},
+        )
+    except Exception:
+        training.training_run_fail(run=run, log=traceback.format_exc())
+        raise
+
+
+def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str, Any]], None]:
+    """train()'s progress callback: the run's fraction done and per-epoch metrics, saved at most every
+    TRAINING_PROGRESS_SAVE_S (and at the end of every epoch)."""
+    last_save = 0.0
+
+    def progress(event: dict[str, Any]) -> None:
+        nonlocal last_save
+        epochs = max(1, int(event.get("epochs") or config.epochs))
+        epoch_metrics = run.epoch_metrics
+        if event.get("done"):
+            epoch_metrics = [*epoch_metrics, {"epoch": event["epoch"], **event.get("metrics", {})}]
+            fraction = (int(event["epoch"]) + 1) / epochs
+        else:
+            steps = max(1, int(event.get("steps") or 1))
+            fraction = (int(event.get("epoch", 0)) + int(event.get("step", 0)) / steps) / epochs
+        if event.get("done") or time.monotonic() - last_save >= TRAINING_PROGRESS_SAVE_S:
+            training.training_run_progress(run=run, progress=fraction, epoch_metrics=epoch_metrics)
+            last_save = time.monotonic()
+
+    return progress
