@@ -1,4 +1,4 @@
-"""FashionNet-style multi-task network (ARCHITECTURE.md section 6).
+"""FashionNet-style multi-task network (the design and why: docs/architecture.md).
 
     image ─ timm backbone ─┬─ last feature map ── global pooling ── fc6_global ─┐
                            └─ local feature map ─┬─ landmark branch (xy + vis)   │
