@@ -1,5 +1,11 @@
 """Catalog imports: an uploaded manifest (and zip of images) becomes an import job whose chunks the embed workers
-run, each exactly once, in one transaction that writes its products, images and the job's counters."""
+run, each exactly once, in one transaction that writes its products, images and the job's counters.
+
+A chunk's rows go one way, whatever else writes the same products at the same time: every row's images are read and
+validated first (a bad row is rejected whole, with its line), then the products are upserted together
+(catalog.services.products.products_upsert: inserts that meet a concurrent writer's rows wait for it and leave them
+alone, then every product is locked and only changed fields are written), then the images are placed.
+"""
 
 from __future__ import annotations
 
@@ -9,33 +15,19 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from django.core.files import File
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
 from catalog import dispatch, intake
 from catalog.models import ImportChunk, ImportJob, Merchant, Product, ProductImage
-from catalog.services.products import (
-    PRODUCT_FIELDS,
-    image_add,
-    image_delete,
-    image_fetch,
-    image_store,
-    product_upsert,
-    product_values,
-)
+from catalog.services.products import image_delete, image_fetch, image_store, product_values, products_upsert
 
-# ~1 s of work per task (a lost worker redoes little); embed batches stay full
-IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK
-
-IMPORT_ROW_RETRIES = 1  # a concurrent import may create the same sku between our read and insert: retry once
-
+IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); full embed batches
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
-
 URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
 
 
@@ -146,7 +138,7 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
 
     The chunk row is locked and marked done in the same transaction that writes its products and the job's
     counters, so a worker lost mid-chunk leaves nothing (the transaction aborts) and a re-delivered task for a
-    committed chunk changes nothing. Each row runs in a savepoint: a bad row is rejected whole, with its line.
+    committed chunk changes nothing.
     """
     chunk = ImportChunk.objects.select_related("job__merchant").get(pk=chunk_id)
     job = chunk.job
@@ -166,21 +158,13 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
                 dispatch.embed_images(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
                 return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=True, job_done=False)
             rows = [intake.ManifestRow.from_json(data) for data in chunk.rows]
-            bulk = _chunk_import_bulk(merchant=job.merchant, rows=rows, archive=archive, fetched=fetched)
-            if bulk is not None:
-                ok, errors, new_ids = bulk.ok, [error.to_json() for error in bulk.errors], bulk.new_image_ids
-            else:  # a concurrent writer got in the way: row by row, each in its own savepoint, with retries
-                ok, errors, new_ids = 0, [], []
-                for row in rows:
-                    outcome = _chunk_row(merchant=job.merchant, row=row, archive=archive, fetched=fetched)
-                    if isinstance(outcome, intake.RowError):
-                        errors.append(outcome.to_json())
-                    else:
-                        ok += 1
-                        new_ids.extend(outcome.new_image_ids)
-            job_done = _chunk_commit(chunk=chunk, ok=ok, errors=errors, images_new=len(new_ids))
-            dispatch.embed_images(image_ids=new_ids)
-            return ChunkResult(chunk_id, ok, len(errors), len(new_ids), already_done=False, job_done=job_done)
+            imported = rows_import(merchant=job.merchant, rows=rows, archive=archive, fetched=fetched)
+            errors = [error.to_json() for error in imported.errors]
+            job_done = _chunk_commit(chunk=chunk, ok=imported.ok, errors=errors, images_new=len(imported.new_image_ids))
+            dispatch.embed_images(image_ids=imported.new_image_ids)
+            return ChunkResult(
+                chunk_id, imported.ok, len(errors), len(imported.new_image_ids), already_done=False, job_done=job_done
+            )
     finally:
         if archive is not None:
             archive.close()
@@ -237,12 +221,126 @@ def _chunk_pending_image_ids(*, chunk: ImportChunk, merchant: Merchant) -> Query
     ).values_list("id", flat=True)
 
 
-@dataclass(frozen=True)
-class _RowOutcome:
-    new_image_ids: list[int]
-
-
+# --- manifest rows to products and images ---------------------------------------------------------------------------
 Fetched = dict[str, bytes | intake.IntakeError]  # image URL -> its bytes, or why it could not be fetched
+
+
+@dataclass(frozen=True)
+class RowsImported:
+    ok: int
+    errors: list[intake.RowError]
+    new_image_ids: list[int]  # stored by this import: to embed
+
+
+@dataclass(frozen=True)
+class _ImageFile:
+    data: bytes
+    source_url: str  # "" for a zip entry
+    sha256: str  # of the file as uploaded: the same file for the same product is stored once
+    reference: str  # as the row names it, for error messages
+
+
+def rows_import(
+    *,
+    merchant: Merchant,
+    rows: Sequence[intake.ManifestRow],
+    archive: intake.SafeZip | None,
+    fetched: Fetched | None = None,
+) -> RowsImported:
+    """Write manifest rows as products and images, in a handful of statements for the lot. Call it inside a
+    transaction (the chunk's).
+
+    Every row's images are read and validated before anything is written, so a bad row is rejected whole;
+    products are created or changed only where a field differs; an image the product already has (same sha256)
+    is neither stored nor embedded again; a row that lists images makes them the product's image set (images no
+    longer listed are removed, so search stops returning them).
+    """
+    already_stored = _stored_digests(merchant=merchant, skus=[row.sku for row in rows])
+    validated: dict[str, intake.ValidatedImage] = {}
+    errors: list[intake.RowError] = []
+    ready: list[tuple[intake.ManifestRow, list[_ImageFile]]] = []
+    for row in rows:
+        try:
+            files = _row_files(row, archive, fetched)
+            for file in files:
+                if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in validated:
+                    validated[file.sha256] = _image_validate(file)
+        except intake.IntakeError as exc:
+            errors.append(intake.RowError(row.line, row.sku, str(exc)))
+            continue
+        ready.append((row, files))
+    upserted = products_upsert(merchant=merchant, values={row.sku: _row_product_values(row) for row, _ in ready})
+    new_image_ids = _images_place(
+        placements=[(upserted[row.sku].product, files) for row, files in ready if files], validated=validated
+    )
+    return RowsImported(ok=len(ready), errors=errors, new_image_ids=new_image_ids)
+
+
+def _row_product_values(row: intake.ManifestRow) -> dict[str, Any]:
+    """The one mapping from a manifest row to a product's fields."""
+    return product_values(
+        title=row.title,
+        description=row.description,
+        category=row.category,
+        attributes=row.attributes,
+        price=row.price,
+        url=row.url,
+        active=row.active,
+    )
+
+
+def _stored_digests(*, merchant: Merchant, skus: Sequence[str]) -> dict[str, set[str]]:
+    """sku -> sha256 of the images its product already has. Read without locks, only to skip validating files
+    already stored: what is written is decided again under the products' locks (`_images_place`)."""
+    digests: dict[str, set[str]] = {}
+    pairs = ProductImage.objects.filter(product__merchant=merchant, product__sku__in=list(skus))
+    for sku, digest in pairs.values_list("product__sku", "sha256"):
+        digests.setdefault(sku, set()).add(digest)
+    return digests
+
+
+def _images_place(
+    *, placements: Sequence[tuple[Product, list[_ImageFile]]], validated: dict[str, intake.ValidatedImage]
+) -> list[int]:
+    """Make each (locked) product's images exactly `files`, in that order: store the new ones, move the ones whose
+    position changed, delete the ones no longer listed. Returns the ids of the images stored."""
+    stored: dict[int, dict[str, ProductImage]] = {}
+    for image in ProductImage.objects.filter(product__in=[product for product, _ in placements]):
+        stored.setdefault(image.product_id, {})[image.sha256] = image
+    new_images: list[ProductImage] = []
+    moved: list[ProductImage] = []
+    stale: list[ProductImage] = []
+    for product, files in placements:
+        have = stored.get(product.pk, {})
+        keep: dict[str, ProductImage] = {}
+        for position, file in enumerate(files):
+            image = have.get(file.sha256) or keep.get(file.sha256)
+            if image is None:
+                # Not validated above only if it was stored then and deleted since: validate it now.
+                checked = validated.get(file.sha256) or _image_validate(file)
+                image = image_store(
+                    product_id=product.pk, validated=checked, position=position, source_url=file.source_url
+                )
+                new_images.append(image)
+            elif image.position != position:
+                image.position = position
+                if image.pk:
+                    moved.append(image)
+            keep[file.sha256] = image
+        stale.extend(image for digest, image in have.items() if digest not in keep)
+    ProductImage.objects.bulk_create(new_images)
+    if moved:
+        ProductImage.objects.bulk_update(moved, ["position"])
+    for image in stale:
+        image_delete(image=image)
+    return [image.pk for image in new_images]
+
+
+def _image_validate(file: _ImageFile) -> intake.ValidatedImage:
+    try:
+        return intake.image_validate(file.data)
+    except intake.IntakeError as exc:
+        raise intake.IntakeError(f"image {file.reference}: {exc}") from exc
 
 
 def _urls_prefetch(rows: Sequence[intake.ManifestRow]) -> Fetched:
@@ -261,10 +359,8 @@ def _urls_prefetch(rows: Sequence[intake.ManifestRow]) -> Fetched:
         return dict(zip(urls, pool.map(fetch, urls)))
 
 
-def _row_images(
-    row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None = None
-) -> list[tuple[bytes, str]]:
-    """The row's image files as (bytes, source URL), read under the zip caps or fetched under the URL policy."""
+def _row_files(row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:
+    """The row's image files, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
     files = []
     for reference in row.images:
         if intake.is_image_url(reference):
@@ -272,192 +368,14 @@ def _row_images(
                 data = fetched.get(reference) if fetched else None
                 if isinstance(data, intake.IntakeError):
                     raise data
-                files.append((data if data is not None else image_fetch(url=reference), reference))
+                if data is None:
+                    data = image_fetch(url=reference)
             except intake.IntakeError as exc:
                 raise intake.IntakeError(f"image {reference}: {exc}") from exc
+            files.append(_ImageFile(data, reference, hashlib.sha256(data).hexdigest(), reference))
         else:
             if archive is None:
                 raise intake.IntakeError(f"image {reference!r}: the import's zip is gone")
-            files.append((archive.read(reference), ""))
+            data = archive.read(reference)
+            files.append(_ImageFile(data, "", hashlib.sha256(data).hexdigest(), reference))
     return files
-
-
-@dataclass(frozen=True)
-class _BulkOutcome:
-    ok: int
-    errors: list[intake.RowError]
-    new_image_ids: list[int]
-
-
-def _chunk_import_bulk(
-    *,
-    merchant: Merchant,
-    rows: Sequence[intake.ManifestRow],
-    archive: intake.SafeZip | None,
-    fetched: Fetched | None = None,
-) -> _BulkOutcome | None:
-    """`_row_import` for a whole chunk in a handful of statements instead of several per row.
-
-    Same semantics: every row's images are read and validated before anything is written, so a bad row is
-    rejected whole; products are created or changed only where a field differs; an image already stored for the
-    product (same sha256) is neither stored nor re-embedded again; listed images replace unlisted ones. Returns
-    None (having written nothing) if a concurrent writer created one of these rows meanwhile.
-    """
-    errors: list[intake.RowError] = []
-    prepared: list[tuple[intake.ManifestRow, list[tuple[bytes, str, str]]]] = []
-    for row in rows:
-        try:
-            files = _row_images(row, archive, fetched)
-        except intake.IntakeError as exc:
-            errors.append(intake.RowError(row.line, row.sku, str(exc)))
-            continue
-        prepared.append((row, [(data, url, hashlib.sha256(data).hexdigest()) for data, url in files]))
-
-    products = {
-        product.sku: product
-        for product in Product.objects.select_for_update().filter(
-            merchant=merchant, sku__in=[r.sku for r, _ in prepared]
-        )
-    }
-    stored: dict[int, dict[str, ProductImage]] = {}
-    for image in ProductImage.objects.filter(product__in=list(products.values())):
-        stored.setdefault(image.product_id, {})[image.sha256] = image
-
-    ready = []
-    for row, hashed in prepared:
-        product = products.get(row.sku)
-        have = stored.get(product.pk, {}) if product else {}
-        validated: dict[str, intake.ValidatedImage] = {}
-        try:
-            for position, (data, url, digest) in enumerate(hashed):
-                if digest not in have and digest not in validated:
-                    try:
-                        validated[digest] = intake.image_validate(data)
-                    except intake.IntakeError as exc:
-                        raise intake.IntakeError(f"image {url or row.images[position]}: {exc}") from exc
-        except intake.IntakeError as exc:
-            errors.append(intake.RowError(row.line, row.sku, str(exc)))
-            continue
-        ready.append((row, hashed, validated))
-
-    try:
-        with transaction.atomic():
-            new_ids = _bulk_write(merchant=merchant, ready=ready, products=products, stored=stored)
-    except IntegrityError:
-        return None
-    return _BulkOutcome(ok=len(ready), errors=errors, new_image_ids=new_ids)
-
-
-def _bulk_write(
-    *,
-    merchant: Merchant,
-    ready: list[tuple[intake.ManifestRow, list[tuple[bytes, str, str]], dict[str, intake.ValidatedImage]]],
-    products: dict[str, Product],
-    stored: dict[int, dict[str, ProductImage]],
-) -> list[int]:
-    now = timezone.now()
-    created, changed, changed_fields = [], [], set()
-    for row, _, _ in ready:
-        values = product_values(
-            title=row.title,
-            description=row.description,
-            category=row.category,
-            attributes=row.attributes,
-            price=None if row.price is None else Decimal(row.price),
-            url=row.url,
-            active=row.active,
-        )
-        product = products.get(row.sku)
-        if product is None:
-            products[row.sku] = product = Product(merchant=merchant, sku=row.sku, **values)
-            created.append(product)
-            continue
-        differing = [name for name in PRODUCT_FIELDS if getattr(product, name) != values[name]]
-        if differing:
-            for name in differing:
-                setattr(product, name, values[name])
-            product.updated_at = now
-            changed.append(product)
-            changed_fields.update(differing)
-    Product.objects.bulk_create(created)  # PostgreSQL returns the new ids
-    if changed:
-        Product.objects.bulk_update(changed, [*sorted(changed_fields), "updated_at"])
-
-    new_images: list[ProductImage] = []
-    moved: list[ProductImage] = []
-    stale: list[ProductImage] = []
-    for row, files, validated in ready:
-        product = products[row.sku]
-        have = stored.get(product.pk, {})
-        keep: dict[str, ProductImage] = {}
-        for position, (_, url, digest) in enumerate(files):
-            image = have.get(digest) or keep.get(digest)
-            if image is None:
-                image = image_store(
-                    product_id=product.pk, validated=validated[digest], position=position, source_url=url
-                )
-                new_images.append(image)
-            elif image.position != position:
-                image.position = position
-                if image.pk:
-                    moved.append(image)
-            keep[digest] = image
-        if files:
-            stale.extend(image for digest, image in have.items() if digest not in keep)
-    ProductImage.objects.bulk_create(new_images)
-    if moved:
-        ProductImage.objects.bulk_update(moved, ["position"])
-    for image in stale:
-        image_delete(image=image)
-    return [image.pk for image in new_images]
-
-
-def _chunk_row(
-    *, merchant: Merchant, row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None = None
-) -> _RowOutcome | intake.RowError:
-    try:
-        files = _row_images(row, archive, fetched)
-    except intake.IntakeError as exc:
-        return intake.RowError(row.line, row.sku, str(exc))
-    for attempt in range(IMPORT_ROW_RETRIES + 1):
-        try:
-            with transaction.atomic():
-                return _row_import(merchant=merchant, row=row, files=files)
-        except intake.IntakeError as exc:
-            return intake.RowError(row.line, row.sku, str(exc))
-        except IntegrityError as exc:
-            if attempt == IMPORT_ROW_RETRIES:
-                return intake.RowError(row.line, row.sku, f"conflicting concurrent write: {exc}"[:500])
-    raise AssertionError("unreachable")
-
-
-def _row_import(*, merchant: Merchant, row: intake.ManifestRow, files: list[tuple[bytes, str]]) -> _RowOutcome:
-    """One manifest row: upsert the product, add its images; with images listed, they become the product's
-    image set (images no longer listed are removed, so search stops returning them)."""
-    result = product_upsert(
-        merchant=merchant,
-        sku=row.sku,
-        title=row.title,
-        description=row.description,
-        category=row.category,
-        attributes=row.attributes,
-        price=None if row.price is None else Decimal(row.price),
-        url=row.url,
-        active=row.active,
-    )
-    new_ids, keep = [], []
-    for position, (data, source_url) in enumerate(files):
-        try:
-            added = image_add(
-                product=result.product, data=data, position=position, source_url=source_url, enqueue=False
-            )
-        except intake.IntakeError as exc:
-            name = source_url or row.images[position]
-            raise intake.IntakeError(f"image {name}: {exc}") from exc
-        keep.append(added.image.pk)
-        if added.created:
-            new_ids.append(added.image.pk)
-    if files:
-        for stale in ProductImage.objects.filter(product=result.product).exclude(pk__in=keep):
-            image_delete(image=stale)
-    return _RowOutcome(new_ids)

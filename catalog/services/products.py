@@ -1,7 +1,9 @@
 """Products and their images, one at a time: what the merchant API, the admin and the demo catalog write through.
 
-An image is validated, stored once per product (by the sha256 of the uploaded file) and queued for embedding after
-commit. Imports write the same rows in bulk (catalog.services.imports), with the same field mapping.
+Every product write, one product or an import chunk's many (catalog.services.imports), goes through
+`products_upsert`: one field mapping, one change detection, safe against concurrent writers of the same skus. An
+image is validated, stored once per product (by the sha256 of the uploaded file) and queued for embedding after
+commit.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from django.conf import settings
 from django.core.files.base import ContentFile
-from django.db import transaction
+from django.db import connection, transaction
+from django.utils import timezone
 
 from catalog import dispatch, intake
 from catalog.models import Merchant, Product, ProductImage
@@ -28,62 +31,108 @@ class UpsertResult:
 
 
 PRODUCT_FIELDS = ("title", "description", "category", "attributes", "price", "url", "active")
+UPSERT_ROUNDS = 3  # a product deleted between our check and our lock is inserted again; more is a pathological race
 
 
-def product_upsert(
-    *,
-    merchant: Merchant,
-    sku: str,
-    title: str,
-    description: str = "",
-    category: str = "",
-    attributes: Sequence[str] = (),
-    price: Decimal | None = None,
-    url: str = "",
-    active: bool = True,
-) -> UpsertResult:
-    """Create or update the product (merchant, sku); writes nothing when nothing changed."""
-    values = product_values(
-        title=title,
-        description=description,
-        category=category,
-        attributes=attributes,
-        price=price,
-        url=url,
-        active=active,
-    )
-    with transaction.atomic():
-        product = Product.objects.select_for_update().filter(merchant=merchant, sku=sku).first()
-        if product is None:
-            return UpsertResult(Product.objects.create(merchant=merchant, sku=sku, **values), True, True)
-        changed = [name for name in PRODUCT_FIELDS if getattr(product, name) != values[name]]
-        for name in changed:
-            setattr(product, name, values[name])
-        if changed:
-            product.save(update_fields=[*changed, "updated_at"])
-        return UpsertResult(product, False, bool(changed))
+class ProductFields(TypedDict, total=False):
+    """A product's writable fields as callers give them (PRODUCT_FIELDS; only the title is required)."""
+
+    title: Required[str]
+    description: str
+    category: str
+    attributes: Sequence[str]
+    price: Decimal | str | None
+    url: str
+    active: bool
 
 
-def product_values(
-    *,
-    title: str,
-    description: str = "",
-    category: str = "",
-    attributes: Sequence[str] = (),
-    price: Decimal | None = None,
-    url: str = "",
-    active: bool = True,
-) -> dict[str, Any]:
-    """A product's PRODUCT_FIELDS in stored form: what `product_upsert` compares and writes."""
+def product_values(**fields: Unpack[ProductFields]) -> dict[str, Any]:
+    """A product's PRODUCT_FIELDS in stored form, defaults filled in: what `products_upsert` compares and writes."""
+    price = fields.get("price")
     return {
-        "title": title,
-        "description": description,
-        "category": category,
-        "attributes": sorted(set(attributes)),
+        "title": fields["title"],
+        "description": fields.get("description", ""),
+        "category": fields.get("category", ""),
+        "attributes": sorted(set(fields.get("attributes", ()))),
         "price": None if price is None else Decimal(price).quantize(Decimal("0.01")),
-        "url": url,
-        "active": active,
+        "url": fields.get("url", ""),
+        "active": fields.get("active", True),
     }
+
+
+def product_upsert(*, merchant: Merchant, sku: str, **fields: Unpack[ProductFields]) -> UpsertResult:
+    """Create or update the product (merchant, sku); writes nothing when nothing changed."""
+    with transaction.atomic():
+        return products_upsert(merchant=merchant, values={sku: product_values(**fields)})[sku]
+
+
+def products_upsert(*, merchant: Merchant, values: dict[str, dict[str, Any]]) -> dict[str, UpsertResult]:
+    """Create or update many products of one merchant (sku -> `product_values`); writes nothing where nothing
+    changed. Call it inside a transaction: the products stay locked until it ends.
+
+    Concurrent writers of the same skus (two imports of one catalog, an import and the API) need no retry: missing
+    skus are inserted with ON CONFLICT DO NOTHING, which waits for a concurrent insert of the same sku to commit and
+    then leaves its row alone; then every row is locked and compared with what we would write. Inserts and locks
+    both go in sku order, so two writers never wait for each other in a circle.
+    """
+    skus = sorted(values)
+    created: set[str] = set()
+    products: dict[str, Product] = {}
+    for _ in range(UPSERT_ROUNDS):
+        missing = [sku for sku in skus if sku not in products]
+        if not missing:
+            break
+        created |= _products_insert(merchant=merchant, values={sku: values[sku] for sku in missing})
+        locked = Product.objects.select_for_update().filter(merchant=merchant, sku__in=missing).order_by("sku")
+        products.update((product.sku, product) for product in locked)
+    if len(products) < len(skus):
+        raise RuntimeError(f"products of {merchant} kept being deleted while they were written")
+    now = timezone.now()
+    results, changed, changed_fields = {}, [], set()
+    for sku in skus:
+        product = products[sku]
+        differing = [] if sku in created else _product_changes(product, values[sku])
+        if differing:
+            for name in differing:
+                setattr(product, name, values[sku][name])
+            product.updated_at = now
+            changed.append(product)
+            changed_fields.update(differing)
+        results[sku] = UpsertResult(product, sku in created, sku in created or bool(differing))
+    if changed:
+        Product.objects.bulk_update(changed, [*sorted(changed_fields), "updated_at"])
+    return results
+
+
+def _product_changes(product: Product, values: dict[str, Any]) -> list[str]:
+    """The PRODUCT_FIELDS where the stored product differs from `values`: the one change detection of every
+    product write (a write that changes nothing must not touch the row, its updated_at or its triggers)."""
+    return [name for name in PRODUCT_FIELDS if getattr(product, name) != values[name]]
+
+
+def _products_insert(*, merchant: Merchant, values: dict[str, dict[str, Any]]) -> set[str]:
+    """Insert the products whose sku does not exist yet, in sku order; returns the skus inserted here (a sku a
+    concurrent writer inserted first is left to it: ON CONFLICT DO NOTHING). Existing skus are filtered out first
+    so that re-imports do not burn ids from the sequence."""
+    existing = set(Product.objects.filter(merchant=merchant, sku__in=list(values)).values_list("sku", flat=True))
+    new = sorted(sku for sku in values if sku not in existing)
+    if not new:
+        return set()
+    now = timezone.now()
+    names = ("merchant", "sku", *PRODUCT_FIELDS, "created_at", "updated_at")
+    fields = [Product._meta.get_field(name) for name in names]
+    params: list[Any] = []
+    for sku in new:
+        row = {"merchant": merchant.pk, "sku": sku, **values[sku], "created_at": now, "updated_at": now}
+        params.extend(field.get_db_prep_save(row[field.name], connection) for field in fields)
+    placeholders = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    sql = (
+        f"INSERT INTO {Product._meta.db_table} ({', '.join(field.column for field in fields)}) "
+        f"VALUES {', '.join([placeholders] * len(new))} ON CONFLICT (merchant_id, sku) DO NOTHING RETURNING sku"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return {sku for (sku,) in cursor.fetchall()}
 
 
 def product_update(*, product: Product, **fields: Any) -> Product:
@@ -120,19 +169,23 @@ def image_add(
     nor re-embedded (nor even decoded again: it was validated when first stored). Raises intake.IntakeError for
     unusable input (nothing is stored then). `enqueue=False` leaves queueing to a caller that batches many adds.
     """
-    existing = ProductImage.objects.filter(product=product, sha256=hashlib.sha256(data).hexdigest()).first()
-    if existing is not None:
-        if existing.position != position:
-            existing.position = position
-            existing.save(update_fields=["position"])
-        return ImageAddResult(existing, False)
-    image = image_store(
-        product_id=product.pk, validated=intake.image_validate(data), position=position, source_url=source_url
-    )
-    image.save()
-    if enqueue:
-        dispatch.embed_images(image_ids=[image.pk])
-    return ImageAddResult(image, True)
+    with transaction.atomic():
+        # Every writer of a product's images locks the product first (imports do too): the check below cannot race
+        # another writer storing the same file.
+        Product.objects.select_for_update().get(pk=product.pk)
+        existing = ProductImage.objects.filter(product=product, sha256=hashlib.sha256(data).hexdigest()).first()
+        if existing is not None:
+            if existing.position != position:
+                existing.position = position
+                existing.save(update_fields=["position"])
+            return ImageAddResult(existing, False)
+        image = image_store(
+            product_id=product.pk, validated=intake.image_validate(data), position=position, source_url=source_url
+        )
+        image.save()
+        if enqueue:
+            dispatch.embed_images(image_ids=[image.pk])
+        return ImageAddResult(image, True)
 
 
 def image_store(

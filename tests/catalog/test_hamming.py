@@ -1,17 +1,16 @@
 """Coarse-stage internals: the tie-aware shell rules against the numpy reference, and the in-memory index's
 change-log replay when transactions commit out of order (real PostgreSQL, two real connections)."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
-from django.db import connection, transaction
 
 from catalog import hamming
 from catalog.hamming import CandidateDepth, ProductFilter
 from tests import factories
 from tests.catalog import searchkit
+from tests.catalog.other_transaction import OtherTransaction
 from workers.ml.codes import select_shells
 
 
@@ -74,35 +73,22 @@ def test_a_change_committed_after_a_later_one_is_still_applied():
     hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits)
     loads = hamming.MEMORY_INDEX.stats().full_loads
 
-    inserted, release = threading.Event(), threading.Event()
-    slow: dict = {}
+    def slow_write() -> int:
+        planted = searchkit.product_with_embeddings(
+            merchant=merchant, version=version, sku="SLOW", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
+        )
+        return planted.embeddings[0].pk
 
-    def slow_writer() -> None:
-        try:
-            with transaction.atomic():
-                planted = searchkit.product_with_embeddings(
-                    merchant=merchant, version=version, sku="SLOW", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
-                )
-                slow["embedding"] = planted.embeddings[0].pk
-                inserted.set()
-                release.wait(10)
-        finally:
-            connection.close()
+    with OtherTransaction(slow_write) as slow:
+        fast = searchkit.product_with_embeddings(
+            merchant=merchant, version=version, sku="FAST", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
+        )  # commits now, with a higher change id than the slow one
+        time.sleep(hamming.CHANGE_POLL_INTERVAL_S)
+        seen = _search_ids(version, bits)
+        assert fast.embeddings[0].pk in seen and slow.result not in seen
 
-    writer = threading.Thread(target=slow_writer)
-    writer.start()
-    assert inserted.wait(10)
-    fast = searchkit.product_with_embeddings(
-        merchant=merchant, version=version, sku="FAST", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
-    )  # commits now, with a higher change id than the slow one
-    time.sleep(hamming.CHANGE_POLL_INTERVAL_S)
-    seen = _search_ids(version, bits)
-    assert fast.embeddings[0].pk in seen and slow["embedding"] not in seen
-
-    release.set()
-    writer.join(10)
     started = time.monotonic()
-    while slow["embedding"] not in _search_ids(version, bits):
+    while slow.result not in _search_ids(version, bits):
         assert time.monotonic() - started < 1.0, "the late commit was not applied within 1 s"
         time.sleep(0.02)
     assert hamming.MEMORY_INDEX.stats().full_loads == loads  # followed the log; never reloaded

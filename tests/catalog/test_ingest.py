@@ -10,6 +10,7 @@ from catalog.models import ImportChunk, ImportJob, Product, ProductImage
 from catalog.services import imports, maintenance, products
 from tests import factories
 from tests.catalog.ingest_helpers import catalog, csv_bytes, jsonl_bytes, picture, rejected, run_inline, zip_bytes
+from tests.catalog.other_transaction import OtherTransaction
 from workers import tasks
 
 pytestmark = pytest.mark.django_db
@@ -144,18 +145,21 @@ def test_rows_without_a_zip_are_rejected_but_rows_without_images_land():
     assert "no zip" in rejected(job)[0]["error"]
 
 
-def test_the_row_by_row_fallback_has_the_same_results(monkeypatch):
-    """When the bulk path meets a concurrent writer it hands the chunk to the row-by-row path: same outcome."""
-    monkeypatch.setattr(imports, "_chunk_import_bulk", lambda **kwargs: None)
+@pytest.mark.django_db(transaction=True)
+def test_an_import_meeting_a_concurrent_uncommitted_writer_of_the_same_skus_waits_and_writes_each_row_once():
+    """Another writer has inserted the same skus and not committed yet: the chunk's insert waits for that commit,
+    leaves those rows alone (ON CONFLICT DO NOTHING), then locks and updates them. No unique-constraint error, no
+    second path."""
     merchant = factories.merchant()
-    manifest, archive = catalog(4)
-    manifest += b"BAD,Broken,dress,1,broken.png\n"
-    archive_files = zip_bytes({**{f"img/{i}.png": picture(i) for i in range(4)}, "broken.png": b"junk"})
-    job = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
-    assert (job.ok, job.rejected, job.images_new) == (4, 1, 4)
-    assert rejected(job)[0]["line"] == 6 and "broken.png" in rejected(job)[0]["error"]
-    again = run_inline(_create(merchant, manifest, archive_files, chunk_rows=2))
-    assert (again.ok, again.images_new) == (4, 0) and ProductImage.objects.count() == 4
+    manifest, archive = catalog(3)
+    job = _create(merchant, manifest, archive)
+    stale = {f"SKU-{i}": products.product_values(title="written elsewhere") for i in range(3)}
+    with OtherTransaction(lambda: products.products_upsert(merchant=merchant, values=stale)) as other:
+        other.commit(after_s=0.5)  # while the chunk below waits on its insert
+        job = run_inline(job)
+    assert (job.ok, job.rejected, job.images_new) == (3, 0, 3)
+    assert sorted(Product.objects.values_list("title", flat=True)) == ["Product 0", "Product 1", "Product 2"]
+    assert ProductImage.objects.count() == 3
 
 
 def test_progress_has_a_rate_and_eta_while_running_and_resume_requeues_only_unfinished_chunks(

@@ -1,6 +1,6 @@
 """Two imports of the same catalog at the same moment (a merchant double-clicking "upload"): both finish, every
-row counted once per job, and the catalog holds each product and image exactly once. (The slower job's bulk
-insert meets the other's new rows on the unique constraint and redoes its chunk row by row.)"""
+row counted once per job, and the catalog holds each product and image exactly once. (The slower job's insert
+waits for the other's commit and leaves its rows alone; it then locks them and finds nothing to change.)"""
 
 import io
 import threading

@@ -224,10 +224,9 @@ class Command(BaseCommand):
                     intake.ManifestRow(line=i + 2, sku=f"P-{i}", title=f"t{i}", category="dress", images=(name,))
                     for i, name in enumerate(names)
                 ]
-                bulk = timed("import_chunk_total", lambda: imports._chunk_import_bulk(
+                imported = timed("import_chunk_total", lambda: imports.rows_import(
                     merchant=merchant, rows=rows, archive=safe))  # fmt: skip
-                assert bulk is not None
-                added = bulk.new_image_ids
+                added = imported.new_image_ids
                 stored = list(ProductImage.objects.filter(pk__in=added))
                 pictures = timed("load_stored_image", lambda: [selectors.image_open(image=image) for image in stored])
                 encoder.encode(pictures[:8])  # warm-up outside the timing
