@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tests.ml.ml_helpers import DEEPFASHION_INSHOP as INSHOP
-from tests.ml.ml_helpers import LABELS, random_records, tiny_config
+from tests.ml.ml_helpers import LABELS, random_image, random_records, tiny_config
 from workers.ml.checkpoint import load_checkpoint
+from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
 from workers.ml.datasets.factory import evaluation_sets
 from workers.ml.datasets.torch_dataset import prepare_record
 from workers.ml.encoder import Encoder
@@ -202,3 +203,19 @@ def test_train_stages_fine_tunes_each_stage_from_the_previous_one(tmp_path):
     paths = train_stages([first.to_dict(), second])
     assert paths == [tmp_path / "a" / "run" / "model.pt", tmp_path / "b" / "model.pt"]
     assert load_checkpoint(paths[1])["metrics"]["train_config"]["init_checkpoint"] == str(paths[0])
+
+
+def test_trains_on_a_catalog_export_named_in_the_config(tmp_path):
+    """The admin's retraining records its data as {"name": "catalog-export", "directory": ...}: that config
+    trains again from the command line."""
+    products = [
+        CatalogProduct(f"sku-{i}", "ab"[i % 2], ("red",) if i % 3 else (), "", [random_image(rng, (30, 40))] * 2)
+        for i, rng in enumerate(np.random.default_rng(seed) for seed in range(4))
+    ]
+    directory = write_catalog_export(tmp_path / "export", products).parent
+    config = _config(tmp_path, dataset={"name": "catalog-export", "directory": str(directory)}, instances_per_batch=2)
+    checkpoint = load_checkpoint(train(config))
+    assert checkpoint["label_space"] == CatalogExport(directory).label_space.to_dict()
+    assert checkpoint["label_space"]["categories"] == ["a", "b"]
+    with pytest.raises(ValueError, match="needs the export's folder"):
+        train(_config(tmp_path, dataset={"name": "catalog-export"}))

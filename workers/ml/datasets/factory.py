@@ -21,11 +21,18 @@ import numpy as np
 
 from workers.ml.augment import shopper_view
 from workers.ml.datasets import fashion_mnist, render
+from workers.ml.datasets.catalog_export import CatalogExport
 from workers.ml.datasets.deepfashion import DeepFashionCategoryAttribute, DeepFashionInShop
 from workers.ml.evaluation import retrieval_validator
 from workers.ml.records import LabelSpace, Record
 
-TRAINING_DATASETS = ("fashion-mnist", "renderer", "deepfashion-inshop", "deepfashion-category-attribute")
+TRAINING_DATASETS = (
+    "fashion-mnist",
+    "renderer",
+    "deepfashion-inshop",
+    "deepfashion-category-attribute",
+    "catalog-export",
+)
 EVALUATION_DATASETS = ("fashion-mnist", "renderer", "deepfashion-inshop")
 VALIDATION_HOLDOUT = 1000  # train-split images kept out of training to watch retrieval per epoch
 VALIDATION_PRODUCTS = 500  # renderer / Category-Attribute products the per-epoch validation looks at
@@ -61,6 +68,8 @@ def build_dataset(spec: dict) -> TrainingData:
     deepfashion-inshop / deepfashion-category-attribute: the benchmark's "train" split under `root` (the data
     is the user's: it cannot be downloaded here); `crop_to_bbox` for In-shop; Category-Attribute validates
     on its "val" split.
+    catalog-export: a shop's exported catalog in `directory` (what the admin's retraining trains on), every
+    photo of a product one view of it; no validation.
     """
     name = spec["name"]
     if name == "fashion-mnist":
@@ -91,6 +100,11 @@ def build_dataset(spec: dict) -> TrainingData:
         validation = [validation_split[i] for i in range(min(VALIDATION_PRODUCTS, len(validation_split)))]
         validate = _validator(validation, attribute_train.label_space) if validation else None
         return TrainingData(attribute_train, attribute_train.label_space, validate)
+    if name == "catalog-export":
+        if not spec.get("directory"):
+            raise ValueError("catalog-export needs the export's folder (dataset.directory)")
+        export = CatalogExport(spec["directory"])
+        return TrainingData(export, export.label_space, None)
     raise ValueError(f"unknown training dataset {name!r} ({' | '.join(TRAINING_DATASETS)})")
 
 
