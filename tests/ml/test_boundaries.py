@@ -150,3 +150,34 @@ def test_the_checks_see_lazy_relative_and_dotted_imports(tmp_path):
     assert import_cycle(graph, frozenset({"pkg.cli"})) == ["pkg.sub.deep", "pkg.sub.deeper", "pkg.sub.deep"]
     # a circle through a command module is not the library's: commands sit on top
     assert import_cycle({"pkg.a": {"pkg.cli": 1}, "pkg.cli": {"pkg.a": 1}}, frozenset({"pkg.cli"})) is None
+
+
+HELDOUT = frozenset(
+    f"{PACKAGE}.{name}" for name in ("heldout_queries", "datasets.real_photos", "datasets.shop_benchmark")
+)
+TRAINING_ENTRY_POINTS = (f"{PACKAGE}.training", f"{PACKAGE}.train", f"{PACKAGE}.augment", f"{PACKAGE}.recipes")
+
+
+def reachable(graph: dict[str, dict[str, int]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for imported in graph.get(todo.pop(), {}):
+            if imported not in seen:
+                seen.add(imported)
+                todo.append(imported)
+    return seen
+
+
+def test_training_never_reaches_the_held_out_evaluation_data():
+    """Evaluation queries and real photos are held out: no training code can import them, even indirectly."""
+    graph = import_graph(ROOT, PACKAGE)
+    assert set(graph) >= HELDOUT, "a held-out module was renamed: update HELDOUT"
+    for entry in TRAINING_ENTRY_POINTS:
+        assert not reachable(graph, entry) & HELDOUT, entry
+
+
+def test_the_held_out_query_generator_shares_no_code_with_training_augmentation():
+    graph = import_graph(ROOT, PACKAGE)
+    assert f"{PACKAGE}.augment" not in reachable(graph, f"{PACKAGE}.heldout_queries")

@@ -196,6 +196,16 @@ def product_masks(images: np.ndarray) -> np.ndarray:
     return ~grow_from_border(images <= BACKGROUND_LEVEL)
 
 
+def on_white(pixels: np.ndarray, mask: np.ndarray, size: int) -> tuple[Image.Image, Image.Image]:
+    """A Fashion-MNIST photo the way a shop takes it: the product on white, `size` px; and its "L" mask.
+
+    The files store the product light on black; a shop photographs it on white. Only the backdrop changes: the
+    product keeps its own grey levels (a dark coat stays dark)."""
+    product = Image.fromarray(pixels).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    soft_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
+    return Image.composite(product, Image.new("RGB", (size, size), "white"), soft_mask), soft_mask
+
+
 class FashionMnist(Sequence[Record]):
     """One split as a sequence of Records (built on access; the arrays stay in memory)."""
 
