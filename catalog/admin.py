@@ -12,7 +12,8 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from catalog import intake, selectors
+from catalog import selectors
+from catalog.intake import IntakeError
 from catalog.models import (
     DuplicateFinding,
     ImageEmbedding,
@@ -190,7 +191,7 @@ class ImportJobAdmin(admin.ModelAdmin):
                         archive=form.cleaned_data["images"],
                         created_by=request.user,
                     )
-            except intake.IntakeError as exc:
+            except IntakeError as exc:
                 form.add_error(None, str(exc))
             else:
                 self.message_user(

@@ -25,9 +25,11 @@ import numpy as np
 from django.conf import settings
 from django.db import connection
 
-from catalog import dispatch, intake, selectors
+from catalog import dispatch, selectors
 from catalog.codes import bitstring_pack, version_sql
-from catalog.hamming import CandidateDepth, CoarseCandidates, ProductFilter, backend_get
+from catalog.hamming import backend_get
+from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
+from catalog.intake.images import crop_box_apply, image_validate
 from catalog.models import ImageEmbedding, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
 
@@ -140,12 +142,12 @@ class SearchResult:
 def search_photo(
     *, data: bytes, box: tuple[float, float, float, float] | None = None, options: SearchOptions
 ) -> SearchResult:
-    """A shopper's photo -> ranked products. Raises intake.IntakeError (bad input) or SearchUnavailable."""
+    """A shopper's photo -> ranked products. Raises IntakeError (bad input) or SearchUnavailable."""
     started = time.perf_counter()
-    validated = intake.image_validate(data)  # bad input is the shopper's 400 even while search is unavailable
+    validated = image_validate(data)  # bad input is the shopper's 400 even while search is unavailable
     query_bytes = validated.data
     if box is not None:
-        cropped = intake.crop_box_apply(validated.image, box)
+        cropped = crop_box_apply(validated.image, box)
         buffer = io.BytesIO()
         cropped.save(buffer, format=QUERY_REENCODE_FORMAT)
         query_bytes = buffer.getvalue()

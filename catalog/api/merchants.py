@@ -20,8 +20,11 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from catalog import intake, selectors
+from catalog import selectors
 from catalog.api.permissions import IsMerchantUser
+from catalog.intake import IntakeError
+from catalog.intake.images import MAX_IMAGE_BYTES
+from catalog.intake.manifests import MAX_ATTRIBUTES_PER_ROW, MAX_MANIFEST_BYTES
 from catalog.models import DuplicateFinding, ImportJob, Merchant, Product, ProductImage
 from catalog.services import imports, products
 
@@ -82,7 +85,7 @@ class ProductFieldsSerializer(serializers.Serializer):
     description = serializers.CharField(allow_blank=True, required=False, max_length=20_000)
     category = serializers.CharField(allow_blank=True, required=False, max_length=100)
     attributes = serializers.ListField(
-        child=serializers.CharField(max_length=100), required=False, max_length=intake.MAX_ATTRIBUTES_PER_ROW
+        child=serializers.CharField(max_length=100), required=False, max_length=MAX_ATTRIBUTES_PER_ROW
     )
     price = serializers.DecimalField(max_digits=12, decimal_places=2, min_value=0, allow_null=True, required=False)
     url = serializers.URLField(allow_blank=True, required=False, max_length=1000)
@@ -283,8 +286,8 @@ class ProductImageListView(MerchantAPIView):
         data = ImageAddInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         upload = data.validated_data.get("file")
-        if upload is not None and upload.size > intake.MAX_IMAGE_BYTES:
-            raise ValidationError({"file": f"the image is larger than {intake.MAX_IMAGE_BYTES:,} bytes"})
+        if upload is not None and upload.size > MAX_IMAGE_BYTES:
+            raise ValidationError({"file": f"the image is larger than {MAX_IMAGE_BYTES:,} bytes"})
         try:
             result = products.product_image_add(
                 product=product,
@@ -292,7 +295,7 @@ class ProductImageListView(MerchantAPIView):
                 url=data.validated_data.get("url", ""),
                 position=data.validated_data["position"],
             )
-        except intake.IntakeError as exc:
+        except IntakeError as exc:
             raise ValidationError({"detail": str(exc)}) from exc
         code = status.HTTP_201_CREATED if result.created else status.HTTP_200_OK
         return Response(ImageOutputSerializer(result.image).data, status=code)
@@ -324,8 +327,8 @@ class ImportJobListView(MerchantAPIView):
         data.is_valid(raise_exception=True)
         merchant = _acting_merchant(request, data.validated_data.get("merchant"))
         manifest = data.validated_data["manifest"]
-        if manifest.size > intake.MAX_MANIFEST_BYTES:
-            raise ValidationError({"manifest": f"the manifest is larger than {intake.MAX_MANIFEST_BYTES:,} bytes"})
+        if manifest.size > MAX_MANIFEST_BYTES:
+            raise ValidationError({"manifest": f"the manifest is larger than {MAX_MANIFEST_BYTES:,} bytes"})
         try:
             with transaction.atomic():
                 job = imports.import_job_create(
@@ -336,7 +339,7 @@ class ImportJobListView(MerchantAPIView):
                     archive=data.validated_data.get("images"),
                     created_by=request.user,
                 )
-        except intake.IntakeError as exc:
+        except IntakeError as exc:
             raise ValidationError({"detail": str(exc)}) from exc
         return Response(ImportJobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 

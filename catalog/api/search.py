@@ -19,8 +19,11 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
-from catalog import intake, search
-from catalog.hamming import BACKENDS, ProductFilter
+from catalog import search
+from catalog.hamming import BACKENDS
+from catalog.hamming.candidates import ProductFilter
+from catalog.intake import IntakeError
+from catalog.intake.images import MAX_IMAGE_BYTES
 from catalog.models import Merchant
 
 
@@ -98,10 +101,8 @@ class SearchInputSerializer(_FilterInputSerializer):
         return (x0, y0, x1, y1)
 
     def validate_image(self, upload: Any) -> bytes:
-        if upload.size > intake.MAX_IMAGE_BYTES:
-            raise serializers.ValidationError(
-                f"the image is {upload.size:,} bytes; the limit is {intake.MAX_IMAGE_BYTES:,}"
-            )
+        if upload.size > MAX_IMAGE_BYTES:
+            raise serializers.ValidationError(f"the image is {upload.size:,} bytes; the limit is {MAX_IMAGE_BYTES:,}")
         return upload.read()
 
 
@@ -206,7 +207,7 @@ class SearchView(_ShopperView):
             result = search.search_photo(
                 data=params.validated_data["image"], box=params.validated_data.get("box"), options=params.options()
             )
-        except intake.IntakeError as exc:
+        except IntakeError as exc:
             return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)

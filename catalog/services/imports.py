@@ -22,7 +22,11 @@ from django.db import transaction
 from django.db.models import F, QuerySet
 from django.utils import timezone
 
-from catalog import dispatch, intake
+from catalog import dispatch
+from catalog.intake import IntakeError
+from catalog.intake.images import ValidatedImage, image_validate
+from catalog.intake.manifests import ManifestRow, RowError, is_image_url, manifest_parse
+from catalog.intake.zips import SafeZip, zip_check
 from catalog.models import ImportChunk, ImportJob, Merchant, Product, ProductImage
 from catalog.services.products import image_delete, image_fetch, image_store, product_values, products_upsert
 
@@ -45,23 +49,23 @@ def import_job_create(
     """Check an upload as a whole and record it as an import job whose chunks run in Celery after commit.
 
     The manifest and the zip are parsed and read completely first: a file-level problem (not a manifest, a zip
-    slip, a zip bomb) raises intake.IntakeError and stores nothing. Row-level problems become rejected rows with
+    slip, a zip bomb) raises IntakeError and stores nothing. Row-level problems become rejected rows with
     their line numbers, counted at once; good rows are split into chunks of `chunk_rows`. With `enqueue=False`
     the caller runs the chunks itself (`import_run_chunk`, e.g. `import_catalog --inline`).
     """
-    parsed = intake.manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
+    parsed = manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
     errors = list(parsed.errors)
-    rows: list[intake.ManifestRow] = []
-    safe_zip: intake.SafeZip | None = None
+    rows: list[ManifestRow] = []
+    safe_zip: SafeZip | None = None
     if archive is not None:
         archive.seek(0)
-        intake.zip_check(archive)
+        zip_check(archive)
         archive.seek(0)
-        safe_zip = intake.SafeZip(archive)
+        safe_zip = SafeZip(archive)
     for row in parsed.rows:
         resolved, missing = [], []
         for reference in row.images:
-            if intake.is_image_url(reference):
+            if is_image_url(reference):
                 resolved.append(reference)
             elif safe_zip is not None and (name := safe_zip.resolve(reference)) is not None:
                 resolved.append(name)
@@ -69,14 +73,14 @@ def import_job_create(
                 missing.append(reference)
         if missing:
             where = "the zip" if safe_zip is not None else "the upload (no zip of images was given)"
-            errors.append(intake.RowError(row.line, row.sku, f"image {missing[0]!r} is not in {where}"))
+            errors.append(RowError(row.line, row.sku, f"image {missing[0]!r} is not in {where}"))
         else:
             rows.append(dataclasses.replace(row, images=tuple(resolved)))
     if safe_zip is not None:
         safe_zip.close()
     errors.sort(key=lambda error: error.line)
 
-    if any(intake.is_image_url(reference) for row in rows for reference in row.images):
+    if any(is_image_url(reference) for row in rows for reference in row.images):
         chunk_rows = min(chunk_rows, URL_CHUNK_ROWS)
     chunk_rows = max(1, chunk_rows)
     chunks = [rows[start : start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
@@ -147,17 +151,17 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
     archive = None
     if job.archive:
         try:
-            archive = intake.SafeZip(job.archive.open("rb"))
-        except (intake.IntakeError, OSError):
+            archive = SafeZip(job.archive.open("rb"))
+        except (IntakeError, OSError):
             archive = None  # rows that need it are rejected with a clear error below
-    fetched = _urls_prefetch([intake.ManifestRow.from_json(data) for data in chunk.rows]) if not chunk.done else {}
+    fetched = _urls_prefetch([ManifestRow.from_json(data) for data in chunk.rows]) if not chunk.done else {}
     try:
         with transaction.atomic():
             chunk = ImportChunk.objects.select_for_update().get(pk=chunk_id)
             if chunk.done:
                 dispatch.embed_images(image_ids=list(_chunk_pending_image_ids(chunk=chunk, merchant=job.merchant)))
                 return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=True, job_done=False)
-            rows = [intake.ManifestRow.from_json(data) for data in chunk.rows]
+            rows = [ManifestRow.from_json(data) for data in chunk.rows]
             imported = rows_import(merchant=job.merchant, rows=rows, archive=archive, fetched=fetched)
             errors = [error.to_json() for error in imported.errors]
             job_done = _chunk_commit(chunk=chunk, ok=imported.ok, errors=errors, images_new=len(imported.new_image_ids))
@@ -222,13 +226,13 @@ def _chunk_pending_image_ids(*, chunk: ImportChunk, merchant: Merchant) -> Query
 
 
 # --- manifest rows to products and images ---------------------------------------------------------------------------
-Fetched = dict[str, bytes | intake.IntakeError]  # image URL -> its bytes, or why it could not be fetched
+Fetched = dict[str, bytes | IntakeError]  # image URL -> its bytes, or why it could not be fetched
 
 
 @dataclass(frozen=True)
 class RowsImported:
     ok: int
-    errors: list[intake.RowError]
+    errors: list[RowError]
     new_image_ids: list[int]  # stored by this import: to embed
 
 
@@ -243,8 +247,8 @@ class _ImageFile:
 def rows_import(
     *,
     merchant: Merchant,
-    rows: Sequence[intake.ManifestRow],
-    archive: intake.SafeZip | None,
+    rows: Sequence[ManifestRow],
+    archive: SafeZip | None,
     fetched: Fetched | None = None,
 ) -> RowsImported:
     """Write manifest rows as products and images, in a handful of statements for the lot. Call it inside a
@@ -256,17 +260,17 @@ def rows_import(
     longer listed are removed, so search stops returning them).
     """
     already_stored = _stored_digests(merchant=merchant, skus=[row.sku for row in rows])
-    validated: dict[str, intake.ValidatedImage] = {}
-    errors: list[intake.RowError] = []
-    ready: list[tuple[intake.ManifestRow, list[_ImageFile]]] = []
+    validated: dict[str, ValidatedImage] = {}
+    errors: list[RowError] = []
+    ready: list[tuple[ManifestRow, list[_ImageFile]]] = []
     for row in rows:
         try:
             files = _row_files(row, archive, fetched)
             for file in files:
                 if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in validated:
                     validated[file.sha256] = _image_validate(file)
-        except intake.IntakeError as exc:
-            errors.append(intake.RowError(row.line, row.sku, str(exc)))
+        except IntakeError as exc:
+            errors.append(RowError(row.line, row.sku, str(exc)))
             continue
         ready.append((row, files))
     upserted = products_upsert(merchant=merchant, values={row.sku: _row_product_values(row) for row, _ in ready})
@@ -276,7 +280,7 @@ def rows_import(
     return RowsImported(ok=len(ready), errors=errors, new_image_ids=new_image_ids)
 
 
-def _row_product_values(row: intake.ManifestRow) -> dict[str, Any]:
+def _row_product_values(row: ManifestRow) -> dict[str, Any]:
     """The one mapping from a manifest row to a product's fields."""
     return product_values(
         title=row.title,
@@ -300,7 +304,7 @@ def _stored_digests(*, merchant: Merchant, skus: Sequence[str]) -> dict[str, set
 
 
 def _images_place(
-    *, placements: Sequence[tuple[Product, list[_ImageFile]]], validated: dict[str, intake.ValidatedImage]
+    *, placements: Sequence[tuple[Product, list[_ImageFile]]], validated: dict[str, ValidatedImage]
 ) -> list[int]:
     """Make each (locked) product's images exactly `files`, in that order: store the new ones, move the ones whose
     position changed, delete the ones no longer listed. Returns the ids of the images stored."""
@@ -336,46 +340,46 @@ def _images_place(
     return [image.pk for image in new_images]
 
 
-def _image_validate(file: _ImageFile) -> intake.ValidatedImage:
+def _image_validate(file: _ImageFile) -> ValidatedImage:
     try:
-        return intake.image_validate(file.data)
-    except intake.IntakeError as exc:
-        raise intake.IntakeError(f"image {file.reference}: {exc}") from exc
+        return image_validate(file.data)
+    except IntakeError as exc:
+        raise IntakeError(f"image {file.reference}: {exc}") from exc
 
 
-def _urls_prefetch(rows: Sequence[intake.ManifestRow]) -> Fetched:
+def _urls_prefetch(rows: Sequence[ManifestRow]) -> Fetched:
     """Fetch every image URL of a chunk in parallel, before its transaction opens (no lock waits on the network)."""
-    urls = sorted({reference for row in rows for reference in row.images if intake.is_image_url(reference)})
+    urls = sorted({reference for row in rows for reference in row.images if is_image_url(reference)})
     if not urls:
         return {}
 
-    def fetch(url: str) -> bytes | intake.IntakeError:
+    def fetch(url: str) -> bytes | IntakeError:
         try:
             return image_fetch(url=url)
-        except intake.IntakeError as exc:
+        except IntakeError as exc:
             return exc
 
     with ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls))) as pool:
         return dict(zip(urls, pool.map(fetch, urls)))
 
 
-def _row_files(row: intake.ManifestRow, archive: intake.SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:
+def _row_files(row: ManifestRow, archive: SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:
     """The row's image files, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
     files = []
     for reference in row.images:
-        if intake.is_image_url(reference):
+        if is_image_url(reference):
             try:
                 data = fetched.get(reference) if fetched else None
-                if isinstance(data, intake.IntakeError):
+                if isinstance(data, IntakeError):
                     raise data
                 if data is None:
                     data = image_fetch(url=reference)
-            except intake.IntakeError as exc:
-                raise intake.IntakeError(f"image {reference}: {exc}") from exc
+            except IntakeError as exc:
+                raise IntakeError(f"image {reference}: {exc}") from exc
             files.append(_ImageFile(data, reference, hashlib.sha256(data).hexdigest(), reference))
         else:
             if archive is None:
-                raise intake.IntakeError(f"image {reference!r}: the import's zip is gone")
+                raise IntakeError(f"image {reference!r}: the import's zip is gone")
             data = archive.read(reference)
             files.append(_ImageFile(data, "", hashlib.sha256(data).hexdigest(), reference))
     return files

@@ -19,7 +19,10 @@ from django.core.files.base import ContentFile
 from django.db import connection, transaction
 from django.utils import timezone
 
-from catalog import dispatch, intake
+from catalog import dispatch
+from catalog.intake import IntakeError
+from catalog.intake.fetch import url_fetch
+from catalog.intake.images import ValidatedImage, image_validate
 from catalog.models import Merchant, Product, ProductImage
 
 
@@ -166,7 +169,7 @@ def image_add(
     """Validate an untrusted image, store its re-encoded copy and queue its embedding (after commit).
 
     Idempotent on the sha256 of the uploaded bytes: the same file for the same product is neither stored again
-    nor re-embedded (nor even decoded again: it was validated when first stored). Raises intake.IntakeError for
+    nor re-embedded (nor even decoded again: it was validated when first stored). Raises IntakeError for
     unusable input (nothing is stored then). `enqueue=False` leaves queueing to a caller that batches many adds.
     """
     with transaction.atomic():
@@ -180,7 +183,7 @@ def image_add(
                 existing.save(update_fields=["position"])
             return ImageAddResult(existing, False)
         image = image_store(
-            product_id=product.pk, validated=intake.image_validate(data), position=position, source_url=source_url
+            product_id=product.pk, validated=image_validate(data), position=position, source_url=source_url
         )
         image.save()
         if enqueue:
@@ -188,9 +191,7 @@ def image_add(
         return ImageAddResult(image, True)
 
 
-def image_store(
-    *, product_id: int, validated: intake.ValidatedImage, position: int = 0, source_url: str = ""
-) -> ProductImage:
+def image_store(*, product_id: int, validated: ValidatedImage, position: int = 0, source_url: str = "") -> ProductImage:
     """Write a validated image's re-encoded file to storage; returns the (unsaved) row that points at it.
 
     Dimensions come from the validation, so the ImageField does not open the file again to read them."""
@@ -225,7 +226,7 @@ def _files_delete(names: Sequence[str]) -> None:
 
 def image_fetch(*, url: str) -> bytes:
     """Download an image URL under the fetch policy; private ranges only where IMAGE_FETCH_ALLOWED_NETWORKS says."""
-    return intake.url_fetch(url, allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())))
+    return url_fetch(url, allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())))
 
 
 def product_image_add(
@@ -234,6 +235,6 @@ def product_image_add(
     """One image for one product, uploaded (`data`) or by URL; validated, deduplicated, embedded after commit."""
     if data is None:
         if not url:
-            raise intake.IntakeError("give an image file or an image URL")
+            raise IntakeError("give an image file or an image URL")
         data = image_fetch(url=url)
     return image_add(product=product, data=data, position=position, source_url=url)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from catalog import hamming
-from catalog.hamming import CandidateDepth, ProductFilter
+from catalog.hamming import memory
+from catalog.hamming.candidates import CandidateDepth, ProductFilter, shell_cut
 from tests import factories
 from tests.catalog import searchkit
 from tests.catalog.other_transaction import OtherTransaction
@@ -26,7 +27,7 @@ def test_histogram_shells_match_the_reference_selection(seed):
         radius=None if seed % 3 else int(rng.integers(0, code_bits)),
     )
 
-    rows, radius = hamming._shells_from_histogram(distances, code_bits=code_bits, depth=depth)
+    rows, radius = memory._shells_from_histogram(distances, code_bits=code_bits, depth=depth)
     reference = select_shells(distances, min_count=depth.min_count, max_count=depth.max_count, radius=depth.radius)
 
     assert len(rows) == len(reference.indices) and radius == reference.radius
@@ -34,15 +35,15 @@ def test_histogram_shells_match_the_reference_selection(seed):
         assert set(rows.tolist()) == set(reference.indices.tolist())  # (a truncated lone shell may differ in members)
 
     sorted_distances = np.sort(distances)
-    assert hamming.shell_cut(sorted_distances=sorted_distances, depth=depth, complete=True) == len(reference.indices)
+    assert shell_cut(sorted_distances=sorted_distances, depth=depth, complete=True) == len(reference.indices)
 
 
 def test_a_list_cut_inside_a_shell_drops_that_shell():
     depth = CandidateDepth(min_count=3, max_count=10)
     # 0, 1, 1 | 2, 2 (the LIMIT cut here: more 2s may exist)
-    assert hamming.shell_cut(sorted_distances=np.array([0, 1, 1, 2, 2]), depth=depth, complete=False) == 3
+    assert shell_cut(sorted_distances=np.array([0, 1, 1, 2, 2]), depth=depth, complete=False) == 3
     # only part of the first shell came back: something beats nothing
-    assert hamming.shell_cut(sorted_distances=np.array([4, 4, 4]), depth=depth, complete=False) == 3
+    assert shell_cut(sorted_distances=np.array([4, 4, 4]), depth=depth, complete=False) == 3
 
 
 def test_depth_rejects_nonsense():
@@ -83,7 +84,7 @@ def test_a_change_committed_after_a_later_one_is_still_applied():
         fast = searchkit.product_with_embeddings(
             merchant=merchant, version=version, sku="FAST", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
         )  # commits now, with a higher change id than the slow one
-        time.sleep(hamming.CHANGE_POLL_INTERVAL_S)
+        time.sleep(memory.CHANGE_POLL_INTERVAL_S)
         seen = _search_ids(version, bits)
         assert fast.embeddings[0].pk in seen and slow.result not in seen
 

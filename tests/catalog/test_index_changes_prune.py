@@ -5,7 +5,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from catalog.hamming import MemoryCodeIndex
+from catalog.hamming.memory import MemoryCodeIndex
 from catalog.models import IndexChange, ModelVersion
 from catalog.services import embeddings, maintenance
 from tests import factories

@@ -5,7 +5,8 @@ from decimal import Decimal
 
 import pytest
 
-from catalog import intake, selectors
+from catalog import selectors
+from catalog.intake import IntakeError
 from catalog.models import ImportChunk, ImportJob, Product, ProductImage
 from catalog.services import imports, maintenance, products
 from tests import factories
@@ -131,7 +132,7 @@ def test_file_level_problems_raise_and_store_nothing():
         (b"\xff\xfe\x00bad", "UTF-8"),
         (b"sku,title\n", "no rows"),
     ]:
-        with pytest.raises(intake.IntakeError, match=message):
+        with pytest.raises(IntakeError, match=message):
             _create(merchant, manifest)
     assert ImportJob.objects.count() == 0
 

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from catalog import intake
+from catalog.intake import IntakeError
+from catalog.intake.fetch import url_fetch
 from catalog.models import Product, ProductImage
 from catalog.services import imports
 from tests import factories
@@ -81,28 +82,28 @@ def test_loopback_private_link_local_and_other_schemes_are_refused_by_default(se
         ("ftp://example.com/x.png", "http or https"),
         ("http://user:secret@example.com/x.png", "credentials"),
     ]:
-        with pytest.raises(intake.IntakeError, match=message):
-            intake.url_fetch(url)
+        with pytest.raises(IntakeError, match=message):
+            url_fetch(url)
 
 
 def test_the_policy_is_checked_again_on_every_redirect(server):
-    assert intake.url_fetch(f"{server}/img.png", allowed_networks=LOCAL) == IMAGE
-    assert intake.url_fetch(f"{server}/redirect", allowed_networks=LOCAL) == IMAGE
-    with pytest.raises(intake.IntakeError, match="non-public"):
-        intake.url_fetch(f"{server}/to-private", allowed_networks=LOCAL)
-    with pytest.raises(intake.IntakeError, match="redirected more than"):
-        intake.url_fetch(f"{server}/loop", allowed_networks=LOCAL)
+    assert url_fetch(f"{server}/img.png", allowed_networks=LOCAL) == IMAGE
+    assert url_fetch(f"{server}/redirect", allowed_networks=LOCAL) == IMAGE
+    with pytest.raises(IntakeError, match="non-public"):
+        url_fetch(f"{server}/to-private", allowed_networks=LOCAL)
+    with pytest.raises(IntakeError, match="redirected more than"):
+        url_fetch(f"{server}/loop", allowed_networks=LOCAL)
 
 
 def test_sizes_are_capped_while_streaming_and_slow_hosts_time_out(server):
-    with pytest.raises(intake.IntakeError, match="larger than"):
-        intake.url_fetch(f"{server}/big-undeclared", allowed_networks=LOCAL, max_bytes=100_000)
-    with pytest.raises(intake.IntakeError, match="the limit is"):
-        intake.url_fetch(f"{server}/big-declared", allowed_networks=LOCAL)
-    with pytest.raises(intake.IntakeError, match="could not be fetched"):
-        intake.url_fetch(f"{server}/slow", allowed_networks=LOCAL, timeout=0.3)
-    with pytest.raises(intake.IntakeError, match="HTTP 404"):
-        intake.url_fetch(f"{server}/nope.png", allowed_networks=LOCAL)
+    with pytest.raises(IntakeError, match="larger than"):
+        url_fetch(f"{server}/big-undeclared", allowed_networks=LOCAL, max_bytes=100_000)
+    with pytest.raises(IntakeError, match="the limit is"):
+        url_fetch(f"{server}/big-declared", allowed_networks=LOCAL)
+    with pytest.raises(IntakeError, match="could not be fetched"):
+        url_fetch(f"{server}/slow", allowed_networks=LOCAL, timeout=0.3)
+    with pytest.raises(IntakeError, match="HTTP 404"):
+        url_fetch(f"{server}/nope.png", allowed_networks=LOCAL)
 
 
 @pytest.mark.django_db

@@ -8,7 +8,7 @@ from django.urls import reverse
 from rest_framework.test import APIClient
 
 from catalog import search
-from catalog.hamming import bitstring_pack
+from catalog.codes import bitstring_pack
 from tests import factories
 from tests.catalog import searchkit
 

@@ -8,7 +8,9 @@ import pytest
 from django.db import connection
 
 from catalog import hamming, search
-from catalog.hamming import ProductFilter
+from catalog.codes import bitstring_pack
+from catalog.hamming import sql as hamming_sql
+from catalog.hamming.candidates import CandidateDepth, ProductFilter
 from catalog.models import ImageEmbedding, Product
 from catalog.search import QueryEncoding, SearchOptions
 from tests import factories
@@ -234,7 +236,7 @@ def test_ties_are_taken_as_whole_shells(shop, backend):
     code = np.packbits(bits)
 
     got = backend_.candidates(
-        version_id=version.pk, code_bits=version.code_bits, code=code, depth=hamming.CandidateDepth(min_count=3,
+        version_id=version.pk, code_bits=version.code_bits, code=code, depth=CandidateDepth(min_count=3,
         max_count=100), product_filter=ProductFilter(),
     )  # fmt: skip
     tied_ids = {planted.embeddings[0].pk for planted in tied}
@@ -243,17 +245,17 @@ def test_ties_are_taken_as_whole_shells(shop, backend):
     assert np.all(got.distances[got.distances == got.radius].size + (got.distances < got.radius).sum() == len(got))
 
     capped = backend_.candidates(
-        version_id=version.pk, code_bits=version.code_bits, code=code, depth=hamming.CandidateDepth(min_count=7,
+        version_id=version.pk, code_bits=version.code_bits, code=code, depth=CandidateDepth(min_count=7,
         max_count=7), product_filter=ProductFilter(),
     )  # fmt: skip
-    everything = {e.pk: np.unpackbits(hamming.bitstring_pack(str(e.code))) for e in ImageEmbedding.objects.all()}
+    everything = {e.pk: np.unpackbits(bitstring_pack(str(e.code))) for e in ImageEmbedding.objects.all()}
     ids = np.asarray(list(everything))
     distances = np.asarray([int((bits_ != bits).sum()) for bits_ in everything.values()])
     reference = select_shells(distances, min_count=7, max_count=7)  # the numpy reference in workers.ml.codes
     assert set(capped.embedding_ids.tolist()) == set(ids[reference.indices].tolist()) >= tied_ids
 
     within = backend_.candidates(
-        version_id=version.pk, code_bits=version.code_bits, code=code, depth=hamming.CandidateDepth(min_count=50,
+        version_id=version.pk, code_bits=version.code_bits, code=code, depth=CandidateDepth(min_count=50,
         max_count=100, radius=1), product_filter=ProductFilter(),
     )  # fmt: skip
     assert set(within.embedding_ids.tolist()) == tied_ids and within.radius == 1
@@ -275,9 +277,9 @@ def test_both_backends_agree_on_a_small_catalog(shop):
 def test_sql_backend_never_returns_fewer_than_asked(shop, monkeypatch):
     """A LIMIT beyond what the HNSW walk yields silently returns fewer rows; the backend must notice."""
     version, merchant = shop
-    monkeypatch.setattr(hamming, "HNSW_EF_SEARCH_MAX", 3)
-    monkeypatch.setattr(hamming, "HNSW_EF_SEARCH_MIN", 3)
-    monkeypatch.setattr(hamming, "HNSW_MAX_SCAN_TUPLES", 1)
+    monkeypatch.setattr(hamming_sql, "HNSW_EF_SEARCH_MAX", 3)
+    monkeypatch.setattr(hamming_sql, "HNSW_EF_SEARCH_MIN", 3)
+    monkeypatch.setattr(hamming_sql, "HNSW_MAX_SCAN_TUPLES", 1)
     rng = np.random.default_rng(16)
     code = np.packbits(searchkit.random_bits(rng))
     with connection.cursor() as cursor:
@@ -287,7 +289,7 @@ def test_sql_backend_never_returns_fewer_than_asked(shop, monkeypatch):
             version_id=version.pk,
             code_bits=version.code_bits,
             code=code,
-            depth=hamming.CandidateDepth(min_count=120, max_count=1000),
+            depth=CandidateDepth(min_count=120, max_count=1000),
             product_filter=ProductFilter(merchant_id=merchant.pk),
         )
     finally:

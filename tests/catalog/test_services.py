@@ -4,7 +4,7 @@ from decimal import Decimal
 
 import pytest
 
-from catalog import intake
+from catalog.intake import IntakeError
 from catalog.models import Product, ProductImage
 from catalog.services import products
 from tests import factories
@@ -42,6 +42,6 @@ def test_image_add_is_idempotent_and_queues_embedding_once(django_capture_on_com
 
 def test_image_add_rejects_bad_input_and_stores_nothing():
     product = factories.product(factories.merchant())
-    with pytest.raises(intake.IntakeError):
+    with pytest.raises(IntakeError):
         products.image_add(product=product, data=b"GIF89a....")
     assert ProductImage.objects.count() == 0

@@ -8,7 +8,8 @@ from django.contrib.auth import get_user_model
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from catalog import intake
+from catalog.intake import IntakeError
+from catalog.intake.zips import SafeZip, zip_check
 from catalog.models import ImportJob, Product, ProductImage
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes, picture, zip_bytes
@@ -37,32 +38,32 @@ def _zip_with(name: str, data: bytes = b"x", *, mode: int | None = None) -> byte
     ],
 )
 def test_zip_slip_names_are_rejected(name, message):
-    with pytest.raises(intake.IntakeError, match=message):
-        intake.zip_check(io.BytesIO(_zip_with(name)))
+    with pytest.raises(IntakeError, match=message):
+        zip_check(io.BytesIO(_zip_with(name)))
 
 
 def test_symlinks_are_rejected():
-    with pytest.raises(intake.IntakeError, match="symbolic link"):
-        intake.zip_check(io.BytesIO(_zip_with("link.png", b"/etc/passwd", mode=0o120777)))
+    with pytest.raises(IntakeError, match="symbolic link"):
+        zip_check(io.BytesIO(_zip_with("link.png", b"/etc/passwd", mode=0o120777)))
 
 
 def test_a_zip_bomb_is_stopped_by_the_ratio_while_reading():
     bomb = _zip_with("bomb.png", b"\0" * (4 * 1024 * 1024))  # 4 MB of zeros deflate to ~4 kB
     assert len(bomb) < 20_000
-    with pytest.raises(intake.IntakeError, match="zip bomb"):
-        intake.zip_check(io.BytesIO(bomb))
+    with pytest.raises(IntakeError, match="zip bomb"):
+        zip_check(io.BytesIO(bomb))
 
 
 def test_entry_size_total_size_and_entry_count_caps_count_real_bytes():
     archive = zip_bytes({f"{i}.png": bytes(range(256)) * 40 for i in range(5)})  # 10 kB each
-    safe = intake.SafeZip(io.BytesIO(archive), max_entry_bytes=4096)
-    with pytest.raises(intake.IntakeError, match="larger than"):
+    safe = SafeZip(io.BytesIO(archive), max_entry_bytes=4096)
+    with pytest.raises(IntakeError, match="larger than"):
         safe.read("0.png")
-    with pytest.raises(intake.IntakeError, match="expands to more than"):
-        intake.zip_check(io.BytesIO(archive), max_total_bytes=30_000)
-    with pytest.raises(intake.IntakeError, match="entries"):
-        intake.SafeZip(io.BytesIO(archive), max_entries=4)
-    assert sorted(intake.zip_check(io.BytesIO(archive))) == [f"{i}.png" for i in range(5)]
+    with pytest.raises(IntakeError, match="expands to more than"):
+        zip_check(io.BytesIO(archive), max_total_bytes=30_000)
+    with pytest.raises(IntakeError, match="entries"):
+        SafeZip(io.BytesIO(archive), max_entries=4)
+    assert sorted(zip_check(io.BytesIO(archive))) == [f"{i}.png" for i in range(5)]
 
 
 def test_lying_headers_do_not_matter():
@@ -72,19 +73,19 @@ def test_lying_headers_do_not_matter():
     # Patch the central directory's uncompressed size of the last entry to 10 bytes.
     central = data.rfind(b"PK\x01\x02")
     data[central + 24 : central + 28] = (10).to_bytes(4, "little")
-    with pytest.raises(intake.IntakeError):
-        intake.zip_check(io.BytesIO(bytes(data)))
+    with pytest.raises(IntakeError):
+        zip_check(io.BytesIO(bytes(data)))
 
 
 def test_not_a_zip_and_duplicate_names():
-    with pytest.raises(intake.IntakeError, match="not a zip"):
-        intake.zip_check(io.BytesIO(b"PK\x03\x04 definitely not"))
-    with pytest.raises(intake.IntakeError, match="twice"):
-        intake.zip_check(io.BytesIO(zip_bytes({"a/x.png": b"1", "a//x.png": b"2"})))
+    with pytest.raises(IntakeError, match="not a zip"):
+        zip_check(io.BytesIO(b"PK\x03\x04 definitely not"))
+    with pytest.raises(IntakeError, match="twice"):
+        zip_check(io.BytesIO(zip_bytes({"a/x.png": b"1", "a//x.png": b"2"})))
 
 
 def test_base_names_resolve_when_unique():
-    with intake.SafeZip(io.BytesIO(zip_bytes({"shop/a.png": b"1", "x/b.png": b"2", "y/b.png": b"3"}))) as archive:
+    with SafeZip(io.BytesIO(zip_bytes({"shop/a.png": b"1", "x/b.png": b"2", "y/b.png": b"3"}))) as archive:
         assert archive.resolve("a.png") == "shop/a.png"
         assert archive.resolve("./shop/a.png") == "shop/a.png"
         assert archive.resolve("b.png") is None  # ambiguous

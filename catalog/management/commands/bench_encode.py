@@ -15,7 +15,8 @@ import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from catalog import intake, query_payload, search, selectors
+from catalog import query_payload, search, selectors
+from catalog.intake.images import image_validate
 from catalog.models import ProductImage
 
 WARMUP = 3  # the first encodes pay for loading the checkpoint (worker and here): not what a shopper waits for
@@ -41,7 +42,7 @@ class Command(BaseCommand):
             ProductImage.objects.filter(status=ProductImage.Status.EMBEDDED).order_by("id")[: queries + WARMUP]
         )
         photos = [selectors.image_open(image=image) for image in images]
-        payloads = [intake.image_validate(_png(photo)).data for photo in photos]
+        payloads = [image_validate(_png(photo)).data for photo in photos]
 
         from workers import pipelines  # the worker's own encode, run here: torch in this process only
 

@@ -38,7 +38,10 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from catalog import intake, selectors
+from catalog import selectors
+from catalog.intake.images import image_validate
+from catalog.intake.manifests import ManifestRow
+from catalog.intake.zips import SafeZip
 from catalog.models import ImageEmbedding, ImportJob, Merchant, ModelVersion, ProductImage
 from catalog.services import embeddings, imports, model_versions
 from shop_search.celery import app
@@ -213,15 +216,15 @@ class Command(BaseCommand):
             timings[name] = round((time.perf_counter() - start) * 1000 / n, 3)
             return value
 
-        with intake.SafeZip(archive.open("rb")) as safe:
+        with SafeZip(archive.open("rb")) as safe:
             names = list(safe.entries)[:n]
             timed("zip_read", lambda: [safe.read(name) for name in names])
-            timed("validate_reencode", lambda: [intake.image_validate(blob) for blob in blobs])
+            timed("validate_reencode", lambda: [image_validate(blob) for blob in blobs])
             encoder = encoder_for(selectors.checkpoint_path(version=version))
             with transaction.atomic():
                 merchant = Merchant.objects.create(name="Profile", slug=f"profile-{int(time.time() * 1000)}")
                 rows = [
-                    intake.ManifestRow(line=i + 2, sku=f"P-{i}", title=f"t{i}", category="dress", images=(name,))
+                    ManifestRow(line=i + 2, sku=f"P-{i}", title=f"t{i}", category="dress", images=(name,))
                     for i, name in enumerate(names)
                 ]
                 imported = timed("import_chunk_total", lambda: imports.rows_import(

@@ -11,7 +11,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from tqdm import tqdm
 
-from catalog import intake, selectors
+from catalog import selectors
+from catalog.intake import IntakeError
 from catalog.models import ImportJob, Merchant
 from catalog.services import imports
 
@@ -55,7 +56,7 @@ class Command(BaseCommand):
                 finally:
                     if archive is not None:
                         archive.close()
-        except (intake.IntakeError, OSError) as exc:
+        except (IntakeError, OSError) as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(
             f"import {job.pk}: {job.total} rows in {job.chunks_total} chunks, {job.rejected} rejected at upload"

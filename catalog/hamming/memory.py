@@ -1,18 +1,5 @@
-"""The coarse stage: Hamming search over the active version's binary codes, behind one interface.
-
-Two backends answer `candidates(...)` with the same `CoarseCandidates`:
-- `MemoryCodeIndex`: the version's packed codes in this process's memory (1M x 256 bits = 32 MB), full distances
-  from faiss's Hamming kernel, then whole shells picked from a histogram. Loaded from PostgreSQL with a binary
-  COPY, then kept fresh from `catalog_indexchange` (the change log the database triggers write).
-- `SqlCodeIndex`: the same question asked of PostgreSQL: the version's partial HNSW index on `code::bit(B)`
-  (bit_hamming_ops), with ef_search set from the candidate depth and iterative scans, and an exact scan whenever
-  the index came back short, so it never silently returns fewer rows than exist.
-
-Candidate depth is tie-aware: whole Hamming shells (every item at distance r) are taken in increasing r until a
-minimum count is reached, never a cut inside a tie; a maximum count and an optional radius bound it.
-
-Web processes import this module: numpy and faiss only, never torch (nothing from workers.ml).
-"""
+"""The memory backend: one process's copy of the active version's packed codes, searched with faiss's Hamming
+kernel and kept in step with the database through the change log (catalog_indexchange) its triggers write."""
 
 from __future__ import annotations
 
@@ -21,18 +8,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any, Protocol
 
 import faiss
 import numpy as np
-from django.db import connection, transaction
+from django.db import connection
 
-from catalog.codes import bitstring_pack, code_sql, packed_bitstring, version_sql
+from catalog.codes import bitstring_pack, code_sql, version_sql
+from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
 
 logger = logging.getLogger(__name__)
 
-# --- tunables ------------------------------------------------------------------------------------------------------
 CHANGE_POLL_INTERVAL_S = 0.0  # every search polls (one primary-key range scan, ~0.2 ms): a change is seen at once
 CHANGE_BATCH = 10_000  # change rows read per round trip; a backlog beyond RELOAD_BACKLOG is cheaper as a reload
 RELOAD_BACKLOG = 200_000  # more pending changes than this: reload the whole version instead of replaying
@@ -42,127 +27,8 @@ COMPACT_DEAD_FRACTION = 0.25  # dead rows cost scan time; past this fraction the
 MIN_CAPACITY = 1_024  # appends grow the arrays geometrically from here
 APPENDED_RESORT_MIN = 10_000  # rows added since the last sort are looked up in a dict; past this many, re-sort
 APPENDED_RESORT_FRACTION = 0.05  # (or this fraction of the index: an argsort of 1M ids costs ~80 ms)
-HNSW_EF_SEARCH_MIN = 40  # pgvector's default: below this the graph walk loses recall for nothing
-HNSW_EF_SEARCH_MAX = 1_000  # pgvector's upper bound for hnsw.ef_search
-SQL_SHELL_HEADROOM = 1.5  # SQL rows fetched per candidate wanted: room to finish the last shell in one query
-HNSW_MAX_SCAN_TUPLES = 50_000  # iterative scans stop here; anything still short falls back to an exact scan
 
 
-# --- the query and the answer --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CandidateDepth:
-    """How many candidates the coarse stage hands to the fine stage, in whole Hamming shells."""
-
-    min_count: int  # shells are added until at least this many candidates are taken
-    max_count: int  # a shell that would overshoot this is left out (unless it is the first one: then truncated)
-    radius: int | None = None  # hard limit on the Hamming distance of any candidate (the hashing papers' threshold)
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_count <= self.max_count:
-            raise ValueError(f"need 1 <= min_count <= max_count, got {self.min_count}, {self.max_count}")
-
-
-@dataclass(frozen=True)
-class ProductFilter:
-    """Which products a query may return. The fine stage always applies all of it; coarse backends apply what they
-    can cheaply (memory: merchant; SQL: everything), so that selective filters do not starve the candidates."""
-
-    merchant_id: int | None = None
-    category: str | None = None
-    attributes: tuple[str, ...] = ()  # the product must have all of these
-    price_min: Decimal | None = None
-    price_max: Decimal | None = None
-    exclude_product_id: int | None = None  # "similar products" leaves out the product it starts from
-
-    @property
-    def is_empty(self) -> bool:
-        return self == ProductFilter()
-
-    def where_sql(self, product_alias: str) -> SqlFragment:
-        """SQL conditions on the product table (always active products only) and their parameters."""
-        p = product_alias
-        conditions: list[str] = [f"{p}.active"]
-        params: list[Any] = []
-        if self.merchant_id is not None:
-            conditions.append(f"{p}.merchant_id = %s")
-            params.append(self.merchant_id)
-        if self.category:
-            conditions.append(f"{p}.category = %s")
-            params.append(self.category)
-        if self.attributes:
-            conditions.append(f"{p}.attributes @> %s::jsonb")
-            params.append(_json_list(self.attributes))
-        if self.price_min is not None:
-            conditions.append(f"{p}.price >= %s")
-            params.append(self.price_min)
-        if self.price_max is not None:
-            conditions.append(f"{p}.price <= %s")
-            params.append(self.price_max)
-        if self.exclude_product_id is not None:
-            conditions.append(f"{p}.id <> %s")
-            params.append(self.exclude_product_id)
-        return SqlFragment(" AND ".join(conditions), params)
-
-
-@dataclass(frozen=True)
-class SqlFragment:
-    sql: str
-    params: list[Any]
-
-
-@dataclass(frozen=True)
-class CoarseCandidates:
-    """One query's candidates, nearest shell first (ties ordered by embedding id)."""
-
-    embedding_ids: np.ndarray  # (M,) int64
-    distances: np.ndarray  # (M,) int32 Hamming distances
-    radius: int  # distance of the farthest shell taken; -1 when nothing was taken
-    exhaustive: bool  # True when every visible row within the radius was considered (widening cannot add more)
-    backend: str
-    searched_rows: int  # rows the backend could have returned (memory: visible rows; SQL: rows it scanned for)
-    notes: tuple[str, ...] = ()  # what the backend had to do (e.g. "exact scan: the HNSW index came back short")
-
-    def __len__(self) -> int:
-        return len(self.embedding_ids)
-
-
-class CoarseBackend(Protocol):
-    name: str
-
-    def candidates(
-        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
-    ) -> CoarseCandidates: ...
-
-
-# --- shells ---------------------------------------------------------------------------------------------------------
-def shell_cut(*, sorted_distances: np.ndarray, depth: CandidateDepth, complete: bool) -> int:
-    """How many leading items of a distance-sorted list form whole shells under `depth`.
-
-    `complete` says the list holds every item of its last shell; if not (a list cut at a LIMIT), that last shell is
-    never taken whole, because part of it is missing.
-    """
-    d = np.asarray(sorted_distances)
-    if depth.radius is not None:
-        d = d[: int(np.searchsorted(d, depth.radius, side="right"))]
-        complete = complete or len(d) < len(sorted_distances)
-    if len(d) == 0:
-        return 0
-    ends = np.append(np.flatnonzero(np.diff(d)) + 1, len(d))
-    if not complete:
-        ends = ends[:-1]  # the last shell is partial
-    taken = 0
-    for end in ends:
-        if end > depth.max_count:
-            return taken or depth.max_count  # never overshoot; a lone huge first shell is truncated
-        taken = int(end)
-        if taken >= depth.min_count:
-            return taken
-    if taken == 0 and not complete:
-        return min(len(d), depth.max_count)  # only a partial first shell: some candidates beat none
-    return taken
-
-
-# --- backend 1: packed codes in memory -----------------------------------------------------------------------------
 @dataclass
 class _Rows:
     """Growable column arrays of one version's visible embeddings."""
@@ -555,94 +421,3 @@ def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: Cand
         return rows.astype(np.int64), first
     radius = int(np.flatnonzero(counts[: radius + 1])[-1])  # the farthest shell actually taken
     return np.flatnonzero(distances <= radius).astype(np.int64), radius
-
-
-# --- backend 2: SQL on the bit column ------------------------------------------------------------------------------
-class SqlCodeIndex:
-    """Hamming search in PostgreSQL through the version's partial HNSW index (catalog.codes)."""
-
-    name = "sql"
-
-    def candidates(
-        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
-    ) -> CoarseCandidates:
-        # Enough rows to complete the shell that reaches min_count (usually), plus one to tell whether the LIMIT cut
-        # the last shell; asking for max_count would make every query walk the graph for thousands of rows.
-        limit = min(depth.max_count, int(depth.min_count * SQL_SHELL_HEADROOM)) + 1
-        query_bits = packed_bitstring(code, code_bits)
-        where = product_filter.where_sql("p")
-        radius_sql, radius_params = "", []
-        # The version's partial HNSW index serves only the exact expressions catalog.codes writes.
-        ordering = f"({code_sql('e.code', code_bits)} <~> {code_sql('%s', code_bits)})"
-        if depth.radius is not None:
-            radius_sql = f" AND {ordering} <= %s"
-            radius_params = [query_bits, depth.radius]
-        notes: list[str] = []
-        sql = (
-            "WITH hits AS MATERIALIZED ("
-            f" SELECT e.id, {ordering} AS distance"
-            " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
-            f" WHERE {version_sql('e', version_id)} AND {where.sql}{radius_sql}"
-            f" ORDER BY {ordering} LIMIT %s"
-            ") SELECT id, distance FROM hits ORDER BY distance, id"
-        )
-        params = [query_bits, *where.params, *radius_params, query_bits, limit]
-        with transaction.atomic(), connection.cursor() as cursor:
-            ef_search = min(HNSW_EF_SEARCH_MAX, max(HNSW_EF_SEARCH_MIN, limit))
-            cursor.execute(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
-            # Filters drop rows after the graph walk: keep walking until LIMIT rows pass (relaxed order is re-sorted
-            # by the outer query). Without filters, strict order keeps a LIMIT beyond ef_search honest.
-            mode = "strict_order" if product_filter.is_empty and depth.radius is None else "relaxed_order"
-            cursor.execute(f"SET LOCAL hnsw.iterative_scan = {mode}")
-            cursor.execute(f"SET LOCAL hnsw.max_scan_tuples = {max(HNSW_MAX_SCAN_TUPLES, 4 * limit)}")
-            cursor.execute(sql, params)
-            found = cursor.fetchall()
-            exact = False
-            if len(found) < limit:
-                # Fewer rows than asked: either that is all there is, or the index gave up. Only an exact scan can
-                # tell, and it is what a shopper is owed.
-                exact = True
-                notes.append("exact scan: the HNSW index returned fewer rows than asked")
-                distance = f"bit_count({code_sql('e.code', code_bits)} # {code_sql('%s', code_bits)})"
-                cursor.execute(
-                    f"SELECT e.id, {distance} AS distance"
-                    " FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
-                    f" WHERE {version_sql('e', version_id)} AND {where.sql}"
-                    + (f" AND {distance} <= %s" if depth.radius is not None else "")
-                    + " ORDER BY distance, e.id LIMIT %s",
-                    [query_bits, *where.params, *([query_bits, depth.radius] if depth.radius is not None else []),
-                     limit],
-                )  # fmt: skip
-                found = cursor.fetchall()
-        ids = np.asarray([row[0] for row in found], np.int64)
-        distances = np.asarray([row[1] for row in found], np.int32)
-        complete = len(found) < limit  # nothing was cut by the LIMIT
-        taken = shell_cut(sorted_distances=distances, depth=depth, complete=complete)
-        return CoarseCandidates(
-            embedding_ids=ids[:taken],
-            distances=distances[:taken],
-            radius=int(distances[taken - 1]) if taken else -1,
-            exhaustive=exact and complete,
-            backend=self.name,
-            searched_rows=len(found),
-            notes=tuple(notes),
-        )
-
-
-def _json_list(values: tuple[str, ...]) -> str:
-    import json
-
-    return json.dumps(sorted(values))
-
-
-# --- registry ------------------------------------------------------------------------------------------------------
-MEMORY_INDEX = MemoryCodeIndex()  # one per process: the web workers' shared cache of the active version's codes
-SQL_INDEX = SqlCodeIndex()
-BACKENDS: dict[str, CoarseBackend] = {MEMORY_INDEX.name: MEMORY_INDEX, SQL_INDEX.name: SQL_INDEX}
-
-
-def backend_get(name: str) -> CoarseBackend:
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise ValueError(f"unknown coarse backend {name!r}; use one of {sorted(BACKENDS)}") from None
