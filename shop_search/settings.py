@@ -59,6 +59,7 @@ INSTALLED_APPS = [
     "rest_framework.authtoken",
     "drf_spectacular",
     "catalog",
+    "workers",  # the worker-side management commands; web processes import only workers/apps.py from it
 ]
 
 MIDDLEWARE = [
@@ -164,6 +165,8 @@ REST_FRAMEWORK = {
     "NUM_PROXIES": int(os.environ.get("NUM_PROXIES", "0")),
     "DEFAULT_THROTTLE_RATES": {
         "search": os.environ.get("SEARCH_THROTTLE_RATE", "60/min"),
+        # /api/auth/token/ per client address, right or wrong password: a few tries, then 429
+        "auth": os.environ.get("AUTH_THROTTLE_RATE", "5/min"),
     },
 }
 SPECTACULAR_SETTINGS = {

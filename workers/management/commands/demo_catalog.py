@@ -11,10 +11,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from tqdm import tqdm
 
-from catalog import sample_shop
 from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
 from catalog.services import model_versions
 from catalog.services.products import image_add, product_upsert
+from workers import sample_shop
 
 WRITE_BATCH = 50  # products per transaction: commits (and embed tasks) in batches, progress stays visible
 POLL_S = 1.0  # how often the wait loop looks at the worker's progress

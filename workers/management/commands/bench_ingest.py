@@ -33,10 +33,12 @@ import zipfile
 from pathlib import Path
 
 import psutil
+import torch
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
+from PIL import Image
 
 from catalog import selectors
 from catalog.intake.images import image_validate
@@ -45,6 +47,9 @@ from catalog.intake.zips import SafeZip
 from catalog.models import ImageEmbedding, ImportJob, Merchant, ModelVersion, ProductImage
 from catalog.services import embeddings, imports, model_versions
 from shop_search.celery import app
+from workers import pipelines
+from workers.ml.baseline import fit_baseline
+from workers.ml.datasets.render import product_spec, render_product
 
 RENDER_SIZE = 128  # the renderer's default photo size; JPEG at this size is ~4 kB, like a catalog thumbnail
 JPEG_QUALITY = 90
@@ -54,8 +59,6 @@ POLL_S = 0.25
 
 
 def _render(seed: int) -> tuple[int, bytes, str, str, list[str]]:
-    from workers.ml.datasets.render import product_spec, render_product
-
     spec = product_spec(seed)
     buffer = io.BytesIO()
     render_product(spec, 0, RENDER_SIZE).image.convert("RGB").save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -119,11 +122,6 @@ class Command(BaseCommand):
     # --- phases -----------------------------------------------------------------------------------------------
 
     def _fit_version_zero(self, archive: Path) -> ModelVersion:
-        from PIL import Image
-
-        from workers.encoders import encoder_for
-        from workers.ml.baseline import fit_baseline
-
         self.stdout.write(f"no active model version: fitting version 0 on {FIT_SAMPLE} images (not timed)")
         with zipfile.ZipFile(archive) as zf:
             names = zf.namelist()[:FIT_SAMPLE]
@@ -132,9 +130,11 @@ class Command(BaseCommand):
                                               status=ModelVersion.Status.READY, code_bits=64, fc7_dim=128)  # fmt: skip
         path = fit_baseline(pictures, out_path=Path(settings.MODELS_DIR) / f"{version.name}.pt", code_bits=64,
                             fc7_dim=128)  # fmt: skip
-        encoder = encoder_for(path)
-        version.checkpoint, version.fc7_dim, version.config = str(path), encoder.fc7_dim, encoder.version_info
-        version.save()
+        encoder = pipelines.encoder_at(path)
+        model_versions.model_version_ready(
+            version=version, checkpoint=path, code_bits=encoder.code_bits, fc7_dim=encoder.fc7_dim,
+            config=encoder.version_info,
+        )  # fmt: skip
         return model_versions.model_version_activate(version=version)
 
     def _start_worker(self, workers: int) -> subprocess.Popen:
@@ -200,10 +200,6 @@ class Command(BaseCommand):
 
     def _profile(self, archive: Path, version: ModelVersion) -> dict:
         """Per-image cost of each stage on a sample, in this process (one thread), writes rolled back."""
-        import torch
-
-        from workers.encoders import encoder_for
-
         torch.set_num_threads(1)
         with zipfile.ZipFile(archive) as zf:
             blobs = [zf.read(name) for name in zf.namelist()[:PROFILE_SAMPLE]]
@@ -220,7 +216,7 @@ class Command(BaseCommand):
             names = list(safe.entries)[:n]
             timed("zip_read", lambda: [safe.read(name) for name in names])
             timed("validate_reencode", lambda: [image_validate(blob) for blob in blobs])
-            encoder = encoder_for(selectors.checkpoint_path(version=version))
+            encoder = pipelines.encoder_of(version)
             with transaction.atomic():
                 merchant = Merchant.objects.create(name="Profile", slug=f"profile-{int(time.time() * 1000)}")
                 rows = [

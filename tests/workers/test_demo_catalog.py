@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from django.core.management import call_command
 
-from catalog import sample_shop
 from catalog.models import Merchant, ModelVersion, Product, ProductImage
+from workers import sample_shop
 from workers.ml.datasets.fashion_mnist import write_idx
 
 pytestmark = pytest.mark.django_db

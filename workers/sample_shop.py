@@ -1,8 +1,9 @@
 """The sample shop's products: real Zalando photos from Fashion-MNIST (t10k) and procedurally rendered products,
-several photos each, with titles, categories, attributes and prices. Pure data: `demo_catalog` writes it through
-the services.
+several photos each, with titles, categories, attributes and prices. Pure data: `manage.py demo_catalog` writes it
+through the catalog services.
 
-Imports the data side of workers.ml (numpy/PIL only, no torch): this module is for management commands, not views.
+Uses only the data side of workers.ml (numpy and PIL, no torch), so loading the sample shop does not load the
+network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from workers.ml.datasets.fashion_mnist import CLASSES, load_arrays
+from workers.ml.datasets.render import EVAL_FIRST_SEED, product_spec, render_product
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +65,6 @@ def sample_products(*, count: int, fashion_mnist_dir: Path | None = None) -> tup
 
 
 def _fashion_mnist_products(count: int, *, root: Path | None) -> Iterator[SampleProduct]:
-    from workers.ml.datasets.fashion_mnist import CLASSES, load_arrays
-
     arrays = load_arrays("t10k", root)
     for index in range(min(count, len(arrays.images))):
         pixels = arrays.images[index]
@@ -96,8 +98,6 @@ def _fashion_photos(pixels: np.ndarray) -> list[bytes]:
 
 
 def _rendered_products(count: int) -> Iterator[SampleProduct]:
-    from workers.ml.datasets.render import EVAL_FIRST_SEED, product_spec
-
     for offset in range(count):
         seed = EVAL_FIRST_SEED + offset  # the renderer's evaluation range: products no training run has seen
         spec = product_spec(seed)
@@ -114,8 +114,6 @@ def _rendered_products(count: int) -> Iterator[SampleProduct]:
 
 
 def _rendered_photos(seed: int) -> list[bytes]:
-    from workers.ml.datasets.render import render_product
-
     return [_png(render_product(seed, view, RENDER_SIZE).image) for view in range(PHOTOS_PER_PRODUCT)]
 
 

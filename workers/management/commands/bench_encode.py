@@ -1,8 +1,8 @@
 """`manage.py bench_encode`: what the Celery `search` queue adds to a query, against an in-process encoder.
 
 Encodes the same catalog photos (a) through `encode_query` on the `search` queue, as the web does, and (b) with the
-same checkpoint loaded in this process (torch imported here, which is exactly what web processes avoid). Needs an
-active model version and a running worker (`manage.py demo` starts one).
+worker's own pipeline run in this process (workers.pipelines.query_encode: torch loaded here, which is exactly what
+web processes avoid). Needs an active model version and a running worker (`manage.py demo` starts one).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from django.core.management.base import BaseCommand, CommandError
 from catalog import query_payload, search, selectors
 from catalog.intake.images import image_validate
 from catalog.models import ProductImage
+from workers import pipelines
 
 WARMUP = 3  # the first encodes pay for loading the checkpoint (worker and here): not what a shopper waits for
 WORKER_PING_TIMEOUT_S = 2.0
@@ -43,8 +44,6 @@ class Command(BaseCommand):
         )
         photos = [selectors.image_open(image=image) for image in images]
         payloads = [image_validate(_png(photo)).data for photo in photos]
-
-        from workers import pipelines  # the worker's own encode, run here: torch in this process only
 
         remote, local = [], []
         for index, data in enumerate(payloads):
