@@ -1,5 +1,8 @@
-"""`/healthz`: is every real part reachable? 200 when the database (with pgvector) and Redis answer; the worker
-count is reported too, and "degraded" (still 200) when none answers, since the web can serve without one."""
+"""`/healthz`: is every real part reachable? 200 when the database (with pgvector) and Redis answer.
+
+Anonymous callers (load balancers, uptime probes) get only that: two cheap queries, no versions, no host names.
+Staff (a session) also get the workers: a Celery ping broadcast (up to a second), their count and host names, and
+"degraded" (still 200) when none answers, since the web can serve without one."""
 
 from __future__ import annotations
 
@@ -51,8 +54,17 @@ def _check(probe: Callable[[], dict]) -> dict:
 @never_cache
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    checks = {"database": _check(_database), "redis": _check(_redis), "workers": _check(_workers)}
+    staff = bool(getattr(request, "user", None) and request.user.is_active and request.user.is_staff)
+    checks = {"database": _check(_database), "redis": _check(_redis)}
     pgvector_ok = checks["database"].get("pgvector") is not None
     essential_ok = checks["database"]["ok"] and pgvector_ok and checks["redis"]["ok"]
+    if not staff:
+        quiet = {
+            name: {"ok": bool(check["ok"]) and (name != "database" or pgvector_ok)} for name, check in checks.items()
+        }
+        return JsonResponse(
+            {"status": "ok" if essential_ok else "down", "checks": quiet}, status=200 if essential_ok else 503
+        )
+    checks["workers"] = _check(_workers)
     status = "ok" if essential_ok and checks["workers"]["ok"] else ("degraded" if essential_ok else "down")
     return JsonResponse({"status": status, "checks": checks}, status=200 if essential_ok else 503)

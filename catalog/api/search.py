@@ -15,25 +15,19 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.settings import api_settings
-from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from catalog import search
-from catalog.hamming import BACKENDS
+from catalog.api.throttling import ClientScopedRateThrottle
 from catalog.hamming.candidates import ProductFilter
 from catalog.intake import IntakeError
 from catalog.intake.images import MAX_IMAGE_BYTES
 from catalog.models import Merchant
 
 
-class SearchRateThrottle(ScopedRateThrottle):
-    """The `search` scope of REST_FRAMEWORK's DEFAULT_THROTTLE_RATES, counted in the shared Redis cache.
-
-    Reads the rate when asked, not at import, so a changed setting (or a test's override) takes effect."""
-
-    def get_rate(self) -> str | None:
-        return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+class SearchRateThrottle(ClientScopedRateThrottle):
+    """The `search` scope of REST_FRAMEWORK's DEFAULT_THROTTLE_RATES, counted in the shared Redis cache per client
+    (an IPv6 client by its /64)."""
 
 
 # --- input ---------------------------------------------------------------------------------------------------------
@@ -47,7 +41,6 @@ class _FilterInputSerializer(serializers.Serializer):
     price_min = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
     price_max = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
     category_mode = serializers.ChoiceField(choices=search.CATEGORY_MODES, default="boost")
-    backend = serializers.ChoiceField(choices=sorted(BACKENDS), required=False, help_text="coarse-stage backend")
     radius = serializers.IntegerField(required=False, min_value=0, max_value=1024, help_text="max Hamming distance")
 
     def validate_merchant(self, slug: str) -> int:
@@ -75,7 +68,8 @@ class _FilterInputSerializer(serializers.Serializer):
                 price_max=data.get("price_max"),
             ),
             category_mode=data["category_mode"],
-            backend=data.get("backend"),
+            # no `backend`: the coarse backend is the operator's choice (SEARCH_COARSE_BACKEND); an anonymous
+            # `backend=sql` with a price or attribute filter would scan every embedding
             radius=data.get("radius"),
         )
 

@@ -1,7 +1,6 @@
 from django.urls import path
-from rest_framework.authtoken.views import obtain_auth_token
 
-from catalog.api import merchants, views
+from catalog.api import auth, merchants, views
 from catalog.api import search as shopper_search
 
 app_name = "api"
@@ -12,7 +11,7 @@ urlpatterns = [
     path("search", shopper_search.SearchView.as_view(), name="search"),
     path("products/<int:product_id>/similar", shopper_search.SimilarProductsView.as_view(), name="product-similar"),
     # Merchant API (token or session auth; everything scoped to the user's merchants)
-    path("auth/token/", obtain_auth_token, name="auth-token"),
+    path("auth/token/", auth.ThrottledObtainAuthToken.as_view(), name="auth-token"),
     path("merchant/merchants/", merchants.MerchantListView.as_view(), name="merchant-list"),
     path("merchant/products/", merchants.ProductListView.as_view(), name="merchant-product-list"),
     path("merchant/products/<int:product_id>/", merchants.ProductDetailView.as_view(), name="merchant-product-detail"),

@@ -48,7 +48,8 @@ def test_search_without_an_active_version_is_a_503(client):
     assert response.status_code == 503 and "no model version is active" in response.json()["detail"]
 
 
-def test_similar_products_renders_ranked_products_with_explanations_and_timings(client):
+def test_similar_products_renders_ranked_products_with_explanations_and_timings(client, settings):
+    settings.SEARCH_COARSE_BACKEND = "sql"
     version = searchkit.active_version()
     merchant = factories.merchant("shop")
     rng = np.random.default_rng(1)
@@ -59,7 +60,7 @@ def test_similar_products_renders_ranked_products_with_explanations_and_timings(
     )
     searchkit.random_catalog(merchant=merchant, version=version, count=10, seed=2)
 
-    response = client.get(f"/api/products/{start.product.pk}/similar", {"k": 4, "backend": "sql"})
+    response = client.get(f"/api/products/{start.product.pk}/similar", {"k": 4})
 
     assert response.status_code == 200, response.content
     body = response.json()
@@ -76,6 +77,23 @@ def test_similar_products_renders_ranked_products_with_explanations_and_timings(
 
     assert client.get("/api/products/999999999/similar").status_code == 404
     assert client.get(f"/api/products/{start.product.pk}/similar", {"k": 0}).status_code == 400
+
+
+def test_anonymous_callers_cannot_choose_the_coarse_backend(client, settings):
+    """`backend=sql` with a price filter would scan every embedding: the public API ignores the field."""
+    settings.SEARCH_COARSE_BACKEND = "memory"
+    version = searchkit.active_version()
+    planted = searchkit.random_catalog(merchant=factories.merchant(), version=version, count=3)[0]
+
+    response = client.get(f"/api/products/{planted.product.pk}/similar", {"k": 2, "backend": "sql"})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["coarse"]["backend"] == "memory"
+    schema = client.get("/api/schema/", {"format": "json"}).json()
+    search_form = schema["components"]["schemas"]["SearchInput"]["properties"]
+    assert "backend" not in search_form and "image" in search_form
+    similar = schema["paths"]["/api/products/{product_id}/similar"]["get"]["parameters"]
+    assert "backend" not in {parameter["name"] for parameter in similar}
 
 
 def test_search_is_throttled_per_client(client, settings):
