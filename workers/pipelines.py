@@ -148,7 +148,7 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
 
     version = selectors.model_version_get(version_id=version_id)
     pictures, categories = [], []
-    for image in selectors.images_usable(limit=BASELINE_FIT_SAMPLE):
+    for image in selectors.images_usable(limit=BASELINE_FIT_SAMPLE, seed=version.pk):
         try:
             pictures.append(selectors.image_open(image=image))
             categories.append(image.product.category or None)

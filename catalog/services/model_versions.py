@@ -34,7 +34,7 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 64, fc7_dim: int = 256) -> ModelVersion:
+def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 256, fc7_dim: int = 256) -> ModelVersion:
     """Make sure a shop can search before anyone trains: if no version is active or on its way, fit version 0
     (pretrained backbone + PCA + ITQ) on the catalog in the background. Returns the version that will serve."""
     serving = ModelVersion.objects.filter(

@@ -283,6 +283,7 @@ def retrieval_validator(catalog: Sequence[Record], queries: Sequence[Record], la
 
 
 REFERENCE_INPUT_SIZE = 224  # the backbone's own ImageNet resolution: the "untuned" setting, no choices of ours
+REFERENCE_POOLING = "gap"  # the reference: the backbone as timm pools it
 REFERENCE_HASH_BITS = 64
 
 
@@ -305,7 +306,7 @@ def untuned_reference(
 
     model = create_pooled_model(PACKAGED_BACKBONE, packaged_weights=True).eval().to(memory_format=torch.channels_last)
     prep = Preprocessing(REFERENCE_INPUT_SIZE, PACKAGED_MEAN, PACKAGED_STD)
-    catalog_features = extract_features(model, [r.image for r in catalog], prep)
+    catalog_features = extract_features(model, [r.image for r in catalog], prep, pooling=REFERENCE_POOLING)
     projection = np.random.default_rng(seed).standard_normal((catalog_features.shape[1], REFERENCE_HASH_BITS))
     centre = catalog_features.mean(axis=0)
 
@@ -316,7 +317,7 @@ def untuned_reference(
     catalog_inputs = inputs(catalog_features, catalog)
     references = {}
     for strength, queries in queries_by_strength.items():
-        query_features = extract_features(model, [r.image for r in queries], prep)
+        query_features = extract_features(model, [r.image for r in queries], prep, pooling=REFERENCE_POOLING)
         report = retrieval_report(inputs(query_features, queries), catalog_inputs)
         references[strength] = {
             "input_size": REFERENCE_INPUT_SIZE,
