@@ -1,4 +1,4 @@
-"""The data model (ARCHITECTURE.md section 4).
+"""The data model (docs/architecture.md walks through it with the three flows that use it).
 
 Codes and fc7 vectors are stored unsized (`bit`, `vector`) because model versions may differ in code length and
 fc7 size; each version gets its own partial HNSW index on `code::bit(B)` when it is activated

@@ -1,4 +1,5 @@
-"""THE cascade (ARCHITECTURE.md section 5): photo -> encoding -> coarse Hamming -> fine fc7 -> products -> why.
+"""The search cascade, which docs/architecture.md follows from the request: photo -> encoding -> coarse Hamming ->
+fine fc7 -> products -> why.
 
     photo ─ intake (validate, EXIF-rotate, crop box) ─ encoder (Celery `search` queue) ─┬─ code  ─ coarse: Hamming
                                                                                         ├─ fc7   ─ fine: pgvector L2

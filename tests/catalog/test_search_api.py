@@ -1,8 +1,7 @@
-"""The shopper API: validation, errors a shopper can act on, rendering, throttling, and no torch in web processes."""
+"""The shopper API: validation, errors a shopper can act on, rendering, throttling. (What web processes load, torch
+never among it, is in test_import_boundaries.py.)"""
 
 import itertools
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -104,25 +103,6 @@ def test_search_is_throttled_per_client(client, settings):
 
     assert [client.get(url).status_code for _ in range(3)] == [200, 200, 429]
     assert "throttled" in client.get(url).json()["detail"].lower()
-
-
-def test_web_processes_never_import_torch():
-    """The URLconf, the API and the cascade load without torch (query encoding happens in a worker)."""
-    code = (
-        "import os, sys, django\n"
-        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'tests.settings')\n"
-        "django.setup()\n"
-        "import importlib\n"
-        "for name in ('shop_search.urls', 'catalog.api.search', 'catalog.search', 'catalog.hamming', 'catalog.views',"
-        " 'workers.tasks'):\n"
-        "    importlib.import_module(name)\n"
-        "from django.urls import resolve\n"
-        "resolve('/api/search'); resolve('/')\n"
-        "print('torch' in sys.modules, 'workers.ml' in sys.modules)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split()[-2:] == ["False", "False"]
 
 
 def _upload(data: bytes, name: str):
