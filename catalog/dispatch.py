@@ -23,6 +23,7 @@ from django.db import transaction
 from catalog import query_payload
 
 EMBED_CHUNK = 64  # images per embed task: big enough to batch the network, small enough to retry cheaply
+QUERY_ENCODE_TIMEOUT_S = 30  # the shopper is waiting: the encode task's time limit too (workers/tasks.py)
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,13 @@ def train_network(*, training_run_id: int) -> None:
     _send_after_commit(TRAIN_NETWORK, training_run_id)
 
 
-def encode_query(*, photo: bytes, version_id: int, timeout_s: float) -> query_payload.QueryEncoding:
+def encode_query(*, photo: bytes, version_id: int) -> query_payload.QueryEncoding:
     """Encode a validated query photo in a worker on the `search` queue and wait for it (the shopper is waiting).
 
-    Raises TimeoutError when no worker answered in time."""
+    Raises TimeoutError when no worker answered within QUERY_ENCODE_TIMEOUT_S."""
     result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id)
     try:
-        message = result.get(timeout=timeout_s)
+        message = result.get(timeout=QUERY_ENCODE_TIMEOUT_S)
     except CeleryTimeout as exc:
-        raise TimeoutError(f"the search worker did not answer within {timeout_s:.0f} s") from exc
+        raise TimeoutError(f"the search worker did not answer within {QUERY_ENCODE_TIMEOUT_S} s") from exc
     return query_payload.encoding_from_message(message)

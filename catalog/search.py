@@ -44,7 +44,6 @@ COARSE_WIDEN_FACTOR = 8  # when filters starve the fine stage, ask the coarse st
 COARSE_WIDEN_ROUNDS = 3  # then give up widening step by step and take everything (exhaustive)
 CATEGORY_BOOST = 0.15  # "boost": a product of the predicted category has its fc7 distance cut by up to 15%
 CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident prediction (else it boosts)
-QUERY_ENCODE_TIMEOUT_S = 30.0  # the shopper is waiting; matches the task's own time limit
 QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
 CATEGORY_MODES = ("off", "boost", "restrict")
 SQL_FOR_SELECTIVE_FILTERS = "sql"  # where a starved filtered query goes: it filters inside the coarse stage
@@ -208,7 +207,7 @@ def version_serving() -> ModelVersion:
 def query_encode_remote(*, data: bytes, version: ModelVersion) -> QueryEncoding:
     """Encode the query photo in a worker on the `search` queue, so this process never loads the network."""
     try:
-        return dispatch.encode_query(photo=data, version_id=version.pk, timeout_s=QUERY_ENCODE_TIMEOUT_S)
+        return dispatch.encode_query(photo=data, version_id=version.pk)
     except TimeoutError as exc:
         raise SearchUnavailable(str(exc)) from exc
 

@@ -15,6 +15,7 @@ from celery.signals import worker_process_init
 from django.db import OperationalError
 
 from catalog import selectors
+from catalog.dispatch import QUERY_ENCODE_TIMEOUT_S
 from catalog.models import ImportChunk, ModelVersion
 from catalog.services import imports, maintenance, model_versions
 from workers import pipelines
@@ -22,7 +23,6 @@ from workers import pipelines
 logger = logging.getLogger(__name__)
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
-QUERY_ENCODE_TIME_LIMIT_S = 30  # a shopper waits on this: fail fast rather than hang the page
 
 
 @shared_task(name="workers.tasks.ping_database", acks_late=True)
@@ -45,8 +45,8 @@ def embed_images(image_ids: list[int]) -> dict:
 
 @shared_task(
     name="workers.tasks.encode_query",
-    soft_time_limit=QUERY_ENCODE_TIME_LIMIT_S,
-    time_limit=QUERY_ENCODE_TIME_LIMIT_S + 5,
+    soft_time_limit=QUERY_ENCODE_TIMEOUT_S,  # the shopper waits this long (catalog.dispatch): fail fast, not hang
+    time_limit=QUERY_ENCODE_TIMEOUT_S + 5,
     acks_late=False,  # a query nobody waits for any more is not worth running twice
 )
 def encode_query(image_b64: str, model_version_id: int) -> dict:

@@ -7,7 +7,7 @@ from django.db.migrations.executor import MigrationExecutor
 from pgvector import Bit
 from pgvector.django import HammingDistance, L2Distance
 
-from catalog.codes import code_index_name
+from catalog.codes import code_index_name, code_sql, version_sql
 from catalog.models import ImageEmbedding, IndexChange, ModelVersion, Product, ProductImage
 from catalog.services import embeddings, model_versions
 from tests import factories
@@ -111,13 +111,13 @@ def test_activation_retires_the_previous_version_and_indexes_codes(product):
         (definition,) = cursor.fetchone()
     assert "hnsw" in definition and "bit_hamming_ops" in definition and "bit(8)" in definition
 
-    # The planner uses the version's index for a Hamming top-k written with the same expression.
+    # The planner uses the version's index for a Hamming top-k written with catalog.codes' expressions.
     with connection.cursor() as cursor:
         cursor.execute("SET LOCAL enable_seqscan = off")
         cursor.execute(
-            "EXPLAIN SELECT id FROM catalog_imageembedding WHERE model_version_id = %s "
-            "ORDER BY code::bit(8) <~> %s::bit(8) LIMIT 5",
-            [second.pk, "10101010"],
+            f"EXPLAIN SELECT id FROM catalog_imageembedding e WHERE {version_sql('e', second.pk)} "
+            f"ORDER BY {code_sql('e.code', 8)} <~> {code_sql('%s', 8)} LIMIT 5",
+            ["10101010"],
         )
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert code_index_name(version_id=second.pk) in plan
