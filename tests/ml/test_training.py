@@ -1,5 +1,6 @@
 import contextlib
 import json
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -17,7 +18,14 @@ from workers.ml.losses import MultiTaskLoss
 from workers.ml.model import FashionNet, FashionNetConfig
 from workers.ml.recipes import FINE_TUNE_STAGES, RECIPES
 from workers.ml.records import collate
-from workers.ml.training import TrainConfig, build_model_config, preprocessing_for, train, train_stages
+from workers.ml.training import (
+    TrainConfig,
+    build_model_config,
+    loader_workers_usable,
+    preprocessing_for,
+    train,
+    train_stages,
+)
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
@@ -219,3 +227,17 @@ def test_trains_on_a_catalog_export_named_in_the_config(tmp_path):
     assert checkpoint["label_space"]["categories"] == ["a", "b"]
     with pytest.raises(ValueError, match="needs the export's folder"):
         train(_config(tmp_path, dataset={"name": "catalog-export"}))
+
+
+def _loader_workers_in_child(requested: int, answer: multiprocessing.SimpleQueue) -> None:
+    answer.put(loader_workers_usable(requested))
+
+
+def test_loader_workers_fall_back_to_the_training_process_inside_a_daemonic_process():
+    # a Celery prefork pool child is daemonic: starting DataLoader processes there fails
+    assert loader_workers_usable(2) == 2
+    answer: multiprocessing.SimpleQueue = multiprocessing.SimpleQueue()
+    child = multiprocessing.get_context("fork").Process(target=_loader_workers_in_child, args=(2, answer), daemon=True)
+    child.start()
+    child.join(timeout=30)
+    assert answer.get() == 0

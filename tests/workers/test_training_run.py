@@ -1,18 +1,22 @@
-"""Retraining from the catalog on a real worker: export, train (tiny), register a ready version with its curves."""
+"""Retraining from the catalog on a real worker: export, train with the dashboard's defaults on a tiny catalog,
+register a ready version with its curves."""
 
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.db import transaction
 
+from catalog.admin import TrainingRunForm
 from catalog.models import ModelVersion, TrainingRun
 from catalog.services import training
 from shop_search.celery import app
 from tests import factories
+from tests.workers import celery_process
 from workers import pipelines
+from workers.ml.model import FashionNetConfig
+from workers.ml.training import TrainConfig
 
 # A tiny network (timm's test model, random init, 32 px): the flow is under test here, not the accuracy.
 TINY_RUN = {
@@ -36,43 +40,68 @@ TINY_RUN = {
 }
 
 
-@pytest.mark.django_db(transaction=True)
-def test_a_training_run_trains_on_the_catalog_and_registers_a_ready_version(settings, tmp_path):
-    settings.MODELS_DIR = tmp_path
+DEFAULT_RUN_PRODUCTS = 32  # a default batch takes 32 distinct products (P): the least the defaults train on
+
+
+def _dashboard_default_config() -> dict:
+    """What "Training runs -> Add" saves when the admin leaves every field at its default."""
+    form = TrainingRunForm(data={"fine_tune_active": "on"})
+    assert form.is_valid(), form.errors
+    return form.run_config()
+
+
+def _tiny_catalog(products: int) -> None:
     merchant = factories.merchant()
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(products):
         product = factories.product(merchant, sku=f"S{i}", category="dress" if i % 2 else "bag", attributes=["red"])
-        for view in range(2):
-            factories.image(product, f"p{i}v{view}", color=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        factories.image(product, f"p{i}", color=tuple(int(v) for v in rng.integers(0, 255, 3)))
     hidden = factories.product(merchant, sku="hidden", active=False)
     factories.image(hidden, "hidden")
 
-    app.control.purge()
-    with start_worker(app, queues=["train"], pool="solo", perform_ping_check=False):
-        with transaction.atomic():
-            run = training.training_run_start(run=TrainingRun(config=TINY_RUN))
-        deadline = time.monotonic() + 180
-        while TrainingRun.objects.get(pk=run.pk).state in {"pending", "running"} and time.monotonic() < deadline:
-            time.sleep(0.5)
 
+def _wait_finished(run: TrainingRun, worker, timeout_s: float) -> TrainingRun:
+    deadline = time.monotonic() + timeout_s
+    while TrainingRun.objects.get(pk=run.pk).state in {"pending", "running"} and time.monotonic() < deadline:
+        assert worker.poll() is None, f"the worker exited with {worker.returncode}"
+        time.sleep(0.5)
     run.refresh_from_db()
+    return run
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_version(pool, tmp_path):
+    """The defaults exactly as the dashboard saves them (the network, its size, epochs, loader processes),
+    in a real worker process: a prefork pool child is daemonic and may not start DataLoader processes."""
+    _tiny_catalog(DEFAULT_RUN_PRODUCTS)
+    config = _dashboard_default_config()
+    assert config == {}  # nothing overridden: TrainConfig's defaults are what runs
+    app.control.purge()
+    with celery_process.worker_process(queues="train", name=f"train-{pool}", pool=pool,
+                                       env={"MODELS_DIR": str(tmp_path)}) as worker:  # fmt: skip
+        with transaction.atomic():
+            run = training.training_run_start(run=TrainingRun(config=config))
+        run = _wait_finished(run, worker, timeout_s=300)
+
     assert run.state == TrainingRun.State.DONE, run.log
+    defaults = TrainConfig()
     assert run.progress == 1.0
-    assert [m["epoch"] for m in run.epoch_metrics] == [0, 1]
+    assert [m["epoch"] for m in run.epoch_metrics] == list(range(defaults.epochs))
     assert all(np.isfinite(m["loss"]) for m in run.epoch_metrics)
     version = run.model_version
     assert version.kind == ModelVersion.Kind.FASHIONNET and version.status == ModelVersion.Status.READY
-    assert (version.code_bits, version.fc7_dim) == (32, 16)
-    assert version.config["training"]["epochs"] == 2
-    # the run now shows the whole configuration that ran: the admin's choices over TrainConfig's defaults
+    default_model = FashionNetConfig()
+    assert (version.code_bits, version.fc7_dim) == (default_model.code_bits, default_model.fc7_dim)
+    # the run now shows the whole configuration that ran: TrainConfig's defaults, with the catalog as its data
     assert run.config == version.config["training"]
-    assert run.config["epochs"] == 2 and run.config["lr"] > 0 and run.config["dataset"]["name"] == "catalog-export"
+    assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs
+    assert run.config["dataset"]["name"] == "catalog-export"
     # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
     onnx_path = Path(version.checkpoint).with_suffix(".onnx")
     assert onnx_path.exists() and version.config["path"] == str(onnx_path)
     manifest = (tmp_path / "runs" / f"run-{run.pk}" / "catalog" / "manifest.jsonl").read_text().splitlines()
-    assert len(manifest) == 4  # the inactive product is not trained on
+    assert len(manifest) == DEFAULT_RUN_PRODUCTS  # the inactive product is not trained on
 
 
 @pytest.mark.django_db

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
 import random
 import time
 from collections import defaultdict
@@ -97,6 +98,18 @@ class TrainConfig:
         return cls.from_dict(copy.deepcopy(merged))
 
 
+def loader_workers_usable(requested: int) -> int:
+    """The loader processes this process may start: `requested`, or 0 inside a daemonic process.
+
+    A daemonic process may not have children (multiprocessing refuses with "daemonic processes are not allowed
+    to have children"), and a Celery prefork pool child is one: the dashboard's default run must train there, so
+    augmentation then runs in the training process itself (slower per step, same batches: every batch is a pure
+    function of (seed, epoch), whichever process builds it)."""
+    if requested > 0 and multiprocessing.current_process().daemon:
+        return 0
+    return requested
+
+
 def epoch_loader(
     records: Sequence[Record], label_space: LabelSpace, config: TrainConfig, prep: Preprocessing, epoch: int
 ) -> DataLoader:
@@ -115,7 +128,7 @@ def epoch_loader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(collate, label_space=label_space),
-        num_workers=config.loader_workers,
+        num_workers=loader_workers_usable(config.loader_workers),
     )
 
 
