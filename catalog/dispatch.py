@@ -30,6 +30,8 @@ QUERY_ENCODE_TIMEOUT_S = 30  # the shopper is waiting: the encode task's time li
 class Task:
     name: str  # as registered by workers/tasks.py
     queue: str  # as routed by settings.CELERY_TASK_ROUTES
+    # seconds after sending when a worker that only now reaches the task drops it (state REVOKED) unrun
+    expires_s: float | None = None
 
 
 EMBED_IMAGES = Task("workers.tasks.embed_images", "embed")
@@ -37,12 +39,14 @@ FINISH_INDEXING = Task("workers.tasks.embed_finish_indexing", "embed")
 RUN_IMPORT_CHUNK = Task("workers.tasks.import_run_chunk", "embed")  # ingest feeds embedding: same workers
 FIT_BASELINE = Task("workers.tasks.train_baseline", "train")
 TRAIN_NETWORK = Task("workers.tasks.train_network", "train")
-ENCODE_QUERY = Task("workers.tasks.encode_query", "search")
+# Expires when the shopper stops waiting: a backlog of abandoned queries never delays the ones still waited for.
+ENCODE_QUERY = Task("workers.tasks.encode_query", "search", expires_s=QUERY_ENCODE_TIMEOUT_S)
 TASKS = (EMBED_IMAGES, FINISH_INDEXING, RUN_IMPORT_CHUNK, FIT_BASELINE, TRAIN_NETWORK, ENCODE_QUERY)
 
 
 def _send(task: Task, *args: Any) -> Any:
-    return current_app.send_task(task.name, args=list(args), queue=task.queue)
+    options = {} if task.expires_s is None else {"expires": task.expires_s}
+    return current_app.send_task(task.name, args=list(args), queue=task.queue, **options)
 
 
 def _send_after_commit(task: Task, *args: Any) -> None:

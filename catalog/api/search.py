@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db.models import Q
+from django.http import JsonResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
@@ -18,6 +19,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from catalog import search
+from catalog.api.concurrency import SearchBusy, search_slot
 from catalog.api.throttling import ClientScopedRateThrottle
 from catalog.hamming.candidates import ProductFilter
 from catalog.intake import IntakeError
@@ -180,6 +182,16 @@ class _ShopperView(APIView):
     permission_classes = [AllowAny]
     throttle_classes = [SearchRateThrottle]
     throttle_scope = "search"
+
+    def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
+        """Hold one of the process's search slots for the whole request; none free: 503 at once, Retry-After."""
+        try:
+            with search_slot().slot():
+                return super().dispatch(request, *args, **kwargs)
+        except SearchBusy as exc:
+            response = JsonResponse({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+            response["Retry-After"] = str(exc.retry_after_s)
+            return response
 
 
 def _unavailable(exc: Exception) -> Response:

@@ -31,7 +31,7 @@ def test_compose_has_the_stack_on_pgvector_and_redis():
 
 def test_compose_environment_names_are_read_by_the_settings():
     known = settings_env_names()
-    for name in ("web", "worker", "beat"):
+    for name in ("web", *worker_services(), "beat"):
         environment = compose()["services"][name]["environment"]
         assert set(environment) <= known, set(environment) - known
     db = compose()["services"]["db"]["environment"]
@@ -102,18 +102,38 @@ def test_a_forged_forwarded_for_behind_the_proxy_does_not_change_the_throttle_id
     assert identities == {"198.51.100.7"}
 
 
-def test_worker_consumes_every_queue_tasks_are_routed_to():
+def worker_services() -> dict[str, set[str]]:
+    """Every compose service that runs a Celery worker, with the queues it consumes."""
+    workers = {}
+    for name, service in compose()["services"].items():
+        command = service.get("command", "")
+        if isinstance(command, str) and re.search(r"celery .*\bworker\b", command):
+            assert "-A shop_search" in command, name
+            workers[name] = set(re.search(r"-Q\s+(\S+)", command).group(1).split(","))
+    return workers
+
+
+def test_workers_consume_every_queue_tasks_are_routed_to():
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values()} | {settings.CELERY_TASK_DEFAULT_QUEUE}
-    command = compose()["services"]["worker"]["command"]
-    queues = set(re.search(r"-Q\s+(\S+)", command).group(1).split(","))
-    assert routed <= queues
-    assert "-A shop_search" in command
+    consumed = set().union(*worker_services().values())
+    assert routed <= consumed, routed - consumed
+
+
+def test_shoppers_queries_have_their_own_workers():
+    """Imports, indexing and training never take a search worker, and a search worker takes nothing else."""
+    workers = worker_services()
+    assert [name for name, queues in workers.items() if "search" in queues] == ["worker-search"]
+    assert workers["worker-search"] == {"search"}
+    assert workers["worker-embed"] == {"embed"}
+    node_names = [re.search(r"-n\s+(\S+)", compose()["services"][name]["command"]) for name in workers]
+    assert all(node_names) and len({match.group(1) for match in node_names}) == len(workers)  # unique on one host
 
 
 def test_procfile_runs_the_same_commands_as_compose():
     procfile = dict(line.split(":", 1) for line in (DEPLOY / "Procfile").read_text().splitlines() if line.strip())
     services = compose()["services"]
-    assert procfile["worker"].strip() == services["worker"]["command"]
+    for name in worker_services():
+        assert procfile[name].strip() == services[name]["command"], name
     assert procfile["beat"].strip() == services["beat"]["command"]
     assert procfile["web"].strip() in services["web"]["command"]
     assert (DEPLOY / "gunicorn.conf.py").exists()

@@ -16,8 +16,11 @@ from django.core.management.base import BaseCommand
 
 from shop_search import embedded
 
-WORKER_QUEUES = "search,embed,train"
-# One worker process per core: embedding the sample catalog is CPU-bound and torch runs one thread per process.
+# Two workers, as in deploy/: shoppers' queries get their own process, so loading or importing a catalog (CPU-bound,
+# one process per core) never delays a search.
+SEARCH_QUEUES = "search"
+SEARCH_CONCURRENCY = 1
+WORKER_QUEUES = "embed,train"
 WORKER_CONCURRENCY = max(1, min(os.cpu_count() or 1, 4))
 
 
@@ -32,7 +35,7 @@ class Command(BaseCommand):
     def handle(self, *args, addrport: str, no_catalog: bool, products: int, **options) -> None:
         call_command("migrate", interactive=False, verbosity=0)
         password = self._admin_password()
-        worker = self._start_worker()
+        workers = self._start_workers()
         # SIGTERM (not only Ctrl-C) must also stop the worker: turn it into the SystemExit `finally` handles.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
@@ -44,12 +47,16 @@ class Command(BaseCommand):
             self.stdout.write(f"  API:     http://{host}/api/docs/")
             self.stdout.write(f"  admin:   http://{host}/admin/  (user 'admin', password '{password}')")
             self.stdout.write(f"  health:  http://{host}/healthz")
-            self.stdout.write(f"  worker:  pid {worker.pid}, queues {WORKER_QUEUES}; redis {settings.REDIS_URL}")
-            self.stdout.write("  Ctrl-C stops the web and the worker; `manage.py embedded stop` the databases.\n")
+            for worker, queues in zip(workers, (SEARCH_QUEUES, WORKER_QUEUES), strict=True):
+                self.stdout.write(f"  worker:  pid {worker.pid}, queues {queues}")
+            self.stdout.write(f"  redis:   {settings.REDIS_URL}")
+            self.stdout.write("  Ctrl-C stops the web and the workers; `manage.py embedded stop` the databases.\n")
             call_command("runserver", addrport, use_reloader=False)
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(timeout=30)
 
     def _admin_password(self) -> str:
         """A random admin password made once per checkout (kept in var/, shown at every start)."""
@@ -64,9 +71,18 @@ class Command(BaseCommand):
         user.save()
         return password
 
-    def _start_worker(self) -> subprocess.Popen:
-        command = [
+    def _start_workers(self) -> list[subprocess.Popen]:
+        """The search worker, then the worker for embedding, imports and training."""
+        return [
+            subprocess.Popen(command, cwd=settings.BASE_DIR, env=os.environ.copy()) for command in worker_commands()
+        ]
+
+
+def worker_commands() -> list[list[str]]:
+    def worker(queues: str, concurrency: int, name: str) -> list[str]:
+        return [
             sys.executable, "-m", "celery", "-A", "shop_search", "worker",
-            "-Q", WORKER_QUEUES, "--concurrency", str(WORKER_CONCURRENCY), "--loglevel", "WARNING", "-n", "demo@%h",
+            "-Q", queues, "--concurrency", str(concurrency), "--loglevel", "WARNING", "-n", f"{name}@%h",
         ]  # fmt: skip
-        return subprocess.Popen(command, cwd=settings.BASE_DIR, env=os.environ.copy())
+
+    return [worker(SEARCH_QUEUES, SEARCH_CONCURRENCY, "demo-search"), worker(WORKER_QUEUES, WORKER_CONCURRENCY, "demo")]
