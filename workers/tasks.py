@@ -74,7 +74,9 @@ def embed_finish_indexing(self, model_version_id: int) -> dict:
 
 
 IMPORT_CHUNK_SOFT_TIME_LIMIT_S = 300  # a chunk takes about a second; minutes means a stuck image URL or disk
-IMPORT_CHUNK_MAX_RETRIES = 5  # database restarts and lock timeouts pass; more failures are real bugs
+# Database restarts and lock timeouts pass; more failures are real bugs. Within the chunk's attempt budget, which
+# also counts deliveries that died (catalog.services.imports.IMPORT_CHUNK_MAX_ATTEMPTS).
+IMPORT_CHUNK_MAX_RETRIES = imports.IMPORT_CHUNK_MAX_ATTEMPTS - 1
 
 
 @shared_task(
@@ -97,7 +99,7 @@ def import_run_chunk(self, chunk_id: int) -> dict:
         return {"chunk_id": chunk_id, "missing": True}  # its job was deleted meanwhile
     except Exception as exc:
         if self.request.retries < IMPORT_CHUNK_MAX_RETRIES and not isinstance(exc, SoftTimeLimitExceeded):
-            raise self.retry(exc=exc, countdown=2 ** (self.request.retries + 1)) from exc
+            raise self.retry(exc=exc, countdown=5 * 3**self.request.retries) from exc  # 5, 15, 45 s
         imports.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
         raise
 

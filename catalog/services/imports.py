@@ -33,6 +33,10 @@ from catalog.services.products import image_delete, image_fetch, image_store, pr
 IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); full embed batches
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
 URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
+# Deliveries of one chunk before it is given up: each counts, whatever ended it (an exception the task retried, a
+# worker killed out of memory, the hard time limit). A chunk that keeps dying ends FAILED, its rows rejected with
+# the reason, instead of being re-queued forever. workers/tasks.py retries exceptions within the same budget.
+IMPORT_CHUNK_MAX_ATTEMPTS = 4
 
 
 def import_job_create(
@@ -147,6 +151,15 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
     chunk = ImportChunk.objects.select_related("job__merchant").get(pk=chunk_id)
     job = chunk.job
     import_job_start(job=job)
+    if not chunk.done and chunk.attempts >= IMPORT_CHUNK_MAX_ATTEMPTS:
+        # Every earlier delivery died before it could commit or record a failure (killed worker, hard time limit).
+        reason = (
+            f"its import was started {chunk.attempts} times and never finished "
+            "(the worker was killed or ran out of time, e.g. on a huge image or a slow image host)"
+        )
+        failed = import_chunk_fail(chunk_id=chunk_id, error=reason)
+        chunk.refresh_from_db()
+        return ChunkResult(chunk_id, chunk.ok, chunk.rejected, 0, already_done=not failed, job_done=_job_done(job))
     ImportChunk.objects.filter(pk=chunk_id, done=False).update(attempts=F("attempts") + 1)
     archive = None
     if job.archive:
@@ -187,6 +200,10 @@ def import_chunk_fail(*, chunk_id: int, error: str) -> bool:
         errors = [{"line": row["line"], "sku": row["sku"], "error": message} for row in chunk.rows]
         _chunk_commit(chunk=chunk, ok=0, errors=errors, images_new=0)
     return True
+
+
+def _job_done(job: ImportJob) -> bool:
+    return ImportJob.objects.filter(pk=job.pk, state=ImportJob.State.DONE).exists()
 
 
 def _chunk_commit(*, chunk: ImportChunk, ok: int, errors: list[dict[str, Any]], images_new: int) -> bool:

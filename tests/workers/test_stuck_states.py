@@ -1,0 +1,95 @@
+"""Stuck states on real workers: an import chunk whose worker keeps dying (SIGKILL mid-chunk, as an out-of-memory
+kill or the hard time limit does) ends with its rows rejected after IMPORT_CHUNK_MAX_ATTEMPTS deliveries, instead of
+being handed to the next worker forever."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from django.db import transaction
+
+from catalog.models import ImportChunk, ImportJob, Product
+from catalog.services import imports
+from shop_search.celery import app
+from tests import factories
+from tests.catalog.ingest_helpers import csv_bytes
+from tests.workers.celery_process import worker_process
+
+
+class HangingImageHost:
+    """An image host on loopback that accepts connections and never answers: the chunk's fetch hangs until the
+    worker is killed."""
+
+    def __init__(self) -> None:
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.port = self.server.getsockname()[1]
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def close(self) -> None:
+        self.server.close()
+        for connection in self.connections:
+            connection.close()
+
+
+def _wait(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_chunk_whose_worker_keeps_dying_ends_with_its_rows_rejected():
+    host = HangingImageHost()
+    merchant = factories.merchant()
+    rows = [{"sku": f"H-{i}", "title": f"Item {i}", "images": f"http://127.0.0.1:{host.port}/{i}.jpg"} for i in (1, 2)]
+    app.control.purge()
+    with transaction.atomic():
+        job = imports.import_job_create(merchant=merchant, manifest=csv_bytes(rows))
+    chunk = ImportChunk.objects.get(job=job)
+    # the kill-9 test's settings: a killed worker's unacknowledged task is handed out again within seconds
+    env = {
+        "DJANGO_SETTINGS_MODULE": "tests.workers.import_worker_settings",
+        "IMAGE_FETCH_ALLOWED_NETWORKS": "127.0.0.0/8",
+    }
+    try:
+        for attempt in range(1, imports.IMPORT_CHUNK_MAX_ATTEMPTS + 1):
+            with worker_process(queues="embed", name=f"dying-{attempt}", env=env) as worker:
+                started = _wait(lambda a=attempt: ImportChunk.objects.get(pk=chunk.pk).attempts >= a, 60)
+                assert started and worker.poll() is None, f"delivery {attempt} never started"
+                time.sleep(0.3)  # the chunk is fetching from the host that never answers
+                os.killpg(worker.pid, signal.SIGKILL)  # as the OOM killer or the hard time limit would
+                worker.wait(timeout=30)
+            assert not ImportChunk.objects.get(pk=chunk.pk).done
+        with worker_process(queues="embed", name="after-the-deaths", env=env):
+            assert _wait(lambda: ImportJob.objects.get(pk=job.pk).state == ImportJob.State.DONE, 60)
+    finally:
+        host.close()
+
+    chunk.refresh_from_db()
+    job.refresh_from_db()
+    assert chunk.done and chunk.attempts == imports.IMPORT_CHUNK_MAX_ATTEMPTS and chunk.ok == 0
+    assert (job.processed, job.ok, job.rejected) == (2, 0, 2)
+    assert [error["sku"] for error in chunk.errors] == ["H-1", "H-2"]
+    assert all(
+        f"started {imports.IMPORT_CHUNK_MAX_ATTEMPTS} times and never finished" in e["error"] for e in chunk.errors
+    )
+    assert not Product.objects.filter(merchant=merchant).exists()
