@@ -7,7 +7,6 @@ loads the network for its first task, or its warm-up below.
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -19,8 +18,6 @@ from catalog.dispatch import QUERY_ENCODE_TIMEOUT_S
 from catalog.models import ImportChunk, ModelVersion
 from catalog.services import imports, maintenance, model_versions
 from workers import pipelines
-
-logger = logging.getLogger(__name__)
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
 
