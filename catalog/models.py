@@ -143,6 +143,21 @@ class ImageEmbedding(models.Model):
         return f"embedding of image {self.image_id} by version {self.model_version_id}"
 
 
+class ImageKeypoints(models.Model):
+    """An image's local features for the search's geometric verification (catalog.geometry's packed format:
+    float16 xy + uint8 SIFT descriptors, ~17 KB for 128 features). They depend on the image alone, not on a model
+    version, and are written once by the embedding worker; a table of their own so that no ProductImage query
+    carries the blob. No row: not computed yet (the search then leaves that candidate unverified)."""
+
+    image = models.OneToOneField(ProductImage, on_delete=models.CASCADE, primary_key=True, related_name="keypoints")
+    data = models.BinaryField()
+    features = models.PositiveSmallIntegerField(default=0)  # how many keypoints the blob holds (0: a blank image)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.features} keypoints of image {self.image_id}"
+
+
 class IndexChange(models.Model):
     """The change sequence in-memory coarse indexes follow: written by database triggers (migration 0002), so
     no write path (service, admin, bulk delete, cascade) can forget it. Rows are notifications, not state:

@@ -1,0 +1,143 @@
+"""Geometric verification: local features of a photo, packed compactly, matched with RANSAC. Pure numpy + OpenCV.
+
+The search's verify stage (catalog.search) asks: does the shopper's photo show the same object as this candidate's
+catalog image, seen from somewhere else? SIFT keypoints of both (grey, longer side WORK_SIDE px), nearest-neighbour
+matches that pass Lowe's ratio test, and a RANSAC homography: the matches it explains are the **inliers**. A
+different product of the same colour and shape gets a handful of chance inliers; the same product, even tilted,
+smaller, on clutter or half covered, gets tens.
+
+Who runs what: the embedding worker extracts and packs a catalog image's features once (they depend on the image
+alone, not on a model version); the query-encoding worker does the same for the shopper's photo and returns them
+in the query payload; the web process only unpacks and matches (no torch, and no feature extraction on the
+request path). Nothing here imports Django.
+
+Packed format (`pack`/`unpack`), little-endian: b"KP", format version (u8), descriptor bytes (u8), feature count
+(u16), working-image width and height (u16 each), then count x 2 float16 xy (pixels of the working image), then
+count x 128 uint8 SIFT descriptors (OpenCV's SIFT descriptors are integers 0..255 stored as float: uint8 is
+lossless). 10 + 132 bytes per feature: 16,906 bytes for MAX_FEATURES = 128.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# --- tunables (scripts in the benchmark command `bench_verify`; numbers in the README) ----------------------------
+WORK_SIDE = 320  # features are extracted on the grey image scaled to this longer side (catalog and query alike)
+MAX_FEATURES = 128  # the strongest SIFT keypoints kept per image: storage, matching time and gain all follow it
+RATIO = 0.8  # Lowe's ratio test: a match counts when its nearest neighbour is this much closer than the second
+MIN_MATCHES = 6  # fewer tentative matches: no RANSAC (early exit), zero inliers; chance matches rarely reach it
+RANSAC_PX = 8.0  # reprojection error (px of the WORK_SIDE image) within which a match is an inlier
+RANSAC_ITERATIONS = 500  # cap: with >= 30% inliers RANSAC stops far earlier by itself
+OPENCV_THREADS = 1  # one request, one core: OpenCV's own thread pool would fight the other requests
+
+_FORMAT_VERSION = 1
+_MAGIC = b"KP"
+_HEADER = struct.Struct("<2sBBHHH")
+DESCRIPTOR_BYTES = 128
+
+cv2.setNumThreads(OPENCV_THREADS)
+_local = threading.local()  # OpenCV detector objects are not documented as thread-safe: one per thread
+
+
+@dataclass(frozen=True)
+class LocalFeatures:
+    xy: np.ndarray  # float32 (n, 2): keypoint positions in pixels of the working image
+    descriptors: np.ndarray  # uint8 (n, DESCRIPTOR_BYTES)
+    size: tuple[int, int] = (0, 0)  # working-image width, height
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+
+@dataclass(frozen=True)
+class Verification:
+    matches: int  # tentative matches that passed the ratio test
+    inliers: int  # of those, the ones the RANSAC homography explains (0 when there were too few to try)
+
+
+def _sift() -> cv2.SIFT:
+    detector = getattr(_local, "sift", None)
+    if detector is None:
+        detector = _local.sift = cv2.SIFT_create(nfeatures=MAX_FEATURES)
+    return detector
+
+
+def working_grey(image: Image.Image | np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
+    """The grey uint8 image features are extracted from: longer side scaled (up or down) to `side`."""
+    if isinstance(image, Image.Image):
+        grey = np.asarray(image.convert("L"))
+    else:
+        grey = np.asarray(image)
+        if grey.ndim == 3:
+            grey = cv2.cvtColor(grey, cv2.COLOR_RGB2GRAY)
+    height, width = grey.shape[:2]
+    scale = side / max(height, width)
+    size = (max(8, round(width * scale)), max(8, round(height * scale)))
+    return cv2.resize(grey, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def extract(image: Image.Image | np.ndarray) -> LocalFeatures:
+    """Up to MAX_FEATURES SIFT keypoints and descriptors of a photo (PIL image, or an RGB/grey uint8 array)."""
+    grey = working_grey(image)
+    keypoints, descriptors = _sift().detectAndCompute(grey, None)
+    keypoints = keypoints[:MAX_FEATURES]  # SIFT may return a few more than asked (equal responses)
+    size = (int(grey.shape[1]), int(grey.shape[0]))
+    if descriptors is None or not keypoints:
+        return LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, DESCRIPTOR_BYTES), np.uint8), size)
+    xy = np.array([point.pt for point in keypoints], np.float32)
+    packed = np.clip(np.rint(descriptors[: len(keypoints)]), 0, 255).astype(np.uint8)
+    return LocalFeatures(xy, packed, size)
+
+
+def pack(features: LocalFeatures) -> bytes:
+    count = len(features)
+    header = _HEADER.pack(_MAGIC, _FORMAT_VERSION, DESCRIPTOR_BYTES, count, *features.size)
+    xy = np.ascontiguousarray(features.xy, dtype="<f2").tobytes()
+    return header + xy + np.ascontiguousarray(features.descriptors, dtype=np.uint8).tobytes()
+
+
+def unpack(data: bytes | memoryview) -> LocalFeatures:
+    data = bytes(data)
+    magic, version, width_bytes, count, width, height = _HEADER.unpack_from(data)
+    if magic != _MAGIC or version != _FORMAT_VERSION or width_bytes != DESCRIPTOR_BYTES:
+        raise ValueError(f"not packed local features of format {_FORMAT_VERSION} ({magic!r}, {version})")
+    offset = _HEADER.size
+    expected = offset + count * (4 + DESCRIPTOR_BYTES)
+    if len(data) != expected:
+        raise ValueError(f"packed local features of {count} points are {expected} bytes, not {len(data)}")
+    xy = np.frombuffer(data, "<f2", count * 2, offset).astype(np.float32).reshape(count, 2)
+    descriptors = np.frombuffer(data, np.uint8, count * DESCRIPTOR_BYTES, offset + count * 4)
+    return LocalFeatures(xy, descriptors.reshape(count, DESCRIPTOR_BYTES), (width, height))
+
+
+def packed_size(features: int) -> int:
+    """Bytes of a packed set of `features` keypoints."""
+    return _HEADER.size + features * (4 + DESCRIPTOR_BYTES)
+
+
+def verify(query: LocalFeatures, candidate: LocalFeatures) -> Verification:
+    """Ratio-test matches of the query's descriptors in the candidate's, then a RANSAC homography."""
+    if len(query) < MIN_MATCHES or len(candidate) < 2:
+        return Verification(0, 0)
+    pairs = cv2.BFMatcher(cv2.NORM_L2).knnMatch(
+        query.descriptors.astype(np.float32), candidate.descriptors.astype(np.float32), k=2
+    )
+    good = [pair[0] for pair in pairs if len(pair) == 2 and pair[0].distance < RATIO * pair[1].distance]
+    if len(good) < MIN_MATCHES:
+        return Verification(len(good), 0)
+    source = query.xy[[match.queryIdx for match in good]]
+    target = candidate.xy[[match.trainIdx for match in good]]
+    _, mask = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_PX, maxIters=RANSAC_ITERATIONS)
+    return Verification(len(good), int(mask.sum()) if mask is not None else 0)
+
+
+def verify_many(query: LocalFeatures, candidates: Sequence[LocalFeatures | None]) -> list[Verification | None]:
+    """verify() against each candidate; None where a candidate has no features stored."""
+    return [None if candidate is None else verify(query, candidate) for candidate in candidates]

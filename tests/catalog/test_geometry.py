@@ -1,0 +1,86 @@
+"""catalog.geometry: local features packed compactly, and RANSAC inliers that tell the same object from a look-alike."""
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from catalog import geometry
+
+
+def product_photo(seed: int, side: int = 400) -> Image.Image:
+    """A catalog-style product shot: a patterned item (random shapes on a coloured body) on a white background."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (side, side), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    body = [
+        tuple(side * rng.uniform(0.08, 0.25, 2)),
+        (side * rng.uniform(0.75, 0.92), side * rng.uniform(0.08, 0.25)),
+        tuple(side * rng.uniform(0.75, 0.92, 2)),
+        (side * rng.uniform(0.08, 0.25), side * rng.uniform(0.75, 0.92)),
+    ]
+    draw.polygon(body, fill=tuple(int(v) for v in rng.integers(60, 200, 3)))
+    for _ in range(60):
+        x, y = rng.uniform(side * 0.22, side * 0.78, 2)
+        r = rng.uniform(4, 18)
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        if rng.random() < 0.5:
+            draw.ellipse([x - r, y - r, x + r, y + r * rng.uniform(0.5, 1.5)], fill=colour)
+        else:
+            draw.polygon([(x, y), (x + r, y + rng.uniform(-r, r)), (x + rng.uniform(-r, r), y + r)], fill=colour)
+    return image
+
+
+def warped(image: Image.Image, *, seed: int) -> Image.Image:
+    """The same object seen from elsewhere: a perspective warp, smaller in the frame, on a grey textured surface."""
+    rng = np.random.default_rng(seed)
+    side = image.width
+    corners = np.float32([[0, 0], [side, 0], [side, side], [0, side]])
+    moved = corners * 0.7 + side * 0.15 + rng.uniform(-side * 0.06, side * 0.06, (4, 2)).astype(np.float32)
+    matrix = cv2.getPerspectiveTransform(corners, moved)
+    surface = rng.integers(90, 140, (side, side, 3)).astype(np.uint8)
+    out = cv2.warpPerspective(np.asarray(image), matrix, (side, side), borderMode=cv2.BORDER_TRANSPARENT, dst=surface)
+    return Image.fromarray(out)
+
+
+def test_pack_unpack_round_trip_and_size():
+    features = geometry.extract(product_photo(1))
+    assert 20 <= len(features) <= geometry.MAX_FEATURES
+    packed = geometry.pack(features)
+    assert len(packed) == geometry.packed_size(len(features)) == 10 + 132 * len(features)
+    back = geometry.unpack(packed)
+    assert back.size == features.size and max(back.size) == geometry.WORK_SIDE
+    np.testing.assert_array_equal(back.descriptors, features.descriptors)
+    np.testing.assert_allclose(back.xy, features.xy, atol=0.25)  # float16 at <= 320 px: a quarter pixel at worst
+
+
+def test_uint8_descriptors_are_sift_s_own_values():
+    grey = geometry.working_grey(product_photo(2))
+    _, raw = cv2.SIFT_create(nfeatures=geometry.MAX_FEATURES).detectAndCompute(grey, None)
+    assert raw.min() >= 0 and raw.max() <= 255 and np.array_equal(raw, np.rint(raw))  # so uint8 loses nothing
+
+
+def test_a_blank_image_packs_to_no_features():
+    features = geometry.extract(Image.new("RGB", (100, 60), (255, 255, 255)))
+    assert len(features) == 0
+    back = geometry.unpack(geometry.pack(features))
+    assert len(back) == 0 and geometry.verify(back, back) == geometry.Verification(0, 0)
+
+
+def test_unpack_refuses_what_is_not_packed_features():
+    packed = geometry.pack(geometry.extract(product_photo(3)))
+    with pytest.raises(ValueError):
+        geometry.unpack(b"XX" + packed[2:])
+    with pytest.raises(ValueError):
+        geometry.unpack(packed[:-1])
+
+
+def test_the_same_product_seen_from_elsewhere_has_many_inliers_another_product_few():
+    catalog = [geometry.extract(product_photo(seed)) for seed in range(10, 16)]
+    query = geometry.extract(warped(product_photo(10), seed=0))
+
+    same, *others = geometry.verify_many(query, catalog)
+
+    assert same is not None and same.inliers >= 25, same
+    assert all(other is not None and other.inliers <= 8 for other in others), others
+    assert geometry.verify_many(query, [None]) == [None]  # no stored features: not verified
