@@ -63,12 +63,30 @@ class ModelVersionAdmin(admin.ModelAdmin):
     readonly_fields = [
         "kind", "status", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at", "activated_at",
     ]  # fmt: skip
-    actions = ["switch_to_version"]
+    actions = ["switch_to_version", "cancel_indexing"]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    @admin.action(description="Switch search to this version (embed the catalog with it, then activate)")
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """The active version and one being indexed are protected (ModelVersion.delete and its QuerySet's delete
+        refuse them on every path): the delete page lists them as such instead of failing."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        refusals = [reason for version in objs if (reason := version.delete_refusal()) is not None]
+        return deleted, counts, perms_needed, [*protected, *refusals]
+
+    @admin.action(description="Cancel indexing (search keeps the current version)", permissions=["change"])
+    def cancel_indexing(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+        cancelled = [
+            version.name
+            for version in queryset.filter(status=ModelVersion.Status.INDEXING)
+            if model_versions.model_version_cancel_indexing(version=version)
+        ]
+        self.message_user(request, f"Indexing cancelled: {', '.join(cancelled) or 'none was indexing'}.")
+
+    @admin.action(
+        description="Switch search to this version (embed the catalog with it, then activate)", permissions=["change"]
+    )
     def switch_to_version(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
         if queryset.count() != 1:
             self.message_user(request, "Choose exactly one version to switch to.", messages.ERROR)
@@ -155,7 +173,7 @@ class ImportJobAdmin(admin.ModelAdmin):
             else "",
         )
 
-    @admin.action(description="Queue unfinished chunks again (after a lost broker)")
+    @admin.action(description="Queue unfinished chunks again (after a lost broker)", permissions=["change"])
     def resume(self, request: HttpRequest, queryset) -> None:
         queued = sum(imports.import_job_resume(job=job) for job in queryset.exclude(state=ImportJob.State.DONE))
         self.message_user(request, f"{queued} chunks queued again")

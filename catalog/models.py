@@ -7,6 +7,8 @@ fc7 size; each version gets its own partial HNSW index on `code::bit(B)` when it
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
@@ -80,6 +82,16 @@ class ProductImage(models.Model):
         return f"image {self.pk} of {self.product_id}"
 
 
+class ModelVersionQuerySet(models.QuerySet):
+    def delete(self) -> tuple[int, dict[str, int]]:
+        for version in self.filter(status__in=UNDELETABLE_VERSION_STATUSES):
+            version.delete_guard()
+        return super().delete()
+
+
+UNDELETABLE_VERSION_STATUSES = ("active", "indexing")
+
+
 class ModelVersion(models.Model):
     class Status(models.TextChoices):
         TRAINING = "training"
@@ -104,12 +116,18 @@ class ModelVersion(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     activated_at = models.DateTimeField(null=True, blank=True)
 
+    objects = ModelVersionQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         constraints = [
             # Search reads exactly one version's vectors: the database, not the code, guarantees there is one.
             models.UniqueConstraint(
                 fields=["status"], condition=Q(status="active"), name="exactly_one_active_model_version"
+            ),
+            # One version indexes at a time: two switches started at once cannot both embed the whole catalog.
+            models.UniqueConstraint(
+                fields=["status"], condition=Q(status="indexing"), name="one_indexing_model_version"
             ),
             models.CheckConstraint(
                 condition=Q(code_bits__gte=8) & Q(code_bits__lte=1024), name="model_version_code_bits_range"
@@ -118,6 +136,27 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.status})"
+
+    def delete_refusal(self) -> str | None:
+        """Why this version may not be deleted now, or None. Search reads the active version's embeddings and an
+        indexing version is about to become active: deleting either (its embeddings cascade away) takes search
+        down."""
+        if self.status == self.Status.ACTIVE:
+            return f"{self.name} is the version search uses: switch to another version first"
+        if self.status == self.Status.INDEXING:
+            return f"{self.name} is being indexed to become the search version: cancel its indexing first"
+        return None
+
+    def delete_guard(self) -> None:
+        """Raise ProtectedError if the version (its status as stored now) may not be deleted. Checked by delete()
+        and ModelVersionQuerySet.delete() before anything is deleted."""
+        stored = ModelVersion._base_manager.filter(pk=self.pk).values_list("status", flat=True).first()
+        if stored is not None and (reason := ModelVersion(name=self.name, status=stored).delete_refusal()):
+            raise models.ProtectedError(reason, {self})
+
+    def delete(self, *args: Any, **kwargs: Any) -> tuple[int, dict[str, int]]:
+        self.delete_guard()
+        return super().delete(*args, **kwargs)
 
 
 class ImageEmbedding(models.Model):

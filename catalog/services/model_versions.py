@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from catalog import dispatch, selectors
@@ -85,21 +85,46 @@ def model_version_switch(*, version: ModelVersion) -> ModelVersion:
         raise ValueError(f"{version.name} has no checkpoint")
     busy = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).exclude(pk=version.pk).first()
     if busy is not None:
-        raise ValueError(f"{busy.name} is still being indexed; switch when it is done")
+        raise ValueError(f"{busy.name} is still being indexed; switch when it is done (or cancel its indexing)")
     return model_version_start_indexing(version=version)
 
 
 def model_version_start_indexing(*, version: ModelVersion) -> ModelVersion:
-    """Embed the whole catalog with `version` in the background; it becomes active when that is complete."""
+    """Embed the whole catalog with `version` in the background; it becomes active when that is complete.
+
+    One version indexes at a time, and the database says so (the partial unique index
+    `one_indexing_model_version`): of two switches started at once, the second fails here with ValueError."""
     code_index_ensure(version=version)
     with transaction.atomic():
         version.status = ModelVersion.Status.INDEXING
-        version.save(update_fields=["status"])
+        try:
+            with transaction.atomic():
+                version.save(update_fields=["status"])
+        except IntegrityError:
+            busy = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).exclude(pk=version.pk).first()
+            version.refresh_from_db(fields=["status"])
+            raise ValueError(
+                f"{busy.name if busy else 'another version'} is still being indexed; switch when it is done"
+            ) from None
         dispatch.embed_images(
             image_ids=list(selectors.images_missing_embedding(version=version).values_list("id", flat=True))
         )
         dispatch.finish_indexing(version_id=version.pk)
     return version
+
+
+def model_version_cancel_indexing(*, version: ModelVersion) -> bool:
+    """An admin's "cancel indexing": search keeps its current version, and `version` goes back to what it was
+    (ready, or retired if it served before), keeping the embeddings written so far (a later switch reuses them).
+    Queued embed batches then skip it and its finishing task stops. False if it was not indexing."""
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().filter(pk=version.pk).first()
+        if locked is None or locked.status != ModelVersion.Status.INDEXING:
+            return False
+        locked.status = ModelVersion.Status.RETIRED if locked.activated_at else ModelVersion.Status.READY
+        locked.save(update_fields=["status"])
+    version.status = locked.status
+    return True
 
 
 def model_version_finish_indexing(*, version: ModelVersion) -> bool:
