@@ -53,6 +53,15 @@ def _send_after_commit(task: Task, *args: Any) -> None:
     transaction.on_commit(partial(_send, task, *args))
 
 
+def queue_length(queue: str) -> int:
+    """Messages waiting in a broker queue (not those a worker has taken); 0 when the queue was never declared."""
+    with current_app.connection_for_write() as connection:
+        try:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except Exception:  # noqa: BLE001  (a queue nobody declared yet holds nothing)
+            return 0
+
+
 def embed_images(*, image_ids: Sequence[int]) -> None:
     """Embed these images under every serving version, in tasks of EMBED_CHUNK images."""
     ids = list(image_ids)

@@ -129,6 +129,8 @@ CELERY_TASK_TIME_LIMIT = int(os.environ.get("CELERY_TASK_TIME_LIMIT", "900"))
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE = {
     "prune-index-changes": {"task": "workers.tasks.index_changes_prune", "schedule": 3600.0},
+    # re-queue work a lost worker left stuck (catalog.services.maintenance: recovered within 8 minutes)
+    "sweep-stuck-work": {"task": "workers.tasks.stuck_work_sweep", "schedule": 60.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

@@ -31,6 +31,8 @@ def ping_database() -> dict:
 @shared_task(
     name="workers.tasks.embed_images",
     acks_late=True,
+    soft_time_limit=240,  # 64 images take about a second: a batch this slow is stuck, and the sweeper counts on it
+    time_limit=300,
     autoretry_for=(OperationalError,),
     retry_backoff=True,
     max_retries=5,
@@ -99,6 +101,12 @@ def import_run_chunk(self, chunk_id: int) -> dict:
             raise self.retry(exc=exc, countdown=5 * 3**self.request.retries) from exc  # 5, 15, 45 s
         imports.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+@shared_task(name="workers.tasks.stuck_work_sweep", acks_late=True, time_limit=120)
+def stuck_work_sweep() -> dict:
+    """Periodic (beat): re-queue work a lost worker left stuck; see catalog.services.maintenance.stuck_work_sweep."""
+    return maintenance.stuck_work_sweep()
 
 
 @shared_task(name="workers.tasks.index_changes_prune", acks_late=True)

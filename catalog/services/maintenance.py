@@ -1,13 +1,17 @@
-"""Periodic clean-up: stored files no row points at any more, and the index change log's old rows."""
+"""Periodic clean-up: stored files no row points at any more, the index change log's old rows, and work a lost
+worker left stuck."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
 
+from django.db.models import Max
 from django.utils import timezone
 
-from catalog.models import ImportJob, IndexChange, ProductImage
+from catalog import dispatch, selectors
+from catalog.models import ImportJob, IndexChange, ModelVersion, ProductImage
+from catalog.services import imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
 
@@ -46,3 +50,41 @@ def index_changes_prune(*, older_than: timedelta = INDEX_CHANGE_RETENTION) -> in
     An in-memory index that had not read them yet notices the hole and reloads (catalog.hamming)."""
     deleted, _ = IndexChange.objects.filter(created_at__lt=timezone.now() - older_than).delete()
     return deleted
+
+
+# Work a worker took and then lost (killed, out of memory, a host gone) stays with the broker for its visibility
+# timeout: an hour with Redis. The sweeper (beat, every STUCK_SWEEP_INTERVAL_S) hands it out again once it has been
+# stuck STUCK_AFTER_S, longer than any live task may run (import chunk: 360 s hard limit; embed batch: 300 s), so a
+# task still running is never doubled. Recovery time: at most STUCK_AFTER_S + STUCK_SWEEP_INTERVAL_S = 8 minutes.
+STUCK_AFTER_S = 420
+STUCK_SWEEP_INTERVAL_S = 60
+
+
+def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
+    """Re-queue import chunks of jobs that made no progress for `stuck_after_s`, and images still waiting for an
+    embedding (pending, or missing for the version being indexed) that long. Only while the `embed` queue is empty:
+    with a backlog, what waits may simply be queued (the sweep after it drains re-queues what is really lost).
+    Every task is idempotent, so the worst case is one batch embedded twice."""
+    if dispatch.queue_length(dispatch.EMBED_IMAGES.queue) > 0:
+        return {"chunks": 0, "images": 0, "backlog": 1}
+    cutoff = timezone.now() - timedelta(seconds=stuck_after_s)
+    chunks = 0
+    live_jobs = ImportJob.objects.filter(state__in=[ImportJob.State.PENDING, ImportJob.State.RUNNING])
+    for job in live_jobs.filter(created_at__lt=cutoff).annotate(last_chunk=Max("chunks__finished_at")):
+        last_progress = max(moment for moment in (job.created_at, job.started_at, job.last_chunk) if moment)
+        if last_progress < cutoff:
+            chunks += imports.import_job_resume(job=job)
+    waiting = set(
+        ProductImage.objects.filter(status=ProductImage.Status.PENDING, created_at__lt=cutoff).values_list(
+            "id", flat=True
+        )
+    )
+    indexing = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).first()
+    if indexing is not None:
+        waiting |= set(
+            selectors.images_missing_embedding(version=indexing)
+            .filter(created_at__lt=cutoff)
+            .values_list("id", flat=True)
+        )
+    dispatch.embed_images(image_ids=sorted(waiting))
+    return {"chunks": chunks, "images": len(waiting), "backlog": 0}

@@ -93,3 +93,57 @@ def test_a_chunk_whose_worker_keeps_dying_ends_with_its_rows_rejected():
         f"started {imports.IMPORT_CHUNK_MAX_ATTEMPTS} times and never finished" in e["error"] for e in chunk.errors
     )
     assert not Product.objects.filter(merchant=merchant).exists()
+
+
+def _embed_queue() -> int:
+    from catalog import dispatch
+
+    return dispatch.queue_length("embed")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finishes_them():
+    from celery.contrib.testing.worker import start_worker
+    from django.utils import timezone
+
+    from catalog.models import ProductImage
+    from catalog.services import maintenance
+    from tests.catalog.ingest_helpers import catalog
+    from workers import tasks  # noqa: F401  (registers the tasks for the in-process worker)
+
+    app.control.purge()
+    _purge_embed()
+    merchant = factories.merchant()
+    manifest, archive = catalog(5)
+    # Two jobs whose chunk messages were lost (never sent here; a killed worker's stay unacked for an hour).
+    stuck = imports.import_job_create(merchant=merchant, manifest=manifest, archive=_file(archive), enqueue=False)
+    fresh = imports.import_job_create(
+        merchant=factories.merchant("fresh"), manifest=manifest, archive=_file(archive), enqueue=False
+    )
+    long_ago = timezone.now() - timezone.timedelta(seconds=maintenance.STUCK_AFTER_S + 60)
+    ImportJob.objects.filter(pk=stuck.pk).update(created_at=long_ago)
+    lost = factories.image(factories.product(merchant, sku="LOST"), "lost.png")
+    ProductImage.objects.filter(pk=lost.pk).update(created_at=long_ago)  # pending, its embed batch lost
+    assert _embed_queue() == 0
+
+    swept = maintenance.stuck_work_sweep()
+
+    assert swept == {"chunks": stuck.chunks_total, "images": 1, "backlog": 0}  # the fresh job is left alone
+    assert _embed_queue() == stuck.chunks_total + 1
+    assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 1  # no doubles
+    with start_worker(app, queues=["embed"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        assert _wait(lambda: ImportJob.objects.get(pk=stuck.pk).state == ImportJob.State.DONE, 60)
+        assert _wait(lambda: _embed_queue() == 0, 30)
+    assert ImportJob.objects.get(pk=stuck.pk).ok == 5
+    assert ImportJob.objects.get(pk=fresh.pk).state == ImportJob.State.PENDING
+
+
+def _purge_embed() -> None:
+    with app.connection_for_write() as connection:
+        connection.default_channel.queue_purge("embed")
+
+
+def _file(data: bytes):
+    import io
+
+    return io.BytesIO(data)
