@@ -39,9 +39,11 @@ FINISH_INDEXING = Task("workers.tasks.embed_finish_indexing", "embed")
 RUN_IMPORT_CHUNK = Task("workers.tasks.import_run_chunk", "embed")  # ingest feeds embedding: same workers
 FIT_BASELINE = Task("workers.tasks.train_baseline", "train")
 TRAIN_NETWORK = Task("workers.tasks.train_network", "train")
+# Evaluation embeds the catalog with the version and runs its golden set: network work, off the shoppers' workers.
+EVALUATE_VERSION = Task("workers.tasks.evaluate_version", "train")
 # Expires when the shopper stops waiting: a backlog of abandoned queries never delays the ones still waited for.
 ENCODE_QUERY = Task("workers.tasks.encode_query", "search", expires_s=QUERY_ENCODE_TIMEOUT_S)
-TASKS = (EMBED_IMAGES, FINISH_INDEXING, RUN_IMPORT_CHUNK, FIT_BASELINE, TRAIN_NETWORK, ENCODE_QUERY)
+TASKS = (EMBED_IMAGES, FINISH_INDEXING, RUN_IMPORT_CHUNK, FIT_BASELINE, TRAIN_NETWORK, EVALUATE_VERSION, ENCODE_QUERY)
 
 
 def _send(task: Task, *args: Any) -> Any:
@@ -85,6 +87,11 @@ def fit_baseline(*, version_id: int) -> None:
 
 def train_network(*, training_run_id: int) -> None:
     _send_after_commit(TRAIN_NETWORK, training_run_id)
+
+
+def evaluate_version(*, version_id: int) -> None:
+    """Evaluate a version on the golden set (workers.pipelines.version_evaluate_golden); the numbers land on it."""
+    _send_after_commit(EVALUATE_VERSION, version_id)
 
 
 def encode_query(*, photo: bytes, version_id: int) -> query_payload.QueryEncoding:

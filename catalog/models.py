@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.files.storage import FileSystemStorage
 from django.db import models
 from django.db.models import Q
 from pgvector.django import BitField, VectorField
@@ -321,9 +322,12 @@ class TrainingRun(models.Model):
         RUNNING = "running"
         DONE = "done"
         FAILED = "failed"
+        CANCELLED = "cancelled"
 
     config = models.JSONField(default=dict, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    # Set by the admin's "cancel"; the train worker reads it between steps, stops, and registers nothing.
+    cancel_requested = models.BooleanField(default=False)
     progress = models.FloatField(default=0.0)  # 0..1
     epoch_metrics = models.JSONField(default=list, blank=True)  # one dict per epoch, for the dashboard's curves
     log = models.TextField(blank=True)
@@ -339,3 +343,30 @@ class TrainingRun(models.Model):
 
     def __str__(self) -> str:
         return f"training run {self.pk} ({self.state})"
+
+
+def golden_query_storage() -> FileSystemStorage:
+    """Shopper photos are not catalog images: they live outside MEDIA_ROOT (which the web server publishes), in
+    PRIVATE_MEDIA_ROOT, and only the staff-only admin serves them."""
+    return FileSystemStorage(location=settings.PRIVATE_MEDIA_ROOT)
+
+
+class GoldenQuery(models.Model):
+    """A real shopper photo of a known product: with held-out views of the catalog's own products, the golden set
+    every model version is evaluated on (workers.pipelines.version_evaluate_golden). Staff only."""
+
+    class Source(models.TextChoices):
+        ADMIN = "admin", "added by an admin"
+        SHOPPER = "shopper", "a shopper's confirmed result"
+
+    photo = models.ImageField(upload_to="golden/%Y/%m/", storage=golden_query_storage)
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="golden_queries")
+    source = models.CharField(max_length=16, choices=Source.choices, default=Source.ADMIN)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "golden queries"
+
+    def __str__(self) -> str:
+        return f"golden query {self.pk} of product {self.product_id}"

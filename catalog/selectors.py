@@ -14,7 +14,17 @@ from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
 from PIL import Image
 
-from catalog.models import DuplicateFinding, ImportJob, Merchant, ModelVersion, Product, ProductImage, TrainingRun
+from catalog.models import (
+    DuplicateFinding,
+    GoldenQuery,
+    ImageEmbedding,
+    ImportJob,
+    Merchant,
+    ModelVersion,
+    Product,
+    ProductImage,
+    TrainingRun,
+)
 
 
 def model_version_list() -> QuerySet[ModelVersion]:
@@ -223,3 +233,48 @@ def shop_facets() -> ShopFacets:
     categories = sorted(c for c in visible.exclude(category="").values_list("category", flat=True).distinct())
     merchants = list(Merchant.objects.filter(pk__in=visible.values("merchant_id")).order_by("name"))
     return ShopFacets(categories=categories, merchants=merchants)
+
+
+# --- the golden set (workers.pipelines.version_evaluate_golden) ------------------------------------------------------
+@dataclass(frozen=True)
+class GoldenProduct:
+    """A catalog product whose held-out shopper views join a version's golden set, and the photo they are made of."""
+
+    product_id: int
+    merchant_slug: str
+    image: ProductImage  # its main image
+
+
+def golden_products_sample(*, version: ModelVersion, count: int, seed: int) -> list[GoldenProduct]:
+    """A seeded sample of the visible products `version` has embedded, each with its main image: the same seed
+    over the same catalog gives every version the same products."""
+    product_ids = np.fromiter(
+        ImageEmbedding.objects.filter(model_version=version, product__active=True)
+        .values_list("product_id", flat=True)
+        .distinct()
+        .order_by("product_id"),
+        dtype=np.int64,
+    )
+    if not len(product_ids):
+        return []
+    chosen = np.sort(np.random.default_rng(seed).choice(product_ids, size=min(count, len(product_ids)), replace=False))
+    images = (
+        ProductImage.objects.filter(product_id__in=chosen.tolist())
+        .exclude(status=ProductImage.Status.FAILED)
+        .select_related("product__merchant")
+        .order_by("product_id", "position", "id")
+    )
+    main: dict[int, ProductImage] = {}
+    for image in images:
+        main.setdefault(image.product_id, image)
+    return [GoldenProduct(pid, main[pid].product.merchant.slug, main[pid]) for pid in chosen.tolist() if pid in main]
+
+
+def golden_queries_usable() -> QuerySet[GoldenQuery]:
+    """Shopper photos of products that are still visible (a hidden product cannot be found, by design)."""
+    return GoldenQuery.objects.filter(product__active=True).select_related("product__merchant").order_by("id")
+
+
+def embedding_products(*, embedding_ids: Sequence[int]) -> dict[int, int]:
+    """Embedding id -> product id, for per-stage recall (was the product among the coarse candidates?)."""
+    return dict(ImageEmbedding.objects.filter(id__in=list(embedding_ids)).values_list("id", "product_id"))

@@ -137,6 +137,8 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # --- Files --------------------------------------------------------------------------------------------------------
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", VAR_DIR / "media"))
 MEDIA_URL = os.environ.get("MEDIA_URL", "/media/")
+# Files only staff may see (shoppers' golden query photos): never under MEDIA_ROOT, which is published.
+PRIVATE_MEDIA_ROOT = Path(os.environ.get("PRIVATE_MEDIA_ROOT", VAR_DIR / "private"))
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
 STATIC_URL = "static/"
 STORAGES = {

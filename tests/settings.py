@@ -18,3 +18,4 @@ os.environ.setdefault("CACHE_KEY_PREFIX", "shop_search_test")
 from shop_search.settings import *  # noqa: E402,F403
 
 MEDIA_ROOT = VAR_DIR / "test-media"  # noqa: F405
+PRIVATE_MEDIA_ROOT = VAR_DIR / "test-private"  # noqa: F405

@@ -218,7 +218,7 @@ def training_run_execute(*, run_id: int) -> ModelVersion:
             raise ValueError("the catalog has no active product with an image to train on")
         path = train(config, records=export, label_space=export.label_space, progress=_progress_saver(run, config))
         encoder = encoder_at(path)
-        return training.training_run_finish(
+        version = training.training_run_finish(
             run=run,
             checkpoint=path,
             code_bits=encoder.code_bits,
@@ -228,6 +228,20 @@ def training_run_execute(*, run_id: int) -> ModelVersion:
     except Exception:
         training.training_run_fail(run=run, log=traceback.format_exc())
         raise
+    version_evaluate_after_training(version=version)
+    return version
+
+
+def version_evaluate_after_training(*, version: ModelVersion) -> None:
+    """The new version's golden-set numbers, for the admin's switch decision. The version is trained and ready
+    either way: an evaluation that fails says why on the version instead of failing the run."""
+    from catalog.services import golden
+
+    try:
+        version_evaluate_golden(version_id=version.pk)
+    except Exception as exc:
+        logger.exception("golden-set evaluation of %s failed", version)
+        golden.version_golden_record(version_id=version.pk, numbers={"error": f"{type(exc).__name__}: {exc}"[:1000]})
 
 
 def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str, Any]], None]:
@@ -250,3 +264,154 @@ def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str
             last_save = time.monotonic()
 
     return progress
+
+
+# --- golden-set evaluation ------------------------------------------------------------------------------------------
+GOLDEN_SAMPLE_PRODUCTS = 200  # held-out queries per evaluation: R@1 to about +-3 points, a minute on a demo shop
+GOLDEN_SEED = 11  # the same products and the same photos for every version, so that their numbers compare
+# Mild: at the harsh strength both version 0 and young trained versions sit near the floor, where R@1 no longer
+# says which of two versions is better (the switch decision rests on it).
+GOLDEN_HELDOUT_STRENGTH = "heldout-mild"
+GOLDEN_OCCLUDERS = 8  # other products' photos a held-out query may show lying across its product
+GOLDEN_K = 10  # R@10 and the final top-k of per-stage recall
+GOLDEN_EMBED_BATCH = 64  # images per encode while embedding the catalog for an evaluated version
+
+
+def version_embed_catalog(*, version: ModelVersion) -> int:
+    """Embed every image `version` has not embedded yet (an evaluated version is searched like the active one;
+    switching to it later reuses these rows). Returns how many were embedded."""
+    model_versions.code_index_ensure(version=version)
+    encoder = encoder_of(version)
+    missing = list(selectors.images_missing_embedding(version=version).values_list("id", flat=True))
+    done = 0
+    for start in range(0, len(missing), GOLDEN_EMBED_BATCH):
+        loaded = []
+        for image in selectors.images_by_id(image_ids=missing[start : start + GOLDEN_EMBED_BATCH]):
+            try:
+                loaded.append((image, selectors.image_open(image=image)))
+            except Exception:  # the embed workers mark it failed; the evaluation just leaves it out
+                logger.warning("skipping unreadable image %s in a golden-set evaluation", image.pk)
+        if not loaded:
+            continue
+        encoding = encoder.encode([picture for _, picture in loaded])
+        rows = [
+            embeddings.embedding_row(
+                image=image,
+                model_version=version,
+                bits=encoding.bits[index],
+                fc7=encoding.fc7[index],
+                **predictions(encoding, index, encoder.label_space),
+            )
+            for index, (image, _) in enumerate(loaded)
+        ]
+        embeddings.embeddings_record(model_version=version, rows=rows)
+        done += len(rows)
+    return done
+
+
+def golden_query_photos(*, version: ModelVersion) -> list[tuple[str, int, str, bytes]]:
+    """The golden set as (source, product id, merchant slug, photo file): held-out shopper views of a seeded sample
+    of the catalog's own products (workers.ml.heldout_queries: code training never runs), then the real shopper
+    photos staff added (GoldenQuery)."""
+    from workers.ml.heldout_queries import heldout_query
+
+    sample = selectors.golden_products_sample(version=version, count=GOLDEN_SAMPLE_PRODUCTS, seed=GOLDEN_SEED)
+    pictures = {}
+    for item in sample:
+        try:
+            pictures[item.product_id] = selectors.image_open(image=item.image)
+        except Exception:
+            logger.warning("skipping unreadable image %s in the golden set", item.image.pk)
+    photos = []
+    order = list(pictures)
+    for item in sample:
+        if item.product_id not in pictures:
+            continue
+        rng = np.random.default_rng([GOLDEN_SEED, item.product_id])
+        others = [order[int(i)] for i in rng.choice(len(order), size=min(GOLDEN_OCCLUDERS, len(order)), replace=False)]
+        photo = heldout_query(
+            pictures[item.product_id],
+            rng,
+            occluders=[pictures[other] for other in others if other != item.product_id],
+            strength=GOLDEN_HELDOUT_STRENGTH,
+        )
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        photos.append(("heldout", item.product_id, item.merchant_slug, buffer.getvalue()))
+    for query in selectors.golden_queries_usable():
+        with query.photo.open("rb") as handle:
+            photos.append((str(query.source), query.product_id, query.product.merchant.slug, handle.read()))
+    return photos
+
+
+def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
+    """Evaluate a version on the golden set through the real cascade (catalog.search.search_encoding over the
+    version's own embeddings, the catalog embedded first where it is not), and store the numbers on the version
+    (`metrics["golden"]`): R@1, R@10, mAP@10, per-stage recall (the product among the coarse candidates; in the
+    final top-k) and the worker's encode latency, overall, per source and per shop."""
+    from catalog.search import SearchOptions, search_encoding
+    from catalog.services import golden
+
+    version = selectors.model_version_get(version_id=version_id)
+    started = time.perf_counter()
+    embedded = version_embed_catalog(version=version)
+    outcomes = []
+    options = SearchOptions(k=GOLDEN_K)
+    for source, product_id, merchant, photo in golden_query_photos(version=version):
+        encode_started = time.perf_counter()
+        encoding = query_payload.encoding_from_message(
+            query_encode(photo_message=query_payload.photo_to_message(photo), version_id=version.pk)
+        )
+        encode_ms = (time.perf_counter() - encode_started) * 1000
+        result = search_encoding(encoding=encoding, version=version, options=options)
+        ranked = [hit.product.pk for hit in result.hits]
+        coarse = set(selectors.embedding_products(embedding_ids=result.candidate_ids.tolist()).values())
+        outcomes.append(
+            {
+                "source": source,
+                "merchant": merchant,
+                "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
+                "coarse": product_id in coarse,
+                "encode_ms": encode_ms,
+                "search_ms": float(result.timings_ms.get("total", 0.0)),
+            }
+        )
+    numbers = {
+        **golden_numbers(outcomes),
+        "by_source": _grouped(outcomes, "source"),
+        "by_shop": _grouped(outcomes, "merchant"),
+        "k": GOLDEN_K,
+        "heldout_strength": GOLDEN_HELDOUT_STRENGTH,
+        "sample_seed": GOLDEN_SEED,
+        "catalog_embedded_now": embedded,
+        "seconds": round(time.perf_counter() - started, 2),
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    golden.version_golden_record(version_id=version.pk, numbers=numbers)
+    return numbers
+
+
+def golden_numbers(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """R@1, R@10, mAP@10 (one relevant product per query: the reciprocal rank within the top k), per-stage recall
+    and encode latency of a list of query outcomes."""
+    if not outcomes:
+        return {"queries": 0}
+    ranks = [o["rank"] for o in outcomes]
+    encode = np.asarray([o["encode_ms"] for o in outcomes])
+    return {
+        "queries": len(outcomes),
+        "r1": round(float(np.mean([r == 1 for r in ranks])), 4),
+        "r10": round(float(np.mean([r is not None for r in ranks])), 4),
+        "map10": round(float(np.mean([1.0 / r if r else 0.0 for r in ranks])), 4),
+        "coarse_recall": round(float(np.mean([o["coarse"] for o in outcomes])), 4),
+        "final_recall": round(float(np.mean([r is not None for r in ranks])), 4),
+        "encode_ms_p50": round(float(np.percentile(encode, 50)), 2),
+        "encode_ms_p95": round(float(np.percentile(encode, 95)), 2),
+        "search_ms_p50": round(float(np.median([o["search_ms"] for o in outcomes])), 2),
+    }
+
+
+def _grouped(outcomes: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    return {
+        value: golden_numbers([o for o in outcomes if o[key] == value]) for value in sorted({o[key] for o in outcomes})
+    }

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from workers.ml.datasets.fashion_mnist import CLASSES, load_arrays
+from workers.ml.datasets.fashion_mnist import CLASSES, load_arrays, on_white, product_masks
 from workers.ml.datasets.render import EVAL_FIRST_SEED, product_spec, render_product
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def _tone(pixels: np.ndarray) -> str:
 
 def _fashion_photos(pixels: np.ndarray) -> list[bytes]:
     """Three catalog photos of one 28-px product shot: the photo, a tighter crop, and a mirrored one."""
-    image = Image.fromarray(pixels).convert("RGB").resize((FASHION_MNIST_SIZE,) * 2, Image.Resampling.BICUBIC)
+    image, _ = on_white(pixels, product_masks(pixels[None])[0], size=FASHION_MNIST_SIZE)
     inset = FASHION_MNIST_SIZE // 14
     closer = image.crop((inset, inset, FASHION_MNIST_SIZE - inset, FASHION_MNIST_SIZE - inset))
     closer = closer.resize((FASHION_MNIST_SIZE,) * 2, Image.Resampling.BICUBIC)

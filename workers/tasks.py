@@ -130,3 +130,16 @@ def train_network(training_run_id: int) -> dict:
     """Train FashionNet on the exported catalog for a TrainingRun started from the admin."""
     version = pipelines.training_run_execute(run_id=training_run_id)
     return {"training_run": training_run_id, "model_version": version.pk}
+
+
+@shared_task(
+    name="workers.tasks.evaluate_version",
+    queue="train",  # embeds the catalog with the version and encodes the golden set: not on the shoppers' workers
+    acks_late=True,  # idempotent: a re-run embeds nothing twice and overwrites the numbers with the same ones
+    soft_time_limit=3600,
+    time_limit=3600 + 60,
+)
+def evaluate_version(model_version_id: int) -> dict:
+    """Evaluate a version on the golden set; the numbers land on the version (metrics["golden"])."""
+    numbers = pipelines.version_evaluate_golden(version_id=model_version_id)
+    return {"model_version": model_version_id, "r1": numbers.get("r1"), "queries": numbers.get("queries")}

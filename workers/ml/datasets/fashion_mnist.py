@@ -201,8 +201,11 @@ def on_white(pixels: np.ndarray, mask: np.ndarray, size: int) -> tuple[Image.Ima
 
     The files store the product light on black; a shop photographs it on white. Only the backdrop changes: the
     product keeps its own grey levels (a dark coat stays dark)."""
-    product = Image.fromarray(pixels).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    soft_mask = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
+    product = Image.fromarray(pixels).convert("RGB")
+    soft_mask = Image.fromarray(mask.astype(np.uint8) * 255)
+    if product.size != (size, size):
+        product = product.resize((size, size), Image.Resampling.BICUBIC)
+        soft_mask = soft_mask.resize((size, size), Image.Resampling.BILINEAR)
     return Image.composite(product, Image.new("RGB", (size, size), "white"), soft_mask), soft_mask
 
 
@@ -225,16 +228,14 @@ class FashionMnist(Sequence[Record]):
         if not -len(self) <= index < len(self):
             raise IndexError(index)
         index %= len(self)
+        # On white, the way shops photograph products (and the way the demo and the benchmark show them): a network
+        # trained on the files' black backdrop ranked the right product first for 3% of shop-style photos.
+        image, mask = on_white(self.images[index], self.mask(index), size=self.images.shape[1])
         return Record(
-            image=Image.fromarray(self.images[index]).convert("RGB"),
+            image=image,
             instance_id=index,
             category=int(self.labels[index]),
-            extra={
-                "source": "fashion-mnist",
-                "split": self.split,
-                "index": index,
-                "mask": Image.fromarray(self.mask(index).astype(np.uint8) * 255),
-            },
+            extra={"source": "fashion-mnist", "split": self.split, "index": index, "mask": mask},
         )
 
     @property
