@@ -5,7 +5,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
@@ -14,8 +14,10 @@ from django.utils.safestring import mark_safe
 
 from catalog import selectors
 from catalog.intake import IntakeError
+from catalog.intake.images import image_validate
 from catalog.models import (
     DuplicateFinding,
+    GoldenQuery,
     ImageEmbedding,
     ImportJob,
     Merchant,
@@ -24,7 +26,7 @@ from catalog.models import (
     ProductImage,
     TrainingRun,
 )
-from catalog.services import imports, model_versions, training
+from catalog.services import golden, imports, model_versions, training
 
 ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages through all of them
 
@@ -58,12 +60,41 @@ class ModelVersionAdmin(admin.ModelAdmin):
     """Versions are made by training and bootstrap, and switched only through the action below: editing `status`
     by hand would point search at a version whose embeddings may not exist."""
 
-    list_display = ["name", "kind", "status", "code_bits", "fc7_dim", "created_at", "activated_at"]
+    list_display = ["name", "kind", "status", "golden_r1", "golden_r10", "code_bits", "fc7_dim", "created_at",
+                    "activated_at"]  # fmt: skip
     list_filter = ["status", "kind"]
     readonly_fields = [
-        "kind", "status", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at", "activated_at",
+        "kind", "status", "golden_table", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at",
+        "activated_at",
     ]  # fmt: skip
-    actions = ["switch_to_version", "cancel_indexing"]
+    actions = ["switch_to_version", "cancel_indexing", "evaluate_on_golden_set"]
+
+    @admin.display(description="golden R@1")
+    def golden_r1(self, version: ModelVersion) -> str:
+        numbers = golden.version_golden(version)
+        return "-" if numbers is None else f"{numbers['r1']:.1%}"
+
+    @admin.display(description="golden R@10")
+    def golden_r10(self, version: ModelVersion) -> str:
+        numbers = golden.version_golden(version)
+        return "-" if numbers is None else f"{numbers['r10']:.1%}"
+
+    @admin.display(description="golden set")
+    def golden_table(self, version: ModelVersion) -> str:
+        numbers = (version.metrics or {}).get(golden.GOLDEN_METRICS_KEY)
+        if not numbers:
+            return "not evaluated yet (action: Evaluate on the golden set)"
+        if "error" in numbers:
+            return f"evaluation failed: {numbers['error']}"
+        return golden_numbers_html([(version.name, numbers)])
+
+    @admin.action(description="Evaluate on the golden set (held-out views of the catalog + shoppers' photos)")
+    def evaluate_on_golden_set(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+        queued = []
+        for version in queryset.exclude(checkpoint=""):
+            golden.version_evaluate(version=version)
+            queued.append(version.name)
+        self.message_user(request, f"Evaluating {', '.join(queued) or 'nothing'}: the numbers appear on each version.")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -369,3 +400,90 @@ class TrainingRunAdmin(admin.ModelAdmin):
 
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
+
+
+GOLDEN_COLUMNS = (  # (key, heading, format) of the golden-set numbers shown in the admin
+    ("queries", "queries", "{}"),
+    ("r1", "R@1", "{:.1%}"),
+    ("r10", "R@10", "{:.1%}"),
+    ("map10", "mAP@10", "{:.3f}"),
+    ("coarse_recall", "in coarse candidates", "{:.1%}"),
+    ("final_recall", "in final top 10", "{:.1%}"),
+    ("encode_ms_p50", "encode ms p50", "{:.1f}"),
+    ("encode_ms_p95", "encode ms p95", "{:.1f}"),
+)
+
+
+def golden_numbers_html(columns: list[tuple[str, dict]]) -> str:
+    """Golden-set numbers of one or more versions side by side: overall, per source and per shop."""
+    names = [name for name, _ in columns]
+    parts: list[tuple[str, list[dict | None]]] = [("all queries", [numbers for _, numbers in columns])]
+    for group, label in (("by_source", "source"), ("by_shop", "shop")):
+        keys = sorted({key for _, numbers in columns for key in (numbers.get(group) or {})})
+        parts += [(f"{label} {key}", [(numbers.get(group) or {}).get(key) for _, numbers in columns]) for key in keys]
+    header = format_html_join("", "<th>{}</th>", ((name,) for name in ["", *names]))
+    rows = []
+    for title, values in parts:
+        rows.append(format_html("<tr><th colspan='{}'>{}</th></tr>", len(names) + 1, title))
+        for key, heading, pattern in GOLDEN_COLUMNS:
+            cells = format_html_join(
+                "", "<td>{}</td>", ((pattern.format(v[key]) if v and key in v else "-",) for v in values)
+            )
+            rows.append(format_html("<tr><td>{}</td>{}</tr>", heading, cells))
+    return format_html("<table><tr>{}</tr>{}</table>", header, mark_safe("".join(rows)))  # noqa: S308
+
+
+class GoldenQueryForm(forms.ModelForm):
+    class Meta:
+        model = GoldenQuery
+        fields = ["product", "photo", "source"]
+
+    def clean_photo(self):
+        photo = self.cleaned_data["photo"]
+        try:
+            image_validate(photo.read())
+        except IntakeError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        photo.seek(0)
+        return photo
+
+
+@admin.register(GoldenQuery)
+class GoldenQueryAdmin(admin.ModelAdmin):
+    """Real shopper photos of known products: part of the golden set every version is evaluated on. Staff only:
+    the photos are stored outside the published media and served only through this admin."""
+
+    form = GoldenQueryForm
+    list_display = ["id", "thumbnail", "product", "source", "created_at"]
+    list_filter = ["source"]
+    list_select_related = ["product"]
+    raw_id_fields = ["product"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: GoldenQuery | None = None) -> list[str]:
+        return [] if obj is None else ["thumbnail", "product", "photo", "source", "created_at"]
+
+    def has_change_permission(self, request: HttpRequest, obj: GoldenQuery | None = None) -> bool:
+        return obj is None and super().has_change_permission(request)
+
+    def save_model(self, request: HttpRequest, obj: GoldenQuery, form: GoldenQueryForm, change: bool) -> None:
+        created = golden.golden_query_add(
+            product=obj.product, photo=form.cleaned_data["photo"].read(), source=obj.source
+        )
+        obj.pk, obj.photo, obj.created_at = created.pk, created.photo, created.created_at
+
+    def get_urls(self):
+        custom = [
+            path("<int:query_id>/photo/", self.admin_site.admin_view(self.photo_view), name="catalog_goldenquery_photo")
+        ]
+        return custom + super().get_urls()
+
+    @admin.display(description="photo")
+    def thumbnail(self, obj: GoldenQuery) -> str:
+        url = reverse("admin:catalog_goldenquery_photo", args=[obj.pk])
+        return format_html('<img src="{}" alt="golden query {}" style="max-height:64px">', url, obj.pk)
+
+    def photo_view(self, request: HttpRequest, query_id: int) -> FileResponse:
+        query = GoldenQuery.objects.filter(pk=query_id).first()
+        if query is None or not self.has_view_permission(request, query):
+            raise PermissionDenied
+        return FileResponse(query.photo.open("rb"))

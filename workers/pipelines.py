@@ -365,7 +365,9 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
         ranked = [hit.product.pk for hit in result.hits]
-        coarse = set(selectors.embedding_products(embedding_ids=result.candidate_ids.tolist()).values())
+        # the coarse stage's candidates (embedding ids) that SearchResult carries for per-stage recall
+        candidate_ids = getattr(result, "candidate_ids", np.zeros(0, np.int64))
+        coarse = set(selectors.embedding_products(embedding_ids=candidate_ids.tolist()).values())
         outcomes.append(
             {
                 "source": source,

@@ -10,7 +10,7 @@ from django.db import transaction
 
 from catalog.admin import TrainingRunForm
 from catalog.models import ModelVersion, TrainingRun
-from catalog.services import training
+from catalog.services import golden, training
 from shop_search.celery import app
 from tests import factories
 from tests.workers import celery_process
@@ -83,6 +83,10 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
         with transaction.atomic():
             run = training.training_run_start(run=TrainingRun(config=config))
         run = _wait_finished(run, worker, timeout_s=300)
+        # then the same task evaluates the new version on the golden set
+        deadline = time.monotonic() + 120
+        while run.model_version_id and golden.version_golden(_version(run)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
 
     assert run.state == TrainingRun.State.DONE, run.log
     defaults = TrainConfig()
@@ -102,6 +106,13 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert onnx_path.exists() and version.config["path"] == str(onnx_path)
     manifest = (tmp_path / "runs" / f"run-{run.pk}" / "catalog" / "manifest.jsonl").read_text().splitlines()
     assert len(manifest) == DEFAULT_RUN_PRODUCTS  # the inactive product is not trained on
+    numbers = golden.version_golden(_version(run))
+    assert numbers is not None, version.metrics
+    assert numbers["queries"] == DEFAULT_RUN_PRODUCTS and 0.0 <= numbers["r1"] <= numbers["r10"] <= 1.0
+
+
+def _version(run: TrainingRun) -> ModelVersion:
+    return ModelVersion.objects.get(pk=run.model_version_id)
 
 
 @pytest.mark.django_db

@@ -1,0 +1,49 @@
+"""The golden set: real shopper photos of known products (GoldenQuery, added by staff), and the numbers each model
+version scores on it (with held-out views of the catalog's own products) under `ModelVersion.metrics["golden"]`.
+The evaluation itself runs in a worker (workers.pipelines.version_evaluate_golden): it needs the network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.files.base import ContentFile
+from django.db import transaction
+
+from catalog import dispatch
+from catalog.intake.images import image_validate
+from catalog.models import GoldenQuery, ModelVersion, Product
+
+GOLDEN_METRICS_KEY = "golden"  # ModelVersion.metrics[...] holding the golden-set numbers
+GOLDEN_RANKING_METRIC = "r1"  # what "scores worse" means when switching (catalog.services.model_versions)
+
+
+def golden_query_add(*, product: Product, photo: bytes, source: str = "admin") -> GoldenQuery:
+    """Store a shopper photo of `product`, validated and re-encoded like any query photo (an upload is untrusted,
+    and re-encoding drops its metadata: a phone photo's EXIF may say where the shopper lives). Raises IntakeError."""
+    validated = image_validate(photo)
+    query = GoldenQuery(product=product, source=source)
+    query.photo.save(f"{product.pk}.{validated.extension}", ContentFile(validated.data), save=False)
+    query.save()
+    return query
+
+
+def version_evaluate(*, version: ModelVersion) -> None:
+    """Evaluate `version` on the golden set in a worker (after the current transaction commits)."""
+    if not version.checkpoint:
+        raise ValueError(f"{version.name} has no checkpoint to evaluate")
+    dispatch.evaluate_version(version_id=version.pk)
+
+
+def version_golden_record(*, version_id: int, numbers: dict[str, Any]) -> ModelVersion:
+    """Store a version's golden-set numbers (other metrics on the version are kept)."""
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().get(pk=version_id)
+        version.metrics = {**(version.metrics or {}), GOLDEN_METRICS_KEY: numbers}
+        version.save(update_fields=["metrics"])
+    return version
+
+
+def version_golden(version: ModelVersion) -> dict[str, Any] | None:
+    """The version's golden-set numbers, or None if it was never evaluated (or its evaluation failed)."""
+    numbers = (version.metrics or {}).get(GOLDEN_METRICS_KEY)
+    return numbers if isinstance(numbers, dict) and GOLDEN_RANKING_METRIC in numbers else None

@@ -1,0 +1,127 @@
+"""A version evaluated on the golden set by a real worker, through the real cascade: the catalog is embedded with
+it first, held-out shopper views of the shop's own products and the photos staff added are searched, and the
+numbers land on the version."""
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+from celery.contrib.testing.worker import start_worker
+from django.core.files.base import ContentFile
+from django.core.management import call_command
+from django.db import transaction
+from PIL import Image, ImageDraw
+
+from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog.services import golden
+from shop_search.celery import app
+from tests import factories
+from tests.ml.ml_helpers import save_tiny_checkpoint
+from workers import pipelines
+
+PRODUCTS = 12
+
+
+def _picture(seed: int) -> bytes:
+    """A distinct little product shot per seed: a coloured shape on a light background."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(200, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+    x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
+    (draw.ellipse if seed % 2 else draw.rectangle)([x0, y0, x0 + 30, y0 + 34], fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _catalog_and_version(tmp_path) -> ModelVersion:
+    merchant = factories.merchant()
+    for i in range(PRODUCTS):
+        product = factories.product(merchant, sku=f"SKU-{i}", category="abc"[i % 3])
+        row = ProductImage(product=product, sha256=f"{i:064d}")
+        row.file.save(f"p{i}.png", ContentFile(_picture(i)), save=True)
+    hidden = factories.product(merchant, sku="hidden", active=False)
+    ProductImage(product=hidden, sha256="f" * 64).file.save("hidden.png", ContentFile(_picture(99)), save=True)
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", spread_codes=True)
+    return ModelVersion.objects.create(
+        name="candidate", kind=ModelVersion.Kind.FASHIONNET, status=ModelVersion.Status.READY,
+        checkpoint=str(checkpoint), code_bits=32, fc7_dim=32,
+    )  # fmt: skip
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path
+    version = _catalog_and_version(tmp_path)
+    shopper_photo_of = factories.Product.objects.get(sku="SKU-3")
+    golden.golden_query_add(product=shopper_photo_of, photo=_picture(3))  # the catalog photo itself: must be found
+
+    app.control.purge()
+    with start_worker(app, queues=["train"], pool="solo", perform_ping_check=False):
+        with transaction.atomic():
+            golden.version_evaluate(version=version)
+        deadline = time.monotonic() + 120
+        while golden.version_golden(ModelVersion.objects.get(pk=version.pk)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+    version.refresh_from_db()
+    numbers = golden.version_golden(version)
+    assert numbers is not None, version.metrics
+    # the catalog was embedded with the version (the hidden product's image too: switching reuses the rows)
+    assert ImageEmbedding.objects.filter(model_version=version).count() == PRODUCTS + 1
+    assert numbers["queries"] == PRODUCTS + 1  # a held-out view of every visible product, and the admin's photo
+    assert numbers["by_source"]["heldout"]["queries"] == PRODUCTS
+    assert numbers["by_source"]["admin"] == {**numbers["by_source"]["admin"], "queries": 1, "r1": 1.0}
+    assert numbers["by_shop"]["acme"]["queries"] == PRODUCTS + 1
+    for key in ("r1", "r10", "map10", "coarse_recall", "final_recall"):
+        assert 0.0 <= numbers[key] <= 1.0
+    assert numbers["r1"] <= numbers["map10"] <= numbers["r10"] == numbers["final_recall"] <= numbers["coarse_recall"]
+    assert numbers["encode_ms_p50"] > 0 and numbers["encode_ms_p95"] >= numbers["encode_ms_p50"]
+    assert version.status == ModelVersion.Status.READY  # evaluating never switches
+
+
+@pytest.mark.django_db(transaction=True)  # a version's code index is created outside a test transaction
+def test_the_golden_set_is_the_same_for_every_version(settings, tmp_path):
+    """Two versions see the same held-out photos of the same products (seeded), so their numbers compare."""
+    settings.MODELS_DIR = tmp_path
+    first = _catalog_and_version(tmp_path)
+    second = ModelVersion.objects.create(
+        name="other", kind=ModelVersion.Kind.FASHIONNET, status=ModelVersion.Status.READY,
+        checkpoint=str(save_tiny_checkpoint(tmp_path / "other.pt", seed=1, spread_codes=True)), code_bits=32,
+        fc7_dim=32,
+    )  # fmt: skip
+    for version in (first, second):
+        pipelines.version_embed_catalog(version=version)
+    photos = [pipelines.golden_query_photos(version=version) for version in (first, second)]
+    assert [(s, p) for s, p, _, _ in photos[0]] == [(s, p) for s, p, _, _ in photos[1]]
+    assert all(a[3] == b[3] for a, b in zip(*photos))
+    assert len(photos[0]) == PRODUCTS  # the hidden product is not in the golden set
+
+
+def test_golden_numbers_count_ranks_and_stages():
+    outcomes = [
+        {"rank": 1, "coarse": True, "encode_ms": 10.0, "search_ms": 2.0},
+        {"rank": 4, "coarse": True, "encode_ms": 20.0, "search_ms": 2.0},
+        {"rank": None, "coarse": True, "encode_ms": 30.0, "search_ms": 2.0},
+        {"rank": None, "coarse": False, "encode_ms": 40.0, "search_ms": 2.0},
+    ]
+    numbers = pipelines.golden_numbers(outcomes)
+    assert numbers["queries"] == 4 and numbers["r1"] == 0.25 and numbers["r10"] == 0.5
+    assert numbers["map10"] == pytest.approx((1 + 0.25) / 4, abs=1e-4)
+    assert numbers["coarse_recall"] == 0.75 and numbers["final_recall"] == 0.5
+    assert numbers["encode_ms_p50"] == 25.0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_evaluate_version_command_prints_and_stores_the_numbers(settings, tmp_path):
+    settings.MODELS_DIR = tmp_path
+    version = _catalog_and_version(tmp_path)
+    out = io.StringIO()
+    call_command("evaluate_version", "candidate", stdout=out)
+    printed = json.loads(out.getvalue())
+    version.refresh_from_db()
+    assert printed["version"] == "candidate" and printed["queries"] == PRODUCTS
+    assert golden.version_golden(version)["r1"] == printed["r1"]
