@@ -118,22 +118,43 @@ class ModelVersionAdmin(admin.ModelAdmin):
     @admin.action(
         description="Switch search to this version (embed the catalog with it, then activate)", permissions=["change"]
     )
-    def switch_to_version(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+    def switch_to_version(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> HttpResponse | None:
         if queryset.count() != 1:
             self.message_user(request, "Choose exactly one version to switch to.", messages.ERROR)
-            return
+            return None
         version = queryset.get()
         try:
-            model_versions.model_version_switch(version=version)
+            model_versions.model_version_switch(version=version, override=bool(request.POST.get("override")))
+        except model_versions.SwitchNeedsOverride as concern:
+            return self.switch_confirmation(request, concern)
         except ValueError as exc:
             self.message_user(request, str(exc), messages.ERROR)
-            return
+            return None
         self.message_user(
             request,
             f"{version.name} is indexing: search switches to it as soon as every image has its embedding "
             "(a version switched back to keeps its embeddings, so that is immediate).",
             messages.SUCCESS,
         )
+        return None
+
+    def switch_confirmation(self, request: HttpRequest, concern: model_versions.SwitchNeedsOverride) -> HttpResponse:
+        """The refusal, with both versions' golden-set numbers side by side and a button that switches anyway."""
+        columns = [
+            (f"{v.name} ({label})", (v.metrics or {}).get(golden.GOLDEN_METRICS_KEY) or {})
+            for v, label in ((concern.candidate, "candidate"), (concern.active, "active"))
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Switch search to {concern.candidate.name}?",
+            "reason": concern.reason,
+            "candidate": concern.candidate,
+            "active": concern.active,
+            "comparison": golden_numbers_html(columns),
+            "action_checkbox_name": admin.helpers.ACTION_CHECKBOX_NAME,
+        }
+        return TemplateResponse(request, "admin/catalog/modelversion/switch_confirm.html", context)
 
 
 @admin.register(ImageEmbedding)

@@ -237,11 +237,16 @@ def version_evaluate_after_training(*, version: ModelVersion) -> None:
     either way: an evaluation that fails says why on the version instead of failing the run."""
     from catalog.services import golden
 
-    try:
-        version_evaluate_golden(version_id=version.pk)
-    except Exception as exc:
-        logger.exception("golden-set evaluation of %s failed", version)
-        golden.version_golden_record(version_id=version.pk, numbers={"error": f"{type(exc).__name__}: {exc}"[:1000]})
+    active = selectors.model_version_active()
+    # the switch compares the new version with the active one: that needs the active one's numbers too
+    unevaluated_active = [active] if active is not None and golden.version_golden(active) is None else []
+    for evaluated in [version, *unevaluated_active]:
+        try:
+            version_evaluate_golden(version_id=evaluated.pk)
+        except Exception as exc:
+            logger.exception("golden-set evaluation of %s failed", evaluated)
+            error = {"error": f"{type(exc).__name__}: {exc}"[:1000]}
+            golden.version_golden_record(version_id=evaluated.pk, numbers=error)
 
 
 def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str, Any]], None]:

@@ -12,6 +12,7 @@ from django.utils import timezone
 from catalog import dispatch, selectors
 from catalog.codes import code_index_create_sql
 from catalog.models import ModelVersion
+from catalog.services.golden import GOLDEN_RANKING_METRIC, version_golden
 
 
 def code_index_ensure(*, version: ModelVersion) -> None:
@@ -76,9 +77,42 @@ def model_version_ready(
 SWITCHABLE_STATUSES = (ModelVersion.Status.READY, ModelVersion.Status.RETIRED)
 
 
-def model_version_switch(*, version: ModelVersion) -> ModelVersion:
+class SwitchNeedsOverride(ValueError):
+    """Switching to a new version would, or might, make search worse on the golden set: only an explicit override
+    (which the admin asks for with both versions' numbers side by side) switches anyway."""
+
+    def __init__(self, reason: str, *, candidate: ModelVersion, active: ModelVersion) -> None:
+        super().__init__(f"{reason}; switch with the override to use it anyway")
+        self.reason, self.candidate, self.active = reason, candidate, active
+
+
+def model_version_switch_concern(*, version: ModelVersion) -> SwitchNeedsOverride | None:
+    """Why switching to `version` needs an override, or None. Only a new (ready) version is gated: rolling back to
+    a retired version that served before stays one action. Worse means a lower R@1 on the golden set."""
+    active = selectors.model_version_active()
+    if version.status != ModelVersion.Status.READY or active is None or active.pk == version.pk:
+        return None
+    ours, theirs = version_golden(version), version_golden(active)
+    if ours is None:
+        reason = f"{version.name} has not been evaluated on the golden set"
+    elif theirs is None:
+        reason = f"the active version {active.name} has no golden-set numbers to compare with"
+    elif ours[GOLDEN_RANKING_METRIC] < theirs[GOLDEN_RANKING_METRIC]:
+        reason = (
+            f"{version.name} scores worse than the active version {active.name} on the golden set "
+            f"(R@1 {ours[GOLDEN_RANKING_METRIC]:.1%} against {theirs[GOLDEN_RANKING_METRIC]:.1%})"
+        )
+    else:
+        return None
+    return SwitchNeedsOverride(reason, candidate=version, active=active)
+
+
+def model_version_switch(*, version: ModelVersion, override: bool = False) -> ModelVersion:
     """An admin's "use this version": a trained (ready) version, or a retired one to roll back to. Search keeps
-    the current version until `version` has embedded every image, then switches atomically."""
+    the current version until `version` has embedded every image, then switches atomically.
+
+    A ready version that scores worse than the active one on the golden set (or that cannot be compared with it)
+    raises SwitchNeedsOverride unless `override` is given."""
     if version.status not in SWITCHABLE_STATUSES:
         raise ValueError(f"{version.name} is {version.status}; only a ready or retired version can be switched to")
     if not version.checkpoint:
@@ -86,6 +120,9 @@ def model_version_switch(*, version: ModelVersion) -> ModelVersion:
     busy = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).exclude(pk=version.pk).first()
     if busy is not None:
         raise ValueError(f"{busy.name} is still being indexed; switch when it is done (or cancel its indexing)")
+    concern = model_version_switch_concern(version=version)
+    if concern is not None and not override:
+        raise concern
     return model_version_start_indexing(version=version)
 
 
