@@ -8,7 +8,9 @@ trained the version, right away) and exported again when the checkpoint changes 
 and modification time of the checkpoint file it came from). If the export cannot be made, the worker logs why
 and runs the checkpoint on torch: a slower search beats no search.
 
-Imported only inside task bodies, so that web processes (which import workers.tasks to enqueue) never load torch.
+Only worker processes import this module, and only on first use (workers.pipelines.encoder_at imports it inside
+the function): web processes never import workers at all (catalog.dispatch enqueues tasks by name), so they
+never load torch.
 """
 
 from __future__ import annotations
