@@ -94,11 +94,12 @@ def evaluate_version(*, version_id: int) -> None:
     _send_after_commit(EVALUATE_VERSION, version_id)
 
 
-def encode_query(*, photo: bytes, version_id: int) -> query_payload.QueryEncoding:
-    """Encode a validated query photo in a worker on the `search` queue and wait for it (the shopper is waiting).
+def encode_query(*, photo: bytes, version_id: int, keypoints: bool = False) -> query_payload.QueryEncoding:
+    """Encode a validated query photo in a worker on the `search` queue and wait for it (the shopper is waiting);
+    with `keypoints`, the worker also returns the photo's local features (geometric verification).
 
     Raises TimeoutError when no worker answered within QUERY_ENCODE_TIMEOUT_S."""
-    result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id)
+    result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id, keypoints)
     try:
         message = result.get(timeout=QUERY_ENCODE_TIMEOUT_S)
     except CeleryTimeout as exc:

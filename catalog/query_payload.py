@@ -4,6 +4,8 @@ Celery's JSON serializer carries no bytes, so the validated photo travels as bas
 plain JSON (the version, the code as pgvector bit text, fc7 and the network's predictions), which the web process
 reads back as a QueryEncoding. The web side (catalog.search via catalog.dispatch) and the worker side
 (workers.pipelines.query_encode) both encode and decode through these functions, so the two cannot drift apart.
+When the search verifies geometrically, the worker also extracts the photo's local features (catalog.geometry) and
+returns them packed, as base64 text (~15 KB): the web process never extracts them itself.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class QueryEncoding:
     category_probs: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, float] = field(default_factory=dict)
     landmarks: list[list[float]] = field(default_factory=list)  # [[x, y, visibility], ...] in [0, 1]
+    keypoints: bytes | None = None  # catalog.geometry.pack()ed local features; None when not extracted
 
 
 def encoding_to_message(
@@ -50,6 +53,7 @@ def encoding_to_message(
     category_probs: dict[str, float] | None = None,
     attributes: dict[str, float] | None = None,
     landmarks: Sequence[Sequence[float]] = (),
+    keypoints: bytes | None = None,
 ) -> dict[str, Any]:
     """The worker's answer for one encoded query photo (`bits`: one 0/1 per code bit)."""
     return {
@@ -61,6 +65,7 @@ def encoding_to_message(
         "attributes": dict(attributes or {}),
         "landmarks": [list(point) for point in landmarks],
         "category_probs": dict(category_probs or {}),
+        "keypoints": None if keypoints is None else base64.b64encode(keypoints).decode("ascii"),
     }
 
 
@@ -74,4 +79,5 @@ def encoding_from_message(message: dict[str, Any]) -> QueryEncoding:
         category_probs=dict(message.get("category_probs") or {}),
         attributes=dict(message.get("attributes") or {}),
         landmarks=[list(point) for point in message.get("landmarks") or []],
+        keypoints=base64.b64decode(message["keypoints"]) if message.get("keypoints") else None,
     )

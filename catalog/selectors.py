@@ -18,6 +18,7 @@ from catalog.models import (
     DuplicateFinding,
     GoldenQuery,
     ImageEmbedding,
+    ImageKeypoints,
     ImportJob,
     Merchant,
     ModelVersion,
@@ -57,6 +58,12 @@ def images_missing_embedding(*, version: ModelVersion) -> QuerySet[ProductImage]
 
 def images_by_id(*, image_ids: Sequence[int]) -> QuerySet[ProductImage]:
     return ProductImage.objects.filter(id__in=image_ids)
+
+
+def images_without_keypoints(*, image_ids: Sequence[int]) -> set[int]:
+    """Those of these images that have no local features stored yet (catalog.geometry, ImageKeypoints)."""
+    have = set(ImageKeypoints.objects.filter(image_id__in=image_ids).values_list("image_id", flat=True))
+    return set(image_ids) - have
 
 
 def images_usable(*, limit: int, seed: int | None = None) -> list[ProductImage]:

@@ -156,6 +156,9 @@ MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoin
 # Below gunicorn's threads per process (GUNICORN_THREADS, 4), so the merchant API, admin and /healthz keep one.
 SEARCH_MAX_CONCURRENT = int(os.environ.get("SEARCH_MAX_CONCURRENT", "3"))
 SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # memory | sql (catalog.hamming)
+# Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
+SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
+SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
 # Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
 IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
 

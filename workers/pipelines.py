@@ -21,7 +21,7 @@ import numpy as np
 from django.conf import settings
 from PIL import Image
 
-from catalog import query_payload, selectors
+from catalog import geometry, query_payload, selectors
 from catalog.models import ModelVersion, ProductImage, TrainingRun
 from catalog.services import embeddings, model_versions, training
 
@@ -101,6 +101,7 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
             embeddings.image_mark_failed(image_id=image.pk, error=str(exc))
     if not versions or not loaded:
         return {"embedded": 0, "failed": failed, "versions": [v.pk for v in versions]}
+    keypoints_store(loaded)
     duplicates = 0
     for version in versions:
         encoder = encoder_of(version)
@@ -120,8 +121,27 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
     return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
 
 
-def query_encode(*, photo_message: str, version_id: int) -> dict[str, Any]:
-    """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back."""
+def keypoints_store(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> int:
+    """Extract and store the local features (catalog.geometry) of those images that have none yet; they depend on
+    the image alone, so a re-embedding under a new version reuses them. Returns how many were stored."""
+    missing = selectors.images_without_keypoints(image_ids=[image.pk for image, _ in loaded])
+    packed: dict[int, tuple[bytes, int]] = {}
+    for image, picture in loaded:
+        if image.pk not in missing:
+            continue
+        try:
+            features = geometry.extract(picture)
+        except Exception:  # verification is an extra: an image it cannot read is still embedded (and unverified)
+            logger.exception("could not extract local features of image %s", image.pk)
+            continue
+        packed[image.pk] = (geometry.pack(features), len(features))
+    embeddings.keypoints_save(packed=packed)
+    return len(packed)
+
+
+def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False) -> dict[str, Any]:
+    """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back. With
+    `keypoints`, also the photo's packed local features (catalog.geometry) for the search's verify stage."""
     version = selectors.model_version_get(version_id=version_id)
     photo = Image.open(io.BytesIO(query_payload.photo_from_message(photo_message))).convert("RGB")
     encoder = encoder_of(version)
@@ -136,6 +156,7 @@ def query_encode(*, photo_message: str, version_id: int) -> dict[str, Any]:
         bits=encoding.bits[0],
         fc7=encoding.fc7[0],
         category_probs=category_probs,
+        keypoints=geometry.pack(geometry.extract(photo)) if keypoints else None,
         **predictions(encoding, 0, labels),
     )
 

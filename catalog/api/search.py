@@ -44,6 +44,12 @@ class _FilterInputSerializer(serializers.Serializer):
     price_max = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
     category_mode = serializers.ChoiceField(choices=search.CATEGORY_MODES, default="boost")
     radius = serializers.IntegerField(required=False, min_value=0, max_value=1024, help_text="max Hamming distance")
+    verify = serializers.BooleanField(
+        required=False,
+        allow_null=True,
+        default=None,  # absent = the server's SEARCH_VERIFY (a form's absent boolean is not False here)
+        help_text="geometric verification (local features + RANSAC) of the top candidates; default: on",
+    )
 
     def validate_merchant(self, slug: str) -> int:
         merchant = Merchant.objects.filter(Q(slug=slug)).values_list("pk", flat=True).first()
@@ -73,6 +79,7 @@ class _FilterInputSerializer(serializers.Serializer):
             # no `backend`: the coarse backend is the operator's choice (SEARCH_COARSE_BACKEND); an anonymous
             # `backend=sql` with a price or attribute filter would scan every embedding
             radius=data.get("radius"),
+            verify=data.get("verify"),
         )
 
 
@@ -118,6 +125,10 @@ class ExplanationOutputSerializer(serializers.Serializer):
     result_landmarks = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
     query_landmark_box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
     result_landmark_box = serializers.ListField(child=serializers.FloatField(), allow_null=True)
+    fine_score = serializers.FloatField(help_text="the fine stage's score, before geometric verification")
+    inliers = serializers.IntegerField(allow_null=True, help_text="geometrically consistent matches; null: unverified")
+    tentative_matches = serializers.IntegerField(allow_null=True)
+    verify_factor = serializers.FloatField(help_text="score = fine_score x verify_factor")
 
 
 class HitProductOutputSerializer(serializers.Serializer):

@@ -10,7 +10,7 @@ import numpy as np
 from django.db import connection, transaction
 
 from catalog.codes import bits_to_bitstring, code_sql, version_sql
-from catalog.models import DuplicateFinding, ImageEmbedding, ModelVersion, ProductImage
+from catalog.models import DuplicateFinding, ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 
 # Near-identical = both thresholds. Measured with version 0 on 2,000 distinct rendered products (2M pairs): no
 # distinct pair passes, while exact copies, 98% of resized copies and ~25% of JPEG re-compressions (q50-70) do;
@@ -146,6 +146,15 @@ def embeddings_record(*, model_version: ModelVersion, rows: Sequence[ImageEmbedd
 def image_mark_failed(*, image_id: int, error: str) -> None:
     """A stored image that cannot be decoded: marked failed (with why), so nothing retries or waits for it."""
     ProductImage.objects.filter(pk=image_id).update(status=ProductImage.Status.FAILED, error=error[:500])
+
+
+def keypoints_save(*, packed: dict[int, tuple[bytes, int]]) -> None:
+    """Local features of images (image id -> (catalog.geometry.pack() bytes, feature count)), for the search's
+    geometric verification. They depend on the image alone: an image that has them keeps the first ones written."""
+    ImageKeypoints.objects.bulk_create(
+        [ImageKeypoints(image_id=image_id, data=data, features=count) for image_id, (data, count) in packed.items()],
+        ignore_conflicts=True,
+    )
 
 
 def images_mark_embedded(*, image_ids: Sequence[int]) -> None:

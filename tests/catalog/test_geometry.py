@@ -9,25 +9,25 @@ from catalog import geometry
 
 
 def product_photo(seed: int, side: int = 400) -> Image.Image:
-    """A catalog-style product shot: a patterned item (random shapes on a coloured body) on a white background."""
+    """A catalog-style product shot: an item of a random outline, printed with a product-specific pattern (smooth
+    random blotches and a few shapes), on a white background."""
     rng = np.random.default_rng(seed)
+    corners = [(0.08, 0.25, 0.08, 0.25), (0.75, 0.92, 0.08, 0.25), (0.75, 0.92, 0.75, 0.92), (0.08, 0.25, 0.75, 0.92)]
+    outline = [(side * rng.uniform(x0, x1), side * rng.uniform(y0, y1)) for x0, x1, y0, y1 in corners]
+    mask = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(mask).polygon(outline, fill=255)
+    noise = cv2.GaussianBlur(rng.standard_normal((side, side, 3)).astype(np.float32), (0, 0), 4.0)
+    pattern = np.clip(128 + noise * (90 / noise.std()), 0, 255).astype(np.uint8)
+    item = Image.fromarray(pattern)
+    draw = ImageDraw.Draw(item)
+    for _ in range(25):
+        x, y = rng.uniform(side * 0.2, side * 0.8, 2)
+        r = rng.uniform(5, 20)
+        draw.ellipse(
+            [x - r, y - r, x + r, y + r * rng.uniform(0.5, 1.5)], fill=tuple(int(v) for v in rng.integers(0, 255, 3))
+        )
     image = Image.new("RGB", (side, side), (250, 250, 250))
-    draw = ImageDraw.Draw(image)
-    body = [
-        tuple(side * rng.uniform(0.08, 0.25, 2)),
-        (side * rng.uniform(0.75, 0.92), side * rng.uniform(0.08, 0.25)),
-        tuple(side * rng.uniform(0.75, 0.92, 2)),
-        (side * rng.uniform(0.08, 0.25), side * rng.uniform(0.75, 0.92)),
-    ]
-    draw.polygon(body, fill=tuple(int(v) for v in rng.integers(60, 200, 3)))
-    for _ in range(60):
-        x, y = rng.uniform(side * 0.22, side * 0.78, 2)
-        r = rng.uniform(4, 18)
-        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
-        if rng.random() < 0.5:
-            draw.ellipse([x - r, y - r, x + r, y + r * rng.uniform(0.5, 1.5)], fill=colour)
-        else:
-            draw.polygon([(x, y), (x + r, y + rng.uniform(-r, r)), (x + rng.uniform(-r, r), y + r)], fill=colour)
+    image.paste(item, mask=mask)
     return image
 
 
@@ -56,7 +56,7 @@ def test_pack_unpack_round_trip_and_size():
 
 def test_uint8_descriptors_are_sift_s_own_values():
     grey = geometry.working_grey(product_photo(2))
-    _, raw = cv2.SIFT_create(nfeatures=geometry.MAX_FEATURES).detectAndCompute(grey, None)
+    _, raw = cv2.SIFT.create(nfeatures=geometry.MAX_FEATURES).detectAndCompute(grey, None)
     assert raw.min() >= 0 and raw.max() <= 255 and np.array_equal(raw, np.rint(raw))  # so uint8 loses nothing
 
 
@@ -81,6 +81,6 @@ def test_the_same_product_seen_from_elsewhere_has_many_inliers_another_product_f
 
     same, *others = geometry.verify_many(query, catalog)
 
-    assert same is not None and same.inliers >= 25, same
-    assert all(other is not None and other.inliers <= 8 for other in others), others
+    assert same is not None and same.inliers >= 40, same
+    assert all(other is not None and other.inliers <= 6 for other in others), others
     assert geometry.verify_many(query, [None]) == [None]  # no stored features: not verified

@@ -11,7 +11,8 @@ from django.core.files.base import ContentFile
 from django.db import transaction
 from PIL import Image, ImageDraw
 
-from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog import geometry, query_payload
+from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.services import model_versions
 from shop_search.celery import app
 from tests import factories
@@ -57,8 +58,19 @@ def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings,
         assert ImageEmbedding.objects.filter(model_version=version).count() == 12
         assert set(ProductImage.objects.values_list("status", flat=True)) == {"embedded"}
         assert version.code_bits == 32 and 1 <= version.fc7_dim <= 8
+        # Every image got its local features (geometric verification) on the embedding path, once.
+        stored = {row.image_id: geometry.unpack(row.data) for row in ImageKeypoints.objects.all()}
+        assert set(stored) == set(ProductImage.objects.values_list("pk", flat=True))
+        # (a flat rectangle on a plain backdrop may show SIFT almost nothing; the ellipses always show something)
+        assert sum(len(features) > 0 for features in stored.values()) >= 6
 
         encoded = tasks.encode_query.delay(base64.b64encode(_picture(3)).decode(), version.pk).get(timeout=60)
+        verifying = tasks.encode_query.delay(base64.b64encode(_picture(3)).decode(), version.pk, True).get(timeout=60)
+    assert encoded["keypoints"] is None
+    query_keypoints = query_payload.encoding_from_message(verifying).keypoints
+    assert query_keypoints is not None
+    same_image = ProductImage.objects.get(sha256=f"{3:064d}").pk
+    assert geometry.verify(geometry.unpack(query_keypoints), stored[same_image]).inliers >= len(stored[same_image]) // 2
     assert len(encoded["bits"]) == 32 and set(encoded["bits"]) <= {"0", "1"}
     assert len(encoded["fc7"]) == version.fc7_dim
     assert encoded["category"] in {"dress", "bag"}
