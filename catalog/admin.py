@@ -375,6 +375,12 @@ class TrainingRunAdmin(admin.ModelAdmin):
     form = TrainingRunForm
     list_display = ["id", "state", "progress_percent", "model_version", "created_by", "created_at", "finished_at"]
     list_filter = ["state"]
+    actions = ["cancel_runs"]
+
+    @admin.action(description="Cancel (a running run stops between two steps and registers no version)")
+    def cancel_runs(self, request: HttpRequest, queryset: QuerySet[TrainingRun]) -> None:
+        cancelled = [str(run.pk) for run in queryset if training.training_run_cancel(run=run)]
+        self.message_user(request, f"Cancelled: {', '.join(cancelled) or 'none was pending or running'}.")
 
     def get_fields(self, request: HttpRequest, obj: TrainingRun | None = None) -> list[str]:
         if obj is None:

@@ -101,6 +101,11 @@ def training_run_get(*, run_id: int) -> TrainingRun:
     return TrainingRun.objects.get(pk=run_id)
 
 
+def training_run_cancel_requested(*, run_id: int) -> bool:
+    """Whether the admin has asked this run to stop (read fresh: the flag is set by another process)."""
+    return TrainingRun.objects.filter(pk=run_id, cancel_requested=True).exists()
+
+
 # --- Merchant-scoped reads: every queryset a merchant user sees starts from that user's merchants -----------------
 
 

@@ -216,14 +216,15 @@ def catalog_export_write(*, directory: Path) -> Path:
     return directory
 
 
-def training_run_execute(*, run_id: int) -> ModelVersion:
+def training_run_execute(*, run_id: int) -> ModelVersion | None:
     """Export the catalog, train on it (progress and per-epoch metrics land on the run for the dashboard) and
     register the result as a ready ModelVersion; switching search to it is the admin's decision.
 
     The run holds only what the admin chose; TrainConfig's defaults fill in the rest, and the resolved config is
-    written back onto the run."""
+    written back onto the run. A run the admin cancels stops between two steps, ends CANCELLED and registers
+    nothing (None)."""
     from workers.ml.datasets.catalog_export import CatalogExport
-    from workers.ml.training import TrainConfig, train
+    from workers.ml.training import TrainConfig, TrainingCancelled, train
 
     run = selectors.training_run_get(run_id=run_id)
     work_dir = Path(settings.MODELS_DIR) / "runs" / f"run-{run.pk}"
@@ -233,7 +234,8 @@ def training_run_execute(*, run_id: int) -> ModelVersion:
             run.config,
             {"out_dir": str(work_dir), "dataset": {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir)}},
         )
-        training.training_run_begin(run=run, config=config.to_dict())
+        if not training.training_run_begin(run=run, config=config.to_dict()):
+            return None  # cancelled while it waited in the queue
         export = CatalogExport(catalog_export_write(directory=export_dir))
         if not len(export):
             raise ValueError("the catalog has no active product with an image to train on")
@@ -246,9 +248,14 @@ def training_run_execute(*, run_id: int) -> ModelVersion:
             fc7_dim=encoder.fc7_dim,
             config={**encoder.version_info, "training": config.to_dict()},
         )
+    except TrainingCancelled:
+        training.training_run_cancelled(run=run)
+        return None
     except Exception:
         training.training_run_fail(run=run, log=traceback.format_exc())
         raise
+    if version is None:  # cancelled after the last step: finish registered nothing
+        return None
     version_evaluate_after_training(version=version)
     return version
 
@@ -272,7 +279,10 @@ def version_evaluate_after_training(*, version: ModelVersion) -> None:
 
 def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str, Any]], None]:
     """train()'s progress callback: the run's fraction done and per-epoch metrics, saved at most every
-    TRAINING_PROGRESS_SAVE_S (and at the end of every epoch)."""
+    TRAINING_PROGRESS_SAVE_S (and at the end of every epoch); as often, it reads the run's cancel flag and stops
+    training (TrainingCancelled) once the admin has set it."""
+    from workers.ml.training import TrainingCancelled
+
     last_save = 0.0
 
     def progress(event: dict[str, Any]) -> None:
@@ -288,6 +298,8 @@ def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str
         if event.get("done") or time.monotonic() - last_save >= TRAINING_PROGRESS_SAVE_S:
             training.training_run_progress(run=run, progress=fraction, epoch_metrics=epoch_metrics)
             last_save = time.monotonic()
+            if selectors.training_run_cancel_requested(run_id=run.pk):
+                raise TrainingCancelled(f"training run {run.pk} was cancelled")
 
     return progress
 

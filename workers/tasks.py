@@ -128,9 +128,9 @@ def _warm_up_worker_process(**_: object) -> None:
     time_limit=6 * 3600 + 60,
 )
 def train_network(training_run_id: int) -> dict:
-    """Train FashionNet on the exported catalog for a TrainingRun started from the admin."""
+    """Train FashionNet on the exported catalog for a TrainingRun started from the admin (None: cancelled)."""
     version = pipelines.training_run_execute(run_id=training_run_id)
-    return {"training_run": training_run_id, "model_version": version.pk}
+    return {"training_run": training_run_id, "model_version": None if version is None else version.pk}
 
 
 @shared_task(

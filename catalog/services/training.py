@@ -25,13 +25,42 @@ def training_run_start(*, run: TrainingRun) -> TrainingRun:
     return run
 
 
-def training_run_begin(*, run: TrainingRun, config: dict[str, Any]) -> None:
-    """The train worker took the run: running from zero, with the full configuration it resolved."""
-    run.state = TrainingRun.State.RUNNING
-    run.progress = 0.0
-    run.epoch_metrics = []
-    run.config = config
-    run.save(update_fields=["state", "progress", "epoch_metrics", "config"])
+def training_run_begin(*, run: TrainingRun, config: dict[str, Any]) -> bool:
+    """The train worker took the run: running from zero, with the full configuration it resolved. False (and
+    nothing changed) if the run was cancelled while it waited."""
+    started = TrainingRun.objects.filter(pk=run.pk, cancel_requested=False).update(
+        state=TrainingRun.State.RUNNING, progress=0.0, epoch_metrics=[], config=config
+    )
+    if started:
+        run.state, run.progress, run.epoch_metrics, run.config = TrainingRun.State.RUNNING, 0.0, [], config
+    return bool(started)
+
+
+CANCELLABLE_STATES = (TrainingRun.State.PENDING, TrainingRun.State.RUNNING)
+
+
+def training_run_cancel(*, run: TrainingRun) -> bool:
+    """The admin's "cancel": a waiting run is cancelled at once; a running one is flagged, and its worker stops
+    between two steps and marks it cancelled (nothing is registered). False if the run had already ended."""
+    with transaction.atomic():
+        locked = TrainingRun.objects.select_for_update().get(pk=run.pk)
+        if locked.state not in CANCELLABLE_STATES:
+            return False
+        locked.cancel_requested = True
+        fields = ["cancel_requested"]
+        if locked.state == TrainingRun.State.PENDING:
+            locked.state, locked.finished_at = TrainingRun.State.CANCELLED, timezone.now()
+            fields += ["state", "finished_at"]
+        locked.save(update_fields=fields)
+    return True
+
+
+def training_run_cancelled(*, run: TrainingRun) -> None:
+    """The worker stopped a run the admin cancelled."""
+    run.state = TrainingRun.State.CANCELLED
+    run.finished_at = timezone.now()
+    run.log = "cancelled by an admin"
+    run.save(update_fields=["state", "finished_at", "log"])
 
 
 def training_run_progress(*, run: TrainingRun, progress: float, epoch_metrics: list[dict[str, Any]]) -> None:
@@ -49,9 +78,13 @@ def training_run_fail(*, run: TrainingRun, log: str) -> None:
 
 def training_run_finish(
     *, run: TrainingRun, checkpoint: Path, code_bits: int, fc7_dim: int, config: dict[str, Any]
-) -> ModelVersion:
-    """Register the trained network as a ready version (with the last epoch's metrics) and close the run."""
+) -> ModelVersion | None:
+    """Register the trained network as a ready version (with the last epoch's metrics) and close the run; or, if
+    the admin cancelled it after its last check, close it cancelled and register nothing (None)."""
     with transaction.atomic():
+        if TrainingRun.objects.select_for_update().filter(pk=run.pk, cancel_requested=True).exists():
+            training_run_cancelled(run=run)
+            return None
         version = ModelVersion.objects.create(
             name=f"fashionnet-run{run.pk}",
             kind=ModelVersion.Kind.FASHIONNET,

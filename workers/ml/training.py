@@ -42,7 +42,7 @@ from workers.ml.preprocess import Preprocessing
 from workers.ml.records import LabelSpace, Record, collate
 from workers.ml.sampler import PKBatchSampler
 
-LOG_EVERY_STEPS = 20  # progress callback / bar refresh cadence: often enough for a dashboard, cheap
+LOG_EVERY_STEPS = 20  # progress bar refresh cadence (the progress callback hears of every step)
 GRADIENT_CLIP_NORM = 5.0  # batch-hard mining occasionally produces a spike; clipping keeps Adam calm
 WARMUP_FRACTION = 0.03  # linear warm-up: the new heads start random on top of a pretrained backbone
 LAST_CHECKPOINT = "last.pt"
@@ -110,6 +110,10 @@ def loader_workers_usable(requested: int) -> int:
     return requested
 
 
+class TrainingCancelled(Exception):
+    """Raised by a progress callback to stop training between two steps (train() lets it through)."""
+
+
 def epoch_loader(
     records: Sequence[Record], label_space: LabelSpace, config: TrainConfig, prep: Preprocessing, epoch: int
 ) -> DataLoader:
@@ -173,8 +177,9 @@ def train(
 
     `records` + `label_space` override `config.dataset` (the Django side passes an exported catalog: several
     Records per product share an instance id); `validate(model, prep) -> dict` is called
-    after every epoch and its dict lands in metrics.jsonl; `progress` receives a dict every few steps
-    (epoch, step, steps, loss, ...) for a dashboard.
+    after every epoch and its dict lands in metrics.jsonl; `progress` receives a dict after every step
+    (epoch, step, steps, loss, ...) and at the end of every epoch, for a dashboard; it may raise TrainingCancelled
+    to stop the run there (last.pt then holds the last finished epoch, and no model.pt is written).
     """
     config = TrainConfig.from_dict(config) if isinstance(config, dict) else config
     torch.set_num_threads(config.num_threads)
@@ -347,16 +352,16 @@ def _run_epoch(run: _Run, epoch: int, progress: Callable[[dict], None] | None) -
             sums[name] += float(value.detach())
         if step % LOG_EVERY_STEPS == 0 or step == len(source) - 1:
             bar.set_postfix(loss=f"{sums['loss'] / (step + 1):.4f}")
-            if progress is not None:
-                progress(
-                    {
-                        "epoch": epoch,
-                        "epochs": config.epochs,
-                        "step": step + 1,
-                        "steps": len(source),
-                        "loss": sums["loss"] / (step + 1),
-                    }
-                )
+        if progress is not None:  # after every step: a callback may stop the run here (TrainingCancelled)
+            progress(
+                {
+                    "epoch": epoch,
+                    "epochs": config.epochs,
+                    "step": step + 1,
+                    "steps": len(source),
+                    "loss": sums["loss"] / (step + 1),
+                }
+            )
     bar.close()
     return {
         "epoch": epoch,
