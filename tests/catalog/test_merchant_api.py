@@ -7,7 +7,6 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.urls import reverse
 from pgvector import Bit
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from catalog.models import DuplicateFinding, ImageEmbedding, ImportJob, IndexChange, ModelVersion, Product, ProductImage
@@ -23,12 +22,6 @@ def _owner(slug: str):
     user = get_user_model().objects.create_user(f"{slug}-user", password="pw-" + slug)
     merchant.users.add(user)
     return merchant, user
-
-
-def _client(user) -> APIClient:
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
-    return client
 
 
 def _version() -> ModelVersion:
@@ -66,7 +59,7 @@ def shop_a():
     }
 
 
-def test_token_and_session_auth_and_unauthenticated_access(shop_a):
+def test_token_and_session_auth_and_unauthenticated_access(shop_a, merchant_client):
     url = reverse("api:merchant-product-list")
     assert APIClient().get(url).status_code in (401, 403)
     token = APIClient().post(reverse("api:auth-token"), {"username": "alpha-user", "password": "pw-alpha"}).json()
@@ -77,12 +70,12 @@ def test_token_and_session_auth_and_unauthenticated_access(shop_a):
     assert session.login(username="alpha-user", password="pw-alpha")
     assert session.get(url).json()["count"] == 2
     loner = get_user_model().objects.create_user("no-merchant")
-    assert _client(loner).get(url).status_code == 403
+    assert merchant_client(loner).get(url).status_code == 403
 
 
-def test_merchant_b_cannot_read_change_or_find_a_catalog_through_any_route(shop_a):
+def test_merchant_b_cannot_read_change_or_find_a_catalog_through_any_route(shop_a, merchant_client):
     _, user_b = _owner("beta")
-    b = _client(user_b)
+    b = merchant_client(user_b)
     a_product, a_image, a_job = shop_a["product"], shop_a["image"], shop_a["job"]
     version = _version()
     _embed(a_image, version)
@@ -124,14 +117,14 @@ def test_merchant_b_cannot_read_change_or_find_a_catalog_through_any_route(shop_
     assert Product.objects.filter(merchant__slug="beta").count() == 0
 
     # And A sees all of it.
-    a = _client(shop_a["user"])
+    a = merchant_client(shop_a["user"])
     assert a.get(product_url).json()["sku"] == "A-1"
     assert a.get(reverse("api:merchant-import-rejected", args=[a_job.pk])).json()["results"][0]["line"] == 2
     assert a.get(reverse("api:merchant-duplicate-list")).json()["count"] == 1
 
 
-def test_update_and_delete_hide_the_product_from_search_data_at_once(shop_a):
-    client = _client(shop_a["user"])
+def test_update_and_delete_hide_the_product_from_search_data_at_once(shop_a, merchant_client):
+    client = merchant_client(shop_a["user"])
     product, image = shop_a["product"], shop_a["image"]
     version = _version()
     _embed(image, version)
@@ -152,8 +145,8 @@ def test_update_and_delete_hide_the_product_from_search_data_at_once(shop_a):
     assert client.get(url).status_code == 404
 
 
-def test_create_a_product_idempotently(shop_a):
-    client = _client(shop_a["user"])
+def test_create_a_product_idempotently(shop_a, merchant_client):
+    client = merchant_client(shop_a["user"])
     url = reverse("api:merchant-product-list")
     body = {"sku": "NEW-1", "title": "New coat", "attributes": ["wool", "wool"], "price": "99.00"}
     created = client.post(url, body, format="json")
@@ -174,8 +167,8 @@ def test_create_a_product_idempotently(shop_a):
     assert client.get(url).json()["count"] == 4
 
 
-def test_image_add_and_delete_through_the_api(shop_a):
-    client = _client(shop_a["user"])
+def test_image_add_and_delete_through_the_api(shop_a, merchant_client):
+    client = merchant_client(shop_a["user"])
     product = shop_a["product"]
     url = reverse("api:merchant-product-images", args=[product.pk])
     added = client.post(url, {"file": io.BytesIO(picture(7)), "position": 1}, format="multipart")
@@ -191,8 +184,8 @@ def test_image_add_and_delete_through_the_api(shop_a):
     assert ProductImage.objects.filter(product=product).count() == 1
 
 
-def test_import_through_the_api_reports_progress_and_rejected_rows(shop_a):
-    client = _client(shop_a["user"])
+def test_import_through_the_api_reports_progress_and_rejected_rows(shop_a, merchant_client):
+    client = merchant_client(shop_a["user"])
     manifest, archive = catalog(3)
     manifest += b"BAD-1,,dress,1,\n"
     response = client.post(
@@ -214,7 +207,7 @@ def test_import_through_the_api_reports_progress_and_rejected_rows(shop_a):
     assert bad.status_code == 400 and "no sku" in bad.json()["detail"]
 
 
-def test_duplicates_show_own_products_only(shop_a):
+def test_duplicates_show_own_products_only(shop_a, merchant_client):
     """A duplicate listing names the merchant's own twin; a possible copy never describes the other merchant."""
     merchant_b, user_b = _owner("beta")
     copy = products.image_add(product=factories.product(merchant_b, sku="B-COPY"), data=picture(1), enqueue=False)
@@ -226,14 +219,15 @@ def test_duplicates_show_own_products_only(shop_a):
     assert created == 6  # three pairs, both directions
     assert embeddings.duplicates_find(model_version=version, image_ids=[images[0].pk]) == 0  # idempotent
 
-    a = _client(shop_a["user"]).get(reverse("api:merchant-duplicate-list")).json()["results"]
+    a = merchant_client(shop_a["user"]).get(reverse("api:merchant-duplicate-list")).json()["results"]
     listing = [f for f in a if f["kind"] == "duplicate_listing"]
     copies = [f for f in a if f["kind"] == "possible_copy"]
     assert len(listing) == 2 and {f["other"]["sku"] for f in listing} == {"A-1", "A-2"}
     assert len(copies) == 2 and all(f["other"] is None for f in copies)
-    listing_only = _client(shop_a["user"]).get(reverse("api:merchant-duplicate-list"), {"kind": "duplicate_listing"})
+    duplicates = reverse("api:merchant-duplicate-list")
+    listing_only = merchant_client(shop_a["user"]).get(duplicates, {"kind": "duplicate_listing"})
     assert listing_only.json()["count"] == 2
-    assert _client(user_b).get(reverse("api:merchant-duplicate-list"), {"kind": "nope"}).status_code == 400
-    b = _client(user_b).get(reverse("api:merchant-duplicate-list")).json()
+    assert merchant_client(user_b).get(reverse("api:merchant-duplicate-list"), {"kind": "nope"}).status_code == 400
+    b = merchant_client(user_b).get(reverse("api:merchant-duplicate-list")).json()
     assert b["count"] == 2 and all(f["kind"] == "possible_copy" and f["other"] is None for f in b["results"])
     assert "alpha" not in str(b).lower() and "A-1" not in str(b)

@@ -3,9 +3,7 @@ backends (the in-memory index follows the IndexChange rows the database triggers
 
 import numpy as np
 import pytest
-from django.contrib.auth import get_user_model
 from django.urls import reverse
-from rest_framework.test import APIClient
 
 from catalog import search
 from catalog.codes import bitstring_pack
@@ -29,12 +27,9 @@ def _hits(version, embedding, backend: str) -> list[str]:
     return [hit.product.sku for hit in result.hits]
 
 
-def test_deactivated_or_deleted_products_disappear_from_search_immediately():
+def test_deactivated_or_deleted_products_disappear_from_search_immediately(merchant_client):
     merchant = factories.merchant("gamma")
-    user = get_user_model().objects.create_user("gamma-user")
-    merchant.users.add(user)
-    client = APIClient()
-    client.force_authenticate(user)
+    client = merchant_client(merchant=merchant)
     version = searchkit.active_version()
     planted = searchkit.random_catalog(merchant=merchant, version=version, count=8, seed=3)
     target, other = planted[0], planted[1]

@@ -4,9 +4,7 @@ import io
 import zipfile
 
 import pytest
-from django.contrib.auth import get_user_model
 from django.urls import reverse
-from rest_framework.test import APIClient
 
 from catalog.intake import IntakeError
 from catalog.intake.zips import SafeZip, zip_check
@@ -93,12 +91,8 @@ def test_base_names_resolve_when_unique():
 
 
 @pytest.mark.django_db
-def test_the_api_rejects_a_bad_zip_with_400_and_stores_nothing():
-    merchant = factories.merchant()
-    user = get_user_model().objects.create_user("owner")
-    merchant.users.add(user)
-    client = APIClient()
-    client.force_authenticate(user)
+def test_the_api_rejects_a_bad_zip_with_400_and_stores_nothing(merchant_client):
+    client = merchant_client(merchant=factories.merchant())
     manifest = csv_bytes([{"sku": "A", "title": "a", "images": "ok.png"}])
     for archive, message in [
         (_zip_with("../evil.png"), "path traversal"),
