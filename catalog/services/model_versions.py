@@ -74,6 +74,19 @@ def model_version_ready(
     return version
 
 
+def model_version_register(
+    *, name: str, kind: str, checkpoint: Path, code_bits: int, fc7_dim: int, config: dict[str, Any]
+) -> ModelVersion:
+    """A network trained elsewhere (e.g. by `python -m workers.ml.benchmark`), already checked to load, as a ready
+    version: evaluated and switched to like one trained from the dashboard."""
+    if ModelVersion.objects.filter(name=name).exists():
+        raise ValueError(f"a model version named {name!r} exists already")
+    return ModelVersion.objects.create(
+        name=name, kind=kind, status=ModelVersion.Status.READY, checkpoint=str(checkpoint), code_bits=code_bits,
+        fc7_dim=fc7_dim, config=config,
+    )  # fmt: skip
+
+
 SWITCHABLE_STATUSES = (ModelVersion.Status.READY, ModelVersion.Status.RETIRED)
 
 

@@ -10,19 +10,9 @@ import json
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from catalog.models import ModelVersion
+from catalog.management.commands._versions import version_named
 from catalog.services import golden
 from workers import pipelines
-
-
-def version_named(name_or_id: str) -> ModelVersion:
-    """A version by name, or by id."""
-    version = ModelVersion.objects.filter(name=name_or_id).first()
-    if version is None and name_or_id.isdigit():
-        version = ModelVersion.objects.filter(pk=int(name_or_id)).first()
-    if version is None:
-        raise CommandError(f"no model version named {name_or_id!r}")
-    return version
 
 
 class Command(BaseCommand):
