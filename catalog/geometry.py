@@ -137,7 +137,7 @@ def verify_many(query: LocalFeatures, candidates: Sequence[LocalFeatures | None]
     """verify() against each candidate (None where a candidate has no features stored).
 
     Matching is one matrix product of the query's descriptors with all candidates' (squared L2 from dot products),
-    then each candidate's two nearest neighbours per query feature for the ratio test: one BLAS call instead of a
+    then each candidate's two nearest neighbours per query feature for the ratio test: one GEMM instead of a
     matcher per candidate. A candidate with fewer than MIN_MATCHES matches skips RANSAC (early exit)."""
     results: list[Verification | None] = [None if candidate is None else Verification(0, 0) for candidate in candidates]
     usable = [i for i, c in enumerate(candidates) if c is not None and len(c) >= 2]
@@ -145,10 +145,13 @@ def verify_many(query: LocalFeatures, candidates: Sequence[LocalFeatures | None]
         return results
     query_descriptors = query.descriptors.astype(np.float32)
     stacked = np.concatenate([candidates[i].descriptors for i in usable]).astype(np.float32)  # type: ignore[union-attr]
+    # OpenCV's GEMM, not numpy's: on OpenCV's one thread it stays fast in a busy process, where a multithreaded
+    # BLAS pinned to one core spins (3x slower at p50 in `manage.py bench_verify`).
+    products = cv2.gemm(query_descriptors, stacked, -2.0, None, 0.0, flags=cv2.GEMM_2_T)  # type: ignore[call-overload]
     distances = (
-        np.einsum("ij,ij->i", query_descriptors, query_descriptors)[:, None]
+        products
+        + np.einsum("ij,ij->i", query_descriptors, query_descriptors)[:, None]
         + np.einsum("ij,ij->i", stacked, stacked)[None, :]
-        - 2.0 * (query_descriptors @ stacked.T)
     )
     start = 0
     for i in usable:

@@ -162,7 +162,7 @@
 
   function render(body) {
     const t = body.timings_ms;
-    timingsLine.textContent = ["intake", "encode", "coarse", "fine", "explain", "total"]
+    timingsLine.textContent = ["intake", "encode", "coarse", "fine", "verify", "explain", "total"]
       .filter((stage) => stage in t)
       .map((stage) => `${stage} ${number(t[stage], 1)} ms`)
       .join(" · ");
@@ -218,6 +218,14 @@
     const rows = [
       ["Hamming distance", `${e.hamming_distance} of ${e.code_bits} bits`],
       ["fc7 distance", number(e.fc7_distance, 4)],
+      [
+        "Geometry",
+        e.inliers === null || e.inliers === undefined
+          ? "not verified"
+          : `${e.inliers} matching points in a consistent layout (of ${e.tentative_matches} matches): ` +
+            `score ${number(e.fine_score, 4)} × ${number(e.verify_factor, 2)}`,
+        e.inliers >= 8 ? "agree" : "",
+      ],
       [
         "Category",
         e.category_predicted
