@@ -17,5 +17,6 @@ def home(request: HttpRequest) -> HttpResponse:
             "default_k": search.DEFAULT_K,
             "max_k": search.MAX_K,
             "category_modes": search.CATEGORY_MODES,
+            "category_mode_default": search.DEFAULT_CATEGORY_MODE,
         },
     )

@@ -179,7 +179,12 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path = fit_baseline(
-            pictures, out_path=out_path, categories=categories, code_bits=version.code_bits, fc7_dim=version.fc7_dim
+            pictures,
+            out_path=out_path,
+            categories=categories,
+            code_bits=version.code_bits,
+            fc7_dim=version.fc7_dim,
+            **(version.config or {}).get("baseline", {}),  # a recipe under comparison (bench_retrieval --baseline)
         )
     except Exception as exc:
         model_versions.model_version_fail(version=version, error=str(exc))

@@ -42,7 +42,7 @@ class _FilterInputSerializer(serializers.Serializer):
     )
     price_min = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
     price_max = serializers.DecimalField(required=False, max_digits=12, decimal_places=2, min_value=0)
-    category_mode = serializers.ChoiceField(choices=search.CATEGORY_MODES, default="boost")
+    category_mode = serializers.ChoiceField(choices=search.CATEGORY_MODES, default=search.DEFAULT_CATEGORY_MODE)
     radius = serializers.IntegerField(required=False, min_value=0, max_value=1024, help_text="max Hamming distance")
     verify = serializers.BooleanField(
         required=False,

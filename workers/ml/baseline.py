@@ -89,6 +89,7 @@ def fit_baseline(
     code_bits: int = 256,
     fc7_dim: int = 256,
     input_size: int = BASELINE_INPUT_SIZE,
+    pooling: str = BASELINE_POOLING,
     backbone: str = PACKAGED_BACKBONE,
     seed: int = 0,
     num_threads: int | None = None,
@@ -112,7 +113,7 @@ def fit_baseline(
 
     prep = Preprocessing(input_size, PACKAGED_MEAN, PACKAGED_STD)
     model = create_pooled_model(backbone, packaged_weights=True).eval().to(memory_format=torch.channels_last)
-    features = extract_features(model, images, prep)
+    features = extract_features(model, images, prep, pooling=pooling)
 
     mean = features.mean(axis=0)
     centred = features - mean
@@ -153,7 +154,7 @@ def fit_baseline(
         kind="baseline",
         model_config={
             "backbone": backbone,
-            "pooling": BASELINE_POOLING,
+            "pooling": pooling,
             "input_size": input_size,
             "fit_samples": len(images),
             "itq_dims": int(itq_dims),

@@ -1,0 +1,352 @@
+"""`manage.py bench_retrieval`: does a shopper's photo find the product? The honest retrieval benchmark.
+
+For each seed and catalog size, in a throwaway database on the same server (never the shop's):
+1. a catalog the way a shop uploads it (`workers.ml.datasets.shop_benchmark`: rendered products in colour and
+   real Fashion-MNIST photos on white; on the `test` split also the real-photo set) is written through the
+   services (`product_upsert`, `image_add`: validation, storage, everything a merchant's upload goes through);
+2. the model version is fitted (version 0, by the worker pipeline, on a random sample of that catalog) or a given
+   checkpoint is registered, and every image is embedded by the worker pipeline (`workers.pipelines`);
+3. held-out shopper photos (`workers.ml.heldout_queries`: code and distortions training never sees) are sent
+   through what a search request runs: `intake.image_validate`, the worker's `query_encode`, the payload round
+   trip, and `catalog.search.search_encoding` (coarse Hamming, fine fc7 rerank, every re-rank, as served).
+
+Reported per query strength and per source (rendered, fashion-mnist, real), mean and spread over seeds: R@1,
+R@10, MRR, the coarse stage's recall (was the product among its candidates) and the share of the catalog it
+passed on, the category prediction's accuracy (what a category gate would let through), and per-stage latency
+medians. Writes JSON and a markdown table. Recipes are chosen on `--split validation`; report `--split test`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connection, transaction
+from tqdm import tqdm
+
+BENCH_DATABASE = "shop_search_bench_retrieval"
+BENCH_REDIS_DB = 12  # tasks the services queue on commit land here, where no worker listens, and are purged
+INNER_FLAG = "--inside-bench-database"
+QUERY_JPEG_QUALITY = 90  # what a phone uploads
+WRITE_BATCH = 200  # products per transaction while loading
+EMBED_BATCH = 64  # images per call of the embed pipeline, as the workers batch them
+TOP_K = 10
+
+
+class Command(BaseCommand):
+    help = "Retrieval quality on held-out shopper photos and real second photographs, through the real search path."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--sizes", default="1000,10000", help="comma-separated catalog sizes")
+        parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (catalog and queries)")
+        parser.add_argument("--queries", type=int, default=300, help="held-out shopper photos per strength and seed")
+        parser.add_argument("--strengths", default="heldout,heldout-mild", help="held-out query strengths")
+        parser.add_argument("--split", default="test", choices=("validation", "test"))
+        parser.add_argument("--checkpoint", type=Path, default=None, help="a trained model instead of version 0")
+        parser.add_argument(
+            "--baseline",
+            default="{}",
+            help='version 0 recipe to compare, as JSON fit_baseline arguments, e.g. \'{"input_size": 112, '
+            '"pooling": "gap", "code_bits": 64}\' (the defaults otherwise)',
+        )
+        parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "retrieval.json")
+        parser.add_argument(
+            "--category-mode", default="boost", help="what the predicted category does (the API's default: boost)"
+        )
+        parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
+        parser.add_argument(INNER_FLAG, action="store_true", help="(internal) run inside the bench database")
+
+    def handle(self, *args, **options) -> None:
+        if options["inside_bench_database"]:
+            self._benchmark(**options)
+            return
+        work = Path(tempfile.mkdtemp(prefix="bench-retrieval-", dir=Path(settings.VAR_DIR)))
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
+            cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
+        command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_retrieval", INNER_FLAG]
+        for name in ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode"):
+            command += [f"--{name.replace('_', '-')}", str(options[name])]
+        if options["checkpoint"]:
+            command += ["--checkpoint", str(options["checkpoint"].resolve())]
+        env = {
+            **os.environ,
+            "DATABASE_URL": _with_path(settings.DATABASE_URL, f"/{BENCH_DATABASE}"),
+            "REDIS_URL": _with_path(settings.REDIS_URL, f"/{BENCH_REDIS_DB}"),
+            "MEDIA_ROOT": str(work / "media"),
+            "MODELS_DIR": str(work / "models"),
+        }
+        try:
+            done = subprocess.run(command, env=env, cwd=settings.BASE_DIR)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            if not options["keep_database"]:
+                connection.close()
+                with connection.cursor() as cursor:
+                    cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
+        if done.returncode:
+            raise CommandError(f"the benchmark failed (exit {done.returncode})")
+
+    # -- inside the bench database ----------------------------------------------------------------------------------
+    def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
+                   checkpoint: Path | None, baseline: str, category_mode: str, **_) -> None:  # fmt: skip
+        from celery import current_app
+
+        from catalog import search
+        from workers.ml.datasets.real_photos import background_photos
+
+        if connection.settings_dict["NAME"] != BENCH_DATABASE:
+            raise CommandError(f"refusing to load a benchmark catalog into {connection.settings_dict['NAME']!r}")
+        call_command("migrate", interactive=False, verbosity=0)
+        try:
+            backgrounds = background_photos()
+        except Exception as exc:  # no opencv-doc: the generator falls back to its procedural surfaces
+            self.stderr.write(self.style.WARNING(f"no real background photos ({exc}); procedural surfaces only"))
+            backgrounds = []
+        runs = []
+        for size in (int(s) for s in sizes.split(",")):
+            for seed in (int(s) for s in seeds.split(",")):
+                started = time.perf_counter()
+                run = self._one_catalog(
+                    size=size, seed=seed, split=split, queries=queries, strengths=strengths.split(","),
+                    checkpoint=checkpoint, baseline=json.loads(baseline), backgrounds=backgrounds,
+                    options=search.SearchOptions(k=TOP_K, category_mode=category_mode),
+                )  # fmt: skip
+                run["seconds"] = round(time.perf_counter() - started, 1)
+                runs.append(run)
+                self.stdout.write(json.dumps({k: v for k, v in run.items() if k != "queries"}))
+        current_app.control.purge()
+        report = {
+            "config": {
+                "split": split, "sizes": sizes, "seeds": seeds, "queries": queries, "strengths": strengths,
+                "model": str(checkpoint) if checkpoint else f"version 0 {baseline}", "cpus": os.cpu_count(),
+                "category_mode": category_mode,
+            },
+            "results": summarise(runs),
+            "runs": runs,
+        }  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        table = markdown_table(report)
+        out.with_suffix(".md").write_text(table)
+        self.stdout.write(table)
+        self.stdout.write(f"written: {out} and {out.with_suffix('.md')}")
+
+    def _one_catalog(self, *, size: int, seed: int, split: str, queries: int, strengths: list[str],
+                     checkpoint: Path | None, baseline: dict[str, Any], backgrounds: list,
+                     options: Any) -> dict[str, Any]:  # fmt: skip
+        from catalog.models import ImageEmbedding, Merchant, ModelVersion, ProductImage
+        from catalog.services import model_versions
+        from catalog.services.products import image_add, product_upsert
+        from workers import pipelines
+        from workers.ml.datasets.shop_benchmark import benchmark_catalog, benchmark_queries, real_products
+
+        _reset_catalog()
+        catalog = benchmark_catalog(size=size, split=split, seed=seed)
+        real_queries: list = []
+        if split == "test":
+            try:
+                extra, real_queries = real_products()
+                catalog = catalog + extra
+            except Exception as exc:
+                self.stderr.write(self.style.WARNING(f"no real-photo set ({exc})"))
+        merchant = Merchant.objects.create(slug="bench", name="Bench")
+        product_ids = []
+        for start in tqdm(range(0, len(catalog), WRITE_BATCH), desc=f"catalog {size} seed {seed}", unit="batch"):
+            with transaction.atomic():
+                for item in catalog[start : start + WRITE_BATCH]:
+                    product = product_upsert(
+                        merchant=merchant, sku=item.sku, title=item.title[:300], category=item.category,
+                        attributes=list(item.attributes),
+                    ).product  # fmt: skip
+                    image_add(product=product, data=_png(item.photo), position=0)
+                    product_ids.append(product.pk)
+        started = time.perf_counter()
+        if checkpoint is None:
+            with transaction.atomic():
+                version = model_versions.model_version_bootstrap(
+                    code_bits=int(baseline.get("code_bits", 256)), fc7_dim=int(baseline.get("fc7_dim", 256))
+                )
+                version.config = {"baseline": {k: v for k, v in baseline.items() if k not in ("code_bits", "fc7_dim")}}
+                version.save(update_fields=["config"])
+            version = pipelines.model_version_fit_baseline(version_id=version.pk)
+        else:
+            version = _register_checkpoint(checkpoint)
+        fit_s = time.perf_counter() - started
+        started = time.perf_counter()
+        image_ids = list(ProductImage.objects.order_by("id").values_list("id", flat=True))
+        for start in tqdm(range(0, len(image_ids), EMBED_BATCH), desc="embedding", unit="batch"):
+            pipelines.images_embed(image_ids=image_ids[start : start + EMBED_BATCH])
+        embed_s = time.perf_counter() - started
+        if not model_versions.model_version_finish_indexing(version=version):
+            raise CommandError("the catalog did not finish indexing")
+        version = ModelVersion.objects.get(pk=version.pk)
+        product_of = dict(ImageEmbedding.objects.filter(model_version=version).values_list("id", "product_id"))
+        measured: list[dict[str, Any]] = []
+        for strength in strengths:
+            photos = benchmark_queries(catalog, count=queries, seed=seed, strength=strength, backgrounds=backgrounds)
+            for query in tqdm(photos, desc=f"queries {strength}", unit="query"):
+                measured.append(
+                    _search(query.photo, product_ids[query.product_index], catalog[query.product_index].category,
+                            version=version, product_of=product_of, options=options)
+                    | {"strength": strength, "source": query.source}
+                )  # fmt: skip
+        real_index = len(catalog) - len(real_queries)
+        for offset, photo in enumerate(real_queries):
+            measured.append(
+                _search(
+                    photo,
+                    product_ids[real_index + offset],
+                    "real",
+                    version=version,
+                    product_of=product_of,
+                    options=options,
+                )  # fmt: skip
+                | {"strength": "real photo", "source": "real", "name": catalog[real_index + offset].sku}
+            )
+        return {
+            "size": size, "seed": seed, "products": len(catalog), "code_bits": version.code_bits,
+            "fc7_dim": version.fc7_dim, "fit_s": round(fit_s, 1), "embed_s": round(embed_s, 1), "queries": measured,
+        }  # fmt: skip
+
+
+def _search(photo, product_id: int, category: str, *, version, product_of: dict[int, int], options) -> dict[str, Any]:
+    """One query through what `POST /api/search` runs, with the true product's rank and each stage's time."""
+    from catalog import query_payload, search
+    from catalog.intake.images import image_validate
+    from workers import pipelines
+
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=QUERY_JPEG_QUALITY)
+    started = time.perf_counter()
+    validated = image_validate(buffer.getvalue())
+    intake_ms = (time.perf_counter() - started) * 1000
+    started = time.perf_counter()
+    message = pipelines.query_encode(
+        photo_message=query_payload.photo_to_message(validated.data),
+        version_id=version.pk,
+        keypoints=search.verify_enabled(options),  # what search_photo asks the worker for
+    )
+    encoding = query_payload.encoding_from_message(message)
+    encode_ms = (time.perf_counter() - started) * 1000
+    result = search.search_encoding(encoding=encoding, version=version, options=options)
+    ranked = [hit.product.pk for hit in result.hits]
+    candidates = {product_of.get(int(i)) for i in result.candidate_ids}
+    return {
+        "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
+        "coarse_hit": product_id in candidates,
+        "candidates": len(result.candidate_ids),
+        "category_correct": bool(encoding.category) and encoding.category == category,
+        "ms": {"intake": intake_ms, "encode": encode_ms, **result.timings_ms},
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (size, strength, source): each metric's mean and spread (population std) over the seeds."""
+    per_seed: dict[tuple, dict[int, dict[str, float]]] = defaultdict(dict)
+    for run in runs:
+        groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for query in run["queries"]:
+            groups[(run["size"], query["strength"], query["source"])].append(query)
+        for key, queries in groups.items():
+            ranks = [q["rank"] for q in queries]
+            per_seed[key][run["seed"]] = {
+                "R@1": float(np.mean([r == 1 for r in ranks])),
+                "R@10": float(np.mean([r is not None and r <= TOP_K for r in ranks])),
+                "MRR@10": float(np.mean([1.0 / r if r else 0.0 for r in ranks])),
+                "coarse_recall": float(np.mean([q["coarse_hit"] for q in queries])),
+                "coarse_share": float(np.mean([q["candidates"] for q in queries]) / run["products"]),
+                "category_accuracy": float(np.mean([q["category_correct"] for q in queries])),
+                **{
+                    f"{stage}_ms_p50": float(np.median([q["ms"][stage] for q in queries])) for stage in queries[0]["ms"]
+                },  # fmt: skip
+                "queries": len(queries),
+            }
+    summary = []
+    for (size, strength, source), seeds in sorted(per_seed.items()):
+        metrics = {}
+        for name in next(iter(seeds.values())):
+            values = [seed[name] for seed in seeds.values()]
+            metrics[name] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
+        summary.append({"size": size, "strength": strength, "source": source, "seeds": len(seeds), **metrics})
+    return summary
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    config = report["config"]
+    lines = [
+        f"Model: {config['model']}; split: {config['split']}; seeds: {config['seeds']}; "
+        f"{config['queries']} held-out photos per strength and seed (mean ± spread over seeds).",
+        "",
+        "| products | queries | source | R@1 | R@10 | MRR@10 | coarse recall | coarse passes | category right "
+        "| encode ms | search ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+
+        def cell(name: str, row: dict[str, Any] = row) -> str:
+            return f"{row[name]['mean']:.3f} ± {row[name]['std']:.3f}"
+
+        search_ms = row["total_ms_p50"]["mean"]
+        lines.append(
+            f"| {row['size']:,} | {row['strength']} | {row['source']} | {cell('R@1')} | {cell('R@10')} "
+            f"| {cell('MRR@10')} | {cell('coarse_recall')} | {row['coarse_share']['mean']:.1%} "
+            f"| {row['category_accuracy']['mean']:.2f} | {row['encode_ms_p50']['mean']:.1f} | {search_ms:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _reset_catalog() -> None:
+    """Empty the bench database between catalogs: every catalog row and model version (CASCADE reaches the rest),
+    each version's partial code index, and the stored files."""
+    from catalog.models import Merchant, ModelVersion
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname FROM pg_indexes WHERE indexname LIKE 'catalog_embedding_code_hnsw_v%%'")
+        for (name,) in cursor.fetchall():
+            cursor.execute(f'DROP INDEX IF EXISTS "{name}"')
+        cursor.execute(f"TRUNCATE {Merchant._meta.db_table}, {ModelVersion._meta.db_table} CASCADE")
+    media = Path(settings.MEDIA_ROOT)
+    if media.exists():
+        shutil.rmtree(media)
+
+
+def _register_checkpoint(path: Path):
+    from catalog.models import ModelVersion
+    from catalog.services import model_versions
+    from workers.pipelines import encoder_at
+
+    encoder = encoder_at(path)
+    version = ModelVersion.objects.create(
+        name=path.stem, code_bits=encoder.code_bits, fc7_dim=encoder.fc7_dim, status=ModelVersion.Status.READY
+    )
+    model_versions.model_version_ready(
+        version=version, checkpoint=path, code_bits=encoder.code_bits, fc7_dim=encoder.fc7_dim,
+        config=encoder.version_info,
+    )  # fmt: skip
+    return model_versions.model_version_start_indexing(version=version)
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _with_path(url: str, path: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=path))
