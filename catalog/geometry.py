@@ -109,6 +109,8 @@ def pack(features: LocalFeatures) -> bytes:
 
 def unpack(data: bytes | memoryview) -> LocalFeatures:
     data = bytes(data)
+    if len(data) < _HEADER.size:
+        raise ValueError(f"packed local features are at least {_HEADER.size} bytes, not {len(data)}")
     magic, version, width_bytes, count, width, height = _HEADER.unpack_from(data)
     if magic != _MAGIC or version != _FORMAT_VERSION or width_bytes != DESCRIPTOR_BYTES:
         raise ValueError(f"not packed local features of format {_FORMAT_VERSION} ({magic!r}, {version})")

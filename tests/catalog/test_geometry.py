@@ -73,6 +73,8 @@ def test_unpack_refuses_what_is_not_packed_features():
         geometry.unpack(b"XX" + packed[2:])
     with pytest.raises(ValueError):
         geometry.unpack(packed[:-1])
+    with pytest.raises(ValueError):
+        geometry.unpack(b"KP")
 
 
 def test_the_same_product_seen_from_elsewhere_has_many_inliers_another_product_few():

@@ -156,3 +156,15 @@ def test_the_query_payload_carries_the_keypoints_as_json_text():
     assert query_payload.encoding_from_message(message).keypoints == packed
     bare = query_payload.encoding_to_message(model_version_id=1, bits=np.ones(8, bool), fc7=np.zeros(2))
     assert query_payload.encoding_from_message(bare).keypoints is None
+
+
+def test_unreadable_keypoints_leave_a_candidate_unverified_not_the_search_failed(wrong_by_fc7):
+    version, query, look, _, true = wrong_by_fc7
+    ImageKeypoints.objects.filter(image__product=true).update(data=b"KP\x09 not this format")
+
+    result = search.search_encoding(encoding=query, version=version, options=SearchOptions(k=3, verify=True))
+
+    assert ranked(result)[0] == look.pk
+    assert next(hit for hit in result.hits if hit.product.pk == true.pk).explanation.inliers is None
+    garbled = QueryEncoding(model_version_id=version.pk, code=query.code, fc7=query.fc7, keypoints=b"junk")
+    assert ranked(search.search_encoding(encoding=garbled, version=version, options=SearchOptions(k=3)))[0] == look.pk
