@@ -244,7 +244,13 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
         export = CatalogExport(catalog_export_write(directory=export_dir))
         if not len(export):
             raise ValueError("the catalog has no active product with an image to train on")
-        path = train(config, records=export, label_space=export.label_space, progress=_progress_saver(run, config))
+        path = train(
+            config,
+            records=export,
+            label_space=export.label_space,
+            validate=golden_epoch_validator(export),
+            progress=_progress_saver(run, config),
+        )
         encoder = encoder_at(path)
         version = training.training_run_finish(
             run=run,
@@ -295,7 +301,11 @@ def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str
         epochs = max(1, int(event.get("epochs") or config.epochs))
         epoch_metrics = run.epoch_metrics
         if event.get("done"):
-            epoch_metrics = [*epoch_metrics, {"epoch": event["epoch"], **event.get("metrics", {})}]
+            metrics = dict(event.get("metrics", {}))
+            validation = metrics.pop("validation", None) or {}
+            # the per-epoch golden check, flat so that the run page's table shows it beside the losses
+            golden_now = {f"golden_r1_{mode}": validation[mode] for mode in ("cascade", "fc7") if mode in validation}
+            epoch_metrics = [*epoch_metrics, {"epoch": event["epoch"], **metrics, **golden_now}]
             fraction = (int(event["epoch"]) + 1) / epochs
         else:
             steps = max(1, int(event.get("steps") or 1))
@@ -310,6 +320,7 @@ def _progress_saver(run: TrainingRun, config: TrainConfig) -> Callable[[dict[str
 
 
 # --- golden-set evaluation ------------------------------------------------------------------------------------------
+GOLDEN_EPOCH_GALLERY = 2000  # products searched by the per-epoch check: a few seconds an epoch on a demo shop
 GOLDEN_SAMPLE_PRODUCTS = 200  # held-out queries per evaluation: R@1 to about +-3 points, a minute on a demo shop
 GOLDEN_SEED = 11  # the same products and the same photos for every version, so that their numbers compare
 # Mild: at the harsh strength both version 0 and young trained versions sit near the floor, where R@1 no longer
@@ -460,3 +471,35 @@ def _grouped(outcomes: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str
     return {
         value: golden_numbers([o for o in outcomes if o[key] == value]) for value in sorted({o[key] for o in outcomes})
     }
+
+
+def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
+    """train()'s per-epoch check: held-out shopper views (the golden set's seed and strength) of a sample of the
+    catalog being trained on, searched in memory among the products' main photos (workers.ml.evaluation's cascade
+    on the network as it is after the epoch). An indication while training; the numbers a switch is decided on come
+    from version_evaluate_golden through the real cascade once the version is registered."""
+    from workers.ml.evaluation import retrieval_validator
+    from workers.ml.heldout_queries import heldout_query
+    from workers.ml.records import Record
+
+    first_image: dict[int, int] = {}
+    for index, (number, _) in enumerate(export.items):  # type: ignore[attr-defined]
+        first_image.setdefault(number, index)
+    numbers = sorted(first_image)
+    rng = np.random.default_rng(GOLDEN_SEED)
+    if len(numbers) > GOLDEN_EPOCH_GALLERY:
+        numbers = sorted(int(n) for n in rng.choice(numbers, size=GOLDEN_EPOCH_GALLERY, replace=False))
+    gallery = [export[first_image[number]] for number in numbers]
+    queries = []
+    for chosen in rng.choice(len(gallery), size=min(GOLDEN_SAMPLE_PRODUCTS, len(gallery)), replace=False):
+        record = gallery[int(chosen)]
+        query_rng = np.random.default_rng([GOLDEN_SEED, int(record.instance_id)])
+        others = query_rng.choice(len(gallery), size=min(GOLDEN_OCCLUDERS, len(gallery)), replace=False)
+        photo = heldout_query(
+            record.image,
+            query_rng,
+            occluders=[gallery[int(o)].image for o in others if int(o) != int(chosen)],
+            strength=GOLDEN_HELDOUT_STRENGTH,
+        )
+        queries.append(Record(image=photo, instance_id=record.instance_id, category=record.category))
+    return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
