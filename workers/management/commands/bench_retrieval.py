@@ -18,6 +18,7 @@ medians. Writes JSON and a markdown table. Recipes are chosen on `--split valida
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -245,15 +246,24 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
     encoding = query_payload.encoding_from_message(message)
     encode_ms = (time.perf_counter() - started) * 1000
     result = search.search_encoding(encoding=encoding, version=version, options=options)
-    ranked = [hit.product.pk for hit in result.hits]
     candidates = {product_of.get(int(i)) for i in result.candidate_ids}
+    # The same query without the verify re-rank: what that stage adds.
+    unverified = search.search_encoding(
+        encoding=encoding, version=version, options=dataclasses.replace(options, verify=False)
+    )
     return {
-        "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
+        "rank": _rank(result, product_id),
+        "rank_before_verify": _rank(unverified, product_id),
         "coarse_hit": product_id in candidates,
         "candidates": len(result.candidate_ids),
         "category_correct": bool(encoding.category) and encoding.category == category,
         "ms": {"intake": intake_ms, "encode": encode_ms, **result.timings_ms},
     }
+
+
+def _rank(result, product_id: int) -> int | None:
+    ranked = [hit.product.pk for hit in result.hits]
+    return ranked.index(product_id) + 1 if product_id in ranked else None
 
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -267,6 +277,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ranks = [q["rank"] for q in queries]
             per_seed[key][run["seed"]] = {
                 "R@1": float(np.mean([r == 1 for r in ranks])),
+                "R@1_before_verify": float(np.mean([q["rank_before_verify"] == 1 for q in queries])),
                 "R@10": float(np.mean([r is not None and r <= TOP_K for r in ranks])),
                 "MRR@10": float(np.mean([1.0 / r if r else 0.0 for r in ranks])),
                 "coarse_recall": float(np.mean([q["coarse_hit"] for q in queries])),
@@ -293,9 +304,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"Model: {config['model']}; split: {config['split']}; seeds: {config['seeds']}; "
         f"{config['queries']} held-out photos per strength and seed (mean ± spread over seeds).",
         "",
-        "| products | queries | source | R@1 | R@10 | MRR@10 | coarse recall | coarse passes | category right "
-        "| encode ms | search ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| products | queries | source | R@1 | R@1 before verify | R@10 | MRR@10 | coarse recall | coarse passes "
+        "| category right | encode ms | search ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
 
@@ -304,7 +315,8 @@ def markdown_table(report: dict[str, Any]) -> str:
 
         search_ms = row["total_ms_p50"]["mean"]
         lines.append(
-            f"| {row['size']:,} | {row['strength']} | {row['source']} | {cell('R@1')} | {cell('R@10')} "
+            f"| {row['size']:,} | {row['strength']} | {row['source']} | {cell('R@1')} | {cell('R@1_before_verify')} "
+            f"| {cell('R@10')} "
             f"| {cell('MRR@10')} | {cell('coarse_recall')} | {row['coarse_share']['mean']:.1%} "
             f"| {row['category_accuracy']['mean']:.2f} | {row['encode_ms_p50']['mean']:.1f} | {search_ms:.1f} |"
         )
