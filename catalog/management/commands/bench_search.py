@@ -14,23 +14,25 @@ from __future__ import annotations
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 from django.db import connection
 
 from catalog.codes import code_index_name
+from catalog.management.bench_database import (
+    INNER_FLAG,
+    INNER_HELP,
+    refuse_outside_bench_database,
+    run_inside_bench_database,
+)
 
 BENCH_DATABASE = "shop_search_bench"
-INNER_FLAG = "--inside-bench-database"
 CLUSTER_SIZE = 200  # products per cluster of look-alikes (a kind: "navy striped shirts")
 CLUSTER_SPREAD = 0.7  # within-cluster spread relative to the distance between cluster centres
 QUERY_NOISE = 0.25  # how far a shopper's photo lands from the catalog photo of the same product, in fc7
@@ -57,28 +59,18 @@ class Command(BaseCommand):
         )
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "search.json")
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
-        parser.add_argument(INNER_FLAG, action="store_true", help="(internal) run inside the bench database")
+        parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
 
     def handle(self, *args, **options) -> None:
         if options["inside_bench_database"]:
             self._benchmark(**options)
             return
-        url = _bench_database_url(settings.DATABASE_URL)
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-            cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
-        command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_search", INNER_FLAG]
+        argv = []
         for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out", "min_candidates"):
-            command += [f"--{name.replace('_', '-')}", str(options[name])]
-        try:
-            done = subprocess.run(command, env={**os.environ, "DATABASE_URL": url}, cwd=settings.BASE_DIR)
-        finally:
-            if not options["keep_database"]:
-                connection.close()
-                with connection.cursor() as cursor:
-                    cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-        if done.returncode:
-            raise CommandError(f"the benchmark failed (exit {done.returncode})")
+            argv += [f"--{name.replace('_', '-')}", str(options[name])]
+        run_inside_bench_database(
+            command="bench_search", database=BENCH_DATABASE, argv=argv, keep=options["keep_database"]
+        )
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, queries: int, code_bits: int, fc7_dim: int, backends: str, seed: int,
@@ -86,8 +78,7 @@ class Command(BaseCommand):
         from catalog import hamming, search
         from catalog.models import Merchant, ModelVersion
 
-        if connection.settings_dict["NAME"] != BENCH_DATABASE:
-            raise CommandError(f"refusing to bulk-load into {connection.settings_dict['NAME']!r}")
+        refuse_outside_bench_database(BENCH_DATABASE)
         call_command("migrate", interactive=False, verbosity=0)
         _relax_table_defaults()
         size_list = sorted(int(s) for s in sizes.split(","))
@@ -345,8 +336,3 @@ def _rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _bench_database_url(url: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{BENCH_DATABASE}"))

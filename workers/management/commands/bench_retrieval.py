@@ -24,14 +24,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 from django.conf import settings
@@ -40,9 +37,16 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from tqdm import tqdm
 
+from catalog.management.bench_database import (
+    INNER_FLAG,
+    INNER_HELP,
+    refuse_outside_bench_database,
+    run_inside_bench_database,
+    url_with_path,
+)
+
 BENCH_DATABASE = "shop_search_bench_retrieval"
 BENCH_REDIS_DB = 12  # tasks the services queue on commit land here, where no worker listens, and are purged
-INNER_FLAG = "--inside-bench-database"
 QUERY_JPEG_QUALITY = 90  # what a phone uploads
 WRITE_BATCH = 200  # products per transaction while loading
 EMBED_BATCH = 64  # images per call of the embed pipeline, as the workers batch them
@@ -70,38 +74,29 @@ class Command(BaseCommand):
             "--category-mode", default="boost", help="what the predicted category does (the API's default: boost)"
         )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
-        parser.add_argument(INNER_FLAG, action="store_true", help="(internal) run inside the bench database")
+        parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
 
     def handle(self, *args, **options) -> None:
         if options["inside_bench_database"]:
             self._benchmark(**options)
             return
-        work = Path(tempfile.mkdtemp(prefix="bench-retrieval-", dir=Path(settings.VAR_DIR)))
-        with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-            cursor.execute(f"CREATE DATABASE {BENCH_DATABASE}")
-        command = [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_retrieval", INNER_FLAG]
+        argv = []
         for name in ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode"):
-            command += [f"--{name.replace('_', '-')}", str(options[name])]
+            argv += [f"--{name.replace('_', '-')}", str(options[name])]
         if options["checkpoint"]:
-            command += ["--checkpoint", str(options["checkpoint"].resolve())]
-        env = {
-            **os.environ,
-            "DATABASE_URL": _with_path(settings.DATABASE_URL, f"/{BENCH_DATABASE}"),
-            "REDIS_URL": _with_path(settings.REDIS_URL, f"/{BENCH_REDIS_DB}"),
+            argv += ["--checkpoint", str(options["checkpoint"].resolve())]
+        work = Path(tempfile.mkdtemp(prefix="bench-retrieval-", dir=Path(settings.VAR_DIR)))
+        env = {  # stored files, checkpoints and the tasks services queue on commit stay away from the shop's too
+            "REDIS_URL": url_with_path(settings.REDIS_URL, f"/{BENCH_REDIS_DB}"),
             "MEDIA_ROOT": str(work / "media"),
             "MODELS_DIR": str(work / "models"),
         }
         try:
-            done = subprocess.run(command, env=env, cwd=settings.BASE_DIR)
+            run_inside_bench_database(
+                command="bench_retrieval", database=BENCH_DATABASE, argv=argv, env=env, keep=options["keep_database"]
+            )
         finally:
             shutil.rmtree(work, ignore_errors=True)
-            if not options["keep_database"]:
-                connection.close()
-                with connection.cursor() as cursor:
-                    cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DATABASE} WITH (FORCE)")
-        if done.returncode:
-            raise CommandError(f"the benchmark failed (exit {done.returncode})")
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
@@ -111,8 +106,7 @@ class Command(BaseCommand):
         from catalog import search
         from workers.ml.datasets.real_photos import background_photos
 
-        if connection.settings_dict["NAME"] != BENCH_DATABASE:
-            raise CommandError(f"refusing to load a benchmark catalog into {connection.settings_dict['NAME']!r}")
+        refuse_outside_bench_database(BENCH_DATABASE)
         call_command("migrate", interactive=False, verbosity=0)
         try:
             backgrounds = background_photos()
@@ -358,7 +352,3 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=path))

@@ -1,0 +1,56 @@
+"""Benchmarks that load catalogs run in a throwaway database on the same server, never in the shop's.
+
+A benchmark command calls `run_inside_bench_database` from its `handle`: the database is created, the same command
+runs again in a child process with `INNER_FLAG` and `DATABASE_URL` pointing there (so every connection the child
+opens, Django's and the worker pipelines', lands in it), and the database is dropped afterwards unless kept. The
+child calls `refuse_outside_bench_database` before it writes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from django.conf import settings
+from django.core.management.base import CommandError
+from django.db import connection
+
+INNER_FLAG = "--inside-bench-database"
+INNER_HELP = "(internal) run inside the bench database"
+
+
+def url_with_path(url: str, path: str) -> str:
+    """A database or Redis URL with another path: another database name, another Redis db number."""
+    return urlunsplit(urlsplit(url)._replace(path=path))
+
+
+def run_inside_bench_database(
+    *, command: str, database: str, argv: Sequence[str], env: dict[str, str] | None = None, keep: bool = False
+) -> None:
+    """Run `manage.py command INNER_FLAG *argv` in a fresh `database`, then drop it (unless `keep`)."""
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        cursor.execute(f"CREATE DATABASE {database}")
+    child_env = {**os.environ, "DATABASE_URL": url_with_path(settings.DATABASE_URL, f"/{database}"), **(env or {})}
+    try:
+        done = subprocess.run(
+            [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), command, INNER_FLAG, *argv],
+            env=child_env,
+            cwd=settings.BASE_DIR,
+        )
+    finally:
+        if not keep:
+            connection.close()
+            with connection.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+    if done.returncode:
+        raise CommandError(f"the benchmark failed (exit {done.returncode})")
+
+
+def refuse_outside_bench_database(database: str) -> None:
+    if connection.settings_dict["NAME"] != database:
+        raise CommandError(f"refusing to load a benchmark catalog into {connection.settings_dict['NAME']!r}")
