@@ -409,7 +409,8 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     version = selectors.model_version_get(version_id=version_id)
     started = time.perf_counter()
     embedded = version_embed_catalog(version=version)
-    outcomes = []
+    outcomes: list[dict[str, Any]] = []
+    scored: list[tuple[float, bool, int]] = []  # (a result's score, is it the query's product, query number)
     options = SearchOptions(k=GOLDEN_K)
     for source, product_id, merchant, photo in golden_query_photos(version=version):
         encode_started = time.perf_counter()
@@ -419,6 +420,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
         ranked = [hit.product.pk for hit in result.hits]
+        scored += [(hit.score, hit.product.pk == product_id, len(outcomes)) for hit in result.hits]
         # the coarse stage's candidates (embedding ids) that SearchResult carries for per-stage recall
         candidate_ids = getattr(result, "candidate_ids", np.zeros(0, np.int64))
         coarse = set(selectors.embedding_products(embedding_ids=candidate_ids.tolist()).values())
@@ -436,6 +438,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         **golden_numbers(outcomes),
         "by_source": _grouped(outcomes, "source"),
         "by_shop": _grouped(outcomes, "merchant"),
+        "calibration": match_calibration(scored),
         "k": GOLDEN_K,
         "heldout_strength": GOLDEN_HELDOUT_STRENGTH,
         "sample_seed": GOLDEN_SEED,
@@ -503,3 +506,53 @@ def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
         )
         queries.append(Record(image=photo, instance_id=record.instance_id, category=record.category))
     return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
+
+
+CALIBRATION_BINS = 10  # equal-count bins of the expected calibration error
+
+
+def match_calibration(scored: Sequence[tuple[float, bool, int]]) -> dict[str, Any]:
+    """A "same product" confidence for this version's result scores: isotonic (non-increasing in the score, which
+    is a distance) on every golden result, as knots for catalog.services.golden.match_confidence; with its expected
+    calibration error measured across two halves of the queries (fitted on one, measured on the other)."""
+    if len(scored) < 2 * CALIBRATION_BINS:
+        return {}
+    scores = np.asarray([s for s, _, _ in scored], np.float64)
+    same = np.asarray([c for _, c, _ in scored], np.float64)
+    halves = np.asarray([q % 2 for _, _, q in scored])
+    errors = []
+    for held in (0, 1):
+        fit = halves != held
+        if fit.all() or not fit.any():
+            continue
+        knots = _isotonic_knots(scores[fit], same[fit])
+        errors.append(_calibration_error(np.interp(scores[~fit], *knots), same[~fit]))
+    xs, ps = _isotonic_knots(scores, same)
+    return {
+        "scores": [round(float(x), 6) for x in xs],
+        "confidences": [round(float(p), 4) for p in ps],
+        "ece": round(float(np.mean(errors)), 4) if errors else None,
+        "results": int(len(scored)),
+    }
+
+
+def _isotonic_knots(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pool-adjacent-violators: P(same product) non-increasing in the score, as (score, confidence) knots at the
+    middle of each pooled block (np.interp between them, flat beyond)."""
+    order = np.argsort(scores, kind="stable")
+    blocks: list[list[float]] = []  # [sum of labels, count, lowest score, highest score]
+    for score, label in zip(scores[order], same[order]):
+        blocks.append([float(label), 1.0, float(score), float(score)])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1]:
+            last = blocks.pop()
+            blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2], last[3]]
+    xs = np.asarray([(low + high) / 2 for _, _, low, high in blocks])
+    ps = np.asarray([total / count for total, count, _, _ in blocks])
+    return xs, ps
+
+
+def _calibration_error(confidence: np.ndarray, same: np.ndarray) -> float:
+    """Expected calibration error over CALIBRATION_BINS equal-count bins of the confidence."""
+    order = np.argsort(confidence, kind="stable")
+    bins = np.array_split(order, CALIBRATION_BINS)
+    return float(sum(len(b) * abs(confidence[b].mean() - same[b].mean()) for b in bins if len(b)) / len(confidence))

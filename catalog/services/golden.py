@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from django.core.files.base import ContentFile
 from django.db import transaction
 
@@ -47,3 +48,22 @@ def version_golden(version: ModelVersion) -> dict[str, Any] | None:
     """The version's golden-set numbers, or None if it was never evaluated (or its evaluation failed)."""
     numbers = (version.metrics or {}).get(GOLDEN_METRICS_KEY)
     return numbers if isinstance(numbers, dict) and GOLDEN_RANKING_METRIC in numbers else None
+
+
+EXACT_MATCH_CONFIDENCE = 0.5  # a result more likely than not to be the shopper's product is "exact match"
+
+
+def match_confidence(version: ModelVersion, score: float) -> float | None:
+    """The calibrated probability that a result with this score (the search's fused score) is the same product,
+    from the version's golden-set calibration; None if the version has none yet."""
+    calibration = (version_golden(version) or {}).get("calibration") or {}
+    if not calibration.get("scores"):
+        return None
+    return float(np.interp(score, calibration["scores"], calibration["confidences"]))
+
+
+def match_label(confidence: float | None) -> str:
+    """What a result shows: "exact match" or "similar" ("" when the version is not calibrated)."""
+    if confidence is None:
+        return ""
+    return "exact match" if confidence >= EXACT_MATCH_CONFIDENCE else "similar"

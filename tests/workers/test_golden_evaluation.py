@@ -4,11 +4,9 @@ numbers land on the version."""
 
 import io
 import json
-import time
 
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.db import transaction
@@ -16,9 +14,9 @@ from PIL import Image, ImageDraw
 
 from catalog.models import ImageEmbedding, ModelVersion, ProductImage
 from catalog.services import golden
-from shop_search.celery import app
 from tests import factories
 from tests.ml.ml_helpers import save_tiny_checkpoint
+from tests.waiting import wait_until
 from workers import pipelines
 
 PRODUCTS = 12
@@ -53,19 +51,19 @@ def _catalog_and_version(tmp_path) -> ModelVersion:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp_path):
+def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp_path, celery_worker_on):
     settings.MODELS_DIR = tmp_path
     version = _catalog_and_version(tmp_path)
     shopper_photo_of = factories.Product.objects.get(sku="SKU-3")
     golden.golden_query_add(product=shopper_photo_of, photo=_picture(3))  # the catalog photo itself: must be found
 
-    app.control.purge()
-    with start_worker(app, queues=["train"], pool="solo", perform_ping_check=False):
+    with celery_worker_on("train"):
         with transaction.atomic():
             golden.version_evaluate(version=version)
-        deadline = time.monotonic() + 120
-        while golden.version_golden(ModelVersion.objects.get(pk=version.pk)) is None and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(
+            lambda: golden.version_golden(ModelVersion.objects.get(pk=version.pk)) is not None, timeout=120,
+            interval=0.5, message=lambda: ModelVersion.objects.get(pk=version.pk).metrics,
+        )  # fmt: skip
 
     version.refresh_from_db()
     numbers = golden.version_golden(version)
@@ -80,6 +78,8 @@ def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp
         assert 0.0 <= numbers[key] <= 1.0
     assert numbers["r1"] <= numbers["map10"] <= numbers["r10"] == numbers["final_recall"] <= numbers["coarse_recall"]
     assert numbers["encode_ms_p50"] > 0 and numbers["encode_ms_p95"] >= numbers["encode_ms_p50"]
+    calibration = numbers["calibration"]  # the "same product" confidence fitted on this version's results
+    assert calibration["results"] >= numbers["queries"] and np.all(np.diff(calibration["confidences"]) <= 0)
     assert version.status == ModelVersion.Status.READY  # evaluating never switches
 
 
@@ -125,3 +125,22 @@ def test_the_evaluate_version_command_prints_and_stores_the_numbers(settings, tm
     version.refresh_from_db()
     assert printed["version"] == "candidate" and printed["queries"] == PRODUCTS
     assert golden.version_golden(version)["r1"] == printed["r1"]
+
+
+def test_the_match_confidence_is_isotonic_in_the_score_and_calibrated():
+    """Synthetic results whose chance of being the product falls with the score: the fitted confidence falls too,
+    follows the true rate, and its cross-validated calibration error is small."""
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0, 2, 4000)
+    truth = np.clip(1.2 - scores, 0, 1)  # P(same product) given the score
+    scored = [(float(s), bool(rng.random() < p), i // 10) for i, (s, p) in enumerate(zip(scores, truth))]
+    calibration = pipelines.match_calibration(scored)
+    confidences = np.asarray(calibration["confidences"])
+    assert np.all(np.diff(calibration["scores"]) > 0) and np.all(np.diff(confidences) <= 0)
+    assert calibration["ece"] < 0.05 and calibration["results"] == 4000
+    version = ModelVersion(metrics={"golden": {"r1": 0.5, "calibration": calibration}})
+    assert golden.match_confidence(version, 0.1) == pytest.approx(1.0, abs=0.1)
+    assert golden.match_confidence(version, 0.9) == pytest.approx(0.3, abs=0.1)
+    assert golden.match_label(golden.match_confidence(version, 0.1)) == "exact match"
+    assert golden.match_label(golden.match_confidence(version, 1.5)) == "similar"
+    assert golden.match_confidence(ModelVersion(metrics={}), 0.1) is None
