@@ -6,6 +6,7 @@ management commands and worker tasks call them (reads are in catalog.selectors).
     embeddings      embeddings of images under a model version, and the duplicate report they feed
     model_versions  version 0's bootstrap, fitted versions, indexing the catalog and the atomic switch
     training        retraining runs started from the admin
+    golden          the golden set: shopper photos of known products, and each version's numbers on it
     maintenance     periodic clean-up: orphaned media files, the index change log
 
 Callers import the submodule they need (`from catalog.services import products`).
