@@ -115,12 +115,6 @@ def merchants_for_user(*, user: Any) -> QuerySet[Merchant]:
     return Merchant.objects.filter(users=user)
 
 
-def product_list_for_merchant(
-    *, merchant: Merchant, active: bool | None = None, category: str = "", query: str = ""
-) -> QuerySet[Product]:
-    return _product_filter(Product.objects.filter(merchant=merchant), active=active, category=category, query=query)
-
-
 def product_list_for_user(
     *, user: Any, merchant_slug: str = "", active: bool | None = None, category: str = "", query: str = ""
 ) -> QuerySet[Product]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,17 @@ def random_records(count: int, *, seed: int = 0, instances: int | None = None, l
             record.visibility = (rng.random(LABELS.num_landmarks) > 0.3).astype(np.float32)
         records.append(record)
     return records
+
+
+def write_idx(path: Path | str, array: np.ndarray) -> None:
+    """Write a uint8 array as an idx file, Fashion-MNIST's format (gzipped if the name ends in .gz): what
+    workers.ml.datasets.fashion_mnist.read_idx reads."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as file:
+        file.write(header + array.tobytes())
 
 
 def assert_same_bits(checkpoint, images, actual, expected):

@@ -2,10 +2,11 @@ import numpy as np
 from PIL import Image
 
 from workers.ml.augment import (
+    LANDMARK_FLIP_PAIRS,
     MIN_AUGMENT_SIZE,
     AugmentStrength,
     estimate_item_mask,
-    flip_record,
+    horizontal_flip,
     random_background,
     shopper_view,
     translation,
@@ -13,6 +14,12 @@ from workers.ml.augment import (
 )
 from workers.ml.datasets.render import render_product
 from workers.ml.records import Record
+
+
+def _flip(record: Record) -> Record:
+    """Mirror a record left-right as shopper_view's flip does: left/right landmark slots swapped (8-slot layout)."""
+    pairs = LANDMARK_FLIP_PAIRS if record.landmarks is not None and len(record.landmarks) == 8 else ()
+    return warp_record(record, horizontal_flip(record.image.width), swap_pairs=pairs)
 
 
 def _dot_record() -> Record:
@@ -41,7 +48,7 @@ def test_translation_moves_pixels_and_landmarks_together_and_hides_points_leavin
 
 def test_horizontal_flip_mirrors_landmarks_and_swaps_left_and_right():
     record = _dot_record()
-    flipped = flip_record(record)
+    flipped = _flip(record)
     assert tuple(np.asarray(flipped.image)[50, 79]) == (255, 255, 255)
     expected = record.landmarks.copy()
     expected[:, 0] = 1.0 - expected[:, 0]

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.ml.ml_helpers import write_idx
 from workers.ml.datasets.catalog_export import (
     CatalogExport,
     CatalogProduct,
     read_manifest,
     write_catalog_export,
 )
-from workers.ml.datasets.fashion_mnist import write_idx
 from workers.ml.datasets.products import fashion_mnist_products, render_catalog, shopper_query
 from workers.ml.records import LabelSpace
 

@@ -3,6 +3,7 @@ import gzip
 import numpy as np
 import pytest
 
+from tests.ml.ml_helpers import write_idx
 from workers.ml.datasets import fashion_mnist
 from workers.ml.datasets.fashion_mnist import (
     CLASSES,
@@ -12,7 +13,6 @@ from workers.ml.datasets.fashion_mnist import (
     load_records,
     product_masks,
     read_idx,
-    write_idx,
 )
 
 

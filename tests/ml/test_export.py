@@ -11,7 +11,7 @@ from tests.ml.ml_helpers import LABELS, assert_same_bits, random_image, save_tin
 from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
 from workers.ml.export import export
-from workers.ml.onnx_runtime import read_metadata
+from workers.ml.onnx_runtime import OnnxNetwork
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_onnx_file_is_self_describing(exported):
     assert encoder.code_bits == 32 and encoder.fc7_dim == 32 and encoder.label_space == LABELS
     assert encoder.preprocessing == Encoder.load(checkpoint).preprocessing
     assert encoder.version_info["path"] == str(onnx_path) and encoder.version_info["kind"] == "fashionnet"
-    assert "state_dict" not in read_metadata(onnx_path)
+    assert "state_dict" not in OnnxNetwork(onnx_path).checkpoint_metadata
 
 
 def test_model_without_landmarks_exports_only_its_heads(tmp_path):

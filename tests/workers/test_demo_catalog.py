@@ -8,8 +8,8 @@ import pytest
 from django.core.management import call_command
 
 from catalog.models import Merchant, ModelVersion, Product, ProductImage
+from tests.ml.ml_helpers import write_idx
 from workers import sample_shop
-from workers.ml.datasets.fashion_mnist import write_idx
 
 pytestmark = pytest.mark.django_db
 

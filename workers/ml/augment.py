@@ -308,12 +308,6 @@ def warp_record(
     return replace(record, image=image, landmarks=landmarks, visibility=visibility, extra=extra)
 
 
-def flip_record(record: Record) -> Record:
-    """Mirror a record left-right; left/right landmark slots are swapped (8-slot layout)."""
-    pairs = LANDMARK_FLIP_PAIRS if record.landmarks is not None and len(record.landmarks) == 8 else ()
-    return warp_record(record, horizontal_flip(record.image.width), swap_pairs=pairs)
-
-
 def inside_frame(landmarks: np.ndarray) -> np.ndarray:
     """(K,) bool: the normalised point lies inside the image."""
     return np.all((landmarks >= 0.0) & (landmarks < 1.0), axis=1)

@@ -1,8 +1,8 @@
-"""Binary codes: packing, pgvector bit strings, the reference Hamming distance and tie-aware top-k.
+"""Binary codes: packing, the reference Hamming distance and tie-aware top-k.
 
 Bit order: codes are packed with `np.packbits(bits, axis=1)` (numpy's default, big-endian): bit 0 of a code
 is the most significant bit of byte 0. pgvector's `bit` type and its text form ('0101...') use the same order,
-so `bits_to_bitstring(bits)` and the packed bytes describe the same code.
+so the packed bytes and the text catalog.codes writes and reads describe the same code.
 """
 
 from __future__ import annotations
@@ -18,33 +18,6 @@ def pack_bits(bits: np.ndarray) -> np.ndarray:
     if bits.ndim != 2 or bits.shape[1] % 8:
         raise ValueError(f"need (N, B) bits with B a multiple of 8, got shape {bits.shape}")
     return np.packbits(bits, axis=1)
-
-
-def unpack_bits(codes: np.ndarray, code_bits: int | None = None) -> np.ndarray:
-    """(N, B/8) uint8 -> (N, B) bool."""
-    codes = np.asarray(codes, dtype=np.uint8)
-    bits = np.unpackbits(codes, axis=1).astype(bool)
-    return bits if code_bits is None else bits[:, :code_bits]
-
-
-def bits_to_bitstring(bits: np.ndarray) -> str:
-    """One code's (B,) bits -> pgvector bit literal '0101...'."""
-    return "".join("1" if bit else "0" for bit in np.asarray(bits, dtype=bool).ravel())
-
-
-def bitstring_to_bits(text: str) -> np.ndarray:
-    if set(text) - {"0", "1"}:
-        raise ValueError("a bit string holds only '0' and '1'")
-    return np.frombuffer(text.encode("ascii"), dtype=np.uint8) == ord("1")
-
-
-def packed_to_bitstring(code: np.ndarray) -> str:
-    """One packed code (B/8,) uint8 -> '0101...'."""
-    return bits_to_bitstring(np.unpackbits(np.asarray(code, dtype=np.uint8)))
-
-
-def bitstring_to_packed(text: str) -> np.ndarray:
-    return np.packbits(bitstring_to_bits(text))
 
 
 def _as_words(codes: np.ndarray) -> np.ndarray:

@@ -290,8 +290,4 @@ class FashionNet(nn.Module):
         )
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 __all__ = ["FashionNet", "FashionNetConfig", "FashionNetOutput", "POOLINGS"]

@@ -30,12 +30,8 @@ def metadata_props(onnx_path: str | Path) -> dict[str, str]:
     return {prop.key: prop.value for prop in graph.metadata_props}
 
 
-def read_metadata(onnx_path: str | Path) -> dict:
-    """The checkpoint metadata stored in an exported .onnx file, checked like load_checkpoint checks a .pt."""
-    return _checkpoint_metadata(metadata_props(onnx_path), onnx_path)
-
-
 def _checkpoint_metadata(props: dict[str, str], onnx_path: str | Path) -> dict:
+    """The checkpoint metadata stored in an exported .onnx file, checked like load_checkpoint checks a .pt."""
     if METADATA_KEY not in props:
         raise ValueError(f"{onnx_path}: not exported by workers.ml.export (no {METADATA_KEY} metadata)")
     metadata = json.loads(props[METADATA_KEY])

@@ -159,16 +159,6 @@ def read_idx(path: Path | str) -> np.ndarray:
     return np.frombuffer(payload, dtype).reshape(shape)
 
 
-def write_idx(path: Path | str, array: np.ndarray) -> None:
-    """Write a uint8 array as an idx file (gzipped if the name ends in .gz); used by tests and fixtures."""
-    path = Path(path)
-    array = np.ascontiguousarray(array, np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as file:
-        file.write(header + array.tobytes())
-
-
 @dataclass(frozen=True)
 class FashionMnistArrays:
     images: np.ndarray  # (N, 28, 28) uint8, white product on black
