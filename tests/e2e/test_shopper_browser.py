@@ -7,17 +7,15 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import time
 from decimal import Decimal
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.db import transaction
 
 from catalog.models import ModelVersion
 from catalog.services import model_versions, products
-from shop_search.celery import app
 from tests import factories
+from tests.waiting import wait_until
 from workers.ml.datasets.render import render_product
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -38,7 +36,7 @@ def _png(image) -> bytes:
 
 
 @pytest.fixture
-def indexed_shop(settings, tmp_path):
+def indexed_shop(settings, tmp_path, celery_worker_on):
     """A small rendered catalog, version 0 fitted and activated by a real worker that keeps serving queries."""
     settings.MODELS_DIR = tmp_path
     settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {"search": "1000/min"}}
@@ -54,14 +52,13 @@ def indexed_shop(settings, tmp_path):
             photo = _png(render_product(seed, view=view).image)
             products.image_add(product=product, data=photo, position=view)
             photos[(seed, view)] = photo
-    app.control.purge()
-    with start_worker(app, queues=["train", "embed", "search"], pool="solo", perform_ping_check=False):
+    with celery_worker_on("train", "embed", "search"):
         with transaction.atomic():
             version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=16)
-        deadline = time.monotonic() + ACTIVATION_TIMEOUT_S
-        while ModelVersion.objects.get(pk=version.pk).status != ModelVersion.Status.ACTIVE:
-            assert time.monotonic() < deadline, ModelVersion.objects.get(pk=version.pk).metrics
-            time.sleep(0.3)
+        wait_until(
+            lambda: ModelVersion.objects.get(pk=version.pk).status == ModelVersion.Status.ACTIVE,
+            timeout=ACTIVATION_TIMEOUT_S, interval=0.3, message=lambda: ModelVersion.objects.get(pk=version.pk).metrics,
+        )  # fmt: skip
         yield photos
 
 

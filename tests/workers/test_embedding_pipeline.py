@@ -2,11 +2,9 @@
 
 import base64
 import io
-import time
 
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.core.files.base import ContentFile
 from django.db import transaction
 from PIL import Image, ImageDraw
@@ -14,8 +12,8 @@ from PIL import Image, ImageDraw
 from catalog import geometry, query_payload
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.services import model_versions
-from shop_search.celery import app
 from tests import factories
+from tests.waiting import wait_until
 from workers import pipelines, tasks
 
 
@@ -36,7 +34,7 @@ def _picture(seed: int) -> bytes:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings, tmp_path):
+def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings, tmp_path, celery_worker_on):
     settings.MODELS_DIR = tmp_path
     merchant = factories.merchant()
     for i in range(12):
@@ -44,15 +42,14 @@ def test_version_zero_is_fitted_indexed_and_activated_by_a_real_worker(settings,
         row = ProductImage(product=product, sha256=f"{i:064d}")
         row.file.save(f"p{i}.png", ContentFile(_picture(i)), save=True)
 
-    app.control.purge()
-    with start_worker(app, queues=["train", "embed", "search"], pool="solo", perform_ping_check=False):
+    with celery_worker_on("train", "embed", "search"):
         with transaction.atomic():
             version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=8)
         # train_baseline -> embed_images -> embed_finish_indexing (which polls until every image is in)
-        deadline_s, waited = 120, 0.0
-        while ModelVersion.objects.get(pk=version.pk).status != ModelVersion.Status.ACTIVE and waited < deadline_s:
-            time.sleep(0.5)
-            waited += 0.5
+        wait_until(
+            lambda: ModelVersion.objects.get(pk=version.pk).status == ModelVersion.Status.ACTIVE, timeout=120,
+            interval=0.5, message=lambda: ModelVersion.objects.get(pk=version.pk).metrics,
+        )  # fmt: skip
         version.refresh_from_db()
         assert version.status == ModelVersion.Status.ACTIVE, version.metrics
         assert ImageEmbedding.objects.filter(model_version=version).count() == 12

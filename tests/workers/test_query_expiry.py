@@ -6,12 +6,12 @@ import dataclasses
 import time
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 
 from catalog import dispatch
 from shop_search.celery import app
 from tests import factories
-from workers import pipelines, tasks  # noqa: F401  (registers the tasks for the in-process worker)
+from tests.waiting import wait_until
+from workers import pipelines
 
 
 def _purge(queue: str) -> None:
@@ -20,7 +20,7 @@ def _purge(queue: str) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_query_nobody_waits_for_any_more_is_dropped_by_the_search_worker(monkeypatch):
+def test_a_query_nobody_waits_for_any_more_is_dropped_by_the_search_worker(monkeypatch, celery_worker_on):
     assert dispatch.ENCODE_QUERY.expires_s == dispatch.QUERY_ENCODE_TIMEOUT_S
     monkeypatch.setattr(dispatch, "ENCODE_QUERY", dataclasses.replace(dispatch.ENCODE_QUERY, expires_s=1.0))
     monkeypatch.setattr(dispatch, "QUERY_ENCODE_TIMEOUT_S", 1.0)
@@ -35,10 +35,8 @@ def test_a_query_nobody_waits_for_any_more_is_dropped_by_the_search_worker(monke
     (result,) = sent
     time.sleep(0.5)  # the task has expired by now
 
-    with start_worker(app, queues=["search"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        deadline = time.monotonic() + 30
-        while result.state != "REVOKED" and time.monotonic() < deadline:
-            time.sleep(0.1)
+    with celery_worker_on("search", purge=False):  # the expired query waits for it
+        wait_until(lambda: result.state == "REVOKED", timeout=30, interval=0.1, message=lambda: result.state)
 
     assert result.state == "REVOKED"
     assert encoded == []  # the worker never encoded the photo nobody waits for

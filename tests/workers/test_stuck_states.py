@@ -18,6 +18,7 @@ from catalog.services import imports
 from shop_search.celery import app
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes
+from tests.waiting import wait_until
 from tests.workers.celery_process import worker_process
 
 
@@ -47,15 +48,6 @@ class HangingImageHost:
             connection.close()
 
 
-def _wait(predicate, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_chunk_whose_worker_keeps_dying_ends_with_its_rows_rejected():
     host = HangingImageHost()
@@ -73,14 +65,17 @@ def test_a_chunk_whose_worker_keeps_dying_ends_with_its_rows_rejected():
     try:
         for attempt in range(1, imports.IMPORT_CHUNK_MAX_ATTEMPTS + 1):
             with worker_process(queues="embed", name=f"dying-{attempt}", env=env) as worker:
-                started = _wait(lambda a=attempt: ImportChunk.objects.get(pk=chunk.pk).attempts >= a, 60)
-                assert started and worker.poll() is None, f"delivery {attempt} never started"
+                wait_until(
+                    lambda a=attempt: ImportChunk.objects.get(pk=chunk.pk).attempts >= a, timeout=60,
+                    message=f"delivery {attempt} never started",
+                )  # fmt: skip
+                assert worker.poll() is None, f"delivery {attempt} never started"
                 time.sleep(0.3)  # the chunk is fetching from the host that never answers
                 os.killpg(worker.pid, signal.SIGKILL)  # as the OOM killer or the hard time limit would
                 worker.wait(timeout=30)
             assert not ImportChunk.objects.get(pk=chunk.pk).done
         with worker_process(queues="embed", name="after-the-deaths", env=env):
-            assert _wait(lambda: ImportJob.objects.get(pk=job.pk).state == ImportJob.State.DONE, 60)
+            wait_until(lambda: ImportJob.objects.get(pk=job.pk).state == ImportJob.State.DONE, timeout=60)
     finally:
         host.close()
 
@@ -102,14 +97,12 @@ def _embed_queue() -> int:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finishes_them():
-    from celery.contrib.testing.worker import start_worker
+def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finishes_them(celery_worker_on):
     from django.utils import timezone
 
     from catalog.models import ProductImage
     from catalog.services import maintenance
     from tests.catalog.ingest_helpers import catalog
-    from workers import tasks  # noqa: F401  (registers the tasks for the in-process worker)
 
     app.control.purge()
     _purge_embed()
@@ -131,9 +124,9 @@ def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finish
     assert swept == {"chunks": stuck.chunks_total, "images": 1, "backlog": 0}  # the fresh job is left alone
     assert _embed_queue() == stuck.chunks_total + 1
     assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 1  # no doubles
-    with start_worker(app, queues=["embed"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        assert _wait(lambda: ImportJob.objects.get(pk=stuck.pk).state == ImportJob.State.DONE, 60)
-        assert _wait(lambda: _embed_queue() == 0, 30)
+    with celery_worker_on("embed", purge=False):  # the swept work waits for it
+        wait_until(lambda: ImportJob.objects.get(pk=stuck.pk).state == ImportJob.State.DONE, timeout=60)
+        wait_until(lambda: _embed_queue() == 0, timeout=30, message=_embed_queue)
     assert ImportJob.objects.get(pk=stuck.pk).ok == 5
     assert ImportJob.objects.get(pk=fresh.pk).state == ImportJob.State.PENDING
 
