@@ -105,7 +105,7 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
     duplicates = 0
     for version in versions:
         encoder = encoder_of(version)
-        encoding = encoder.encode([picture for _, picture in loaded])
+        encoded = _encode_each_failing_alone(encoder, loaded)
         rows = [
             embeddings.embedding_row(
                 image=image,
@@ -114,11 +114,41 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
                 fc7=encoding.fc7[index],
                 **predictions(encoding, index, encoder.label_space),
             )
-            for index, (image, _) in enumerate(loaded)
+            for image, encoding, index in encoded
         ]
         duplicates += embeddings.embeddings_record(model_version=version, rows=rows)
+        failed += len(loaded) - len(encoded)
+        encoded_ids = {image.pk for image, _, _ in encoded}
+        loaded = [(image, picture) for image, picture in loaded if image.pk in encoded_ids]
     embeddings.images_mark_embedded(image_ids=[image.pk for image, _ in loaded])
     return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
+
+
+def _encode_each_failing_alone(
+    encoder: Encoder, loaded: Sequence[tuple[ProductImage, Image.Image]]
+) -> list[tuple[ProductImage, Encoding, int]]:
+    """(image, encoding, row) for each image the network encodes. The batch is encoded whole; if that fails, image
+    by image, and an image that fails alone is marked failed (not retried) while the rest of its batch is embedded:
+    one bad file never sends a whole batch back to the sweeper."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    try:
+        encoding = encoder.encode([picture for _, picture in loaded])
+        return [(image, encoding, index) for index, (image, _) in enumerate(loaded)]
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception:
+        logger.exception("encoding a batch of %d images failed; encoding them one at a time", len(loaded))
+    encoded = []
+    for image, picture in loaded:
+        try:
+            encoded.append((image, encoder.encode([picture]), 0))
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            logger.warning("image %s could not be encoded: %s", image.pk, exc)
+            embeddings.image_mark_failed(image_id=image.pk, error=f"could not be encoded: {exc}")
+    return encoded
 
 
 def keypoints_store(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> int:

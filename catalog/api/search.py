@@ -84,7 +84,9 @@ class _FilterInputSerializer(serializers.Serializer):
 
 
 class SearchInputSerializer(_FilterInputSerializer):
-    image = serializers.FileField(help_text="the shopper's photo: JPEG, PNG or WebP")
+    image = serializers.FileField(
+        help_text="the shopper's photo: JPEG (MPO too), PNG, WebP or GIF (an animation: its first frame)"
+    )
     box = serializers.CharField(
         required=False, help_text="optional crop box 'x0,y0,x1,y1' as fractions of the image (0..1)"
     )

@@ -1,5 +1,9 @@
-"""One untrusted image: decoded under caps, turned upright, re-encoded without metadata (what is stored and
-encoded), and a shopper's crop box applied to it."""
+"""One untrusted image: decoded under caps, turned upright, made the RGB picture it shows (transparency on white,
+16-bit scaled to 8, CMYK through its colour profile, the first frame of an animation or a multi-picture JPEG),
+re-encoded without metadata (what is stored and encoded), and a shopper's crop box applied to it.
+
+Every failure, whatever part of the decoder it comes from, is an IntakeError: the caller's 400 or a rejected row.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +12,24 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from catalog.intake import IntakeError
 
-ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # what phones and catalog exports produce
+# What phones, catalog exports and shop pages produce. MPO is a phone's multi-picture JPEG (its first picture is
+# the photo); an animated GIF, WebP or APNG is searched and stored as its first frame.
+ALLOWED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "MPO": "jpg", "GIF": "gif"}
 MAX_IMAGE_BYTES = 15 * 1024 * 1024  # a 48-MP phone JPEG is ~12 MB
 MAX_IMAGE_PIXELS = 50_000_000  # beyond this a "photo" is a decompression bomb, not a product shot
 MIN_IMAGE_SIDE = 16  # smaller than this carries no product to find
+# The network sees an image letterboxed into a square: past 20:1 the item spans under 12 of its 224 pixels across,
+# nothing it can match. Product shots (a belt or a scarf laid out, a panorama of a shelf) stay well under.
+MAX_ASPECT_RATIO = 20
 REENCODE_QUALITY = 92  # stored/encoded copies are re-encoded: no metadata, no polyglot payloads survive
+BACKGROUND = (255, 255, 255)  # what transparent pixels become: shops photograph products on white
+_SIXTEEN_BIT_GREY = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
+_LOSSLESS = {"PNG", "GIF"}  # stored as PNG; the rest as JPEG
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,38 @@ def image_validate(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> Validate
         raise IntakeError("the image is empty")
     if len(data) > max_bytes:
         raise IntakeError(f"the image is {len(data):,} bytes; the limit is {max_bytes:,}")
+    image = _decode(data)
+    image_format = image.format or "PNG"
+    try:
+        upright = ImageOps.exif_transpose(image)  # phones store rotation in EXIF; the pixels must be upright
+    except Exception as exc:  # noqa: BLE001  (any decoder failure on untrusted bytes is the caller's 400)
+        raise IntakeError(f"the image's EXIF orientation could not be applied: {_reason(exc)}") from exc
+    try:
+        rgb = _to_rgb(upright)
+    except Exception as exc:  # noqa: BLE001
+        raise IntakeError(f"the image's colours could not be converted to RGB: {_reason(exc)}") from exc
+    lossless = image_format in _LOSSLESS
+    output = io.BytesIO()
+    try:
+        if lossless:
+            rgb.save(output, format="PNG", optimize=False)
+        else:
+            rgb.save(output, format="JPEG", quality=REENCODE_QUALITY)
+    except Exception as exc:  # noqa: BLE001
+        raise IntakeError(f"the image could not be re-encoded: {_reason(exc)}") from exc
+    return ValidatedImage(
+        image=rgb,
+        data=output.getvalue(),
+        extension="png" if lossless else "jpg",
+        sha256=hashlib.sha256(data).hexdigest(),
+        width=rgb.width,
+        height=rgb.height,
+    )
+
+
+def _decode(data: bytes) -> Image.Image:
+    """Open and check the header (format, pixels, sides, aspect) before anything is decoded, then decode the first
+    frame only."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -41,40 +86,64 @@ def image_validate(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> Validate
             if probe.format not in ALLOWED_FORMATS:
                 allowed = ", ".join(sorted(ALLOWED_FORMATS))
                 raise IntakeError(f"unsupported image format {probe.format or 'unknown'}; use {allowed}")
-            width, height = probe.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise IntakeError(f"the image has {width * height:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}")
+            _header_check(*probe.size)
             probe.verify()  # structure check; the object is unusable afterwards, so decode again below
             image = Image.open(io.BytesIO(data))
+            image.seek(0)  # an animation or a multi-picture JPEG: the first frame is the photo
             image.load()
+            return image
     except IntakeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise IntakeError("the image is too large when decoded (decompression bomb)") from exc
     except UnidentifiedImageError as exc:
         raise IntakeError("the file is not an image (or is corrupt)") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise IntakeError(f"the image could not be decoded: {exc}") from exc
+    except MemoryError as exc:
+        raise IntakeError("the image is too large to decode") from exc
+    except Exception as exc:  # noqa: BLE001  (OSError, SyntaxError, struct.error, EOFError, ... from a decoder)
+        raise IntakeError(f"the image could not be decoded: {_reason(exc)}") from exc
 
-    image_format = image.format or "PNG"
-    upright = ImageOps.exif_transpose(image)  # phones store rotation in EXIF; the pixels must be upright
-    if min(upright.size) < MIN_IMAGE_SIDE:
-        raise IntakeError(f"the image is {upright.width}x{upright.height}; each side must be at least {MIN_IMAGE_SIDE}")
-    rgb = upright.convert("RGB")
-    output = io.BytesIO()
-    if image_format == "PNG":
-        rgb.save(output, format="PNG", optimize=False)
-    else:
-        rgb.save(output, format="JPEG", quality=REENCODE_QUALITY)
-    extension = "png" if image_format == "PNG" else "jpg"
-    return ValidatedImage(
-        image=rgb,
-        data=output.getvalue(),
-        extension=extension,
-        sha256=hashlib.sha256(data).hexdigest(),
-        width=rgb.width,
-        height=rgb.height,
-    )
+
+def _header_check(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise IntakeError(f"the image has {width * height:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}")
+    if min(width, height) < MIN_IMAGE_SIDE:
+        raise IntakeError(f"the image is {width}x{height}; each side must be at least {MIN_IMAGE_SIDE}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise IntakeError(f"the image is {width}x{height}, longer than {MAX_ASPECT_RATIO}:1; crop it to the product")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """The RGB picture the file shows: transparency composited on white (not the black that `convert` gives),
+    16-bit grey scaled to 8 bits (not clipped), CMYK through its embedded colour profile where it has one."""
+    if image.mode in _SIXTEEN_BIT_GREY:
+        values = np.asarray(image).astype(np.float32)  # a 16-bit PNG's grey levels, 0..65535
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _cmyk_to_rgb(image: Image.Image) -> Image.Image:
+    profile = image.info.get("icc_profile")
+    if profile:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            converted = ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+            if converted is not None:
+                return converted
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+            pass  # a broken profile: Pillow's own formula below is still a fair picture
+    return image.convert("RGB")
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def crop_box_apply(image: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:

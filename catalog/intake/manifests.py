@@ -83,7 +83,7 @@ def _text(value: Any, field: str, max_length: int, *, required: bool = False) ->
         value = ""
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise RowInvalid(f"{field} must be text")
-    text = str(value).strip()
+    text = _storable(str(value).strip(), field)
     if required and not text:
         raise RowInvalid(f"{field} is required")
     if len(text) > max_length:
@@ -97,7 +97,25 @@ def _list(value: Any, field: str) -> list[str]:
     items = LIST_SEPARATORS.split(value) if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
         raise RowInvalid(f"{field} must be a list of text (or text separated by | or ;)")
-    return [item.strip() for item in items if item.strip()]
+    return [_storable(item.strip(), field) for item in items if item.strip()]
+
+
+def _storable(text: str, field: str) -> str:
+    """Text PostgreSQL can store: no NUL character, no lone surrogate (JSON's "\u0000" and "\ud800" decode to
+    both; either would fail the chunk's transaction instead of this one row)."""
+    if "\x00" in text:
+        raise RowInvalid(f"{field} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowInvalid(f"{field} is not valid Unicode text") from exc
+    return text
+
+
+def _error_sku(raw: dict[str, Any]) -> str:
+    """The sku to name in a rejected row's error, made storable whatever the row held."""
+    sku = str(raw.get("sku") or "").strip()[:100]
+    return _CONTROL.sub("", sku.encode("utf-8", "replace").decode("utf-8"))
 
 
 def _price(value: Any) -> str | None:
@@ -206,6 +224,9 @@ def _jsonl_records(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
         except json.JSONDecodeError as exc:
             yield number, {"__error__": f"not valid JSON: {exc.msg} at column {exc.colno}"}
             continue
+        except RecursionError:  # e.g. 10,000 nested lists: the parser gives up; the row is unusable, not the file
+            yield number, {"__error__": "not valid JSON: nested too deeply"}
+            continue
         if not isinstance(value, dict):
             yield number, {"__error__": "each line must be a JSON object"}
             continue
@@ -244,7 +265,7 @@ def manifest_parse(data: bytes, *, filename: str = "", manifest_format: str | No
     for line, raw in records:
         if len(rows) + len(errors) >= MAX_MANIFEST_ROWS:
             raise IntakeError(f"the manifest has more than {MAX_MANIFEST_ROWS:,} rows; split it")
-        sku = str(raw.get("sku") or "").strip()[:100]
+        sku = _error_sku(raw)
         if "__error__" in raw:
             errors.append(RowError(line, sku, raw["__error__"]))
             continue

@@ -77,6 +77,26 @@ def test_jsonl_manifest_rows_and_errors():
     assert Product.objects.get(sku="J3").active is False
 
 
+def test_a_deeply_nested_or_unstorable_jsonl_row_is_that_rows_error_not_the_uploads():
+    from catalog.intake.manifests import manifest_parse
+
+    manifest = (
+        b'{"sku": "N1", "title": "t", "attributes": ' + b"[" * 10_000 + b"]" * 10_000 + b"}\n"
+        b'{"sku": "N2", "title": "NUL \\u0000 inside"}\n'
+        b'{"sku": "N3\\u0000", "title": "t"}\n'
+        b'{"sku": "N4", "title": "t", "attributes": ["\\ud800"]}\n'
+        b'{"sku": "OK", "title": "fine"}\n'
+    )
+    parsed = manifest_parse(manifest, filename="catalog.jsonl")
+    assert [row.sku for row in parsed.rows] == ["OK"]
+    assert [(error.line, error.sku, error.error) for error in parsed.errors] == [
+        (1, "", "not valid JSON: nested too deeply"),  # (a line it cannot parse names no sku)
+        (2, "N2", "title must not contain NUL characters"),
+        (3, "N3", "sku must not contain NUL characters"),  # named without the NUL: the error is stored in JSONB
+        (4, "N4", "attributes is not valid Unicode text"),
+    ]
+
+
 def test_the_same_upload_twice_changes_nothing_and_stores_no_new_image(django_capture_on_commit_callbacks):
     merchant = factories.merchant()
     manifest, archive = catalog(5)

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,7 +31,7 @@ def test_allowed_formats_are_accepted_and_reencoded(fmt):
     [
         (b"", "empty"),
         (b"not an image at all", "not an image"),
-        (encode(Image.new("RGB", (40, 30)), "GIF"), "unsupported image format GIF"),
+        (encode(Image.new("RGB", (40, 30)), "TIFF"), "unsupported image format TIFF"),
         (encode(Image.new("RGB", (40, 30)), "BMP"), "unsupported image format BMP"),
         (encode(Image.new("RGB", (8, 8)), "PNG"), "at least 16"),
     ],
@@ -80,3 +81,86 @@ def test_crop_box():
     for bad in [(0.5, 0.0, 0.4, 1.0), (-0.1, 0, 1, 1), (0, 0, 1.2, 1), (0, 0, 0.05, 0.05)]:
         with pytest.raises(IntakeError):
             crop_box_apply(image, bad)
+
+
+# --- odd but legitimate input: what the photo shows is what is stored and searched -----------------------------
+WHITE, BLUE = (255, 255, 255), (0, 0, 255)
+
+
+def cut_out() -> Image.Image:
+    """A product cut-out: a blue square on a fully transparent (black) background."""
+    image = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    image.paste((0, 0, 255, 255), (10, 10, 30, 30))
+    return image
+
+
+@pytest.mark.parametrize(
+    ("data", "extension"),
+    [
+        (encode(cut_out(), "PNG"), "png"),
+        (encode(cut_out(), "WEBP", lossless=True), "jpg"),
+        (encode(cut_out().convert("P"), "PNG"), "png"),  # palette + transparency
+    ],
+    ids=["png-rgba", "webp-rgba", "png-palette-transparency"],
+)
+def test_transparency_is_composited_on_white_not_black(data, extension):
+    validated = image_validate(data)
+    assert validated.image.mode == "RGB" and validated.extension == extension
+    assert validated.image.getpixel((1, 1)) == WHITE
+    assert validated.image.getpixel((20, 20)) == BLUE
+
+
+def test_grey_with_alpha_is_composited_on_white():
+    image = Image.new("LA", (40, 40), (0, 0))  # black, fully transparent
+    image.paste((30, 255), (10, 10, 30, 30))
+    validated = image_validate(encode(image, "PNG"))
+    assert validated.image.getpixel((1, 1)) == WHITE and validated.image.getpixel((20, 20)) == (30, 30, 30)
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped():
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    data = encode(Image.fromarray(ramp), "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    pixels = np.asarray(image_validate(data).image)[..., 0]
+    assert pixels[0, 0] == 0 and pixels[-1, -1] == 255 and pixels[32, 32] in range(125, 135)
+    assert len(np.unique(pixels)) > 200  # a ramp, not a clipped block of white
+
+
+def test_cmyk_is_converted_to_the_colours_it_shows():
+    validated = image_validate(encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG"))  # pure red ink
+    red, green, blue = validated.image.getpixel((20, 20))
+    assert red > 240 and green < 15 and blue < 15
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP", "MPO"])
+def test_animations_and_multi_picture_jpegs_give_their_first_frame(fmt):
+    first, second = Image.new("RGB", (40, 40), (0, 200, 0)), Image.new("RGB", (40, 40), (200, 0, 0))
+    data = encode(first, fmt, save_all=True, append_images=[second])
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 2
+    validated = image_validate(data)
+    red, green, _ = validated.image.getpixel((20, 20))
+    assert green > 150 and red < 50
+    assert Image.open(io.BytesIO(validated.data)).format in {"JPEG", "PNG"}  # one still picture is stored
+
+
+@pytest.mark.parametrize(("size", "accepted"), [((16, 320), True), ((16, 336), False), ((400, 20), True)])
+def test_extreme_aspect_ratios_past_20_to_1_are_refused_from_the_header(size, accepted):
+    data = encode(Image.new("RGB", size, (0, 200, 0)), "PNG")
+    if accepted:
+        assert image_validate(data).image.size == size
+    else:
+        with pytest.raises(IntakeError, match="longer than 20:1; crop it to the product"):
+            image_validate(data)
+
+
+def test_decoder_exif_and_colour_failures_are_intake_errors(monkeypatch):
+    from PIL import ImageOps
+
+    data = encode(Image.new("RGB", (40, 30)), "JPEG")
+
+    def broken(*args, **kwargs):
+        raise TypeError("bad EXIF")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    with pytest.raises(IntakeError, match="EXIF orientation could not be applied: bad EXIF"):
+        image_validate(data)
