@@ -8,17 +8,13 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.parse
-from pathlib import Path
 
 import numpy as np
 import pytest
-from celery.contrib.testing.worker import start_worker
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Count
 from PIL import Image
 
@@ -27,8 +23,8 @@ from catalog.services import imports, model_versions
 from shop_search.celery import app
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes, picture, rejected, zip_bytes
-
-BASE_DIR = Path(__file__).resolve().parents[2]
+from tests.waiting import wait_until
+from tests.workers.celery_process import alive, worker_process
 
 
 def _noisy_png(seed: int, size: int = 160) -> bytes:
@@ -39,46 +35,17 @@ def _noisy_png(seed: int, size: int = 160) -> bytes:
     return buffer.getvalue()
 
 
-def _database_url() -> str:
-    """The pytest test database, for worker processes (the embedded server's socket dir travels in OPTIONS)."""
-    db = connection.settings_dict
-    where = {"host": db["HOST"] or db["OPTIONS"].get("host", ""), "port": db["PORT"]}
-    query = urllib.parse.urlencode({key: value for key, value in where.items() if value})
-    credentials = urllib.parse.quote(db["USER"] or "") + ":" + urllib.parse.quote(db["PASSWORD"] or "") + "@"
-    return f"postgresql://{credentials}/{db['NAME']}?{query}"
-
-
-def _start_worker(name: str) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.workers.import_worker_settings",
-        "DATABASE_URL": _database_url(),
-    }
-    command = [sys.executable, "-m", "celery", "-A", "shop_search", "worker", "-Q", "embed", "--concurrency", "1",
-               "--loglevel", "WARNING", "-n", f"{name}@%h", "--without-heartbeat", "--without-gossip",
-               "--without-mingle"]  # fmt: skip
-    # Own session: SIGKILL goes to the whole process group (the pool child would survive its parent otherwise).
-    return subprocess.Popen(command, cwd=BASE_DIR, env=env, start_new_session=True)
+def _worker(name: str):
+    """A prefork worker process on the embed queue, with the kill-9 settings (a killed worker's unacknowledged
+    task is handed out again within seconds)."""
+    settings_module = {"DJANGO_SETTINGS_MODULE": "tests.workers.import_worker_settings"}
+    return worker_process(queues="embed", name=name, env=settings_module)
 
 
 def _kill(worker: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(worker.pid, signal.SIGKILL)
     worker.wait(timeout=30)
-
-
-def _alive(worker: subprocess.Popen) -> bool:
-    assert worker.poll() is None, f"the worker exited with {worker.returncode}"
-    return True
-
-
-def _wait(predicate, timeout_s: float, interval_s: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval_s)
-    return False
 
 
 @pytest.mark.django_db(transaction=True)
@@ -96,22 +63,23 @@ def test_a_worker_killed_mid_import_and_another_started_leaves_exactly_the_right
         )
     assert job.chunks_total == 31 and job.rejected == 1
 
-    first = _start_worker("import-first")
-    try:
-        assert _wait(lambda: _alive(first) and ImportJob.objects.get(pk=job.pk).chunks_done >= 4, 60), "no progress"
-    finally:
-        _kill(first)
+    with _worker("import-first") as first:
+        try:
+            wait_until(
+                lambda: alive(first) and ImportJob.objects.get(pk=job.pk).chunks_done >= 4,
+                timeout=60,
+                interval=0.02,
+                message="no progress",
+            )
+        finally:
+            _kill(first)
     job.refresh_from_db()
     assert job.state == ImportJob.State.RUNNING and 4 <= job.chunks_done < job.chunks_total, "killed too late"
     # Whatever was committed is consistent: counters match the rows, nothing half-written.
     assert Product.objects.count() == job.ok == ProductImage.objects.count()
 
-    second = _start_worker("import-second")
-    try:
-        assert _wait(lambda: _alive(second) and ImportJob.objects.get(pk=job.pk).state == "done", 60, interval_s=0.2)
-    finally:
-        second.terminate()
-        second.wait(timeout=30)
+    with _worker("import-second") as second:
+        wait_until(lambda: alive(second) and ImportJob.objects.get(pk=job.pk).state == "done", timeout=60, interval=0.2)
     job.refresh_from_db()
     assert (job.total, job.processed, job.ok, job.rejected) == (good + broken + 1, good + broken + 1, good, broken + 1)
     assert job.chunks_done == job.chunks_total == ImportChunk.objects.filter(job=job, done=True).count()
@@ -122,7 +90,10 @@ def test_a_worker_killed_mid_import_and_another_started_leaves_exactly_the_right
 
 
 def _wait_active(version: ModelVersion, timeout_s: float = 120) -> ModelVersion:
-    _wait(lambda: ModelVersion.objects.get(pk=version.pk).status == "active", timeout_s, interval_s=0.2)
+    wait_until(
+        lambda: ModelVersion.objects.get(pk=version.pk).status == "active", timeout=timeout_s, interval=0.2,
+        message=lambda: ModelVersion.objects.get(pk=version.pk).metrics,
+    )  # fmt: skip
     version.refresh_from_db()
     return version
 
@@ -130,7 +101,7 @@ def _wait_active(version: ModelVersion, timeout_s: float = 120) -> ModelVersion:
 def _import(merchant, manifest: bytes, archive: bytes) -> ImportJob:
     with transaction.atomic():
         job = imports.import_job_create(merchant=merchant, manifest=manifest, archive=io.BytesIO(archive))
-    assert _wait(lambda: ImportJob.objects.get(pk=job.pk).state == "done", 60, interval_s=0.1)
+    wait_until(lambda: ImportJob.objects.get(pk=job.pk).state == "done", timeout=60, interval=0.1)
     job.refresh_from_db()
     return job
 
@@ -143,22 +114,21 @@ def _embedded(count: int) -> bool:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp_path):
+def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp_path, celery_worker_on):
     settings.MODELS_DIR = tmp_path
     shop, other = factories.merchant("shop"), factories.merchant("other")
     rows = [{"sku": f"P-{i}", "title": f"Product {i}", "category": "dress", "images": f"{i}.png"} for i in range(10)]
     rows.append({"sku": "P-TWIN", "title": "Same picture as P-3", "category": "dress", "images": "3.png"})
     files = {f"{i}.png": picture(100 + i, size=64) for i in range(10)}
     manifest, archive = csv_bytes(rows), zip_bytes(files)
-    app.control.purge()
-    with start_worker(app, queues=["embed", "train"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with celery_worker_on("embed", "train"):
         job = _import(shop, manifest, archive)
         assert (job.ok, job.images_new) == (11, 11)
         with transaction.atomic():
             version = model_versions.model_version_bootstrap(code_bits=32, fc7_dim=8)
         version = _wait_active(version)
         assert version.status == "active", version.metrics
-        assert _wait(lambda: _embedded(11), 30)
+        wait_until(lambda: _embedded(11), timeout=30, interval=0.02)
 
         # The same catalog again: same rows, no new image, no new embedding.
         before = list(ImageEmbedding.objects.order_by("id").values_list("id", "image_id", "created_at"))
@@ -171,14 +141,14 @@ def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp
         changed = dict(files, **{"5.png": picture(999, size=64)})
         third = _import(shop, manifest, zip_bytes(changed))
         assert third.images_new == 1
-        assert _wait(lambda: _embedded(11), 30)
+        wait_until(lambda: _embedded(11), timeout=30, interval=0.02)
         assert ImageEmbedding.objects.filter(product__sku="P-5").count() == 1
 
         # Another merchant uploads a copy of one of the shop's pictures.
         copy = _import(other, csv_bytes([{"sku": "C-1", "title": "Copied", "images": "c.png"}]),
                        zip_bytes({"c.png": files["7.png"]}))  # fmt: skip
         assert copy.ok == 1
-        assert _wait(lambda: _embedded(12), 30)
+        wait_until(lambda: _embedded(12), timeout=30, interval=0.02)
 
     twin = DuplicateFinding.objects.filter(kind="duplicate_listing", image__product__sku="P-TWIN").get()
     assert twin.other_image.product.sku == "P-3" and twin.merchant == shop
@@ -187,13 +157,12 @@ def test_import_is_embedded_once_by_version_zero_and_duplicates_are_reported(tmp
 
 
 @pytest.mark.django_db(transaction=True)
-def test_import_catalog_command_watches_the_workers(tmp_path):
+def test_import_catalog_command_watches_the_workers(tmp_path, celery_worker_on):
     manifest = csv_bytes([{"sku": f"W-{i}", "title": f"Item {i}", "images": f"{i}.png"} for i in range(5)])
     (tmp_path / "catalog.csv").write_bytes(manifest + b"W-BAD,,x,1,\n")
     (tmp_path / "images.zip").write_bytes(zip_bytes({f"{i}.png": picture(i) for i in range(5)}))
     out = io.StringIO()
-    app.control.purge()
-    with start_worker(app, queues=["embed"], pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with celery_worker_on("embed"):
         call_command(
             "import_catalog", str(tmp_path / "catalog.csv"), images=str(tmp_path / "images.zip"), merchant="watched",
             create_merchant=True, chunk_rows=2, timeout=60, stdout=out, stderr=io.StringIO(),

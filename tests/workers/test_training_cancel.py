@@ -13,6 +13,7 @@ from catalog.models import ModelVersion, TrainingRun
 from catalog.services import training
 from shop_search.celery import app
 from tests import factories
+from tests.waiting import wait_until
 from tests.workers import celery_process
 from workers import pipelines
 
@@ -39,16 +40,6 @@ def _catalog() -> None:
         factories.image(product, f"p{i}", color=tuple(int(v) for v in rng.integers(0, 255, 3)))
 
 
-def _wait(predicate, timeout_s: float, worker) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert worker.poll() is None, f"the worker exited with {worker.returncode}"
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_running_run_cancelled_from_the_admin_stops_and_registers_nothing(client, tmp_path):
     _catalog()
@@ -57,10 +48,16 @@ def test_a_running_run_cancelled_from_the_admin_stops_and_registers_nothing(clie
     with celery_process.worker_process(queues="train", name="train-cancel", env={"MODELS_DIR": str(tmp_path)}) as w:
         with transaction.atomic():
             run = training.training_run_start(run=TrainingRun(config=LONG_TINY_RUN))
-        assert _wait(lambda: TrainingRun.objects.get(pk=run.pk).progress > 0, 120, w), "the run never started"
+        wait_until(
+            lambda: celery_process.alive(w) and TrainingRun.objects.get(pk=run.pk).progress > 0,
+            timeout=120, interval=0.3, message="the run never started",
+        )  # fmt: skip
         client.post("/admin/catalog/trainingrun/", {"action": "cancel_runs", "_selected_action": [run.pk]})
         asked = time.monotonic()
-        assert _wait(lambda: TrainingRun.objects.get(pk=run.pk).state == "cancelled", 60, w), "the run did not stop"
+        wait_until(
+            lambda: celery_process.alive(w) and TrainingRun.objects.get(pk=run.pk).state == "cancelled",
+            timeout=60, interval=0.3, message="the run did not stop",
+        )  # fmt: skip
         stopped_after_s = time.monotonic() - asked
 
     run.refresh_from_db()
