@@ -160,13 +160,18 @@ class Command(BaseCommand):
                 catalog = catalog + extra
             except Exception as exc:
                 self.stderr.write(self.style.WARNING(f"no real-photo set ({exc})"))
+        # The real-photo set is a shop of its own: its scene-like photos (a street, a town from the air) must not sit
+        # in the shop the synthetic queries search, where they outrank clothes for any photo with a busy background.
+        # Its queries search both shops, so the real photographs compete with the whole catalog.
         merchant = Merchant.objects.create(slug="bench", name="Bench")
+        real_merchant = Merchant.objects.create(slug="real-photos", name="Real photos")
         product_ids = []
         for start in tqdm(range(0, len(catalog), WRITE_BATCH), desc=f"catalog {size} seed {seed}", unit="batch"):
             with transaction.atomic():
                 for item in catalog[start : start + WRITE_BATCH]:
                     product = product_upsert(
-                        merchant=merchant, sku=item.sku, title=item.title[:300], category=item.category,
+                        merchant=real_merchant if item.source == "real" else merchant, sku=item.sku,
+                        title=item.title[:300], category=item.category,
                         attributes=list(item.attributes),
                     ).product  # fmt: skip
                     image_add(product=product, data=_png(item.photo), position=0)
@@ -193,12 +198,15 @@ class Command(BaseCommand):
         version = ModelVersion.objects.get(pk=version.pk)
         product_of = dict(ImageEmbedding.objects.filter(model_version=version).values_list("id", "product_id"))
         measured: list[dict[str, Any]] = []
+        in_the_shop = dataclasses.replace(
+            options, product_filter=dataclasses.replace(options.product_filter, merchant_id=merchant.pk)
+        )
         for strength in strengths:
             photos = benchmark_queries(catalog, count=queries, seed=seed, strength=strength, backgrounds=backgrounds)
             for query in tqdm(photos, desc=f"queries {strength}", unit="query"):
                 measured.append(
                     _search(query.photo, product_ids[query.product_index], catalog[query.product_index].category,
-                            version=version, product_of=product_of, options=options)
+                            version=version, product_of=product_of, options=in_the_shop)
                     | {"strength": strength, "source": query.source}
                 )  # fmt: skip
         real_index = len(catalog) - len(real_queries)
