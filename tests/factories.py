@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+from typing import Any
 
+import numpy as np
 from django.core.files.base import ContentFile
 from PIL import Image
 
-from catalog.models import Merchant, Product, ProductImage
+from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
+from catalog.services import embeddings
 
 
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32)) -> bytes:
@@ -31,4 +34,14 @@ def image(owner: Product, name: str, color: tuple[int, int, int] = (200, 30, 30)
     row = ProductImage(product=owner, sha256=hashlib.sha256(data + name.encode()).hexdigest(), size_bytes=len(data))
     row.file.save(f"{name}.png", ContentFile(data), save=False)
     row.save()
+    return row
+
+
+def embedding(
+    *, image: ProductImage, model_version: ModelVersion, bits: np.ndarray, fc7: np.ndarray, **predictions: Any
+) -> ImageEmbedding:
+    """Insert or replace one image's embedding the way the embed worker writes them (embedding_row, then
+    embeddings_bulk_save); `predictions`: category, category_confidence, attributes, landmarks."""
+    row = embeddings.embedding_row(image=image, model_version=model_version, bits=bits, fc7=fc7, **predictions)
+    embeddings.embeddings_bulk_save(model_version=model_version, rows=[row])
     return row

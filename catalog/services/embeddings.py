@@ -4,7 +4,6 @@ embed workers, and the duplicate report their codes feed (near-identical images 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from django.db import connection, transaction
@@ -50,23 +49,9 @@ def embedding_row(
     )
 
 
-def embedding_save(
-    *,
-    image: ProductImage,
-    model_version: ModelVersion,
-    bits: np.ndarray,
-    fc7: np.ndarray,
-    **predictions: Any,  # category, category_confidence, attributes, landmarks: see embedding_row
-) -> ImageEmbedding:
-    """Insert or replace one embedding (idempotent: re-embedding is an update)."""
-    row = embedding_row(image=image, model_version=model_version, bits=bits, fc7=fc7, **predictions)
-    embeddings_bulk_save(model_version=model_version, rows=[row])
-    return row
-
-
 def embeddings_bulk_save(*, model_version: ModelVersion, rows: Sequence[ImageEmbedding]) -> None:
-    """Insert or replace many embeddings of one version in one statement (embedding_save's semantics, batched:
-    one round trip per batch instead of two or three per image)."""
+    """Insert or replace many embeddings of one version in one statement (idempotent: re-embedding an image is an
+    update; one round trip per batch instead of two or three per image)."""
     for row in rows:
         if len(row.code) != model_version.code_bits or len(row.fc7) != model_version.fc7_dim:
             raise ValueError(

@@ -10,7 +10,7 @@ from decimal import Decimal
 import numpy as np
 
 from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product
-from catalog.services import embeddings, model_versions
+from catalog.services import model_versions
 from tests import factories
 
 CODE_BITS = 32
@@ -67,7 +67,7 @@ def product_with_embeddings(
     for index, (bits, fc7) in enumerate(encodings):
         image = factories.image(product, f"{sku}-{index}-{next(_names)}")
         saved.append(
-            embeddings.embedding_save(
+            factories.embedding(
                 image=image,
                 model_version=version,
                 bits=bits,

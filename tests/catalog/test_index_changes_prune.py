@@ -7,7 +7,7 @@ import pytest
 
 from catalog.hamming.memory import MemoryCodeIndex
 from catalog.models import IndexChange, ModelVersion
-from catalog.services import embeddings, maintenance
+from catalog.services import maintenance
 from tests import factories
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,7 +29,7 @@ def test_an_index_that_slept_through_a_prune_reloads_instead_of_missing_a_deleti
     kept, doomed = factories.product(merchant, sku="kept"), factories.product(merchant, sku="doomed")
     for product in (kept, doomed):
         image = factories.image(product, product.sku)
-        embeddings.embedding_save(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.zeros(2))
+        factories.embedding(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.zeros(2))
 
     index = MemoryCodeIndex()
     index.refresh(version_id=version.pk, code_bits=8, force=True)

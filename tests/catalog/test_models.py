@@ -9,7 +9,7 @@ from pgvector.django import HammingDistance, L2Distance
 
 from catalog.codes import code_index_name, code_sql, version_sql
 from catalog.models import ImageEmbedding, IndexChange, ModelVersion, Product, ProductImage
-from catalog.services import embeddings, model_versions
+from catalog.services import model_versions
 from tests import factories
 
 pytestmark = pytest.mark.django_db
@@ -45,7 +45,7 @@ def test_bit_code_round_trips_and_hamming_ordering_is_right(product, version):
         bits = query.copy()
         bits[flipped] = ~bits[flipped]
         image = make_image(product, name)
-        embeddings.embedding_save(image=image, model_version=version, bits=bits, fc7=np.zeros(3))
+        factories.embedding(image=image, model_version=version, bits=bits, fc7=np.zeros(3))
 
     stored = ImageEmbedding.objects.get(image__file__contains="near")
     expected = query.copy()
@@ -67,7 +67,7 @@ def test_bit_code_round_trips_and_hamming_ordering_is_right(product, version):
 
 def test_fc7_l2_ordering(product, version):
     for name, vector in {"a": [0, 0, 0], "b": [3, 0, 0], "c": [1, 1, 0]}.items():
-        embeddings.embedding_save(
+        factories.embedding(
             image=make_image(product, name),
             model_version=version,
             bits=np.zeros(8, bool),
@@ -77,17 +77,17 @@ def test_fc7_l2_ordering(product, version):
     assert [name.split("/")[-1][0] for name in ranked] == ["b", "c", "a"]
 
 
-def test_embedding_save_rejects_wrong_sizes(product, version):
+def test_saving_an_embedding_of_the_wrong_sizes_is_refused(product, version):
     with pytest.raises(ValueError, match="expects 8 bits"):
-        embeddings.embedding_save(
+        factories.embedding(
             image=make_image(product, "x"), model_version=version, bits=np.zeros(16, bool), fc7=np.zeros(3)
         )
 
 
-def test_embedding_save_is_an_upsert(product, version):
+def test_saving_an_embedding_again_is_an_upsert(product, version):
     image = make_image(product, "x")
-    embeddings.embedding_save(image=image, model_version=version, bits=np.zeros(8, bool), fc7=np.zeros(3))
-    embeddings.embedding_save(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.ones(3))
+    factories.embedding(image=image, model_version=version, bits=np.zeros(8, bool), fc7=np.zeros(3))
+    factories.embedding(image=image, model_version=version, bits=np.ones(8, bool), fc7=np.ones(3))
     assert ImageEmbedding.objects.get().code == "11111111"
 
 
@@ -126,7 +126,7 @@ def test_activation_retires_the_previous_version_and_indexes_codes(product):
 def test_change_sequence_records_embedding_writes_deletes_and_visibility(product, version):
     image = make_image(product, "x")
     start = IndexChange.objects.order_by("-id").values_list("id", flat=True).first() or 0
-    embedding = embeddings.embedding_save(image=image, model_version=version, bits=np.zeros(8, bool), fc7=np.zeros(3))
+    embedding = factories.embedding(image=image, model_version=version, bits=np.zeros(8, bool), fc7=np.zeros(3))
     product.active = False
     product.save()
     product.title = "renamed"  # not a visibility change: no notification

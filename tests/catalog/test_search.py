@@ -1,6 +1,5 @@
 """The cascade on the real PostgreSQL + pgvector, through both coarse backends (embeddings written directly)."""
 
-import time
 from decimal import Decimal
 
 import numpy as np
@@ -15,6 +14,7 @@ from catalog.models import ImageEmbedding, Product
 from catalog.search import QueryEncoding, SearchOptions
 from tests import factories
 from tests.catalog import searchkit
+from tests.waiting import wait_until
 from workers.ml.codes import select_shells
 
 pytestmark = pytest.mark.django_db
@@ -106,14 +106,15 @@ def test_deleted_and_inactive_products_never_appear(shop, backend):
 
 
 def _eventually(probe, accept, within_s: float = 1.0):
-    """Poll `probe` until `accept` holds; the in-memory index promises changes within 1 s."""
-    started = time.monotonic()
-    while True:
-        value = probe()
-        if accept(value) or time.monotonic() - started > within_s:
-            assert accept(value), f"not within {within_s} s: {value}"
-            return value
-        time.sleep(0.02)
+    """`probe()`'s value once `accept` holds for it; the in-memory index promises changes within 1 s."""
+    last = []
+
+    def accepted() -> bool:
+        last[:] = [probe()]
+        return accept(last[0])
+
+    wait_until(accepted, timeout=within_s, interval=0.02, message=lambda: f"not within {within_s} s: {last[0]}")
+    return last[0]
 
 
 def test_memory_index_follows_the_change_log_without_reloading(shop):
@@ -134,9 +135,7 @@ def test_memory_index_follows_the_change_log_without_reloading(shop):
     _eventually(lambda: product_ids(run(version, query, "memory", k=3)), lambda ids: ids[0] == added.product.pk)
 
     # An updated code moves the image: far away now, so the product is no longer first.
-    from catalog.services import embeddings
-
-    embeddings.embedding_save(image=added.embeddings[0].image, model_version=version, bits=~bits, fc7=-fc7)
+    factories.embedding(image=added.embeddings[0].image, model_version=version, bits=~bits, fc7=-fc7)
     _eventually(lambda: product_ids(run(version, query, "memory", k=3)), lambda ids: added.product.pk not in ids)
 
     added.embeddings[0].delete()
