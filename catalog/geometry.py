@@ -123,11 +123,6 @@ def unpack(data: bytes | memoryview) -> LocalFeatures:
     return LocalFeatures(xy, descriptors.reshape(count, DESCRIPTOR_BYTES), (width, height))
 
 
-def packed_size(features: int) -> int:
-    """Bytes of a packed set of `features` keypoints."""
-    return _HEADER.size + features * (4 + DESCRIPTOR_BYTES)
-
-
 def verify(query: LocalFeatures, candidate: LocalFeatures) -> Verification:
     """Ratio-test matches of the query's descriptors among the candidate's, then a robust homography."""
     result = verify_many(query, [candidate])[0]
