@@ -177,8 +177,6 @@ REST_FRAMEWORK = {
         "search": os.environ.get("SEARCH_THROTTLE_RATE", "60/min"),
         # /api/auth/token/ per client address, right or wrong password: a few tries, then 429
         "auth": os.environ.get("AUTH_THROTTLE_RATE", "5/min"),
-        # /api/auth/token/ per client address, right or wrong password: a few tries, then 429
-        "auth": os.environ.get("AUTH_THROTTLE_RATE", "5/min"),
     },
 }
 SPECTACULAR_SETTINGS = {

@@ -85,7 +85,8 @@ def test_real_photo_pairs_are_two_different_photographs_of_one_object():
     assert [pair.name for pair, _, _ in pairs] == [pair.name for pair in real_photos.PAIRS]
     for _, catalog_photo, query_photo in pairs:
         assert catalog_photo.mode == query_photo.mode == "RGB"
-        assert catalog_photo.size != query_photo.size or np.asarray(catalog_photo).tobytes() != np.asarray(
-            query_photo
-        ).tobytes()
+        assert (
+            catalog_photo.size != query_photo.size
+            or np.asarray(catalog_photo).tobytes() != np.asarray(query_photo).tobytes()
+        )
     assert len(real_photos.background_photos()) == len(real_photos.BACKGROUND_FILES)
