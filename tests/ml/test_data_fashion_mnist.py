@@ -5,6 +5,7 @@ import pytest
 
 from tests.ml.ml_helpers import write_idx
 from workers.ml.datasets import fashion_mnist
+from workers.ml.datasets.debian import data_dir
 from workers.ml.datasets.fashion_mnist import (
     CLASSES,
     SYSTEM_DIR,
@@ -78,7 +79,7 @@ def test_missing_package_gives_a_clear_error(tmp_path, monkeypatch):
 
 def test_data_dir_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SHOP_SEARCH_DATA_DIR", str(tmp_path))
-    assert fashion_mnist.data_dir() == tmp_path
+    assert data_dir() == tmp_path
     (tmp_path / "fashion-mnist").mkdir()
     _tiny_split(tmp_path / "fashion-mnist", "train", np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.uint8))
     _tiny_split(tmp_path / "fashion-mnist", "t10k", np.zeros((1, 28, 28), np.uint8), np.zeros(1, np.uint8))
@@ -86,7 +87,7 @@ def test_data_dir_follows_the_environment(tmp_path, monkeypatch):
 
 
 def _real_copy():
-    for directory in (fashion_mnist.data_dir() / "fashion-mnist", SYSTEM_DIR):
+    for directory in (data_dir() / "fashion-mnist", SYSTEM_DIR):
         if fashion_mnist._complete(directory):
             return directory
     return None

@@ -18,10 +18,6 @@ a cluttered background behind it.
 from __future__ import annotations
 
 import gzip
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from workers.ml.augment import grow_from_border
+from workers.ml.datasets.debian import PackageUnavailable, package_files
 from workers.ml.records import LabelSpace, Record
 
 CLASSES: tuple[str, ...] = (
@@ -49,20 +46,13 @@ SPLITS = ("train", "t10k")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 PACKAGE_SUBDIR = Path("usr/share/datasets/fashion-mnist")  # where the idx files sit inside the .deb
 SYSTEM_DIR = Path("/") / PACKAGE_SUBDIR  # the same place when the package is installed with apt-get install
-DATA_DIR_ENV = "SHOP_SEARCH_DATA_DIR"
-REPO_ROOT = Path(__file__).resolve().parents[3]
 BACKGROUND_LEVEL = 8  # grey values at or below this, connected to the border, are the black studio backdrop
 MASK_CHUNK = 2048  # masks are computed on first access, this many images at a time (vectorised, ~0.15 s)
 IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class FashionMnistUnavailable(RuntimeError):
+class FashionMnistUnavailable(PackageUnavailable):
     """The idx files are not on this machine and could not be fetched from Debian."""
-
-
-def data_dir() -> Path:
-    """Where downloaded data sets live: $SHOP_SEARCH_DATA_DIR, default var/data under the repository."""
-    return Path(os.environ.get(DATA_DIR_ENV) or REPO_ROOT / "var" / "data")
 
 
 def idx_file_names(split: str) -> tuple[str, str]:
@@ -84,57 +74,17 @@ def _complete(directory: Path) -> bool:
 
 def ensure_fashion_mnist(root: Path | None = None) -> Path:
     """A directory holding the four idx files, fetching the Debian package into `root` if needed."""
-    target = (root or data_dir()) / "fashion-mnist"
-    if _complete(target):
-        return target
-    if root is None and _complete(SYSTEM_DIR):
-        return SYSTEM_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fashion-mnist-") as work:
-        work_dir = Path(work)
-        _apt_download(work_dir)
-        debs = sorted(work_dir.glob(f"{DEBIAN_PACKAGE}_*.deb"))
-        if not debs:
-            raise FashionMnistUnavailable(f"apt-get download left no {DEBIAN_PACKAGE} .deb in {work_dir}")
-        _run(["dpkg-deb", "-x", str(debs[-1]), str(work_dir / "unpacked")])
-        unpacked = work_dir / "unpacked" / PACKAGE_SUBDIR
-        if not _complete(unpacked):
-            raise FashionMnistUnavailable(f"{debs[-1].name} has no idx files under {PACKAGE_SUBDIR}")
-        staging = work_dir / "fashion-mnist"
-        staging.mkdir()
-        for file in unpacked.iterdir():
-            if "idx" in file.name:
-                shutil.copy2(file, staging / file.name)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _complete(target):  # not a concurrent download that finished first
-                raise
-    return target
-
-
-def _apt_download(work_dir: Path) -> None:
     try:
-        _run(["apt-get", "download", DEBIAN_PACKAGE], cwd=work_dir)
-    except FashionMnistUnavailable:
-        # A fresh machine may not have package lists yet; refreshing them needs root.
-        if not hasattr(os, "geteuid") or os.geteuid() != 0:
-            raise
-        _run(["apt-get", "update"], cwd=work_dir)
-        _run(["apt-get", "download", DEBIAN_PACKAGE], cwd=work_dir)
-
-
-def _run(command: list[str], cwd: Path | None = None) -> None:
-    try:
-        subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as error:
-        details = getattr(error, "stderr", None) or str(error)
-        raise FashionMnistUnavailable(
-            f"could not fetch Fashion-MNIST: `{' '.join(command)}` failed: {details.strip()}\n"
-            f"Fetch it by hand: `apt-get download {DEBIAN_PACKAGE} && dpkg-deb -x {DEBIAN_PACKAGE}_*.deb pkg` "
-            f"and copy pkg/{PACKAGE_SUBDIR}/*idx* into {data_dir() / 'fashion-mnist'} "
-            f"(or set {DATA_DIR_ENV}), or `apt-get install {DEBIAN_PACKAGE}`."
-        ) from error
+        return package_files(
+            package=DEBIAN_PACKAGE,
+            subdir=PACKAGE_SUBDIR,
+            name="fashion-mnist",
+            complete=_complete,
+            wanted=lambda path: "idx" in path.name,
+            root=root,
+        )
+    except PackageUnavailable as error:
+        raise FashionMnistUnavailable(str(error)) from error
 
 
 # --------------------------------------------------------------------------------------------- idx files
