@@ -104,24 +104,31 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
     keypoints_store(loaded)
     duplicates = 0
     for version in versions:
-        encoder = encoder_of(version)
-        encoded = _encode_each_failing_alone(encoder, loaded)
-        rows = [
-            embeddings.embedding_row(
-                image=image,
-                model_version=version,
-                bits=encoding.bits[index],
-                fc7=encoding.fc7[index],
-                **predictions(encoding, index, encoder.label_space),
-            )
-            for image, encoding, index in encoded
-        ]
-        duplicates += embeddings.embeddings_record(model_version=version, rows=rows)
-        failed += len(loaded) - len(encoded)
-        encoded_ids = {image.pk for image, _, _ in encoded}
+        encoded_ids, found = _embed_with(version, loaded)
+        duplicates += found
+        failed += len(loaded) - len(encoded_ids)
         loaded = [(image, picture) for image, picture in loaded if image.pk in encoded_ids]
     embeddings.images_mark_embedded(image_ids=[image.pk for image, _ in loaded])
     return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
+
+
+def _embed_with(version: ModelVersion, loaded: Sequence[tuple[ProductImage, Image.Image]]) -> tuple[set[int], int]:
+    """Encode loaded images with `version` and store their embeddings (codes, fc7, predictions): the ids of the images
+    embedded, and how many duplicates that revealed."""
+    encoder = encoder_of(version)
+    encoded = _encode_each_failing_alone(encoder, loaded)
+    rows = [
+        embeddings.embedding_row(
+            image=image,
+            model_version=version,
+            bits=encoding.bits[index],
+            fc7=encoding.fc7[index],
+            **predictions(encoding, index, encoder.label_space),
+        )
+        for image, encoding, index in encoded
+    ]
+    duplicates = embeddings.embeddings_record(model_version=version, rows=rows)
+    return {image.pk for image, _, _ in encoded}, duplicates
 
 
 def _encode_each_failing_alone(
@@ -365,7 +372,6 @@ def version_embed_catalog(*, version: ModelVersion) -> int:
     """Embed every image `version` has not embedded yet (an evaluated version is searched like the active one;
     switching to it later reuses these rows). Returns how many were embedded."""
     model_versions.code_index_ensure(version=version)
-    encoder = encoder_of(version)
     missing = list(selectors.images_missing_embedding(version=version).values_list("id", flat=True))
     done = 0
     for start in range(0, len(missing), GOLDEN_EMBED_BATCH):
@@ -375,21 +381,8 @@ def version_embed_catalog(*, version: ModelVersion) -> int:
                 loaded.append((image, selectors.image_open(image=image)))
             except Exception:  # the embed workers mark it failed; the evaluation just leaves it out
                 logger.warning("skipping unreadable image %s in a golden-set evaluation", image.pk)
-        if not loaded:
-            continue
-        encoding = encoder.encode([picture for _, picture in loaded])
-        rows = [
-            embeddings.embedding_row(
-                image=image,
-                model_version=version,
-                bits=encoding.bits[index],
-                fc7=encoding.fc7[index],
-                **predictions(encoding, index, encoder.label_space),
-            )
-            for index, (image, _) in enumerate(loaded)
-        ]
-        embeddings.embeddings_record(model_version=version, rows=rows)
-        done += len(rows)
+        if loaded:
+            done += len(_embed_with(version, loaded)[0])
     return done
 
 
