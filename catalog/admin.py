@@ -1,3 +1,10 @@
+"""The admin dashboard: merchants and products, model versions (evaluate, switch, cancel an indexing), embeddings,
+catalog uploads with live progress, duplicate findings, training runs (start, follow, cancel) and golden queries.
+
+About 500 lines because it is where Django looks for every model's admin; each class stands alone and calls services
+and selectors for anything it does, so a class is read on its own.
+"""
+
 import dataclasses
 
 from django import forms

@@ -1,5 +1,7 @@
 """The search cascade, which docs/architecture.md follows from the request: photo -> encoding -> coarse Hamming ->
-fine fc7 -> products -> why.
+fine fc7 -> verify -> products -> why. All of it lives in this one module (about 550 lines), so that what a search
+does can be read top to bottom in one place; the stages' machinery lives elsewhere (catalog.hamming for the coarse
+backends, catalog.geometry for local features, catalog.intake for the photo).
 
     photo ─ intake (validate, EXIF-rotate, crop box) ─ encoder (Celery `search` queue) ─┬─ code  ─ coarse: Hamming
                                                                                         ├─ fc7   ─ fine: pgvector L2
