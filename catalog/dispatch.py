@@ -43,7 +43,18 @@ TRAIN_NETWORK = Task("workers.tasks.train_network", "train")
 EVALUATE_VERSION = Task("workers.tasks.evaluate_version", "train")
 # Expires when the shopper stops waiting: a backlog of abandoned queries never delays the ones still waited for.
 ENCODE_QUERY = Task("workers.tasks.encode_query", "search", expires_s=QUERY_ENCODE_TIMEOUT_S)
-TASKS = (EMBED_IMAGES, FINISH_INDEXING, RUN_IMPORT_CHUNK, FIT_BASELINE, TRAIN_NETWORK, EVALUATE_VERSION, ENCODE_QUERY)
+# Loads the newly active version's network in a search worker process before a shopper's query has to.
+WARM_UP_SEARCH = Task("workers.tasks.warm_up_search", "search")
+TASKS = (
+    EMBED_IMAGES,
+    FINISH_INDEXING,
+    RUN_IMPORT_CHUNK,
+    FIT_BASELINE,
+    TRAIN_NETWORK,
+    EVALUATE_VERSION,
+    ENCODE_QUERY,
+    WARM_UP_SEARCH,
+)
 
 
 def _send(task: Task, *args: Any) -> Any:
@@ -87,6 +98,12 @@ def fit_baseline(*, version_id: int) -> None:
 
 def train_network(*, training_run_id: int) -> None:
     _send_after_commit(TRAIN_NETWORK, training_run_id)
+
+
+def warm_up_search() -> None:
+    """Once a version is active, have a search worker process load its network now (a worker preloads the active
+    version when it starts; one started before this version existed would otherwise load it on a shopper's query)."""
+    _send_after_commit(WARM_UP_SEARCH)
 
 
 def evaluate_version(*, version_id: int) -> None:

@@ -115,6 +115,7 @@ CELERY_RESULT_EXPIRES = 3600  # query encodings are read once, seconds after the
 CELERY_TASK_DEFAULT_QUEUE = "embed"
 CELERY_TASK_ROUTES = {
     "workers.tasks.encode_query": {"queue": "search"},
+    "workers.tasks.warm_up_search": {"queue": "search"},
     "workers.tasks.embed_*": {"queue": "embed"},
     "workers.tasks.train_*": {"queue": "train"},
 }

@@ -121,6 +121,12 @@ def _warm_up_worker_process(**_: object) -> None:
     pipelines.encoder_warm_up()
 
 
+@shared_task(name="workers.tasks.warm_up_search", acks_late=False)
+def warm_up_search() -> dict:
+    """Load the active version's network in this (search) worker process: sent when a version becomes active."""
+    return {"loaded": pipelines.encoder_warm_up()}
+
+
 @shared_task(
     name="workers.tasks.train_network",
     acks_late=False,  # hours long: redelivery after the broker's visibility timeout would train it twice

@@ -32,6 +32,7 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
         version.status = ModelVersion.Status.ACTIVE
         version.activated_at = timezone.now()
         version.save(update_fields=["status", "activated_at"])
+        dispatch.warm_up_search()
     return version
 
 

@@ -33,3 +33,17 @@ def test_writes_are_queued_after_commit_in_embed_sized_chunks(monkeypatch):
         dispatch.train_network(training_run_id=7)
         transaction.set_rollback(True)
     assert len(sent) == 2  # a rolled-back write queues nothing
+
+
+@pytest.mark.django_db(transaction=True)
+def test_activating_a_version_has_a_search_worker_load_it_once_the_switch_commits(monkeypatch):
+    from catalog.models import ModelVersion
+    from catalog.services.model_versions import model_version_activate
+
+    sent = []
+    monkeypatch.setattr(app, "send_task", lambda name, args, queue: sent.append((name, queue)))
+    version = ModelVersion.objects.create(name="v", code_bits=8, fc7_dim=4, status=ModelVersion.Status.READY)
+    with transaction.atomic():
+        model_version_activate(version=version)
+        assert sent == []
+    assert sent == [(dispatch.WARM_UP_SEARCH.name, "search")]

@@ -93,3 +93,17 @@ def test_a_worker_process_preloads_the_active_encoder(settings, tmp_path):
     ModelVersion.objects.create(name="warm", checkpoint=str(path), status=ModelVersion.Status.ACTIVE)
     assert pipelines.encoder_warm_up() == "warm"
     assert path.resolve() in encoders._encoders
+
+
+@pytest.mark.django_db
+def test_the_warm_up_task_a_switch_sends_loads_the_active_encoder(settings, tmp_path):
+    from workers import encoders, tasks
+    from workers.ml.baseline import fit_baseline
+
+    settings.MODELS_DIR = tmp_path
+    images = [Image.open(io.BytesIO(_picture(seed))) for seed in range(4)]
+    path = fit_baseline(images, out_path=tmp_path / "switched.pt", code_bits=32, fc7_dim=2, input_size=32)
+    ModelVersion.objects.create(name="switched", checkpoint=str(path), status=ModelVersion.Status.ACTIVE)
+    encoders._encoders.pop(path.resolve(), None)
+    assert tasks.warm_up_search() == {"loaded": "switched"}
+    assert path.resolve() in encoders._encoders
