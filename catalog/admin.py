@@ -436,18 +436,6 @@ def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
 
 
-GOLDEN_COLUMNS = (  # (key, heading, format) of the golden-set numbers shown in the admin
-    ("queries", "queries", "{}"),
-    ("r1", "R@1", "{:.1%}"),
-    ("r10", "R@10", "{:.1%}"),
-    ("map10", "mAP@10", "{:.3f}"),
-    ("coarse_recall", "in coarse candidates", "{:.1%}"),
-    ("final_recall", "in final top 10", "{:.1%}"),
-    ("encode_ms_p50", "encode ms p50", "{:.1f}"),
-    ("encode_ms_p95", "encode ms p95", "{:.1f}"),
-)
-
-
 def golden_numbers_html(columns: list[tuple[str, dict]]) -> str:
     """Golden-set numbers of one or more versions side by side: overall, per source and per shop."""
     names = [name for name, _ in columns]
@@ -459,7 +447,7 @@ def golden_numbers_html(columns: list[tuple[str, dict]]) -> str:
     rows = []
     for title, values in parts:
         rows.append(format_html("<tr><th colspan='{}'>{}</th></tr>", len(names) + 1, title))
-        for key, heading, pattern in GOLDEN_COLUMNS:
+        for key, heading, pattern in golden.GOLDEN_NUMBERS:
             cells = format_html_join(
                 "", "<td>{}</td>", ((pattern.format(v[key]) if v and key in v else "-",) for v in values)
             )

@@ -18,6 +18,18 @@ GOLDEN_METRICS_KEY = "golden"  # ModelVersion.metrics[...] holding the golden-se
 GOLDEN_RANKING_METRIC = "r1"  # what "scores worse" means when switching (catalog.services.model_versions)
 
 
+GOLDEN_NUMBERS = (  # (key, label, format) of a version's golden-set numbers, as the admin and the commands show them
+    ("queries", "queries", "{}"),
+    ("r1", "R@1", "{:.1%}"),
+    ("r10", "R@10", "{:.1%}"),
+    ("map10", "mAP@10", "{:.3f}"),
+    ("coarse_recall", "in coarse candidates", "{:.1%}"),
+    ("final_recall", "in final top 10", "{:.1%}"),
+    ("encode_ms_p50", "encode ms p50", "{:.1f}"),
+    ("encode_ms_p95", "encode ms p95", "{:.1f}"),
+)
+
+
 def golden_query_add(*, product: Product, photo: bytes, source: str = "admin") -> GoldenQuery:
     """Store a shopper photo of `product`, validated and re-encoded like any query photo (an upload is untrusted,
     and re-encoding drops its metadata: a phone photo's EXIF may say where the shopper lives). Raises IntakeError."""

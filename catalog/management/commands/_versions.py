@@ -18,18 +18,6 @@ def version_named(name_or_id: str) -> ModelVersion:
     return version
 
 
-GOLDEN_ROWS = (  # (key, label, format) printed side by side
-    ("queries", "queries", "{}"),
-    ("r1", "R@1", "{:.1%}"),
-    ("r10", "R@10", "{:.1%}"),
-    ("map10", "mAP@10", "{:.3f}"),
-    ("coarse_recall", "in coarse candidates", "{:.1%}"),
-    ("final_recall", "in final top 10", "{:.1%}"),
-    ("encode_ms_p50", "encode ms p50", "{:.1f}"),
-    ("encode_ms_p95", "encode ms p95", "{:.1f}"),
-)
-
-
 def golden_side_by_side(versions: list[ModelVersion]) -> str:
     """The versions' golden-set numbers as a plain-text table (overall, then per source and per shop)."""
     numbers = [golden.version_golden(v) or {} for v in versions]
@@ -41,7 +29,7 @@ def golden_side_by_side(versions: list[ModelVersion]) -> str:
     lines = [f"{'':24}" + "".join(f"{v.name:>{width}}" for v in versions)]
     for title, values in sections:
         lines.append(title)
-        for key, label, pattern in GOLDEN_ROWS:
+        for key, label, pattern in golden.GOLDEN_NUMBERS:
             cells = "".join(f"{(pattern.format(v[key]) if key in v else '-'):>{width}}" for v in values)
             lines.append(f"  {label:22}{cells}")
     return "\n".join(lines)
