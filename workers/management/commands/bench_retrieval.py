@@ -44,6 +44,7 @@ from catalog.management.bench_database import (
     run_inside_bench_database,
     url_with_path,
 )
+from catalog.search import CATEGORY_MODES, DEFAULT_CATEGORY_MODE
 
 BENCH_DATABASE = "shop_search_bench_retrieval"
 BENCH_REDIS_DB = 12  # tasks the services queue on commit land here, where no worker listens, and are purged
@@ -71,7 +72,10 @@ class Command(BaseCommand):
         )
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "retrieval.json")
         parser.add_argument(
-            "--category-mode", default="boost", help="what the predicted category does (the API's default: boost)"
+            "--category-mode",
+            default=DEFAULT_CATEGORY_MODE,
+            choices=CATEGORY_MODES,
+            help=f"what the predicted category does (default: the API's, {DEFAULT_CATEGORY_MODE})",
         )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
