@@ -28,6 +28,11 @@ def url_with_path(url: str, path: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=path))
 
 
+def options_argv(options: dict, names: Sequence[str]) -> list[str]:
+    """The command's own options, as the child process's command line (`--sizes 1000 --seeds 0,1,2 ...`)."""
+    return [part for name in names for part in (f"--{name.replace('_', '-')}", str(options[name]))]
+
+
 def run_inside_bench_database(
     *, command: str, database: str, argv: Sequence[str], env: dict[str, str] | None = None, keep: bool = False
 ) -> None:

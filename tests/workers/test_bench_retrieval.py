@@ -48,3 +48,10 @@ def test_bench_urls_swap_only_the_database_or_redis_db():
         == "postgresql://postgres:@/bench?host=/var/pg"
     )
     assert url_with_path("redis://127.0.0.1:6379/0", "/12") == "redis://127.0.0.1:6379/12"
+
+
+def test_a_bench_command_forwards_its_own_options_to_the_child():
+    from catalog.management.bench_database import options_argv
+
+    options = {"sizes": "1000,10000", "category_mode": "off", "keep_database": True}
+    assert options_argv(options, ("sizes", "category_mode")) == ["--sizes", "1000,10000", "--category-mode", "off"]

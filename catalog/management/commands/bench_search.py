@@ -28,6 +28,7 @@ from catalog.codes import code_index_name
 from catalog.management.bench_database import (
     INNER_FLAG,
     INNER_HELP,
+    options_argv,
     refuse_outside_bench_database,
     run_inside_bench_database,
 )
@@ -65,9 +66,9 @@ class Command(BaseCommand):
         if options["inside_bench_database"]:
             self._benchmark(**options)
             return
-        argv = []
-        for name in ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out", "min_candidates"):
-            argv += [f"--{name.replace('_', '-')}", str(options[name])]
+        argv = options_argv(
+            options, ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out", "min_candidates")
+        )
         run_inside_bench_database(
             command="bench_search", database=BENCH_DATABASE, argv=argv, keep=options["keep_database"]
         )

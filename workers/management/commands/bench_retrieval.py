@@ -40,6 +40,7 @@ from tqdm import tqdm
 from catalog.management.bench_database import (
     INNER_FLAG,
     INNER_HELP,
+    options_argv,
     refuse_outside_bench_database,
     run_inside_bench_database,
     url_with_path,
@@ -84,9 +85,9 @@ class Command(BaseCommand):
         if options["inside_bench_database"]:
             self._benchmark(**options)
             return
-        argv = []
-        for name in ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode"):
-            argv += [f"--{name.replace('_', '-')}", str(options[name])]
+        argv = options_argv(
+            options, ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode")
+        )
         if options["checkpoint"]:
             argv += ["--checkpoint", str(options["checkpoint"].resolve())]
         work = Path(tempfile.mkdtemp(prefix="bench-retrieval-", dir=Path(settings.VAR_DIR)))
