@@ -8,25 +8,32 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
 from django.db import connection
 
 from catalog.codes import bitstring_pack, code_sql, version_sql
-from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
+from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
 
 logger = logging.getLogger(__name__)
 
 CHANGE_POLL_INTERVAL_S = 0.0  # every search polls (one primary-key range scan, ~0.2 ms): a change is seen at once
 CHANGE_BATCH = 10_000  # change rows read per round trip; a backlog beyond RELOAD_BACKLOG is cheaper as a reload
 RELOAD_BACKLOG = 200_000  # more pending changes than this: reload the whole version instead of replaying
-CHANGE_GAP_PATIENCE_S = 30.0  # a missing change id is an uncommitted transaction for this long, then a rollback
-LOAD_LOOKBACK_IDS = 1_000  # changes just before a load may still be committing: replay this many ids behind it
 COMPACT_DEAD_FRACTION = 0.25  # dead rows cost scan time; past this fraction the arrays are rewritten without them
 MIN_CAPACITY = 1_024  # appends grow the arrays geometrically from here
 APPENDED_RESORT_MIN = 10_000  # rows added since the last sort are looked up in a dict; past this many, re-sort
 APPENDED_RESORT_FRACTION = 0.05  # (or this fraction of the index: an argsort of 1M ids costs ~80 ms)
+# The search: a counting k-NN pass asks for KNN_FIRST_FACTOR x min_count rows first (whole shells usually reach
+# min_count well within that), then KNN_GROWTH times more; past KNN_MAX_K rows the k-NN's per-distance id lists cost
+# more than one full distance pass, which takes over (bench_search at 1M: k-NN for 801 rows ~1.3x the time to read
+# the codes once, the full pass with its histogram ~2.5x).
+KNN_FIRST_FACTOR = 2
+KNN_GROWTH = 8
+KNN_MAX_K = 8_192
+POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k-NN; more are skipped by a bitmap
 
 
 @dataclass
@@ -74,6 +81,7 @@ class IndexStats:
     full_loads: int  # how many times the whole version was read (tests prove changes do not cause these)
     applied_changes: int
     change_id: int  # the highest change applied
+    pending_changes: int  # change ids below it that a running transaction may still commit
 
 
 class MemoryCodeIndex:
@@ -96,7 +104,8 @@ class MemoryCodeIndex:
         self._appended: dict[int, int] = {}
         self._dead = 0
         self._high = 0  # the highest change id applied (changes are read after it)
-        self._gaps: dict[int, float] = {}  # change ids below it not seen yet -> when noticed (may still commit)
+        # Change ids below _high not seen yet, grouped by the transactions that may hold them (see _replay_changes).
+        self._gaps: dict[frozenset[int], set[int]] = {}
         self._last_poll = 0.0
         self._full_loads = 0
         self._applied_changes = 0
@@ -107,41 +116,121 @@ class MemoryCodeIndex:
     ) -> CoarseCandidates:
         with self._lock:
             self.refresh(version_id=version_id, code_bits=code_bits)
+            return self.search_loaded(code=code, depth=depth, product_filter=product_filter)
+
+    def search_loaded(
+        self, *, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
+    ) -> CoarseCandidates:
+        """The selection proper, over what is loaded (no database round trip): what bench_search puts next to the
+        time it takes to read the codes once.
+
+        Usually one counting k-NN pass (faiss `hammings_knn_mc`: per-distance counters, a single read of the codes,
+        no full distance array, no sort) for a little more than min_count rows; its sorted answer is cut into whole
+        shells by `shell_cut`. When the shells there do not reach min_count, k grows; past KNN_MAX_K (a widened,
+        filter-starved query) one full distance pass with a histogram (`_scan_all`) is cheaper. Either way the
+        answer is the same whole shells."""
+        with self._lock:
             rows = self._rows
             assert rows is not None
-            n = rows.size
-            distances = np.empty(n, np.int32)
             query = np.ascontiguousarray(np.asarray(code, np.uint8).reshape(1, -1))
             if query.shape[1] != rows.code_bytes:
-                raise ValueError(f"query code has {query.shape[1]} bytes; version {version_id} has {rows.code_bytes}")
-            if n:
-                hammings = faiss.hammings  # type: ignore[attr-defined]  # (SWIG exports it; stubs do not)
-                hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
-                         faiss.swig_ptr(distances))  # fmt: skip
-            visible = n - self._dead
-            masked = (
-                self._dead or product_filter.merchant_id is not None or product_filter.exclude_product_id is not None
-            )
-            if masked:  # (skipped in the common case: a full-catalog query with nothing deleted since the load)
-                hidden = ~rows.alive[:n]
+                raise ValueError(
+                    f"query code has {query.shape[1]} bytes; version {self._version_id} has {rows.code_bytes}"
+                )
+            n = rows.size
+            selector, bitmap, pad = None, None, 0
+            if product_filter.merchant_id is not None or self._dead > POSTFILTER_MAX_DEAD:
+                # Rows the k-NN may not return are skipped inside the pass (a bitmap selector; ~0.8 ms more at 1M).
+                allowed = rows.alive[:n].copy()
                 if product_filter.merchant_id is not None:
-                    hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
-                if product_filter.exclude_product_id is not None:
-                    hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
-                distances[hidden] = code_bits + 1  # beyond any real distance: the histogram's overflow bin
-                visible = n - int(np.count_nonzero(hidden))
-            rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
-            order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
-            rows_taken = rows_taken[order]
-            within_radius = visible if depth.radius is None else int((distances <= depth.radius).sum())
-            return CoarseCandidates(
-                embedding_ids=rows.embedding_ids[rows_taken].copy(),
-                distances=distances[rows_taken],
-                radius=radius,
-                exhaustive=len(rows_taken) >= within_radius,
-                backend=self.name,
-                searched_rows=visible,
-            )
+                    allowed &= rows.merchant_ids[:n] == product_filter.merchant_id
+                bitmap = np.packbits(allowed, bitorder="little")
+                selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+                visible = int(np.count_nonzero(allowed))
+            else:
+                pad = self._dead  # a few dead rows are dropped after the pass, which asks for that many more
+                visible = n - self._dead
+            excluded = product_filter.exclude_product_id
+            if excluded is not None:
+                of_excluded = (rows.product_ids[:n] == excluded) & rows.alive[:n]
+                if product_filter.merchant_id is not None:
+                    of_excluded &= rows.merchant_ids[:n] == product_filter.merchant_id
+                visible -= int(np.count_nonzero(of_excluded))
+            k = min(n, max(KNN_FIRST_FACTOR * depth.min_count, 1) + 1 + pad)
+            while n and k <= KNN_MAX_K:
+                labels, distances, complete = self._knn(query, k=k, selector=selector)
+                keep = np.ones(len(labels), bool)
+                if pad:
+                    keep &= rows.alive[labels]
+                if excluded is not None:
+                    keep &= rows.product_ids[labels] != excluded
+                labels, distances = labels[keep], distances[keep]
+                within = len(distances)
+                if depth.radius is not None:
+                    within = int(np.searchsorted(distances, depth.radius, side="right"))
+                    complete = complete or within < len(distances)  # the list already runs past the radius
+                if complete or within > depth.max_count or _complete_shell_rows(distances[:within]) >= depth.min_count:
+                    taken = shell_cut(sorted_distances=distances, depth=depth, complete=complete)
+                    order = np.lexsort((rows.embedding_ids[labels[:taken]], distances[:taken]))
+                    chosen = labels[:taken][order]
+                    return CoarseCandidates(
+                        embedding_ids=rows.embedding_ids[chosen].copy(),
+                        distances=distances[:taken][order],
+                        radius=int(distances[taken - 1]) if taken else -1,
+                        exhaustive=complete and taken >= within,
+                        backend=self.name,
+                        searched_rows=visible,
+                    )
+                k = min(n, max(KNN_GROWTH * k, depth.max_count + 1 + pad))  # the shells reached are too thin: ask more
+            return self._scan_all(query=query, depth=depth, product_filter=product_filter)
+
+    def _knn(self, query: np.ndarray, *, k: int, selector: object) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The k nearest rows (nearest first; a tie at the k-th distance is cut in scan order), their distances,
+        and whether that is every row the selector allows."""
+        rows = self._rows
+        assert rows is not None
+        labels = np.empty(k, np.int64)
+        distances = np.empty(k, np.int32)
+        knn: Any = faiss.hammings_knn_mc  # (the stubs leave out its IDSelector argument)
+        knn(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, rows.size, k, rows.code_bytes,
+            faiss.swig_ptr(distances), faiss.swig_ptr(labels), selector)  # fmt: skip
+        got = int(np.count_nonzero(labels >= 0))  # missing answers (fewer rows than k) come last, as -1
+        return labels[:got], distances[:got], got < k or k >= rows.size
+
+    def _scan_all(self, *, query: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter) -> CoarseCandidates:
+        """Every distance (faiss's Hamming kernel), hidden rows pushed past the last shell, whole shells picked from
+        a histogram: for depths too large for the k-NN pass."""
+        rows = self._rows
+        assert rows is not None
+        code_bits = self._code_bits
+        n = rows.size
+        distances = np.empty(n, np.int32)
+        if n:
+            hammings = faiss.hammings  # type: ignore[attr-defined]  # (SWIG exports it; stubs do not)
+            hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
+                     faiss.swig_ptr(distances))  # fmt: skip
+        visible = n - self._dead
+        masked = self._dead or product_filter.merchant_id is not None or product_filter.exclude_product_id is not None
+        if masked:  # (skipped in the common case: a full-catalog query with nothing deleted since the load)
+            hidden = ~rows.alive[:n]
+            if product_filter.merchant_id is not None:
+                hidden |= rows.merchant_ids[:n] != product_filter.merchant_id
+            if product_filter.exclude_product_id is not None:
+                hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
+            distances[hidden] = code_bits + 1  # beyond any real distance: the histogram's overflow bin
+            visible = n - int(np.count_nonzero(hidden))
+        rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
+        order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
+        rows_taken = rows_taken[order]
+        within_radius = visible if depth.radius is None else int((distances <= depth.radius).sum())
+        return CoarseCandidates(
+            embedding_ids=rows.embedding_ids[rows_taken].copy(),
+            distances=distances[rows_taken],
+            radius=radius,
+            exhaustive=len(rows_taken) >= within_radius,
+            backend=self.name,
+            searched_rows=visible,
+        )
 
     def refresh(self, *, version_id: int, code_bits: int, force: bool = False) -> None:
         """Make the index reflect the database: a full load for a new version, else replay new changes."""
@@ -166,6 +255,7 @@ class MemoryCodeIndex:
                 full_loads=self._full_loads,
                 applied_changes=self._applied_changes,
                 change_id=self._high,
+                pending_changes=sum(len(ids) for ids in self._gaps.values()),
             )
 
     def clear(self) -> None:
@@ -176,12 +266,18 @@ class MemoryCodeIndex:
     def _load(self, *, version_id: int, code_bits: int) -> None:
         started = time.perf_counter()
         code_bytes = (code_bits + 7) // 8
+        # One statement, so one snapshot: the newest change, the ids missing below it, and which transactions were
+        # running (only those can still commit a missing id; the others' holes are rollbacks).
         with connection.cursor() as cursor:
-            cursor.execute("SELECT coalesce(max(id), 0) FROM catalog_indexchange")
-            latest = int(cursor.fetchone()[0])
-            low = max(0, latest - LOAD_LOOKBACK_IDS)
-            cursor.execute("SELECT id FROM catalog_indexchange WHERE id > %s", [low])
-            already = {int(row[0]) for row in cursor.fetchall()}
+            cursor.execute(
+                "SELECT (SELECT coalesce(max(id), 0) FROM catalog_indexchange), pg_current_snapshot()::text, "
+                " ARRAY(SELECT id FROM (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM catalog_indexchange) t"
+                "  WHERE next > id + 1 ORDER BY id),"
+                " ARRAY(SELECT next FROM (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM catalog_indexchange) t"
+                "  WHERE next > id + 1 ORDER BY id)"
+            )
+            latest, snapshot, hole_starts, hole_ends = cursor.fetchone()
+        running = _running_transactions(snapshot)
         table = _copy_version_rows(version_id=version_id, code_bits=code_bits)
         rows = _Rows(code_bytes=code_bytes)
         rows.reserve(len(table.embedding_ids))
@@ -196,10 +292,11 @@ class MemoryCodeIndex:
         self._version_id, self._code_bits = version_id, code_bits
         self._dead = 0
         self._index_rows()
-        # Changes already visible are in the snapshot; ids missing just below the newest may still commit.
-        self._high = latest
-        now = time.monotonic()
-        self._gaps = {missing: now for missing in range(low + 1, latest + 1) if missing not in already}
+        # Changes visible then are in the rows copied; a missing id below the newest may still commit if a
+        # transaction was running (ids below the oldest change kept are the prune's, not gaps).
+        self._high = int(latest)
+        holes = {gap for start, end in zip(hole_starts, hole_ends) for gap in range(start + 1, end)}
+        self._gaps = {running: holes} if running and holes else {}
         self._last_poll = time.monotonic()
         self._full_loads += 1
         logger.info(
@@ -225,23 +322,15 @@ class MemoryCodeIndex:
 
     # -- the change log ---------------------------------------------------------------------------------------------
     def _replay_changes(self) -> None:
-        """Apply changes after the highest one seen, and any late commits that filled a gap below it."""
+        """Apply changes after the highest one seen, and those that filled a gap below it since.
+
+        Ids are handed out at insert but become visible at commit, so a missing id may still arrive, however long
+        its transaction runs. The catch-up is exact: each read also returns its own snapshot (which transactions
+        were still running); a missing id can only belong to one of those (its transaction had its xid before
+        taking the id, since the triggers write after the row), so it is remembered with them, asked for again once
+        one of them has ended, and forgotten only when all have ended without it (a rollback)."""
         while True:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT id, embedding_id, product_id, model_version_id FROM catalog_indexchange "
-                    "WHERE id > %s ORDER BY id LIMIT %s",
-                    [self._high, CHANGE_BATCH],
-                )
-                changes = cursor.fetchall()
-                late = []
-                if self._gaps:
-                    cursor.execute(
-                        "SELECT id, embedding_id, product_id, model_version_id FROM catalog_indexchange "
-                        "WHERE id = ANY(%s)",
-                        [sorted(self._gaps)],
-                    )
-                    late = cursor.fetchall()
+            changes, running = _changes_read("id > %s ORDER BY id LIMIT %s", [self._high, CHANGE_BATCH])
             if changes and int(changes[0][0]) > self._high + 1 and self._pruned_unseen():
                 assert self._version_id is not None
                 self._load(version_id=self._version_id, code_bits=self._code_bits)
@@ -250,7 +339,8 @@ class MemoryCodeIndex:
                 assert self._version_id is not None
                 self._load(version_id=self._version_id, code_bits=self._code_bits)
                 return
-            self._note_gaps(ids=[int(row[0]) for row in changes], late=[int(row[0]) for row in late])
+            late = self._gaps_filled(running=running)
+            self._note_gaps(ids=[int(row[0]) for row in changes], running=running)
             todo = [*late, *changes]
             embedding_ids = {int(e) for _, e, _, v in todo if e is not None and v == self._version_id}
             product_ids = {int(p) for _, e, p, v in todo if e is None and p is not None}
@@ -273,22 +363,28 @@ class MemoryCodeIndex:
             cursor.execute("SELECT count(*) FROM catalog_indexchange WHERE id > %s", [self._high])
             return int(cursor.fetchone()[0])
 
-    def _note_gaps(self, *, ids: list[int], late: list[int]) -> None:
-        """Ids are handed out at insert but become visible at commit, so a missing id may still arrive: remember
-        it for a while (then it was rolled back), and only the recent ones (older ones would be a rare leak)."""
-        now = time.monotonic()
-        for change_id in late:
-            self._gaps.pop(change_id, None)
+    def _gaps_filled(self, *, running: frozenset[int]) -> list[tuple]:
+        """The missing changes of transactions that have ended since (committed: their rows are visible now), read
+        in one query; the rest stay with the transactions still running, or are forgotten when none is."""
+        ended = [holders for holders in self._gaps if not holders <= running]
+        if not ended:
+            return []  # the common poll: nothing to ask
+        ids = sorted(set().union(*(self._gaps[holders] for holders in ended)))
+        found, running_now = _changes_read("id = ANY(%s)", [ids])
+        seen = {int(row[0]) for row in found}
+        for holders in ended:
+            missing = self._gaps.pop(holders) - seen
+            still = holders & running_now
+            if missing and still:
+                self._gaps.setdefault(still, set()).update(missing)
+        return found
+
+    def _note_gaps(self, *, ids: list[int], running: frozenset[int]) -> None:
+        """Ids skipped by a read belong to transactions running in its snapshot (or to rollbacks, if none is)."""
         for change_id in ids:
-            if change_id > self._high + 1:
-                for missing in range(max(self._high + 1, change_id - LOAD_LOOKBACK_IDS), change_id):
-                    self._gaps.setdefault(missing, now)
+            if change_id > self._high + 1 and running:
+                self._gaps.setdefault(running, set()).update(range(self._high + 1, change_id))
             self._high = max(self._high, change_id)
-        self._gaps = {
-            gap: noticed
-            for gap, noticed in self._gaps.items()
-            if now - noticed < CHANGE_GAP_PATIENCE_S and gap > self._high - LOAD_LOOKBACK_IDS
-        }
 
     def _apply(self, *, embedding_ids: set[int], product_ids: set[int]) -> None:
         """Re-read the current rows of everything the changes name: upsert what is visible, hide the rest."""
@@ -361,6 +457,26 @@ class MemoryCodeIndex:
         self._index_rows()
 
 
+def _changes_read(where: str, params: list) -> tuple[list[tuple], frozenset[int]]:
+    """Change rows (id, embedding_id, product_id, model_version_id) and the transactions running in the snapshot
+    that read them: one statement, so the two agree."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, pg_current_snapshot()::text UNION ALL "
+            f"(SELECT id, embedding_id, product_id, model_version_id, NULL FROM catalog_indexchange WHERE {where})",
+            params,
+        )
+        found = cursor.fetchall()
+    snapshot = next(row[4] for row in found if row[4] is not None)
+    changes = sorted((row[:4] for row in found if row[4] is None), key=lambda row: row[0])
+    return changes, _running_transactions(snapshot)
+
+
+def _running_transactions(snapshot: str) -> frozenset[int]:
+    """The in-progress transaction ids of a pg_snapshot's text form, 'xmin:xmax:xip,xip,...'."""
+    return frozenset(int(xid) for xid in snapshot.split(":")[2].split(",") if xid)
+
+
 @dataclass(frozen=True)
 class _VersionTable:
     embedding_ids: np.ndarray
@@ -401,6 +517,14 @@ def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
         merchant_ids=table["merchant"].astype(np.int64),
         codes=np.ascontiguousarray(table["code"]),
     )
+
+
+def _complete_shell_rows(sorted_distances: np.ndarray) -> int:
+    """How many leading items of a sorted list surely form whole shells: all but the last shell, which a k-NN cut
+    may have split."""
+    if len(sorted_distances) == 0:
+        return 0
+    return int(np.searchsorted(sorted_distances, sorted_distances[-1], side="left"))
 
 
 def _shells_from_histogram(distances: np.ndarray, *, code_bits: int, depth: CandidateDepth) -> tuple[np.ndarray, int]:

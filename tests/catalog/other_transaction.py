@@ -20,6 +20,7 @@ class OtherTransaction:
         self._written, self._release = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run)
         self.result: Any = None
+        self._roll_back = False
 
     def _run(self) -> None:
         try:
@@ -27,6 +28,8 @@ class OtherTransaction:
                 self.result = self._write()
                 self._written.set()
                 self._release.wait(WAIT_S)
+                if self._roll_back:
+                    transaction.set_rollback(True)
         finally:
             connection.close()
 
@@ -38,6 +41,12 @@ class OtherTransaction:
     def commit(self, *, after_s: float = 0.0) -> None:
         """Let the other transaction commit (after `after_s`, e.g. while this thread is blocked on its rows)."""
         threading.Timer(after_s, self._release.set).start()
+
+    def roll_back(self) -> None:
+        """End the other transaction with a rollback instead (now), and wait until it has ended."""
+        self._roll_back = True
+        self._release.set()
+        self._thread.join(WAIT_S)
 
     def __exit__(self, *exc_info: object) -> None:
         self._release.set()

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+from django.db import connection
 
 from catalog import hamming
 from catalog.hamming import memory
@@ -94,3 +95,140 @@ def test_a_change_committed_after_a_later_one_is_still_applied():
         message="the late commit was not applied within 1 s",
     )  # fmt: skip
     assert hamming.MEMORY_INDEX.stats().full_loads == loads  # followed the log; never reloaded
+
+
+def _loaded_index(*, rng: np.random.Generator, size: int, code_bits: int) -> memory.MemoryCodeIndex:
+    """An index holding random rows, filled directly (the selection needs no database)."""
+    index = memory.MemoryCodeIndex()
+    rows = memory._Rows(code_bytes=code_bits // 8)
+    rows.reserve(size)
+    rows.size = size
+    # Few distinct bit patterns near the query make wide ties, the case where whole shells matter.
+    rows.codes[:size] = np.packbits(rng.random((size, code_bits)) < rng.uniform(0.05, 0.5), axis=1)
+    rows.embedding_ids[:size] = rng.permutation(size) * 3 + 1
+    rows.product_ids[:size] = rows.embedding_ids[:size] // 2
+    rows.merchant_ids[:size] = rng.integers(1, 4, size)
+    rows.alive[:size] = True
+    index._rows, index._version_id, index._code_bits = rows, 1, code_bits
+    index._index_rows()
+    return index
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed):
+    """The counting k-NN pass (with its growth, post-filter and bitmap selector) answers exactly what the full
+    distance pass with its histogram answers: same rows, radius, exhaustiveness and searched rows."""
+    rng = np.random.default_rng(seed)
+    code_bits = int(rng.choice([32, 64, 256]))
+    size = int(rng.choice([1, 40, 3_000, 30_000]))
+    index = _loaded_index(rng=rng, size=size, code_bits=code_bits)
+    rows = index._rows
+    dead = int(rng.choice([0, 5, 2_000])) if size > 1 else 0
+    for embedding_id in rng.choice(rows.embedding_ids[:size], min(dead, size // 2), replace=False):
+        index._hide(int(embedding_id))
+    min_count = int(rng.choice([1, 30, 400, 3_000]))
+    depth = CandidateDepth(
+        min_count=min_count,
+        max_count=min_count * int(rng.choice([1, 2, 10])),
+        radius=None if seed % 4 else int(rng.integers(0, code_bits // 2)),
+    )
+    product_filter = ProductFilter(
+        merchant_id=int(rng.integers(1, 4)) if seed % 3 == 0 else None,
+        exclude_product_id=int(rows.product_ids[0]) if seed % 5 == 0 else None,
+    )
+    query = np.packbits(rng.random(code_bits) < 0.2)
+
+    fast = index.search_loaded(code=query, depth=depth, product_filter=product_filter)
+    full = index._scan_all(query=query.reshape(1, -1), depth=depth, product_filter=product_filter)
+
+    assert (fast.radius, fast.exhaustive, fast.searched_rows) == (full.radius, full.exhaustive, full.searched_rows)
+    assert len(fast) == len(full)
+    assert np.array_equal(fast.distances, full.distances)
+    if len(full) and (full.distances[-1] != full.distances[0] or len(full) < depth.max_count):
+        assert np.array_equal(fast.embedding_ids, full.embedding_ids)  # (a truncated lone shell may differ)
+
+
+LATER_CHANGES = 1_500  # more than the 1,000 ids the catch-up used to look back
+
+
+def _changes_commit(count: int) -> None:
+    """Commit `count` harmless changes (for products that do not exist) in one statement."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO catalog_indexchange (op, product_id, created_at) "
+            "SELECT 'product', -g, now() FROM generate_series(1, %s) g",
+            [count],
+        )
+
+
+def _slow_product(merchant, version, bits):
+    def write() -> int:
+        planted = searchkit.product_with_embeddings(
+            merchant=merchant, version=version, sku="SLOW", encodings=[(bits, np.ones(searchkit.FC7_DIM))]
+        )
+        return planted.embeddings[0].pk
+
+    return write
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_long_transaction_is_caught_up_exactly_however_many_changes_commit_meanwhile():
+    """Issue 12: a change held by a transaction that stays open while more than a thousand later changes commit
+    (and any length of time passes) is applied as soon as it commits, with no reload."""
+    version = searchkit.active_version()
+    merchant = factories.merchant()
+    bits = searchkit.random_bits(np.random.default_rng(1))
+    searchkit.random_catalog(merchant=merchant, version=version, count=5)
+    hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits)
+    loads = hamming.MEMORY_INDEX.stats().full_loads
+
+    with OtherTransaction(_slow_product(merchant, version, bits)) as slow:
+        _changes_commit(LATER_CHANGES)
+        assert slow.result not in _search_ids(version, bits)
+        _changes_commit(LATER_CHANGES)  # the gap is now far behind the newest change
+        assert slow.result not in _search_ids(version, bits)
+        assert hamming.MEMORY_INDEX.stats().pending_changes >= 1  # still waited for, not forgotten
+        slow.commit()
+        wait_until(
+            lambda: slow.result in _search_ids(version, bits), timeout=2.0, interval=0.02,
+            message="the long transaction's product did not become searchable after its commit",
+        )  # fmt: skip
+    stats = hamming.MEMORY_INDEX.stats()
+    assert stats.full_loads == loads and stats.pending_changes == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_transaction_running_while_the_index_loads_is_caught_up():
+    version = searchkit.active_version()
+    merchant = factories.merchant()
+    bits = searchkit.random_bits(np.random.default_rng(2))
+    searchkit.random_catalog(merchant=merchant, version=version, count=5)
+
+    with OtherTransaction(_slow_product(merchant, version, bits)) as slow:
+        _changes_commit(LATER_CHANGES)  # the slow change's id is now a hole below the newest
+        hamming.MEMORY_INDEX.clear()
+        hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits)
+        assert slow.result not in _search_ids(version, bits)
+        slow.commit()
+        wait_until(
+            lambda: slow.result in _search_ids(version, bits), timeout=2.0, interval=0.02,
+            message="a transaction running during the load was not caught up after its commit",
+        )  # fmt: skip
+    assert hamming.MEMORY_INDEX.stats().full_loads == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_rolled_back_change_is_forgotten_once_its_transaction_ends():
+    version = searchkit.active_version()
+    merchant = factories.merchant()
+    bits = searchkit.random_bits(np.random.default_rng(3))
+    searchkit.random_catalog(merchant=merchant, version=version, count=5)
+    hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits)
+
+    with OtherTransaction(_slow_product(merchant, version, bits)) as slow:
+        _changes_commit(10)
+        _search_ids(version, bits)
+        assert hamming.MEMORY_INDEX.stats().pending_changes >= 1
+        slow.roll_back()
+        assert slow.result not in _search_ids(version, bits)
+        assert hamming.MEMORY_INDEX.stats().pending_changes == 0
