@@ -35,7 +35,7 @@ from django.db import connection
 
 from catalog import dispatch, geometry, selectors
 from catalog.codes import bitstring_pack, version_sql
-from catalog.hamming import backend_get
+from catalog.hamming import MEMORY_INDEX, backend_get
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
 from catalog.intake.images import crop_box_apply, image_validate
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
@@ -49,6 +49,7 @@ COARSE_CANDIDATES_PER_RESULT = 20  # products have several images and filters dr
 COARSE_MAX_CANDIDATES = 4_000  # a whole shell can be big; the fine stage over 4k rows still takes a few ms
 COARSE_WIDEN_FACTOR = 8  # when filters starve the fine stage, ask the coarse stage for this many times more
 COARSE_WIDEN_ROUNDS = 3  # then give up widening step by step and take everything (exhaustive)
+FINE_CARDS_MARGIN = 8  # unfiltered, the fine stage reads the cards of k products and this many more at once
 CATEGORY_BOOST = 0.15  # "boost": a product of the predicted category has its fc7 distance cut by up to 15%
 CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident prediction (else it boosts)
 QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
@@ -370,10 +371,40 @@ def fine_rank(
     boost_category: str = "",
     boost: float = 0.0,
 ) -> list[FineRow]:
-    """Exact fc7 L2 in pgvector over the candidates, filtered, one row per product (its best image), best first;
-    the k winners come back with what their result cards show."""
+    """Exact fc7 L2 over the candidates, filtered, one row per product (its best image), best first; the k winners
+    come back with what their result cards show.
+
+    Where the vectors are read from: the memory index holds each embedding's fc7 (float32) beside its code, so the
+    distances and each product's best image are computed in this process (`MemoryCodeIndex.fc7_rank`), and one
+    query applies the shopper's filters and the category boost and reads the winners' cards. Otherwise (the SQL
+    backend, or SEARCH_FC7_IN_MEMORY off) PostgreSQL computes the distances over the candidates' rows."""
     if len(candidates) == 0:
         return []
+    ranked = None
+    if candidates.backend == MEMORY_INDEX.name:
+        ranked = MEMORY_INDEX.fc7_rank(version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7)
+    if ranked is not None:
+        rows: list[FineRow] = []
+        # Without filters or boost the order is the distance order: only the first k products (and a few more, in
+        # case some went hidden since the coarse stage) need their cards. Filters and the boost see every product.
+        selective = bool(boost) or _filters_beyond_memory(product_filter)
+        step = max(1, len(ranked.product_ids)) if selective else k + FINE_CARDS_MARGIN
+        for start in range(0, len(ranked.product_ids), step):
+            window = slice(start, start + step)
+            found = _fine_cards(
+                product_ids=ranked.product_ids[window],
+                embedding_ids=ranked.embedding_ids[window],
+                distances=ranked.distances[window],
+                version=version,
+                product_filter=product_filter,
+                k=k - len(rows),
+                boost_category=boost_category,
+                boost=boost,
+            )
+            rows.extend(_fine_row(row, candidates) for row in found)
+            if len(rows) >= k:
+                break
+        return rows
     where = product_filter.where_sql("p")
     # `id = ANY(array)` rather than a join with unnest(): the planner then always probes the primary key, where a
     # join tempts it into hashing the whole table on small catalogs.
@@ -405,34 +436,78 @@ def fine_rank(
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         found = cursor.fetchall()
-    hamming_of = dict(zip(candidates.embedding_ids.tolist(), candidates.distances.tolist()))
-    rows = []
-    for (product_id, embedding_id, image_id, image_file, fc7_distance, score, landmarks, merchant_id, merchant_slug,
-         sku, title, category, attributes, price, url) in found:  # fmt: skip
-        card = ProductCard(
-            pk=product_id,
-            merchant_id=merchant_id,
-            merchant_slug=merchant_slug,
-            sku=sku,
-            title=title,
-            category=category,
-            attributes=list(_json(attributes) or []),
-            price=price,
-            url=url,
-        )
-        rows.append(
-            FineRow(
-                product=card,
-                embedding_id=embedding_id,
-                image_id=image_id,
-                image_file=image_file,
-                hamming=int(hamming_of[embedding_id]),
-                fc7_distance=float(fc7_distance),
-                score=float(score),
-                landmarks=_json(landmarks) or [],
-            )
-        )
-    return rows
+    return [_fine_row(row, candidates) for row in found]
+
+
+def _fine_cards(
+    *,
+    product_ids: np.ndarray,
+    embedding_ids: np.ndarray,
+    distances: np.ndarray,
+    version: ModelVersion,
+    product_filter: ProductFilter,
+    k: int,
+    boost_category: str,
+    boost: float,
+) -> list[tuple]:
+    """Products already ranked in memory (each with its best embedding and distance): the shopper's filters and the
+    category boost applied to them, the best k, and their cards, in one query (the same columns as fine_rank's)."""
+    where = product_filter.where_sql("p")
+    sql = (
+        "WITH top AS ("
+        "  SELECT c.product_id, c.embedding_id, c.fc7_distance,"
+        "   c.fc7_distance * (1 - %s * (p.category = %s)::int) AS score"
+        "  FROM unnest(%s::bigint[], %s::bigint[], %s::float8[]) AS c(product_id, embedding_id, fc7_distance)"
+        "  JOIN catalog_product p ON p.id = c.product_id"
+        f"  WHERE {where.sql}"
+        "  ORDER BY score, c.fc7_distance, c.product_id LIMIT %s)"
+        " SELECT t.product_id, t.embedding_id, e.image_id, i.file, t.fc7_distance, t.score, e.landmarks,"
+        "  p.merchant_id, m.slug, p.sku, p.title, p.category, p.attributes, p.price, p.url"
+        " FROM top t JOIN catalog_imageembedding e ON e.id = t.embedding_id"
+        " JOIN catalog_productimage i ON i.id = e.image_id JOIN catalog_product p ON p.id = t.product_id"
+        " JOIN catalog_merchant m ON m.id = p.merchant_id"
+        f" WHERE {version_sql('e', version.pk)}"
+        " ORDER BY t.score, t.fc7_distance, t.product_id"
+    )
+    params = [
+        float(boost),
+        boost_category,
+        product_ids.tolist(),
+        embedding_ids.tolist(),
+        distances.astype(np.float64).tolist(),
+        *where.params,
+        k,
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall()
+
+
+def _fine_row(found: tuple, candidates: CoarseCandidates) -> FineRow:
+    """One row of the fine stage's query (its column order) as a FineRow, with the candidate's Hamming distance."""
+    (product_id, embedding_id, image_id, image_file, fc7_distance, score, landmarks, merchant_id, merchant_slug,
+     sku, title, category, attributes, price, url) = found  # fmt: skip
+    card = ProductCard(
+        pk=product_id,
+        merchant_id=merchant_id,
+        merchant_slug=merchant_slug,
+        sku=sku,
+        title=title,
+        category=category,
+        attributes=list(_json(attributes) or []),
+        price=price,
+        url=url,
+    )
+    return FineRow(
+        product=card,
+        embedding_id=embedding_id,
+        image_id=image_id,
+        image_file=image_file,
+        hamming=int(candidates.distances[np.flatnonzero(candidates.embedding_ids == embedding_id)[0]]),
+        fc7_distance=float(fc7_distance),
+        score=float(score),
+        landmarks=_json(landmarks) or [],
+    )
 
 
 def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: ModelVersion) -> list[ProductHit]:

@@ -157,6 +157,9 @@ MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoin
 # Below gunicorn's threads per process (GUNICORN_THREADS, 4), so the merchant API, admin and /healthz keep one.
 SEARCH_MAX_CONCURRENT = int(os.environ.get("SEARCH_MAX_CONCURRENT", "3"))
 SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # memory | sql (catalog.hamming)
+# The memory backend also holds each embedding's fc7 (float32: fc7_dim x 4 bytes a product, 512 MB per million at 128
+# dimensions) so that the fine stage ranks in this process; off: it reads them from PostgreSQL (docs/scaling.md).
+SEARCH_FC7_IN_MEMORY = env_bool("SEARCH_FC7_IN_MEMORY", True)
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks

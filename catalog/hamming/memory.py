@@ -12,6 +12,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from django.conf import settings
 from django.db import connection
 
 from catalog.codes import bitstring_pack, code_sql, version_sql
@@ -40,13 +41,17 @@ POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k
 class _Rows:
     """Growable column arrays of one version's visible embeddings."""
 
+    COLUMNS = ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive", "fc7")
+
     code_bytes: int
+    fc7_dim: int = 0  # 0: fc7 not held (settings.SEARCH_FC7_IN_MEMORY off); the fine stage then reads PostgreSQL
     size: int = 0
     codes: np.ndarray = field(init=False)
     embedding_ids: np.ndarray = field(init=False)
     product_ids: np.ndarray = field(init=False)
     merchant_ids: np.ndarray = field(init=False)
     alive: np.ndarray = field(init=False)
+    fc7: np.ndarray = field(init=False)  # float32, as stored: the fine stage's exact distances need no rounding
 
     def __post_init__(self) -> None:
         self.codes = np.zeros((MIN_CAPACITY, self.code_bytes), np.uint8)
@@ -54,12 +59,13 @@ class _Rows:
         self.product_ids = np.zeros(MIN_CAPACITY, np.int64)
         self.merchant_ids = np.zeros(MIN_CAPACITY, np.int64)
         self.alive = np.zeros(MIN_CAPACITY, bool)
+        self.fc7 = np.zeros((MIN_CAPACITY, self.fc7_dim), np.float32)
 
     def reserve(self, capacity: int) -> None:
         if capacity <= len(self.embedding_ids):
             return
         capacity = max(capacity, 2 * len(self.embedding_ids))
-        for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive"):
+        for name in self.COLUMNS:
             old = getattr(self, name)
             new = np.zeros((capacity, *old.shape[1:]), old.dtype)
             new[: self.size] = old[: self.size]
@@ -67,9 +73,16 @@ class _Rows:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            getattr(self, name).nbytes for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive")
-        )
+        return sum(getattr(self, name).nbytes for name in self.COLUMNS)
+
+
+@dataclass(frozen=True)
+class Fc7Ranking:
+    """Products nearest first, each with its best embedding and that embedding's exact fc7 L2 distance."""
+
+    product_ids: np.ndarray  # (P,) int64
+    embedding_ids: np.ndarray  # (P,) int64
+    distances: np.ndarray  # (P,) float32
 
 
 @dataclass(frozen=True)
@@ -192,6 +205,7 @@ class MemoryCodeIndex:
         labels = np.empty(k, np.int64)
         distances = np.empty(k, np.int32)
         knn: Any = faiss.hammings_knn_mc  # (the stubs leave out its IDSelector argument)
+        _one_thread()
         knn(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, rows.size, k, rows.code_bytes,
             faiss.swig_ptr(distances), faiss.swig_ptr(labels), selector)  # fmt: skip
         got = int(np.count_nonzero(labels >= 0))  # missing answers (fewer rows than k) come last, as -1
@@ -207,6 +221,7 @@ class MemoryCodeIndex:
         distances = np.empty(n, np.int32)
         if n:
             hammings = faiss.hammings  # type: ignore[attr-defined]  # (SWIG exports it; stubs do not)
+            _one_thread()
             hammings(faiss.swig_ptr(query), faiss.swig_ptr(rows.codes), 1, n, rows.code_bytes,
                      faiss.swig_ptr(distances))  # fmt: skip
         visible = n - self._dead
@@ -231,6 +246,45 @@ class MemoryCodeIndex:
             backend=self.name,
             searched_rows=visible,
         )
+
+    def fc7_rank(self, *, version_id: int, embedding_ids: np.ndarray, fc7: np.ndarray) -> Fc7Ranking | None:
+        """The fine stage's exact part, in memory: fc7 L2 distance of each of these embeddings (float32 as stored,
+        read from the rows beside their codes), then each product's best one, nearest first (ties: product id).
+        None when this index does not hold the version's fc7 (then PostgreSQL ranks them). An embedding no longer
+        here (deleted, hidden since the coarse stage) is left out."""
+        with self._lock:
+            rows = self._rows
+            if rows is None or self._version_id != version_id or not rows.fc7_dim:
+                return None
+            ids = np.asarray(embedding_ids, np.int64)
+            at = self._rows_of(ids)
+            present = at >= 0
+            present[present] = rows.alive[at[present]]
+            ids, at = ids[present], at[present]
+            vectors = rows.fc7[at]
+            products = rows.product_ids[at]
+        difference = vectors - np.asarray(fc7, np.float32).reshape(1, -1)
+        distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
+        by_product = np.lexsort((ids, distances, products))  # each product's nearest image first (ties: lower id)
+        products, ids, distances = products[by_product], ids[by_product], distances[by_product]
+        first = np.ones(len(products), bool)
+        first[1:] = products[1:] != products[:-1]
+        products, ids, distances = products[first], ids[first], distances[first]
+        order = np.lexsort((products, distances))
+        return Fc7Ranking(product_ids=products[order], embedding_ids=ids[order], distances=distances[order])
+
+    def _rows_of(self, embedding_ids: np.ndarray) -> np.ndarray:
+        """Row of each embedding id, -1 where there is none (vectorised _row_of)."""
+        at = np.searchsorted(self._sorted_ids, embedding_ids)
+        inside = at < len(self._sorted_ids)
+        found = np.full(len(embedding_ids), -1, np.int64)
+        hit = inside.copy()
+        hit[inside] = self._sorted_ids[at[inside]] == embedding_ids[inside]
+        found[hit] = self._sorted_rows[at[hit]]
+        if self._appended:
+            for index in np.flatnonzero(~hit):
+                found[index] = self._appended.get(int(embedding_ids[index]), -1)
+        return found
 
     def refresh(self, *, version_id: int, code_bits: int, force: bool = False) -> None:
         """Make the index reflect the database: a full load for a new version, else replay new changes."""
@@ -270,7 +324,7 @@ class MemoryCodeIndex:
         # running (only those can still commit a missing id; the others' holes are rollbacks).
         with connection.cursor() as cursor:
             cursor.execute(
-                "SELECT (SELECT coalesce(max(id), 0) FROM catalog_indexchange), pg_current_snapshot()::text, "
+                f"SELECT (SELECT coalesce(max(id), 0) FROM catalog_indexchange), {_SNAPSHOT_SQL}, "
                 " ARRAY(SELECT id FROM (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM catalog_indexchange) t"
                 "  WHERE next > id + 1 ORDER BY id),"
                 " ARRAY(SELECT next FROM (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM catalog_indexchange) t"
@@ -278,8 +332,9 @@ class MemoryCodeIndex:
             )
             latest, snapshot, hole_starts, hole_ends = cursor.fetchone()
         running = _running_transactions(snapshot)
-        table = _copy_version_rows(version_id=version_id, code_bits=code_bits)
-        rows = _Rows(code_bytes=code_bytes)
+        fc7_dim = _fc7_dim(version_id) if getattr(settings, "SEARCH_FC7_IN_MEMORY", True) else 0
+        table = _copy_version_rows(version_id=version_id, code_bits=code_bits, fc7_dim=fc7_dim)
+        rows = _Rows(code_bytes=code_bytes, fc7_dim=fc7_dim)
         rows.reserve(len(table.embedding_ids))
         size = len(table.embedding_ids)
         rows.size = size
@@ -287,6 +342,7 @@ class MemoryCodeIndex:
         rows.embedding_ids[:size] = table.embedding_ids
         rows.product_ids[:size] = table.product_ids
         rows.merchant_ids[:size] = table.merchant_ids
+        rows.fc7[:size] = table.fc7
         rows.alive[:size] = True
         self._rows = rows
         self._version_id, self._code_bits = version_id, code_bits
@@ -394,17 +450,19 @@ class MemoryCodeIndex:
         assert rows is not None and self._version_id is not None
         with connection.cursor() as cursor:
             cursor.execute(
-                f"SELECT e.id, e.product_id, p.merchant_id, p.active, ({code_sql('e.code', self._code_bits)})::text "
+                f"SELECT e.id, e.product_id, p.merchant_id, p.active, ({code_sql('e.code', self._code_bits)})::text, "
+                f"{'e.fc7::text' if rows.fc7_dim else 'NULL'} "
                 "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
                 "WHERE e.model_version_id = %s AND (e.id = ANY(%s) OR e.product_id = ANY(%s))",
                 [self._version_id, sorted(embedding_ids), sorted(product_ids)],
             )
             current = cursor.fetchall()
         seen: set[int] = set()
-        for embedding_id, product_id, merchant_id, active, bits in current:
+        for embedding_id, product_id, merchant_id, active, bits, fc7 in current:
             seen.add(embedding_id)
             if active:
-                self._upsert(embedding_id, product_id, merchant_id, bitstring_pack(bits))
+                vector = np.fromstring(fc7.strip("[]"), np.float32, sep=",") if fc7 else None
+                self._upsert(embedding_id, product_id, merchant_id, bitstring_pack(bits), vector)
             else:
                 self._hide(embedding_id)
         gone = set(embedding_ids) - seen
@@ -418,7 +476,9 @@ class MemoryCodeIndex:
         elif len(self._appended) > max(APPENDED_RESORT_MIN, APPENDED_RESORT_FRACTION * rows.size):
             self._index_rows()
 
-    def _upsert(self, embedding_id: int, product_id: int, merchant_id: int, code: np.ndarray) -> None:
+    def _upsert(
+        self, embedding_id: int, product_id: int, merchant_id: int, code: np.ndarray, fc7: np.ndarray | None
+    ) -> None:
         rows = self._rows
         assert rows is not None
         row = self._row_of(embedding_id)
@@ -430,6 +490,8 @@ class MemoryCodeIndex:
         elif not rows.alive[row]:
             self._dead -= 1
         rows.codes[row] = code
+        if rows.fc7_dim:
+            rows.fc7[row] = fc7
         rows.embedding_ids[row] = embedding_id
         rows.product_ids[row] = product_id
         rows.merchant_ids[row] = merchant_id
@@ -447,10 +509,10 @@ class MemoryCodeIndex:
         rows = self._rows
         assert rows is not None
         keep = np.flatnonzero(rows.alive[: rows.size])
-        compacted = _Rows(code_bytes=rows.code_bytes)
+        compacted = _Rows(code_bytes=rows.code_bytes, fc7_dim=rows.fc7_dim)
         compacted.reserve(len(keep))
         compacted.size = len(keep)
-        for name in ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive"):
+        for name in _Rows.COLUMNS:
             getattr(compacted, name)[: len(keep)] = getattr(rows, name)[keep]
         self._rows = compacted
         self._dead = 0
@@ -462,7 +524,7 @@ def _changes_read(where: str, params: list) -> tuple[list[tuple], frozenset[int]
     that read them: one statement, so the two agree."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, pg_current_snapshot()::text UNION ALL "
+            f"SELECT NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, {_SNAPSHOT_SQL} UNION ALL "
             f"(SELECT id, embedding_id, product_id, model_version_id, NULL FROM catalog_indexchange WHERE {where})",
             params,
         )
@@ -472,9 +534,23 @@ def _changes_read(where: str, params: list) -> tuple[list[tuple], frozenset[int]
     return changes, _running_transactions(snapshot)
 
 
+# The statement's snapshot ('xmin:xmax:xip,...'), then '|' and the transactions then running in other databases of
+# the server: a snapshot lists every database's, which cannot hold our changes. A transaction that ends before
+# pg_stat_activity is read is not listed there and so stays a possible holder: the catch-up stays exact.
+# (pg_stat_activity is read only when some transaction is running: an empty list ends the snapshot with ':'.)
+_SNAPSHOT_SQL = (
+    "pg_current_snapshot()::text || '|' || CASE WHEN pg_current_snapshot()::text LIKE '%%:' THEN '' ELSE "
+    "coalesce((SELECT string_agg(backend_xid::text, ',') FROM pg_stat_activity "
+    "WHERE backend_xid IS NOT NULL AND datname IS DISTINCT FROM current_database()), '') END"
+)
+
+
 def _running_transactions(snapshot: str) -> frozenset[int]:
-    """The in-progress transaction ids of a pg_snapshot's text form, 'xmin:xmax:xip,xip,...'."""
-    return frozenset(int(xid) for xid in snapshot.split(":")[2].split(",") if xid)
+    """The transactions (xid8) of this database in progress, from what _SNAPSHOT_SQL returns."""
+    current, elsewhere = snapshot.split("|")
+    other = {int(xid) for xid in elsewhere.split(",") if xid}  # 32-bit xids
+    running = (int(xid) for xid in current.split(":")[2].split(",") if xid)
+    return frozenset(xid for xid in running if xid % 2**32 not in other)
 
 
 @dataclass(frozen=True)
@@ -483,13 +559,31 @@ class _VersionTable:
     product_ids: np.ndarray
     merchant_ids: np.ndarray
     codes: np.ndarray
+    fc7: np.ndarray
 
 
-def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
-    """All visible embeddings of a version in one binary COPY, parsed by numpy (1M rows in about a second)."""
+def _one_thread() -> None:
+    """One query runs on one core. faiss's kernels open an OpenMP parallel region per block of 65k codes even for a
+    single query; with a second thread that has nothing to do, each region's hand-off cost up to milliseconds on a
+    busy machine (1M codes: coarse p50 28 ms instead of 1.6). The setting is per calling thread in OpenMP, so it
+    is made on every call (it costs nothing), in whichever web thread searches."""
+    faiss.omp_set_num_threads(1)
+
+
+def _fc7_dim(version_id: int) -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT fc7_dim FROM catalog_modelversion WHERE id = %s", [version_id])
+        found = cursor.fetchone()
+    return int(found[0]) if found else 0
+
+
+def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _VersionTable:
+    """All visible embeddings of a version in one binary COPY, parsed by numpy (1M rows with 128-d fc7 in a few
+    seconds); fc7 only when `fc7_dim`."""
     code_bytes = (code_bits + 7) // 8
     sql = (
-        f"COPY (SELECT e.id, e.product_id, p.merchant_id, {code_sql('e.code', code_bits)} "
+        f"COPY (SELECT e.id, e.product_id, p.merchant_id, {code_sql('e.code', code_bits)}"
+        f"{', e.fc7' if fc7_dim else ''} "
         "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
         f"WHERE {version_sql('e', version_id)} AND p.active) TO STDOUT (FORMAT BINARY)"
     )
@@ -507,15 +601,21 @@ def _copy_version_rows(*, version_id: int, code_bits: int) -> _VersionTable:
             ("product_len", ">i4"), ("product", ">i8"),
             ("merchant_len", ">i4"), ("merchant", ">i8"),
             ("code_len", ">i4"), ("code_bits", ">i4"), ("code", np.uint8, (code_bytes,)),
+            # pgvector's binary form: int16 dimensions, int16 unused, float4s
+            *([("fc7_len", ">i4"), ("fc7_dim", ">i2"), ("fc7_unused", ">i2"), ("fc7", ">f4", (fc7_dim,))]
+              if fc7_dim else []),
         ]
     )  # fmt: skip
     body = data[19:-2]
     table = np.frombuffer(body, dtype=row_type, count=len(body) // row_type.itemsize)
+    if fc7_dim and len(table) and (table["fc7_dim"] != fc7_dim).any():
+        raise ValueError(f"version {version_id} has fc7 vectors that are not {fc7_dim}-dimensional")
     return _VersionTable(
         embedding_ids=table["id"].astype(np.int64),
         product_ids=table["product"].astype(np.int64),
         merchant_ids=table["merchant"].astype(np.int64),
         codes=np.ascontiguousarray(table["code"]),
+        fc7=table["fc7"].astype(np.float32) if fc7_dim else np.zeros((len(table), 0), np.float32),
     )
 
 

@@ -380,3 +380,39 @@ def test_similar_products_leaves_out_the_product_itself(shop):
     assert product_ids(result)[0] == twin.product.pk and start.product.pk not in product_ids(result)
     with pytest.raises(search.ProductNotSearchable):
         search.similar_products(product_id=10**9, options=SearchOptions())
+
+
+def test_the_fine_stage_ranks_the_same_in_memory_and_in_postgresql(shop, monkeypatch):
+    """fc7 held in the memory index (distances and best image per product computed in this process, filters and
+    boost applied in one card query) ranks exactly as pgvector over the same candidates."""
+    version, merchant = shop
+    searchkit.random_catalog(merchant=merchant, version=version, count=30, seed=7, images=3, category="coat",
+                             attributes=("red",), price="99.00")  # fmt: skip
+    rng = np.random.default_rng(21)
+    cases = [
+        dict(product_filter=ProductFilter(), boost=0.0),
+        dict(product_filter=ProductFilter(category="coat"), boost=0.0),
+        dict(product_filter=ProductFilter(attributes=("red",), price_max=Decimal("100")), boost=0.0),
+        dict(product_filter=ProductFilter(price_max=Decimal("50")), boost=0.0),
+        dict(product_filter=ProductFilter(), boost=0.15, boost_category="coat"),
+        dict(product_filter=ProductFilter(merchant_id=merchant.pk, exclude_product_id=None), boost=0.1,
+             boost_category="dress"),
+    ]  # fmt: skip
+    for trial, case in enumerate(cases * 2):
+        bits, fc7 = searchkit.random_bits(rng), searchkit.unit(rng.standard_normal(version.fc7_dim))
+        candidates = hamming.MEMORY_INDEX.candidates(
+            version_id=version.pk, code_bits=version.code_bits, code=np.packbits(bits),
+            depth=CandidateDepth(min_count=150, max_count=400), product_filter=case["product_filter"],
+        )  # fmt: skip
+        k = int(rng.choice([1, 5, 40]))
+        assert hamming.MEMORY_INDEX.fc7_rank(version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7)
+        in_memory = search.fine_rank(candidates=candidates, version=version, fc7=fc7, k=k, **case)
+        with monkeypatch.context() as patched:
+            patched.setattr(hamming.MEMORY_INDEX, "fc7_rank", lambda **_: None)  # -> pgvector computes them
+            in_sql = search.fine_rank(candidates=candidates, version=version, fc7=fc7, k=k, **case)
+        assert len(in_memory) == len(in_sql) > 0, trial
+        assert [(r.product.pk, r.embedding_id, r.hamming) for r in in_memory] == [
+            (r.product.pk, r.embedding_id, r.hamming) for r in in_sql
+        ], trial
+        assert np.allclose([r.score for r in in_memory], [r.score for r in in_sql], atol=1e-5), trial
+        assert in_memory[0].product == in_sql[0].product
