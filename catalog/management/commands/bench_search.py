@@ -41,6 +41,8 @@ CODE_NOISE = 0.35  # noise added before the sign: an imperfect hash layer flips 
 COPY_CHUNK = 100_000  # rows per COPY buffer: bounded memory, few round trips
 WARMUP_QUERIES = 10  # first queries pay for cold caches (and the memory backend's load): not measured
 TOP_K = 10  # recall@10, as the issue asks
+COARSE_ONLY_CHUNK = 1_000_000  # rows of synthetic codes made at a time for --coarse-only-sizes
+QUERY_BIT_FLIPS = 0.15  # --coarse-only-sizes: a query is a catalog code with this fraction of its bits flipped
 FAISS_K = 1_000  # faiss's brute-force k-NN, asked for about as many rows as the coarse stage hands on
 
 
@@ -53,6 +55,12 @@ class Command(BaseCommand):
         parser.add_argument("--code-bits", type=int, default=256)
         parser.add_argument("--fc7-dim", type=int, default=128)
         parser.add_argument("--backends", default="memory,sql")
+        parser.add_argument(
+            "--coarse-only-sizes",
+            default="",
+            help="comma-separated sizes (e.g. 10000000) at which only the memory backend's selection is measured, "
+            "on codes built in this process without PostgreSQL (a catalog that size does not fit the database here)",
+        )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument(
             "--min-candidates",
@@ -68,7 +76,18 @@ class Command(BaseCommand):
             self._benchmark(**options)
             return
         argv = options_argv(
-            options, ("sizes", "queries", "code_bits", "fc7_dim", "backends", "seed", "out", "min_candidates")
+            options,
+            (
+                "sizes",
+                "queries",
+                "code_bits",
+                "fc7_dim",
+                "backends",
+                "seed",
+                "out",
+                "min_candidates",
+                "coarse_only_sizes",
+            ),  # fmt: skip
         )
         run_inside_bench_database(
             command="bench_search", database=BENCH_DATABASE, argv=argv, keep=options["keep_database"]
@@ -76,7 +95,7 @@ class Command(BaseCommand):
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, queries: int, code_bits: int, fc7_dim: int, backends: str, seed: int,
-                   out: Path, min_candidates: str, **_) -> None:  # fmt: skip
+                   out: Path, min_candidates: str, coarse_only_sizes: str, **_) -> None:  # fmt: skip
         from catalog import hamming, search
         from catalog.models import Merchant, ModelVersion
 
@@ -131,8 +150,12 @@ class Command(BaseCommand):
                 entry_backend: dict = {"load_s": round(time.perf_counter() - started, 2), "min_candidates": minimum}
                 entry_backend.update(_measure(version=version, backend=backend, query_set=query_set))
                 if backend == "memory":
+                    depth = search.candidate_depth(k=TOP_K)
                     entry_backend["coarse_floor"] = _coarse_floor(
-                        index=hamming.MEMORY_INDEX, query_set=query_set, depth=search.candidate_depth(k=TOP_K)
+                        index=hamming.MEMORY_INDEX, query_set=query_set, depth=depth
+                    )
+                    entry_backend["fine_floor"] = _fine_floor(
+                        index=hamming.MEMORY_INDEX, version=version, query_set=query_set, depth=depth
                     )
                     entry_backend["memory_mb"] = round(hamming.MEMORY_INDEX.stats().memory_bytes / 1e6, 1)
                 else:
@@ -143,6 +166,17 @@ class Command(BaseCommand):
                 self._print(size, key, entry_backend)
             report["sizes"].append(entry)
             hamming.MEMORY_INDEX.clear()
+        del data  # (the largest catalog above: room for the codes-only sizes)
+        for size in sorted(int(s) for s in coarse_only_sizes.split(",") if s.strip()):
+            entry = _coarse_only(size=size, code_bits=code_bits, fc7_dim=fc7_dim, seed=seed, queries=queries)
+            report["sizes"].append(entry)
+            floor = entry["backends"]["memory"]["coarse_floor"]
+            self.stdout.write(
+                f"{size:>9,} memory     (codes only) read codes once {floor['read_codes_once_ms']:.2f} ms | "
+                f"selection {floor['selection_ms']:.2f} ({floor['selection_to_floor']:.2f}x floor, "
+                f"{floor['selection_to_faiss']:.2f}x faiss) | full scan + histogram {floor['full_scan_ms']:.2f} | "
+                f"faiss {floor['faiss_flat_ms']:.2f} | {entry['backends']['memory']['memory_mb']} MB"
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         self.stdout.write(f"written {out}")
@@ -155,6 +189,14 @@ class Command(BaseCommand):
                 f"selection {floor['selection_ms']:.2f} ({floor['selection_to_floor']:.2f}x floor, "
                 f"{floor['selection_to_faiss']:.2f}x faiss) | full scan + histogram {floor['full_scan_ms']:.2f} | "
                 f"faiss IndexBinaryFlat top-{FAISS_K} {floor['faiss_flat_ms']:.2f}"
+            )
+        if "fine_floor" in row:
+            fine = row["fine_floor"]
+            self.stdout.write(
+                f"{size:>9,} {backend:<10} fine {fine['fine_ms']:.2f} ms ({fine['fine_to_floor']:.1f}x the in-memory "
+                f"floor {fine['floor_in_memory_ms']:.3f}; its fc7 ranking {fine['fc7_rank_ms']:.3f}) | in PostgreSQL "
+                f"{fine['fine_in_postgresql_ms']:.2f} | change-log poll {fine['change_log_poll_ms']:.2f} | "
+                f"{fine['candidates_mean']:.0f} candidates, {fine['fc7_bytes_per_query'] / 1024:.0f} KiB of fc7"
             )
         self.stdout.write(
             f"{size:>9,} {backend:<10} coarse p50 {row['coarse_ms']['p50']:7.2f} p99 {row['coarse_ms']['p99']:7.2f} | "
@@ -247,54 +289,144 @@ def _measure(*, version, backend: str, query_set: QuerySet) -> dict:
 
 
 def _coarse_floor(*, index, query_set: QuerySet, depth) -> dict:
-    """The memory backend's selection next to what bounds it, on one core and in the same minute: the time to read
-    the codes once (the faster of two numpy reductions over them as uint64), the full distance pass with its
-    histogram (the selection before the k-NN pass), and faiss's IndexBinaryFlat asked for its top FAISS_K."""
+    """The memory backend's selection next to what bounds it, on one core: the time to read the codes once (the
+    faster of two numpy reductions over them as uint64), the full distance pass with its histogram (the selection
+    before the k-NN pass), and faiss's IndexBinaryFlat asked for its top FAISS_K. The methods take turns on each
+    query, so that a busy machine slows them alike; medians are reported."""
     import faiss
 
     from catalog.hamming.candidates import ProductFilter
 
+    rows = index._rows
+    codes = np.ascontiguousarray(rows.codes[: rows.size])
+    words = codes.view(np.uint64)
+    flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    flat.add(codes)
+    everyone = ProductFilter()
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
-        rows = index._rows
-        codes = np.ascontiguousarray(rows.codes[: rows.size])
-        words = codes.view(np.uint64)
-        queries = [np.packbits(bits) for bits in query_set.bits]
-        flat = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-        flat.add(codes)
-        everyone = ProductFilter()
-        timings = {
-            "read_codes_once_ms": min(
-                _median_ms(lambda _: words.sum(), queries), _median_ms(lambda _: np.bitwise_or.reduce(words), queries)
-            ),
-            "selection_ms": _median_ms(
-                lambda q: index.search_loaded(code=q, depth=depth, product_filter=everyone), queries
-            ),
-            "full_scan_ms": _median_ms(
-                lambda q: index._scan_all(query=q.reshape(1, -1), depth=depth, product_filter=everyone), queries
-            ),
-            "faiss_flat_ms": _median_ms(lambda q: flat.search(q.reshape(1, -1), FAISS_K), queries),
-        }
+        timings = _interleaved_ms(
+            {
+                "sum_codes": lambda q: words.sum(),
+                "or_codes": lambda q: np.bitwise_or.reduce(words),
+                "selection_ms": lambda q: index.search_loaded(code=q, depth=depth, product_filter=everyone),
+                "full_scan_ms": lambda q: index._scan_all(query=q.reshape(1, -1), depth=depth, product_filter=everyone),
+                "faiss_flat_ms": lambda q: flat.search(q.reshape(1, -1), FAISS_K),
+            },
+            [np.packbits(bits) for bits in query_set.bits],
+        )
     finally:
         faiss.omp_set_num_threads(threads)
+    timings["read_codes_once_ms"] = min(timings.pop("sum_codes"), timings.pop("or_codes"))
     timings = {name: round(value, 3) for name, value in timings.items()}
     timings["selection_to_floor"] = round(timings["selection_ms"] / timings["read_codes_once_ms"], 2)
     timings["selection_to_faiss"] = round(timings["selection_ms"] / timings["faiss_flat_ms"], 2)
     timings["full_scan_to_floor"] = round(timings["full_scan_ms"] / timings["read_codes_once_ms"], 2)
+    timings["code_bytes"] = int(codes.nbytes)
     return timings
 
 
-def _median_ms(run, queries: list) -> float:
-    """Median wall time of run(query) over the queries, after a few unmeasured warm-up calls."""
-    for query in queries[:WARMUP_QUERIES]:
-        run(query)
-    times = []
-    for query in queries[WARMUP_QUERIES:]:
-        started = time.perf_counter()
-        run(query)
-        times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1000
+def _fine_floor(*, index, version, query_set: QuerySet, depth) -> dict:
+    """The fine stage for the memory backend's candidates, next to its floor (the same candidates' fc7 gathered from
+    rows held in memory, exact L2 and a sort, nothing else) and to pgvector ranking them in PostgreSQL (the fine
+    stage before fc7 was held in memory); interleaved like _coarse_floor. Also the change-log poll every search
+    makes before its coarse stage."""
+    import dataclasses
+
+    from catalog import search
+    from catalog.hamming.candidates import ProductFilter
+
+    everyone = ProductFilter()
+    rows = index._rows
+    prepared = []
+    for bits, fc7 in zip(query_set.bits, query_set.fc7):
+        candidates = index.search_loaded(code=np.packbits(bits), depth=depth, product_filter=everyone)
+        prepared.append((candidates, fc7, index._rows_of(candidates.embedding_ids)))
+
+    def floor(item) -> None:
+        candidates, fc7, at = item
+        difference = rows.fc7[at] - fc7
+        np.argsort(np.einsum("ij,ij->i", difference, difference))
+
+    def fine(item, backend: str = "memory") -> None:
+        candidates, fc7, _ = item
+        candidates = dataclasses.replace(candidates, backend=backend)  # "sql": the ranking happens in PostgreSQL
+        search.fine_rank(candidates=candidates, version=version, fc7=fc7, product_filter=everyone, k=TOP_K)
+
+    timings = _interleaved_ms(
+        {
+            "floor_in_memory_ms": floor,
+            "fc7_rank_ms": lambda item: index.fc7_rank(
+                version_id=version.pk, embedding_ids=item[0].embedding_ids, fc7=item[1]
+            ),  # fmt: skip
+            "fine_ms": fine,
+            "fine_in_postgresql_ms": lambda item: fine(item, backend="sql"),
+            "change_log_poll_ms": lambda item: index._replay_changes(),
+        },
+        prepared,
+    )
+    timings = {name: round(value, 3) for name, value in timings.items()}
+    timings["fine_to_floor"] = round(timings["fine_ms"] / timings["floor_in_memory_ms"], 1)
+    timings["fc7_rank_to_floor"] = round(timings["fc7_rank_ms"] / timings["floor_in_memory_ms"], 1)
+    timings["candidates_mean"] = round(float(np.mean([len(item[0]) for item in prepared])), 1)
+    timings["fc7_bytes_per_query"] = int(timings["candidates_mean"] * rows.fc7.shape[1] * 4)
+    return timings
+
+
+def _interleaved_ms(methods: dict, items: list) -> dict[str, float]:
+    """Median wall time (ms) of each method over the items; on each item every method runs once, in turn, after a
+    few unmeasured warm-up items."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for position, item in enumerate(items):
+        for name, run in methods.items():
+            started = time.perf_counter()
+            run(item)
+            if position >= WARMUP_QUERIES:
+                times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(values)) * 1000 for name, values in times.items()}
+
+
+def _coarse_only(*, size: int, code_bits: int, fc7_dim: int, seed: int, queries: int) -> dict:
+    """The memory backend's selection at a size PostgreSQL here cannot hold: synthetic codes made the same way
+    (clusters, a random projection, noise), a chunk at a time so that fc7 never exists whole, put straight into a
+    MemoryCodeIndex; queries are catalog codes with QUERY_BIT_FLIPS of their bits flipped."""
+    from catalog.hamming.memory import MemoryCodeIndex, _Rows
+
+    rng = np.random.default_rng(seed)
+    projection = rng.standard_normal((fc7_dim, code_bits)).astype(np.float32)
+    rows = _Rows(code_bytes=code_bits // 8)
+    rows.reserve(size)
+    started = time.perf_counter()
+    for start in range(0, size, COARSE_ONLY_CHUNK):
+        stop = min(size, start + COARSE_ONLY_CHUNK)
+        chunk_rng = np.random.default_rng([seed, start])
+        centres = chunk_rng.standard_normal((-(-(stop - start) // CLUSTER_SIZE), fc7_dim)).astype(np.float32)
+        fc7 = centres[np.arange(stop - start) // CLUSTER_SIZE]
+        fc7 += CLUSTER_SPREAD * chunk_rng.standard_normal(fc7.shape).astype(np.float32)
+        fc7 /= np.linalg.norm(fc7, axis=1, keepdims=True)
+        rows.codes[start:stop] = np.packbits(_hash(fc7, projection, chunk_rng), axis=1)
+    made_s = time.perf_counter() - started
+    rows.size = size
+    rows.embedding_ids[:size] = rows.product_ids[:size] = np.arange(1, size + 1)
+    rows.merchant_ids[:size] = 1
+    rows.alive[:size] = True
+    index = MemoryCodeIndex()
+    index._rows, index._version_id, index._code_bits = rows, 0, code_bits
+    index._index_rows()
+    targets = rng.integers(0, size, queries + WARMUP_QUERIES)
+    bits = np.unpackbits(rows.codes[targets], axis=1).astype(bool)
+    bits ^= rng.random(bits.shape) < QUERY_BIT_FLIPS
+    query_set = QuerySet(fc7=np.zeros((len(bits), 0), np.float32), bits=bits, truth=np.zeros((len(bits), 0)))
+    from catalog import search
+
+    floor = _coarse_floor(index=index, query_set=query_set, depth=search.candidate_depth(k=TOP_K))
+    return {
+        "products": size,
+        "coarse_only": True,
+        "synthetic_codes_s": round(made_s, 1),
+        "backends": {"memory": {"coarse_floor": floor, "memory_mb": round(index.stats().memory_bytes / 1e6, 1)}},
+    }
 
 
 # --- bulk loading ----------------------------------------------------------------------------------------------------
