@@ -4,11 +4,12 @@ does can be read top to bottom in one place; the stages' machinery lives elsewhe
 backends, catalog.geometry for local features, catalog.intake for the photo).
 
     photo ─ intake (validate, EXIF-rotate, crop box) ─ encoder (Celery `search` queue) ─┬─ code  ─ coarse: Hamming
-                                                                                        ├─ fc7   ─ fine: pgvector L2
+                                                                                        ├─ fc7   ─ fine: exact L2
                                                                                         └─ category/attributes/landmarks
 1. Coarse: whole Hamming shells of the active version's codes (`catalog.hamming`, memory or SQL backend).
-2. Fine: exact Euclidean distance on fc7 in pgvector over the candidates, with the shopper's filters, one row per
-   product (its best image); the predicted category can boost or restrict.
+2. Fine: exact Euclidean distance on fc7 over the candidates (in this process, on the vectors the memory index holds;
+   in pgvector for the SQL backend), with the shopper's filters, one row per product (its best image); the predicted
+   category can boost or restrict.
 3. Verify (the `verify` option, on by default: settings.SEARCH_VERIFY): the shopper photo's local features (SIFT,
    extracted by the worker with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to

@@ -34,16 +34,29 @@ def options_argv(options: dict, names: Sequence[str]) -> list[str]:
 
 
 def run_inside_bench_database(
-    *, command: str, database: str, argv: Sequence[str], env: dict[str, str] | None = None, keep: bool = False
+    *,
+    command: str,
+    database: str,
+    argv: Sequence[str],
+    env: dict[str, str] | None = None,
+    keep: bool = False,
+    inner_flag: bool = True,
 ) -> None:
-    """Run `manage.py command INNER_FLAG *argv` in a fresh `database`, then drop it (unless `keep`)."""
+    """Run `manage.py command INNER_FLAG *argv` in a fresh `database`, then drop it (unless `keep`). Without
+    `inner_flag` the command is one that knows nothing of bench databases (bench_ingest) and runs there as is."""
     with connection.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         cursor.execute(f"CREATE DATABASE {database}")
     child_env = {**os.environ, "DATABASE_URL": url_with_path(settings.DATABASE_URL, f"/{database}"), **(env or {})}
     try:
         done = subprocess.run(
-            [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), command, INNER_FLAG, *argv],
+            [
+                sys.executable,
+                str(Path(settings.BASE_DIR) / "manage.py"),
+                command,
+                *([INNER_FLAG] if inner_flag else []),
+                *argv,
+            ],  # fmt: skip
             env=child_env,
             cwd=settings.BASE_DIR,
         )

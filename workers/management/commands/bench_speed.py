@@ -1,0 +1,327 @@
+"""`manage.py bench_speed`: the speed table, one command. It composes the other benchmarks and writes JSON and a
+markdown table (var/bench/speed.json, speed.md); docs/benchmarks.md says how each figure is measured.
+
+- **search** (`bench_search`, its own throwaway database): each stage at 10k/100k/1M synthetic products next to its
+  floor measured in the same run (the coarse selection vs reading the codes once and faiss IndexBinaryFlat, the fine
+  stage vs an in-memory exact rerank of the same candidates), the memory per web process and the index load time;
+  `--coarse-only-sizes 10000000` adds the coarse selection at 10M on codes built without PostgreSQL.
+- **encode**: version 0 fitted at each `--input-sizes` on rendered products (and any `--checkpoints`), exported to
+  ONNX, then torch vs ONNX Runtime on one thread: latency at batch 1, throughput at batch 32
+  (`workers.ml.onnx_export.compare_speed`, preprocessing included).
+- **ingest** (`bench_ingest` in a throwaway database, one worker process): images per second per worker core.
+- **api** (with `--url` of a running server, e.g. `manage.py demo` with its search worker): `POST /api/search`
+  latency p50/p95/p99 at concurrency 1 and 8, client-side and the server's own total; with `--merchant-token`, the
+  time from adding a product through the merchant API until the search API returns it. Only public routes are used,
+  so whatever encode path is the server's default is what is measured.
+
+Sections: `--only search,encode,ingest,api` (default: all; api needs --url). `--reuse-search JSON` and
+`--reuse-ingest JSON` put earlier results in the table instead of measuring again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+from PIL import Image
+
+from catalog.management.bench_database import run_inside_bench_database
+
+SECTIONS = ("search", "encode", "ingest", "api")
+INGEST_DATABASE = "shop_search_bench_ingest"
+FIT_SAMPLE = 300  # rendered products version 0 is fitted on for the encode section (its cost does not depend on it)
+ENCODE_BATCH = 32
+RENDER_SIZE = 256  # query and fit photos: a rendered product, about what a phone crop is after downscaling
+API_WARMUP = 5
+FRESHNESS_TIMEOUT_S = 120.0
+
+
+class Command(BaseCommand):
+    help = "The speed table: search stages vs floors, encode, ingest, API latency; JSON + markdown."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+        parser.add_argument("--sizes", default="10000,100000,1000000", help="bench_search catalog sizes")
+        parser.add_argument("--coarse-only-sizes", default="10000000", help="bench_search --coarse-only-sizes")
+        parser.add_argument("--queries", type=int, default=200, help="bench_search queries per size")
+        parser.add_argument("--input-sizes", default="224,112", help="version 0 input sizes for the encode section")
+        parser.add_argument("--checkpoints", default="", help="comma-separated .pt files to time as well")
+        parser.add_argument("--ingest-products", type=int, default=1000)
+        parser.add_argument(
+            "--url", default="", help="a running server for the api section, e.g. http://127.0.0.1:8034"
+        )
+        parser.add_argument("--api-requests", type=int, default=200, help="measured searches per concurrency level")
+        parser.add_argument("--merchant-token", default="", help="a merchant user's API token: measures freshness")
+        parser.add_argument("--merchant", default="", help="the merchant's slug, if the token acts for several")
+        parser.add_argument("--reuse-search", type=Path, help="a bench_search JSON to use instead of running it")
+        parser.add_argument("--reuse-ingest", type=Path, help="a bench_ingest JSON to use instead of running it")
+        parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "speed.json")
+
+    def handle(self, *args, **options) -> None:
+        only = {part.strip() for part in options["only"].split(",") if part.strip()}
+        if unknown := only - set(SECTIONS):
+            raise CommandError(f"unknown sections {sorted(unknown)}; use {SECTIONS}")
+        out: Path = options["out"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report: dict = json.loads(out.read_text()) if out.exists() else {}  # sections not re-run keep their numbers
+        report["cpus"] = os.cpu_count()
+        if "search" in only:
+            report["search"] = self._search(options, out.parent)
+        if "encode" in only:
+            report["encode"] = self._encode(options)
+        if "ingest" in only:
+            report["ingest"] = self._ingest(options, out.parent)
+        if "api" in only:
+            if not options["url"]:
+                self.stdout.write("api: skipped (no --url)")
+            else:
+                report["api"] = self._api(options)
+        out.write_text(json.dumps(report, indent=2))
+        table = markdown(report)
+        out.with_suffix(".md").write_text(table)
+        self.stdout.write(table)
+        self.stdout.write(f"written {out} and {out.with_suffix('.md')}")
+
+    # -- sections ---------------------------------------------------------------------------------------------------
+    def _search(self, options: dict, directory: Path) -> dict:
+        if options["reuse_search"]:
+            return json.loads(options["reuse_search"].read_text())
+        path = directory / "search.json"
+        call_command(
+            "bench_search", sizes=options["sizes"], backends="memory", queries=options["queries"],
+            coarse_only_sizes=options["coarse_only_sizes"], out=path, stdout=self.stdout,
+        )  # fmt: skip
+        return json.loads(path.read_text())
+
+    def _encode(self, options: dict) -> list[dict]:
+        from workers.ml.baseline import fit_baseline
+        from workers.ml.export import export
+        from workers.ml.onnx_export import compare_speed
+
+        pictures = [_rendered(seed) for seed in range(FIT_SAMPLE)]
+        rows = []
+        with tempfile.TemporaryDirectory() as scratch:
+            models = [
+                (f"version 0 ({size} px)", fit_baseline(pictures, out_path=Path(scratch) / f"v0-{size}.pt",
+                                                        input_size=size, num_threads=1))
+                for size in (int(s) for s in options["input_sizes"].split(",") if s.strip())
+            ]  # fmt: skip
+            models += [(Path(path).stem, Path(path)) for path in options["checkpoints"].split(",") if path.strip()]
+            for name, checkpoint in models:
+                onnx = export(checkpoint, Path(scratch) / f"{Path(checkpoint).stem}.onnx", verify=True)
+                torch_1, onnx_1 = compare_speed(checkpoint, onnx, batch_size=1, threads=1)
+                torch_b, onnx_b = compare_speed(checkpoint, onnx, batch_size=ENCODE_BATCH, threads=1)
+                row = {
+                    "model": name,
+                    "batch1_ms": {"torch": round(torch_1, 2), "onnxruntime": round(onnx_1, 2)},
+                    f"batch{ENCODE_BATCH}_images_per_s": {
+                        "torch": round(1000 / torch_b, 1), "onnxruntime": round(1000 / onnx_b, 1)
+                    },
+                }  # fmt: skip
+                rows.append(row)
+                self.stdout.write(f"encode {json.dumps(row)}")
+        return rows
+
+    def _ingest(self, options: dict, directory: Path) -> dict:
+        if options["reuse_ingest"]:
+            return json.loads(options["reuse_ingest"].read_text())
+        path = directory / "ingest.json"
+        run_inside_bench_database(
+            command="bench_ingest", database=INGEST_DATABASE, inner_flag=False,
+            argv=["--products", str(options["ingest_products"]), "--workers", "1", "--json", str(path)],
+        )  # fmt: skip
+        return json.loads(path.read_text())
+
+    def _api(self, options: dict) -> dict:
+        url = options["url"].rstrip("/")
+        photos = [_jpeg(_rendered(seed)) for seed in range(50)]
+        result: dict = {"url": url}
+        for concurrency in (1, 8):
+            result[f"concurrency_{concurrency}"] = _search_load(url, photos, options["api_requests"], concurrency)
+            self.stdout.write(f"api concurrency {concurrency}: {json.dumps(result[f'concurrency_{concurrency}'])}")
+        if options["merchant_token"]:
+            result["new_product_searchable_s"] = _freshness(url, options["merchant_token"], options["merchant"])
+            self.stdout.write(f"api: a new product was searchable after {result['new_product_searchable_s']} s")
+        return result
+
+
+# --- the api section -------------------------------------------------------------------------------------------
+def _rendered(seed: int) -> Image.Image:
+    from workers.ml.datasets.render import render_product
+
+    return render_product(seed, 0, RENDER_SIZE).image.convert("RGB")
+
+
+def _jpeg(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, data in files.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _post(url: str, *, fields: dict[str, str], files: dict[str, bytes], token: str = "") -> dict:
+    body, content_type = _multipart(fields, files)
+    headers = {"Content-Type": content_type, **({"Authorization": f"Token {token}"} if token else {})}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        raise CommandError(f"{url}: {error.code} {error.read()[:300]!r}") from None
+
+
+def _search_load(url: str, photos: list[bytes], requests: int, concurrency: int) -> dict:
+    """`requests` searches (after a few warm-up ones) from `concurrency` threads; client and server latencies."""
+    for photo in photos[:API_WARMUP]:
+        _post(f"{url}/api/search", fields={}, files={"image": photo})
+    client, server, errors = [], [], []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        started = time.perf_counter()
+        try:
+            answer = _post(f"{url}/api/search", fields={}, files={"image": photos[index % len(photos)]})
+        except CommandError as error:
+            with lock:
+                errors.append(str(error))
+            return
+        elapsed = (time.perf_counter() - started) * 1000
+        with lock:
+            client.append(elapsed)
+            server.append(float(answer.get("timings_ms", {}).get("total", np.nan)))
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    if errors:
+        raise CommandError(f"{len(errors)} searches failed, e.g. {errors[0]} (throttled? raise SEARCH_THROTTLE_RATE)")
+    return {
+        "requests": len(client),
+        "per_s": round(len(client) / wall, 1),
+        "client_ms": _percentiles(client),
+        "server_total_ms": _percentiles(server),
+    }
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)}
+
+
+def _freshness(url: str, token: str, merchant: str) -> float:
+    """Seconds from adding a product and its photo through the merchant API to the search API returning it."""
+    photo = _jpeg(_rendered(987_654_321 % 100_000 + int(time.time()) % 1000))
+    sku = f"fresh-{uuid.uuid4().hex[:12]}"
+    fields = {"sku": sku, "title": "Freshness probe", **({"merchant": merchant} if merchant else {})}
+    started = time.perf_counter()
+    product = _post(f"{url}/api/merchant/products/", fields=fields, files={}, token=token)
+    _post(f"{url}/api/merchant/products/{product['id']}/images/", fields={}, files={"file": photo}, token=token)
+    while time.perf_counter() - started < FRESHNESS_TIMEOUT_S:
+        answer = _post(f"{url}/api/search", fields={"k": "5"}, files={"image": photo})
+        if any(hit.get("product", {}).get("id") == product["id"] for hit in answer.get("results", [])):
+            return round(time.perf_counter() - started, 2)
+        time.sleep(0.1)
+    raise CommandError(f"the new product was not searchable within {FRESHNESS_TIMEOUT_S:.0f} s")
+
+
+# --- the table -------------------------------------------------------------------------------------------------
+def markdown(report: dict) -> str:
+    lines = [f"Machine: {report.get('cpus')} cores, shared; every ratio is to a floor measured in the same run.", ""]
+    search = report.get("search")
+    if search:
+        lines += [
+            "| products | read codes once | coarse selection (x floor, x faiss) | before: full scan + histogram "
+            "| faiss IndexBinaryFlat top-1000 | fine (x in-memory floor) | fine floor | before: fine in PostgreSQL "
+            "| change-log poll | total p50 / p99 | recall@10 | index memory | index load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for entry in search["sizes"]:
+            memory = entry["backends"]["memory"]
+            coarse, fine = memory["coarse_floor"], memory.get("fine_floor")
+            total = memory.get("total_ms")
+            lines.append(
+                f"| {entry['products']:,}{' (codes only)' if entry.get('coarse_only') else ''} "
+                f"| {coarse['read_codes_once_ms']:.2f} ms "
+                f"| {coarse['selection_ms']:.2f} ms ({coarse['selection_to_floor']:.2f}x, "
+                f"{coarse['selection_to_faiss']:.2f}x) "
+                f"| {coarse['full_scan_ms']:.2f} ms ({coarse['full_scan_to_floor']:.2f}x) "
+                f"| {coarse['faiss_flat_ms']:.2f} ms "
+                + (
+                    f"| {fine['fine_ms']:.2f} ms ({fine['fine_to_floor']:.0f}x) | {fine['floor_in_memory_ms']:.3f} ms "
+                    f"| {fine['fine_in_postgresql_ms']:.2f} ms | {fine['change_log_poll_ms']:.2f} ms "
+                    if fine
+                    else "| - | - | - | - "
+                )
+                + (
+                    f"| {total['p50']:.1f} / {total['p99']:.1f} ms | {memory['recall_at_10']:.3f} "
+                    if total
+                    else "| - | - "
+                )
+                + f"| {memory['memory_mb']:.0f} MB | {memory.get('load_s', '-')} s |"
+            )
+        lines.append("")
+    encode = report.get("encode")
+    if encode:
+        lines += [
+            f"| model | batch 1, one thread: torch | ONNX Runtime | batch {ENCODE_BATCH}, one thread: torch "
+            "| ONNX Runtime |",
+            "|---|---|---|---|---|",
+        ]
+        for row in encode:
+            batch = row[f"batch{ENCODE_BATCH}_images_per_s"]
+            lines.append(
+                f"| {row['model']} | {row['batch1_ms']['torch']:.1f} ms | {row['batch1_ms']['onnxruntime']:.1f} ms "
+                f"| {batch['torch']:.0f} images/s | {batch['onnxruntime']:.0f} images/s |"
+            )
+        lines.append("")
+    ingest = report.get("ingest")
+    if ingest:
+        lines += [
+            f"Ingest ({ingest['products']:,} products, {ingest['workers']} worker process): "
+            f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second.",
+            "",
+        ]
+    api = report.get("api")
+    if api:
+        lines += ["| POST /api/search | requests/s | client p50 / p95 / p99 | server total p50 / p95 / p99 |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for concurrency in (1, 8):
+            level = api.get(f"concurrency_{concurrency}")
+            if level:
+                client, server = level["client_ms"], level["server_total_ms"]
+                lines.append(
+                    f"| concurrency {concurrency} | {level['per_s']} | {client['p50']} / {client['p95']} / "
+                    f"{client['p99']} ms | {server['p50']} / {server['p95']} / {server['p99']} ms |"
+                )
+        if "new_product_searchable_s" in api:
+            lines.append(f"\nA new product was searchable {api['new_product_searchable_s']} s after it was added.")
+        lines.append("")
+    return "\n".join(lines)
