@@ -380,3 +380,21 @@ def test_similar_products_leaves_out_the_product_itself(shop):
     assert product_ids(result)[0] == twin.product.pk and start.product.pk not in product_ids(result)
     with pytest.raises(search.ProductNotSearchable):
         search.similar_products(product_id=10**9, options=SearchOptions())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.timeout(60)
+def test_a_radius_past_the_code_length_with_hidden_rows_ends_with_every_visible_product(backend):
+    """Found by schemathesis (tests/catalog/test_openapi_fuzz.py): the memory index parks hidden rows (here: the
+    product itself) at code_bits + 1, so a radius past that counted them as reachable, the coarse stage never said
+    "exhaustive", and the cascade widened forever: an anonymous `?radius=1023` held a web thread at 100% CPU."""
+    version = searchkit.active_version()
+    merchant = factories.merchant("few")
+    catalog = searchkit.random_catalog(merchant=merchant, version=version, count=4, seed=3)
+    start = catalog[0].product.pk
+
+    for radius in (version.code_bits + 1, 1023):
+        options = SearchOptions(k=10, radius=radius, backend=backend)
+        result = search.similar_products(product_id=start, options=options)
+        assert sorted(product_ids(result)) == sorted(p.product.pk for p in catalog[1:])
+        assert result.coarse.rounds <= search.COARSE_WIDEN_ROUNDS + 2
