@@ -51,6 +51,7 @@ COARSE_MAX_CANDIDATES = 4_000  # a whole shell can be big; the fine stage over 4
 COARSE_WIDEN_FACTOR = 8  # when filters starve the fine stage, ask the coarse stage for this many times more
 COARSE_WIDEN_ROUNDS = 3  # then give up widening step by step and take everything (exhaustive)
 FINE_CARDS_MARGIN = 8  # unfiltered, the fine stage reads the cards of k products and this many more at once
+COARSE_EVERYTHING = int(np.iinfo(np.int32).max)  # the candidate count of that last round
 CATEGORY_BOOST = 0.15  # "boost": a product of the predicted category has its fc7 distance cut by up to 15%
 CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident prediction (else it boosts)
 QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
@@ -275,8 +276,8 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
         )
         coarse_ms += _ms(coarse_done - started)
         fine_ms += _ms(time.perf_counter() - coarse_done)
-        if len(rows) >= options.k or candidates.exhaustive:
-            break
+        if len(rows) >= options.k or candidates.exhaustive or depth.min_count >= COARSE_EVERYTHING:
+            break  # (a round that asked for every row is the last, whatever a backend says of exhaustiveness)
         depth = _widen(depth, rounds=rounds)
         if backend.name != SQL_FOR_SELECTIVE_FILTERS and _filters_beyond_memory(product_filter):
             # The memory index cannot see category/attribute/price: widening it would drag ever more rows through
@@ -327,8 +328,7 @@ def candidate_depth(*, k: int, radius: int | None = None) -> CandidateDepth:
 
 def _widen(depth: CandidateDepth, *, rounds: int) -> CandidateDepth:
     if rounds > COARSE_WIDEN_ROUNDS:
-        everything = np.iinfo(np.int32).max
-        return CandidateDepth(min_count=everything, max_count=everything, radius=depth.radius)
+        return CandidateDepth(min_count=COARSE_EVERYTHING, max_count=COARSE_EVERYTHING, radius=depth.radius)
     return CandidateDepth(
         min_count=depth.min_count * COARSE_WIDEN_FACTOR,
         max_count=depth.max_count * COARSE_WIDEN_FACTOR,

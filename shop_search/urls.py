@@ -14,6 +14,9 @@ urlpatterns = [
     path("", include("catalog.urls")),
 ]
 
+# An unknown URL under /api/ gets the API's JSON error, not the HTML page.
+handler404 = "catalog.api.errors.not_found"
+
 if settings.DEBUG:
     from django.conf.urls.static import static
 

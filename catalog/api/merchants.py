@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -34,6 +34,26 @@ class MerchantPagination(LimitOffsetPagination):
     max_limit = 500  # keeps one response under a few hundred kB
 
 
+PAGE_PARAMETERS = [
+    OpenApiParameter("limit", int, description=f"rows per page (default {MerchantPagination.default_limit}, "
+                     f"at most {MerchantPagination.max_limit})"),
+    OpenApiParameter("offset", int, description="rows to skip"),
+]  # fmt: skip
+
+
+def page_of(item: type[serializers.Serializer]) -> type[serializers.Serializer]:
+    """The schema of a MerchantPagination page of `item`: these are APIViews, which drf-spectacular does not see
+    paginate (it would document a bare list)."""
+    name = item.__name__.removesuffix("Serializer").removesuffix("Output")
+    fields = {
+        "count": serializers.IntegerField(),
+        "next": serializers.URLField(allow_null=True),
+        "previous": serializers.URLField(allow_null=True),
+        "results": item(many=True),
+    }
+    return type(f"Paginated{name}ListSerializer", (serializers.Serializer,), fields)
+
+
 # --- serializers -----------------------------------------------------------------------------------------------
 
 
@@ -46,6 +66,7 @@ class MerchantOutputSerializer(serializers.ModelSerializer):
 
 class ImageOutputSerializer(serializers.ModelSerializer):
     file = serializers.SerializerMethodField()
+    source_url = serializers.CharField(help_text="where the image was fetched from; empty for an uploaded file")
 
     class Meta:
         model = ProductImage
@@ -59,6 +80,7 @@ class ImageOutputSerializer(serializers.ModelSerializer):
 class ProductOutputSerializer(serializers.ModelSerializer):
     merchant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
     images = ImageOutputSerializer(many=True, read_only=True)
+    url = serializers.CharField(help_text="the product's page; may be empty")  # a model URLField: "" is no "uri"
 
     class Meta:
         model = Product
@@ -230,7 +252,11 @@ class MerchantListView(MerchantAPIView):
 
 
 class ProductListView(MerchantAPIView):
-    @extend_schema(parameters=[ProductListInputSerializer], responses=ProductOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="merchant_products_list",
+        parameters=[ProductListInputSerializer, *PAGE_PARAMETERS],
+        responses=page_of(ProductOutputSerializer),
+    )
     def get(self, request: Request) -> Response:
         params = ProductListInputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)
@@ -315,7 +341,9 @@ class ProductImageDetailView(MerchantAPIView):
 class ImportJobListView(MerchantAPIView):
     parser_classes = [MultiPartParser, FormParser]
 
-    @extend_schema(responses=ImportJobOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="merchant_imports_list", parameters=PAGE_PARAMETERS, responses=page_of(ImportJobOutputSerializer)
+    )
     def get(self, request: Request) -> Response:
         return _paginated(
             request, self, selectors.import_job_list_for_user(user=request.user), ImportJobOutputSerializer
@@ -358,14 +386,22 @@ class ImportJobDetailView(MerchantAPIView):
 
 
 class ImportJobRejectedView(ImportJobDetailView):
-    @extend_schema(responses=RejectedRowOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="merchant_imports_rejected_list",
+        parameters=PAGE_PARAMETERS,
+        responses=page_of(RejectedRowOutputSerializer),
+    )
     def get(self, request: Request, job_id: int) -> Response:
         rows = selectors.import_job_rejected_rows(job=self._job(request, job_id))
         return _paginated(request, self, rows, RejectedRowOutputSerializer)
 
 
 class DuplicateListView(MerchantAPIView):
-    @extend_schema(parameters=[DuplicateListInputSerializer], responses=DuplicateFindingOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="merchant_duplicates_list",
+        parameters=[DuplicateListInputSerializer, *PAGE_PARAMETERS],
+        responses=page_of(DuplicateFindingOutputSerializer),
+    )
     def get(self, request: Request) -> Response:
         params = DuplicateListInputSerializer(data=request.query_params)
         params.is_valid(raise_exception=True)

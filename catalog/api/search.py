@@ -189,6 +189,14 @@ class ErrorOutputSerializer(serializers.Serializer):
     detail = serializers.CharField()
 
 
+# A 400 is {"detail": ...} (the photo could not be read) or DRF's field errors, {"box": ["..."], ...}.
+BAD_REQUEST_SCHEMA = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}},
+    "additionalProperties": {"type": "array", "items": {"type": "string"}},
+}
+
+
 # --- views ---------------------------------------------------------------------------------------------------------
 class _ShopperView(APIView):
     authentication_classes: list = []  # anonymous: no session, so no CSRF token needed by the shop's own page
@@ -216,7 +224,7 @@ class SearchView(_ShopperView):
 
     @extend_schema(
         request={"multipart/form-data": SearchInputSerializer},
-        responses={200: SearchOutputSerializer, 400: ErrorOutputSerializer, 503: ErrorOutputSerializer},
+        responses={200: SearchOutputSerializer, 400: BAD_REQUEST_SCHEMA, 503: ErrorOutputSerializer},
         summary="Find the products in a photo",
     )
     def post(self, request: Request) -> Response:
@@ -238,7 +246,12 @@ class SimilarProductsView(_ShopperView):
 
     @extend_schema(
         parameters=[_FilterInputSerializer],
-        responses={200: SearchOutputSerializer, 404: ErrorOutputSerializer, 503: ErrorOutputSerializer},
+        responses={
+            200: SearchOutputSerializer,
+            400: BAD_REQUEST_SCHEMA,
+            404: ErrorOutputSerializer,
+            503: ErrorOutputSerializer,
+        },
         summary="Products that look like this one",
     )
     def get(self, request: Request, product_id: int) -> Response:

@@ -237,7 +237,9 @@ class MemoryCodeIndex:
         rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
         order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
         rows_taken = rows_taken[order]
-        within_radius = visible if depth.radius is None else int((distances <= depth.radius).sum())
+        # hidden rows sit at code_bits + 1: a radius past code_bits would count them as reachable
+        everything_visible = depth.radius is None or depth.radius >= code_bits
+        within_radius = visible if everything_visible else int((distances <= depth.radius).sum())
         return CoarseCandidates(
             embedding_ids=rows.embedding_ids[rows_taken].copy(),
             distances=distances[rows_taken],

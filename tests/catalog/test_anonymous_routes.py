@@ -77,3 +77,11 @@ def test_throttle_identity_uses_the_64_of_a_forwarded_ipv6_client_through_one_pr
         rf.get("/api/search", HTTP_X_FORWARDED_FOR="203.0.113.9, 2001:db8:5:6::42", REMOTE_ADDR="172.18.0.5")
     )
     assert ClientScopedRateThrottle().get_ident(request) == "2001:db8:5:6::/64"
+
+
+@pytest.mark.django_db
+def test_an_api_path_that_matches_no_route_gets_the_apis_json_404_and_a_page_the_html_one(client):
+    response = client.get("/api/products/-5/similar")  # `<int:...>` takes no sign: no route matches
+    assert response.status_code == 404 and response.json() == {"detail": "Not found."}
+    page = client.get("/no-such-page/")
+    assert page.status_code == 404 and page["Content-Type"].startswith("text/html")

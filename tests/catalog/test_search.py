@@ -416,3 +416,21 @@ def test_the_fine_stage_ranks_the_same_in_memory_and_in_postgresql(shop, monkeyp
         ], trial
         assert np.allclose([r.score for r in in_memory], [r.score for r in in_sql], atol=1e-5), trial
         assert in_memory[0].product == in_sql[0].product
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.timeout(60)
+def test_a_radius_past_the_code_length_with_hidden_rows_ends_with_every_visible_product(backend):
+    """Found by schemathesis (tests/catalog/test_openapi_fuzz.py): the memory index parks hidden rows (here: the
+    product itself) at code_bits + 1, so a radius past that counted them as reachable, the coarse stage never said
+    "exhaustive", and the cascade widened forever: an anonymous `?radius=1023` held a web thread at 100% CPU."""
+    version = searchkit.active_version()
+    merchant = factories.merchant("few")
+    catalog = searchkit.random_catalog(merchant=merchant, version=version, count=4, seed=3)
+    start = catalog[0].product.pk
+
+    for radius in (version.code_bits + 1, 1023):
+        options = SearchOptions(k=10, radius=radius, backend=backend)
+        result = search.similar_products(product_id=start, options=options)
+        assert sorted(product_ids(result)) == sorted(p.product.pk for p in catalog[1:])
+        assert result.coarse.rounds <= search.COARSE_WIDEN_ROUNDS + 2
