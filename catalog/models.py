@@ -238,6 +238,10 @@ class ImportJob(models.Model):
     manifest_format = models.CharField(max_length=8, choices=Format.choices, default=Format.CSV)
     # The uploaded zip of images, kept until the job's chunks have read their entries from it.
     archive = models.FileField(upload_to="imports/%Y/%m/", blank=True)
+    # The upload request checks only what the zip's headers declare; inflating every entry (catalog.intake.zips
+    # zip_check) is the job's first task, and its chunks run only once it has passed.
+    archive_checked = models.BooleanField(default=False)
+    error = models.TextField(blank=True)  # why a FAILED job failed (its zip was refused), for the merchant
     chunks_total = models.PositiveIntegerField(default=0)
     chunks_done = models.PositiveIntegerField(default=0)
     images_new = models.PositiveIntegerField(default=0)  # images stored (and queued for embedding) by this job

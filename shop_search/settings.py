@@ -174,6 +174,13 @@ SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
 # Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
 IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
+# One image URL's whole fetch (connect, headers, body, redirects); an import chunk holds at most
+# catalog.services.imports.URL_CHUNK_MAX_URLS of them, fetched 8 at a time, well inside its time limit.
+IMAGE_FETCH_DEADLINE_S = float(os.environ.get("IMAGE_FETCH_DEADLINE_S", "30"))
+# An import chunk's time limits: soft (the task fails the chunk's rows with the reason), then hard (the process is
+# killed; the worker's parent still fails the chunk's rows). A chunk takes about a second.
+IMPORT_CHUNK_SOFT_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_SOFT_TIME_LIMIT_S", "300"))
+IMPORT_CHUNK_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_TIME_LIMIT_S", "360"))
 
 # --- DRF + OpenAPI -----------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -148,6 +148,7 @@ class ImportJobOutputSerializer(serializers.ModelSerializer):
             "source_name",
             "manifest_format",
             "state",
+            "error",
             "total",
             "processed",
             "ok",

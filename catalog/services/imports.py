@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.files import File
 from django.db import transaction
 from django.db.models import F, QuerySet
@@ -33,6 +34,9 @@ from catalog.services.products import image_delete, image_fetch, image_store, pr
 IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); full embed batches
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
 URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
+# Image URLs per chunk (a row may list 10): fetched URL_FETCH_THREADS at a time, each within IMAGE_FETCH_DEADLINE_S
+# (30 s), a chunk of hanging hosts gives up after 4 x 30 s = 2 minutes, inside its 5-minute soft limit.
+URL_CHUNK_MAX_URLS = 4 * URL_FETCH_THREADS
 # Deliveries of one chunk before it is given up: each counts, whatever ended it (an exception the task retried, a
 # worker killed out of memory, the hard time limit). A chunk that keeps dying ends FAILED, its rows rejected with
 # the reason, instead of being re-queued forever. workers/tasks.py retries exceptions within the same budget.
@@ -52,20 +56,24 @@ def import_job_create(
 ) -> ImportJob:
     """Check an upload as a whole and record it as an import job whose chunks run in Celery after commit.
 
-    The manifest and the zip are parsed and read completely first: a file-level problem (not a manifest, a zip
-    slip, a zip bomb) raises IntakeError and stores nothing. Row-level problems become rejected rows with
-    their line numbers, counted at once; good rows are split into chunks of `chunk_rows`. With `enqueue=False`
-    the caller runs the chunks itself (`import_run_chunk`, e.g. `import_catalog --inline`).
+    The manifest is parsed whole, the zip only as far as its central directory (names, types, the sizes and ratios
+    its headers declare): a file-level problem found there (not a manifest, a zip slip, a declared zip bomb) raises
+    IntakeError and stores nothing. Inflating the zip is the job's first task (`import_archive_check`): a zip whose
+    real bytes break the caps ends the job FAILED, with the reason, before any chunk runs. Row-level problems
+    become rejected rows with their line numbers, counted at once; good rows are split into chunks of
+    `chunk_rows`. With `enqueue=False` the caller runs the chunks itself (`import_run_chunk`, which then checks the
+    zip first; e.g. `import_catalog --inline`).
     """
     parsed = manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
     errors = list(parsed.errors)
     rows: list[ManifestRow] = []
     safe_zip: SafeZip | None = None
     if archive is not None:
+        zip_cap, size = settings.IMPORT_ZIP_MAX_BYTES, archive.seek(0, 2)
+        if size > zip_cap:  # (the API and the admin refuse it before it is read: catalog.api.body_limits)
+            raise IntakeError(f"the zip of images is {size:,} bytes; the limit is {zip_cap:,}")
         archive.seek(0)
-        zip_check(archive)
-        archive.seek(0)
-        safe_zip = SafeZip(archive)
+        safe_zip = SafeZip(archive, max_total_bytes=settings.IMPORT_ZIP_MAX_INFLATED_BYTES)
     for row in parsed.rows:
         resolved, missing = [], []
         for reference in row.images:
@@ -84,10 +92,7 @@ def import_job_create(
         safe_zip.close()
     errors.sort(key=lambda error: error.line)
 
-    if any(is_image_url(reference) for row in rows for reference in row.images):
-        chunk_rows = min(chunk_rows, URL_CHUNK_ROWS)
-    chunk_rows = max(1, chunk_rows)
-    chunks = [rows[start : start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
+    chunks = _chunks_split(rows, max(1, chunk_rows))
     with transaction.atomic():
         job = ImportJob(
             merchant=merchant,
@@ -111,14 +116,85 @@ def import_job_create(
             ImportChunk(job=job, index=index, rows=[row.to_json() for row in chunk])
             for index, chunk in enumerate(chunks)
         )
-        for chunk_row in created if enqueue else ():
+        if enqueue and job.archive:
+            dispatch.check_import_archive(job_id=job.pk)  # which queues the chunks once the zip has passed
+        for chunk_row in created if enqueue and not job.archive else ():
             dispatch.run_import_chunk(chunk_id=chunk_row.pk)
     return job
 
 
+def _chunks_split(rows: Sequence[ManifestRow], chunk_rows: int) -> list[list[ManifestRow]]:
+    """Rows in order, in chunks of at most `chunk_rows`; a chunk holding image URLs is smaller: at most
+    URL_CHUNK_ROWS rows and URL_CHUNK_MAX_URLS URLs (a row's URLs are never split across chunks)."""
+    chunks: list[list[ManifestRow]] = []
+    current: list[ManifestRow] = []
+    urls = 0
+    for row in rows:
+        row_urls = sum(1 for reference in row.images if is_image_url(reference))
+        limit = min(chunk_rows, URL_CHUNK_ROWS) if urls + row_urls else chunk_rows
+        if current and (len(current) >= limit or urls + row_urls > URL_CHUNK_MAX_URLS):
+            chunks.append(current)
+            current, urls = [], 0
+        current.append(row)
+        urls += row_urls
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def import_archive_check(*, job_id: int, enqueue: bool = True) -> bool:
+    """Inflate the job's zip once, counting real bytes against the caps (catalog.intake.zips.zip_check), then
+    queue its chunks (`enqueue`). A zip that fails ends the job FAILED with the reason and its upload deleted;
+    nothing of it was written, and nothing else is touched. Runs under the job's row lock, so exactly once
+    however many deliveries race; True when the chunks may run."""
+    with transaction.atomic():
+        job = ImportJob.objects.select_for_update().get(pk=job_id)
+        if job.state == ImportJob.State.FAILED:
+            return False
+        if job.archive and not job.archive_checked:
+            try:
+                with job.archive.open("rb") as handle:
+                    zip_check(handle, max_total_bytes=settings.IMPORT_ZIP_MAX_INFLATED_BYTES)
+            except (IntakeError, OSError) as exc:
+                _job_fail(job, f"the zip of images was refused: {exc}")
+                return False
+            job.archive_checked = True
+            job.save(update_fields=["archive_checked"])
+        if enqueue:
+            for chunk_id in job.chunks.filter(done=False).values_list("id", flat=True):
+                dispatch.run_import_chunk(chunk_id=chunk_id)
+    return True
+
+
+def import_job_fail(*, job_id: int, error: str) -> bool:
+    """End a job that has not finished as FAILED with the reason (e.g. its zip check ran out of time)."""
+    with transaction.atomic():
+        job = ImportJob.objects.select_for_update().get(pk=job_id)
+        if job.state in (ImportJob.State.DONE, ImportJob.State.FAILED):
+            return False
+        _job_fail(job, error)
+    return True
+
+
+def _job_fail(job: ImportJob, error: str) -> None:
+    """Mark a locked job FAILED; its upload is deleted once that commits (no chunk will read it)."""
+    job.state, job.error, job.finished_at = ImportJob.State.FAILED, error[:2000], timezone.now()
+    fields = ["state", "error", "finished_at"]
+    if job.archive:
+        archive_name, storage = job.archive.name, job.archive.storage
+        transaction.on_commit(lambda: storage.delete(archive_name))
+        job.archive = ""
+        fields.append("archive")
+    job.save(update_fields=fields)
+
+
 def import_job_resume(*, job: ImportJob) -> int:
     """Queue again every chunk of `job` not yet committed (after a broker lost its messages); returns how many.
-    Safe at any time: a chunk that is running or done is skipped by its own lock and flag."""
+    Safe at any time: a chunk that is running or done is skipped by its own lock and flag. A job whose zip has
+    not been checked yet gets its check queued again instead (which queues the chunks)."""
+    if job.archive and not job.archive_checked:
+        dispatch.check_import_archive(job_id=job.pk)
+        return 1
     pending = list(job.chunks.filter(done=False).values_list("id", flat=True))
     for chunk_id in pending:
         dispatch.run_import_chunk(chunk_id=chunk_id)
@@ -150,6 +226,11 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
     """
     chunk = ImportChunk.objects.select_related("job__merchant").get(pk=chunk_id)
     job = chunk.job
+    if not chunk.done and job.archive and not job.archive_checked:
+        import_archive_check(job_id=job.pk, enqueue=False)  # run inline, or delivered before the check: check now
+        job.refresh_from_db()
+    if job.state == ImportJob.State.FAILED:  # its zip was refused: nothing of it is imported
+        return ChunkResult(chunk_id, 0, 0, 0, already_done=True, job_done=False)
     import_job_start(job=job)
     if not chunk.done and chunk.attempts >= IMPORT_CHUNK_MAX_ATTEMPTS:
         # Every earlier delivery died before it could commit or record a failure (killed worker, hard time limit).
@@ -376,8 +457,14 @@ def _urls_prefetch(rows: Sequence[ManifestRow]) -> Fetched:
         except IntakeError as exc:
             return exc
 
-    with ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls))) as pool:
-        return dict(zip(urls, pool.map(fetch, urls)))
+    pool = ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls)))
+    try:
+        futures = [pool.submit(fetch, url) for url in urls]
+        return {url: future.result() for url, future in zip(urls, futures)}
+    finally:
+        # On success every future is done. On the task's soft time limit (raised here, in this thread), fetches not
+        # started are cancelled and the running ones are not waited for: each ends within its own deadline.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _row_files(row: ManifestRow, archive: SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:

@@ -225,8 +225,13 @@ def _files_delete(names: Sequence[str]) -> None:
 
 
 def image_fetch(*, url: str) -> bytes:
-    """Download an image URL under the fetch policy; private ranges only where IMAGE_FETCH_ALLOWED_NETWORKS says."""
-    return url_fetch(url, allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())))
+    """Download an image URL under the fetch policy (within IMAGE_FETCH_DEADLINE_S, all told); private ranges only
+    where IMAGE_FETCH_ALLOWED_NETWORKS says."""
+    return url_fetch(
+        url,
+        allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())),
+        deadline=settings.IMAGE_FETCH_DEADLINE_S,
+    )
 
 
 def product_image_add(
