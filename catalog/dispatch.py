@@ -37,6 +37,8 @@ class Task:
 EMBED_IMAGES = Task("workers.tasks.embed_images", "embed")
 FINISH_INDEXING = Task("workers.tasks.embed_finish_indexing", "embed")
 RUN_IMPORT_CHUNK = Task("workers.tasks.import_run_chunk", "embed")  # ingest feeds embedding: same workers
+# An image the merchant API was asked to add by URL: fetched by a worker, never in the web thread.
+FETCH_PRODUCT_IMAGE = Task("workers.tasks.product_image_fetch", "embed")
 # An import's zip inflated and counted once (never in the upload request), then its chunks queued.
 CHECK_IMPORT_ARCHIVE = Task("workers.tasks.import_check_archive", "embed")
 FIT_BASELINE = Task("workers.tasks.train_baseline", "train")
@@ -52,6 +54,7 @@ TASKS = (
     FINISH_INDEXING,
     RUN_IMPORT_CHUNK,
     CHECK_IMPORT_ARCHIVE,
+    FETCH_PRODUCT_IMAGE,
     FIT_BASELINE,
     TRAIN_NETWORK,
     EVALUATE_VERSION,
@@ -92,6 +95,10 @@ def finish_indexing(*, version_id: int) -> None:
 
 def run_import_chunk(*, chunk_id: int) -> None:
     _send_after_commit(RUN_IMPORT_CHUNK, chunk_id)
+
+
+def fetch_product_image(*, fetch_id: int) -> None:
+    _send_after_commit(FETCH_PRODUCT_IMAGE, fetch_id)
 
 
 def check_import_archive(*, job_id: int) -> None:

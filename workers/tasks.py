@@ -17,7 +17,7 @@ from django.db import OperationalError, connection
 from catalog import selectors
 from catalog.dispatch import QUERY_ENCODE_TIMEOUT_S
 from catalog.models import ImportChunk, ModelVersion
-from catalog.services import imports, maintenance, model_versions
+from catalog.services import imports, maintenance, model_versions, products
 from workers import pipelines
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
@@ -148,6 +148,27 @@ def import_check_archive(job_id: int) -> dict:
         _connection_reset()
         imports.import_job_fail(job_id=job_id, error=f"checking the zip of images took longer than {limit} s")
         raise
+
+
+PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S = int(settings.IMAGE_FETCH_DEADLINE_S) + 30  # the fetch's own deadline first
+
+
+@shared_task(
+    name="workers.tasks.product_image_fetch",
+    queue="embed",
+    acks_late=True,  # idempotent: a finished fetch is left alone, and the same file is stored once per product
+    soft_time_limit=PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S,
+    time_limit=PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S + 30,
+)
+def product_image_fetch(fetch_id: int) -> dict:
+    """Fetch an image URL the merchant API was given and add it to its product (catalog.services.products)."""
+    try:
+        fetch = products.image_fetch_run(fetch_id=fetch_id)
+    except SoftTimeLimitExceeded:
+        _connection_reset()
+        products.image_fetch_fail(fetch_id=fetch_id, error="fetching the image took too long")
+        raise
+    return {"fetch_id": fetch_id, "state": None if fetch is None else fetch.state}
 
 
 @shared_task(name="workers.tasks.stuck_work_sweep", acks_late=True, time_limit=120)

@@ -29,7 +29,13 @@ from catalog.intake.images import ValidatedImage, image_validate
 from catalog.intake.manifests import ManifestRow, RowError, is_image_url, manifest_parse
 from catalog.intake.zips import SafeZip, zip_check
 from catalog.models import ImportChunk, ImportJob, Merchant, Product, ProductImage
-from catalog.services.products import image_delete, image_fetch, image_store, product_values, products_upsert
+from catalog.services.products import (
+    image_delete,
+    image_fetch,
+    image_file_write,
+    product_values,
+    products_upsert,
+)
 
 IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); full embed batches
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
@@ -336,10 +342,19 @@ class RowsImported:
 
 @dataclass(frozen=True)
 class _ImageFile:
-    data: bytes
     source_url: str  # "" for a zip entry
     sha256: str  # of the file as uploaded: the same file for the same product is stored once
-    reference: str  # as the row names it, for error messages
+    reference: str  # as the row names it: to read it (again) and for error messages
+
+
+@dataclass(frozen=True)
+class _StoredFile:
+    """A validated image's re-encoded file, already written to storage: what a ProductImage row needs."""
+
+    name: str
+    width: int
+    height: int
+    size_bytes: int
 
 
 def rows_import(
@@ -352,30 +367,51 @@ def rows_import(
     """Write manifest rows as products and images, in a handful of statements for the lot. Call it inside a
     transaction (the chunk's).
 
-    Every row's images are read and validated before anything is written, so a bad row is rejected whole;
+    Every row's images are read and validated before its product is written, so a bad row is rejected whole;
     products are created or changed only where a field differs; an image the product already has (same sha256)
     is neither stored nor embedded again; a row that lists images makes them the product's image set (images no
     longer listed are removed, so search stops returning them).
+
+    Images go one at a time: each is read, validated (decoded at full size, re-encoded) and its file written
+    before the next is read, so the chunk holds one full-size picture at most, whatever its number of rows. The
+    files of a row rejected later, or of a transaction that rolls back, are removed (or swept as orphans).
     """
     already_stored = _stored_digests(merchant=merchant, skus=[row.sku for row in rows])
-    validated: dict[str, ValidatedImage] = {}
+    written: dict[str, _StoredFile] = {}
     errors: list[RowError] = []
     ready: list[tuple[ManifestRow, list[_ImageFile]]] = []
     for row in rows:
+        files: list[_ImageFile] = []
+        written_here: list[str] = []
         try:
-            files = _row_files(row, archive, fetched)
-            for file in files:
-                if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in validated:
-                    validated[file.sha256] = _image_validate(file)
+            for reference in row.images:
+                data = _file_read(reference, archive, fetched)
+                file = _ImageFile(reference if is_image_url(reference) else "", hashlib.sha256(data).hexdigest(),
+                                  reference)  # fmt: skip
+                if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in written:
+                    written[file.sha256] = _file_write(_image_validate(file, data))
+                    written_here.append(file.sha256)
+                files.append(file)
+                del data
         except IntakeError as exc:
+            for digest in written_here:  # this row's files, written for nothing
+                ProductImage._meta.get_field("file").storage.delete(written.pop(digest).name)
             errors.append(RowError(row.line, row.sku, str(exc)))
             continue
         ready.append((row, files))
     upserted = products_upsert(merchant=merchant, values={row.sku: _row_product_values(row) for row, _ in ready})
     new_image_ids = _images_place(
-        placements=[(upserted[row.sku].product, files) for row, files in ready if files], validated=validated
+        placements=[(upserted[row.sku].product, files) for row, files in ready if files],
+        written=written,
+        archive=archive,
+        fetched=fetched,
     )
     return RowsImported(ok=len(ready), errors=errors, new_image_ids=new_image_ids)
+
+
+def _file_write(validated: ValidatedImage) -> _StoredFile:
+    name = image_file_write(validated=validated)
+    return _StoredFile(name, validated.width, validated.height, len(validated.data))
 
 
 def _row_product_values(row: ManifestRow) -> dict[str, Any]:
@@ -402,7 +438,11 @@ def _stored_digests(*, merchant: Merchant, skus: Sequence[str]) -> dict[str, set
 
 
 def _images_place(
-    *, placements: Sequence[tuple[Product, list[_ImageFile]]], validated: dict[str, ValidatedImage]
+    *,
+    placements: Sequence[tuple[Product, list[_ImageFile]]],
+    written: dict[str, _StoredFile],
+    archive: SafeZip | None,
+    fetched: Fetched | None,
 ) -> list[int]:
     """Make each (locked) product's images exactly `files`, in that order: store the new ones, move the ones whose
     position changed, delete the ones no longer listed. Returns the ids of the images stored."""
@@ -418,11 +458,16 @@ def _images_place(
         for position, file in enumerate(files):
             image = have.get(file.sha256) or keep.get(file.sha256)
             if image is None:
-                # Not validated above only if it was stored then and deleted since: validate it now.
-                checked = validated.get(file.sha256) or _image_validate(file)
-                image = image_store(
-                    product_id=product.pk, validated=checked, position=position, source_url=file.source_url
-                )
+                stored_file = written.get(file.sha256)
+                if stored_file is None:  # not written above only if it was stored then and deleted since
+                    data = _file_read(file.reference, archive, fetched)
+                    stored_file = written[file.sha256] = _file_write(_image_validate(file, data))
+                # Two products of the chunk with the same file share it: a file is deleted only once no row names it.
+                image = ProductImage(
+                    product_id=product.pk, file=stored_file.name, width=stored_file.width, height=stored_file.height,
+                    sha256=file.sha256, size_bytes=stored_file.size_bytes, position=position,
+                    source_url=file.source_url,
+                )  # fmt: skip
                 new_images.append(image)
             elif image.position != position:
                 image.position = position
@@ -438,9 +483,9 @@ def _images_place(
     return [image.pk for image in new_images]
 
 
-def _image_validate(file: _ImageFile) -> ValidatedImage:
+def _image_validate(file: _ImageFile, data: bytes) -> ValidatedImage:
     try:
-        return image_validate(file.data)
+        return image_validate(data)
     except IntakeError as exc:
         raise IntakeError(f"image {file.reference}: {exc}") from exc
 
@@ -467,23 +512,16 @@ def _urls_prefetch(rows: Sequence[ManifestRow]) -> Fetched:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _row_files(row: ManifestRow, archive: SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:
-    """The row's image files, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
-    files = []
-    for reference in row.images:
-        if is_image_url(reference):
-            try:
-                data = fetched.get(reference) if fetched else None
-                if isinstance(data, IntakeError):
-                    raise data
-                if data is None:
-                    data = image_fetch(url=reference)
-            except IntakeError as exc:
-                raise IntakeError(f"image {reference}: {exc}") from exc
-            files.append(_ImageFile(data, reference, hashlib.sha256(data).hexdigest(), reference))
-        else:
-            if archive is None:
-                raise IntakeError(f"image {reference!r}: the import's zip is gone")
-            data = archive.read(reference)
-            files.append(_ImageFile(data, "", hashlib.sha256(data).hexdigest(), reference))
-    return files
+def _file_read(reference: str, archive: SafeZip | None, fetched: Fetched | None) -> bytes:
+    """One image file of a row, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
+    if is_image_url(reference):
+        try:
+            data = fetched.get(reference) if fetched else None
+            if isinstance(data, IntakeError):
+                raise data
+            return data if data is not None else image_fetch(url=reference)
+        except IntakeError as exc:
+            raise IntakeError(f"image {reference}: {exc}") from exc
+    if archive is None:
+        raise IntakeError(f"image {reference!r}: the import's zip is gone")
+    return archive.read(reference)
