@@ -206,11 +206,11 @@ class ImportJobAdmin(admin.ModelAdmin):
     list_select_related = ["merchant"]
     actions = ["resume"]
     readonly_fields = [
-        "merchant", "created_by", "source_name", "manifest_format", "state", "progress", "total", "processed", "ok",
-        "rejected", "images_new", "chunks_done", "chunks_total", "created_at", "started_at", "finished_at",
+        "merchant", "created_by", "source_name", "manifest_format", "state", "error", "progress", "total", "processed",
+        "ok", "rejected", "images_new", "chunks_done", "chunks_total", "created_at", "started_at", "finished_at",
         "rejected_rows",
     ]  # fmt: skip
-    exclude = ["errors", "archive"]
+    exclude = ["errors", "archive", "archive_checked"]
     change_form_template = "admin/catalog/importjob/change_form.html"
 
     @admin.display(description="progress")

@@ -37,6 +37,10 @@ class Task:
 EMBED_IMAGES = Task("workers.tasks.embed_images", "embed")
 FINISH_INDEXING = Task("workers.tasks.embed_finish_indexing", "embed")
 RUN_IMPORT_CHUNK = Task("workers.tasks.import_run_chunk", "embed")  # ingest feeds embedding: same workers
+# An image the merchant API was asked to add by URL: fetched by a worker, never in the web thread.
+FETCH_PRODUCT_IMAGE = Task("workers.tasks.product_image_fetch", "embed")
+# An import's zip inflated and counted once (never in the upload request), then its chunks queued.
+CHECK_IMPORT_ARCHIVE = Task("workers.tasks.import_check_archive", "embed")
 FIT_BASELINE = Task("workers.tasks.train_baseline", "train")
 TRAIN_NETWORK = Task("workers.tasks.train_network", "train")
 # Evaluation embeds the catalog with the version and runs its golden set: network work, off the shoppers' workers.
@@ -49,6 +53,8 @@ TASKS = (
     EMBED_IMAGES,
     FINISH_INDEXING,
     RUN_IMPORT_CHUNK,
+    CHECK_IMPORT_ARCHIVE,
+    FETCH_PRODUCT_IMAGE,
     FIT_BASELINE,
     TRAIN_NETWORK,
     EVALUATE_VERSION,
@@ -89,6 +95,15 @@ def finish_indexing(*, version_id: int) -> None:
 
 def run_import_chunk(*, chunk_id: int) -> None:
     _send_after_commit(RUN_IMPORT_CHUNK, chunk_id)
+
+
+def fetch_product_image(*, fetch_id: int) -> None:
+    _send_after_commit(FETCH_PRODUCT_IMAGE, fetch_id)
+
+
+def check_import_archive(*, job_id: int) -> None:
+    """Inflate an import's zip under the caps; its chunks are queued once it passes (the job fails if not)."""
+    _send_after_commit(CHECK_IMPORT_ARCHIVE, job_id)
 
 
 def fit_baseline(*, version_id: int) -> None:

@@ -83,6 +83,28 @@ class ProductImage(models.Model):
         return f"image {self.pk} of {self.product_id}"
 
 
+class ImageFetch(models.Model):
+    """A product image the merchant API was asked to add by URL: fetched by a worker (never in the web thread,
+    which a slow image host would hold for the whole fetch deadline); the API answers 202 with this to poll."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="image_fetches")
+    url = models.URLField(max_length=2000)
+    position = models.PositiveSmallIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    error = models.TextField(blank=True)  # why it failed, for the merchant
+    image = models.ForeignKey(ProductImage, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"image fetch {self.pk} for {self.product_id} ({self.state})"
+
+
 class ModelVersionQuerySet(models.QuerySet):
     def delete(self) -> tuple[int, dict[str, int]]:
         for version in self.filter(status__in=UNDELETABLE_VERSION_STATUSES):
@@ -238,6 +260,10 @@ class ImportJob(models.Model):
     manifest_format = models.CharField(max_length=8, choices=Format.choices, default=Format.CSV)
     # The uploaded zip of images, kept until the job's chunks have read their entries from it.
     archive = models.FileField(upload_to="imports/%Y/%m/", blank=True)
+    # The upload request checks only what the zip's headers declare; inflating every entry (catalog.intake.zips
+    # zip_check) is the job's first task, and its chunks run only once it has passed.
+    archive_checked = models.BooleanField(default=False)
+    error = models.TextField(blank=True)  # why a FAILED job failed (its zip was refused), for the merchant
     chunks_total = models.PositiveIntegerField(default=0)
     chunks_done = models.PositiveIntegerField(default=0)
     images_new = models.PositiveIntegerField(default=0)  # images stored (and queued for embedding) by this job

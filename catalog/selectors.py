@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,12 @@ from django.db.models import Prefetch, Q, QuerySet
 from django.utils import timezone
 from PIL import Image
 
+from catalog.intake.images import WORK_MAX_SIDE, image_open_downscaled
 from catalog.models import (
     DuplicateFinding,
     GoldenQuery,
     ImageEmbedding,
+    ImageFetch,
     ImageKeypoints,
     ImportJob,
     Merchant,
@@ -83,9 +84,10 @@ def image_read(*, image: ProductImage) -> bytes:
         return handle.read()
 
 
-def image_open(*, image: ProductImage) -> Image.Image:
-    """A stored product image as RGB."""
-    return Image.open(io.BytesIO(image_read(image=image))).convert("RGB")
+def image_open(*, image: ProductImage, max_side: int = WORK_MAX_SIDE) -> Image.Image:
+    """A stored product image as an RGB working copy, longer side at most `max_side` (what encoding and keypoints
+    need; the stored file keeps its full size for display)."""
+    return image_open_downscaled(image_read(image=image), max_side)
 
 
 def products_to_train_on() -> Iterator[Product]:
@@ -145,6 +147,14 @@ def image_get_for_user(*, user: Any, product_id: int, image_id: int) -> ProductI
             pk=image_id, product_id=product_id, product__merchant__in=merchants_for_user(user=user)
         )
         .select_related("product__merchant")
+        .first()
+    )
+
+
+def image_fetch_get_for_user(*, user: Any, fetch_id: int) -> ImageFetch | None:
+    return (
+        ImageFetch.objects.filter(pk=fetch_id, product__merchant__in=merchants_for_user(user=user))
+        .select_related("product__merchant", "image")
         .first()
     )
 

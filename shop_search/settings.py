@@ -64,6 +64,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # before anything reads a body: an oversized upload is refused (413) from its Content-Length, unread
+    "catalog.api.body_limits.RequestBodyLimitMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -150,6 +152,16 @@ STORAGES = {
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
+# Request bodies (catalog.api.body_limits): uploads are refused (413) from their Content-Length before Django
+# reads them, and counted while they stream. Search photos and product images: an image's cap (15 MB) plus the
+# form; imports: the manifest's cap plus IMPORT_ZIP_MAX_BYTES; any other route: REQUEST_BODY_MAX_BYTES.
+REQUEST_BODY_MAX_BYTES = int(os.environ.get("REQUEST_BODY_MAX_BYTES", str(2 * 1024 * 1024)))
+IMPORT_ZIP_MAX_BYTES = int(os.environ.get("IMPORT_ZIP_MAX_BYTES", str(1024**3)))  # the uploaded zip of images
+# What an import's zip may inflate to, all entries together (counted while reading, not taken from its headers)
+IMPORT_ZIP_MAX_INFLATED_BYTES = int(os.environ.get("IMPORT_ZIP_MAX_INFLATED_BYTES", str(2 * 1024**3)))
+# Form fields (not files) held in memory; a product's JSON is a few kB. Files past the second spool to disk.
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("DATA_UPLOAD_MAX_MEMORY_SIZE", str(2 * 1024 * 1024)))
+FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", str(2_621_440)))
 MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoints of ModelVersions
 
 # --- Search and ingest -------------------------------------------------------------------------------------------
@@ -165,6 +177,13 @@ SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
 # Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
 IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
+# One image URL's whole fetch (connect, headers, body, redirects); an import chunk holds at most
+# catalog.services.imports.URL_CHUNK_MAX_URLS of them, fetched 8 at a time, well inside its time limit.
+IMAGE_FETCH_DEADLINE_S = float(os.environ.get("IMAGE_FETCH_DEADLINE_S", "30"))
+# An import chunk's time limits: soft (the task fails the chunk's rows with the reason), then hard (the process is
+# killed; the worker's parent still fails the chunk's rows). A chunk takes about a second.
+IMPORT_CHUNK_SOFT_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_SOFT_TIME_LIMIT_S", "300"))
+IMPORT_CHUNK_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_TIME_LIMIT_S", "360"))
 
 # --- DRF + OpenAPI -----------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 
-from celery import shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.signals import worker_process_init
-from django.db import OperationalError
+from django.conf import settings
+from django.db import OperationalError, connection
 
 from catalog import selectors
 from catalog.dispatch import QUERY_ENCODE_TIMEOUT_S
 from catalog.models import ImportChunk, ModelVersion
-from catalog.services import imports, maintenance, model_versions
+from catalog.services import imports, maintenance, model_versions, products
 from workers import pipelines
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
@@ -73,20 +74,34 @@ def embed_finish_indexing(self, model_version_id: int) -> dict:
     return {"model_version": version.pk, "status": version.status}
 
 
-IMPORT_CHUNK_SOFT_TIME_LIMIT_S = 300  # a chunk takes about a second; minutes means a stuck image URL or disk
+# A chunk takes about a second; minutes means a stuck image URL or disk (settings: IMPORT_CHUNK_*TIME_LIMIT_S).
+IMPORT_CHUNK_SOFT_TIME_LIMIT_S = settings.IMPORT_CHUNK_SOFT_TIME_LIMIT_S
+IMPORT_CHUNK_TIME_LIMIT_S = settings.IMPORT_CHUNK_TIME_LIMIT_S
 # Database restarts and lock timeouts pass; more failures are real bugs. Within the chunk's attempt budget, which
 # also counts deliveries that died (catalog.services.imports.IMPORT_CHUNK_MAX_ATTEMPTS).
 IMPORT_CHUNK_MAX_RETRIES = imports.IMPORT_CHUNK_MAX_ATTEMPTS - 1
 
 
+class _ImportChunkTask(Task):
+    def on_failure(self, exc: Exception, task_id: str, args: tuple, kwargs: dict, einfo: object) -> None:
+        """The hard time limit killed the process that ran the chunk: this runs in the worker's parent process
+        (Celery acknowledges the message, so nothing would run the chunk again) and gives the chunk up with the
+        reason, so the job finishes instead of staying "running". Other failures were recorded by the task."""
+        if isinstance(exc, TimeLimitExceeded):
+            chunk_id = int(kwargs.get("chunk_id", args[0] if args else 0))
+            reason = f"the import of its chunk ran out of time (hard limit {IMPORT_CHUNK_TIME_LIMIT_S} s)"
+            imports.import_chunk_fail(chunk_id=chunk_id, error=reason)
+
+
 @shared_task(
     name="workers.tasks.import_run_chunk",
+    base=_ImportChunkTask,
     bind=True,
     queue="embed",  # ingest feeds embedding: same workers, no extra queue to deploy
     acks_late=True,  # a worker lost mid-chunk leaves the message for the next one; the chunk is exactly-once
     max_retries=IMPORT_CHUNK_MAX_RETRIES,
     soft_time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S,
-    time_limit=IMPORT_CHUNK_SOFT_TIME_LIMIT_S + 60,
+    time_limit=IMPORT_CHUNK_TIME_LIMIT_S,
 )
 def import_run_chunk(self, chunk_id: int) -> dict:
     """Import one chunk of a catalog upload (products upserted, images stored, embedding queued). Idempotent.
@@ -100,8 +115,60 @@ def import_run_chunk(self, chunk_id: int) -> dict:
     except Exception as exc:
         if self.request.retries < IMPORT_CHUNK_MAX_RETRIES and not isinstance(exc, SoftTimeLimitExceeded):
             raise self.retry(exc=exc, countdown=5 * 3**self.request.retries) from exc  # 5, 15, 45 s
+        _connection_reset()
         imports.import_chunk_fail(chunk_id=chunk_id, error=f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _connection_reset() -> None:
+    """A new database connection for recording a failure: a soft time limit may have interrupted a statement
+    mid-flight, and psycopg then refuses every further use of that connection ("connection in transaction status
+    ACTIVE"), so the failure could never be written and the job would stay running. (Inside an atomic block, as when a
+    test runs the task eagerly, the connection is the caller's to keep.)"""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+IMPORT_ARCHIVE_CHECK_SOFT_TIME_LIMIT_S = 600  # inflating a 2 GB zip takes well under a minute
+
+
+@shared_task(
+    name="workers.tasks.import_check_archive",
+    queue="embed",
+    acks_late=True,  # idempotent: the check runs under the job's lock and is recorded on it
+    soft_time_limit=IMPORT_ARCHIVE_CHECK_SOFT_TIME_LIMIT_S,
+    time_limit=IMPORT_ARCHIVE_CHECK_SOFT_TIME_LIMIT_S + 60,
+)
+def import_check_archive(job_id: int) -> dict:
+    """Inflate an import's zip under the caps, then queue its chunks; a zip that fails ends the job FAILED."""
+    try:
+        return {"job_id": job_id, "ok": imports.import_archive_check(job_id=job_id)}
+    except SoftTimeLimitExceeded:
+        limit = IMPORT_ARCHIVE_CHECK_SOFT_TIME_LIMIT_S
+        _connection_reset()
+        imports.import_job_fail(job_id=job_id, error=f"checking the zip of images took longer than {limit} s")
+        raise
+
+
+PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S = int(settings.IMAGE_FETCH_DEADLINE_S) + 30  # the fetch's own deadline first
+
+
+@shared_task(
+    name="workers.tasks.product_image_fetch",
+    queue="embed",
+    acks_late=True,  # idempotent: a finished fetch is left alone, and the same file is stored once per product
+    soft_time_limit=PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S,
+    time_limit=PRODUCT_IMAGE_FETCH_SOFT_TIME_LIMIT_S + 30,
+)
+def product_image_fetch(fetch_id: int) -> dict:
+    """Fetch an image URL the merchant API was given and add it to its product (catalog.services.products)."""
+    try:
+        fetch = products.image_fetch_run(fetch_id=fetch_id)
+    except SoftTimeLimitExceeded:
+        _connection_reset()
+        products.image_fetch_fail(fetch_id=fetch_id, error="fetching the image took too long")
+        raise
+    return {"fetch_id": fetch_id, "state": None if fetch is None else fetch.state}
 
 
 @shared_task(name="workers.tasks.stuck_work_sweep", acks_late=True, time_limit=120)

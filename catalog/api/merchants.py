@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
+from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
@@ -25,7 +26,7 @@ from catalog.api.permissions import IsMerchantUser
 from catalog.intake import IntakeError
 from catalog.intake.images import MAX_IMAGE_BYTES
 from catalog.intake.manifests import MAX_ATTRIBUTES_PER_ROW, MAX_MANIFEST_BYTES
-from catalog.models import DuplicateFinding, ImportJob, Merchant, Product, ProductImage
+from catalog.models import DuplicateFinding, ImageFetch, ImportJob, Merchant, Product, ProductImage
 from catalog.services import imports, products
 
 
@@ -75,6 +76,20 @@ class ImageOutputSerializer(serializers.ModelSerializer):
 
     def get_file(self, image: ProductImage) -> str:
         return image.file.url if image.file else ""
+
+
+class ImageFetchOutputSerializer(serializers.ModelSerializer):
+    image = ImageOutputSerializer(read_only=True, allow_null=True)
+    status_url = serializers.SerializerMethodField(help_text="poll this until state is done or failed")
+
+    class Meta:
+        model = ImageFetch
+        fields = ["id", "product", "url", "position", "state", "error", "image", "status_url", "created_at",
+                  "finished_at"]  # fmt: skip
+        read_only_fields = fields
+
+    def get_status_url(self, fetch: ImageFetch) -> str:
+        return reverse("api:merchant-image-fetch-detail", args=[fetch.pk])
 
 
 class ProductOutputSerializer(serializers.ModelSerializer):
@@ -170,6 +185,7 @@ class ImportJobOutputSerializer(serializers.ModelSerializer):
             "source_name",
             "manifest_format",
             "state",
+            "error",
             "total",
             "processed",
             "ok",
@@ -306,20 +322,28 @@ class ProductImageListView(MerchantAPIView):
     def get(self, request: Request, product_id: int) -> Response:
         return Response(ImageOutputSerializer(self._product(request, product_id).images.all(), many=True).data)
 
-    @extend_schema(request=ImageAddInputSerializer, responses=ImageOutputSerializer)
+    @extend_schema(
+        request=ImageAddInputSerializer,
+        responses={201: ImageOutputSerializer, 200: ImageOutputSerializer, 202: ImageFetchOutputSerializer},
+        description="A file is validated and stored at once (201; 200 if the product already had it). A url is "
+        "fetched by a worker: 202 with an image fetch to poll at its status_url until it is done (with the image) "
+        "or failed (with the reason).",
+    )
     def post(self, request: Request, product_id: int) -> Response:
         product = self._product(request, product_id)
         data = ImageAddInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         upload = data.validated_data.get("file")
-        if upload is not None and upload.size > MAX_IMAGE_BYTES:
+        if upload is None:  # by URL: a slow image host must not hold this web thread
+            fetch = products.image_fetch_request(
+                product=product, url=data.validated_data["url"], position=data.validated_data["position"]
+            )
+            return Response(ImageFetchOutputSerializer(fetch).data, status=status.HTTP_202_ACCEPTED)
+        if upload.size > MAX_IMAGE_BYTES:
             raise ValidationError({"file": f"the image is larger than {MAX_IMAGE_BYTES:,} bytes"})
         try:
             result = products.product_image_add(
-                product=product,
-                data=upload.read() if upload is not None else None,
-                url=data.validated_data.get("url", ""),
-                position=data.validated_data["position"],
+                product=product, data=upload.read(), position=data.validated_data["position"]
             )
         except IntakeError as exc:
             raise ValidationError({"detail": str(exc)}) from exc
@@ -336,6 +360,16 @@ class ProductImageDetailView(MerchantAPIView):
         self.check_object_permissions(request, image)
         products.image_delete(image=image)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ImageFetchDetailView(MerchantAPIView):
+    @extend_schema(responses=ImageFetchOutputSerializer)
+    def get(self, request: Request, fetch_id: int) -> Response:
+        fetch = selectors.image_fetch_get_for_user(user=request.user, fetch_id=fetch_id)
+        if fetch is None:
+            raise NotFound()
+        self.check_object_permissions(request, fetch)
+        return Response(ImageFetchOutputSerializer(fetch).data)
 
 
 class ImportJobListView(MerchantAPIView):

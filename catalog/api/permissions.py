@@ -11,14 +11,14 @@ from typing import Any
 from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 
-from catalog.models import DuplicateFinding, ImportJob, Product, ProductImage
+from catalog.models import DuplicateFinding, ImageFetch, ImportJob, Product, ProductImage
 
 
 def merchant_id_of(obj: Any) -> int | None:
     """The merchant that owns an object reachable through the merchant API."""
     if isinstance(obj, Product | ImportJob | DuplicateFinding):
         return obj.merchant_id
-    if isinstance(obj, ProductImage):
+    if isinstance(obj, ProductImage | ImageFetch):
         return obj.product.merchant_id
     return None
 

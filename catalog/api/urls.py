@@ -25,6 +25,11 @@ urlpatterns = [
         merchants.ProductImageDetailView.as_view(),
         name="merchant-product-image-detail",
     ),
+    path(
+        "merchant/image-fetches/<int:fetch_id>/",
+        merchants.ImageFetchDetailView.as_view(),
+        name="merchant-image-fetch-detail",
+    ),
     path("merchant/imports/", merchants.ImportJobListView.as_view(), name="merchant-import-list"),
     path("merchant/imports/<int:job_id>/", merchants.ImportJobDetailView.as_view(), name="merchant-import-detail"),
     path(

@@ -1,13 +1,21 @@
 """Image URLs from manifests and the merchant API, fetched under a policy: http(s) only, public addresses only
 (checked on the resolved address of every hop, and that address is the one connected to), bytes counted while
-streaming, a deadline for the whole download."""
+streaming, a deadline for the whole download.
+
+The deadline covers everything after the name is resolved: connecting, the status line and headers, the body,
+every redirect. A socket timeout alone would not: it bounds each read, and a server that sends one byte of its
+headers every few seconds never trips it. So a watchdog timer shuts the socket down when the deadline passes, which
+wakes the blocked read at once, and the fetch fails with the deadline's message. (Resolving the name is bounded by
+the system resolver's own timeouts.)"""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
@@ -68,6 +76,15 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
 
 
+def _expire(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """The watchdog: mark the fetch expired and shut its socket down, which ends any read blocked on it."""
+    expired.set()
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def url_fetch(
     url: str,
     *,
@@ -79,7 +96,8 @@ def url_fetch(
     """GET an image URL under the fetch policy: http(s) only, public addresses only (checked on the resolved
     address of every hop, redirects included) unless `allowed_networks` opens a range, bytes counted while
     streaming. IntakeError says what went wrong."""
-    started = time.monotonic()
+    ends = time.monotonic() + deadline
+    expired = threading.Event()
     for _ in range(IMAGE_FETCH_MAX_REDIRECTS + 1):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme.lower() not in IMAGE_FETCH_SCHEMES:
@@ -93,9 +111,15 @@ def url_fetch(
         except ValueError as exc:
             raise IntakeError(f"the image URL {url!r} has an invalid port") from exc
         address = _resolve_allowed(parts.hostname, port, allowed_networks)
+        remaining = ends - time.monotonic()
+        if remaining <= 0:
+            raise IntakeError(f"the image URL took longer than {deadline:g} s to download")
         connection_class = _PinnedHTTPSConnection if parts.scheme.lower() == "https" else _PinnedHTTPConnection
-        connection = connection_class(parts.hostname, port, address, timeout)
+        connection = connection_class(parts.hostname, port, address, min(timeout, remaining))
         target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        watchdog = threading.Timer(remaining, _expire, (connection, expired))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             connection.request("GET", target, headers={"User-Agent": "shop_search-ingest/1", "Accept": "image/*"})
             response = connection.getresponse()
@@ -115,11 +139,14 @@ def url_fetch(
                 buffer += block
                 if len(buffer) > max_bytes:
                     raise IntakeError(f"the image at the URL is larger than {max_bytes:,} bytes")
-                if time.monotonic() - started > deadline:
-                    raise IntakeError(f"the image URL took longer than {deadline:.0f} s to download")
+            if expired.is_set():  # the watchdog cut the body short
+                raise IntakeError(f"the image URL took longer than {deadline:g} s to download")
             return bytes(buffer)
         except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                raise IntakeError(f"the image URL took longer than {deadline:g} s to download") from exc
             raise IntakeError(f"the image URL could not be fetched: {exc}") from exc
         finally:
+            watchdog.cancel()
             connection.close()
     raise IntakeError(f"the image URL redirected more than {IMAGE_FETCH_MAX_REDIRECTS} times")

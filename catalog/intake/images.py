@@ -1,6 +1,12 @@
 """One untrusted image: decoded under caps, turned upright, made the RGB picture it shows (transparency on white,
 16-bit scaled to 8, CMYK through its colour profile, the first frame of an animation or a multi-picture JPEG),
-re-encoded without metadata (what is stored and encoded), and a shopper's crop box applied to it.
+re-encoded without metadata at full size (the file that is stored and displayed), downscaled to a working copy
+(what is encoded, has its keypoints extracted and is cropped), and a shopper's crop box applied to it.
+
+The working copy's longer side is at most WORK_MAX_SIDE: the network sees 224 px and the verify stage 256 px
+(catalog.geometry.WORK_SIDE), so a 12-MP photo (36 MB decoded) becomes at most 3 MB in memory, and an import chunk,
+an embedding batch or a query holds working copies, never full-size pictures. `image_downscale` makes one from any
+picture and `image_open_downscaled` decodes a stored file straight to one (a JPEG is decoded at reduced scale).
 
 Every failure, whatever part of the decoder it comes from, is an IntakeError: the caller's 400 or a rejected row.
 """
@@ -26,6 +32,9 @@ MIN_IMAGE_SIDE = 16  # smaller than this carries no product to find
 # The network sees an image letterboxed into a square: past 20:1 the item spans under 12 of its 224 pixels across,
 # nothing it can match. Product shots (a belt or a scarf laid out, a panorama of a shelf) stay well under.
 MAX_ASPECT_RATIO = 20
+# 4x the verify stage's 256 px and 4.6x the network's 224 px: a shopper's crop of a quarter of the photo's width
+# still gives the network its full input.
+WORK_MAX_SIDE = 1024
 REENCODE_QUALITY = 92  # stored/encoded copies are re-encoded: no metadata, no polyglot payloads survive
 BACKGROUND = (255, 255, 255)  # what transparent pixels become: shops photograph products on white
 _SIXTEEN_BIT_GREY = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -34,11 +43,11 @@ _LOSSLESS = {"PNG", "GIF"}  # stored as PNG; the rest as JPEG
 
 @dataclass(frozen=True)
 class ValidatedImage:
-    image: Image.Image  # RGB, EXIF orientation applied
-    data: bytes  # the re-encoded file to store
+    image: Image.Image  # RGB, EXIF orientation applied, longer side at most WORK_MAX_SIDE (`image_downscale`)
+    data: bytes  # the re-encoded file to store, at full size
     extension: str  # of `data`
     sha256: str  # of the original upload: the same file uploaded twice has the same digest
-    width: int
+    width: int  # of the stored file (full size)
     height: int
 
 
@@ -66,14 +75,36 @@ def image_validate(data: bytes, *, max_bytes: int = MAX_IMAGE_BYTES) -> Validate
             rgb.save(output, format="JPEG", quality=REENCODE_QUALITY)
     except Exception as exc:  # noqa: BLE001
         raise IntakeError(f"the image could not be re-encoded: {_reason(exc)}") from exc
+    width, height = rgb.size
+    del image, upright  # the full-size pictures go as soon as the working copy is made
     return ValidatedImage(
-        image=rgb,
+        image=image_downscale(rgb),
         data=output.getvalue(),
         extension="png" if lossless else "jpg",
         sha256=hashlib.sha256(data).hexdigest(),
-        width=rgb.width,
-        height=rgb.height,
+        width=width,
+        height=height,
     )
+
+
+def image_downscale(image: Image.Image, max_side: int = WORK_MAX_SIDE) -> Image.Image:
+    """`image` scaled so that its longer side is at most `max_side` (aspect ratio kept, never enlarged, mode kept):
+    the working copy that encoding, keypoints and crops need. Returns `image` itself when it is small enough, else
+    a new picture (antialiased: Pillow first reduces by a whole factor, then resamples with Lanczos)."""
+    width, height = image.size
+    if max(width, height) <= max_side:
+        return image
+    scale = max_side / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def image_open_downscaled(data: bytes, max_side: int = WORK_MAX_SIDE) -> Image.Image:
+    """A stored (validated, re-encoded) image file as an RGB working copy (`image_downscale`); a JPEG is decoded
+    at the smallest of 1/2, 1/4, 1/8 scale that still covers `max_side`, so the full-size picture never exists."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (max_side, max_side))  # JPEG only; other formats ignore it
+    return image_downscale(image.convert("RGB"), max_side)
 
 
 def _decode(data: bytes) -> Image.Image:

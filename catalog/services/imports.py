@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.core.files import File
 from django.db import transaction
 from django.db.models import F, QuerySet
@@ -28,11 +29,20 @@ from catalog.intake.images import ValidatedImage, image_validate
 from catalog.intake.manifests import ManifestRow, RowError, is_image_url, manifest_parse
 from catalog.intake.zips import SafeZip, zip_check
 from catalog.models import ImportChunk, ImportJob, Merchant, Product, ProductImage
-from catalog.services.products import image_delete, image_fetch, image_store, product_values, products_upsert
+from catalog.services.products import (
+    image_delete,
+    image_fetch,
+    image_file_write,
+    product_values,
+    products_upsert,
+)
 
 IMPORT_CHUNK_ROWS = 3 * dispatch.EMBED_CHUNK  # ~1 s of work per task (a lost worker redoes little); full embed batches
 URL_FETCH_THREADS = 8  # image hosts answer in parallel: a chunk waits for its slowest fetch, not for their sum
 URL_CHUNK_ROWS = 24  # chunks with image URLs: even with slow hosts their fetches stay well inside the time limit
+# Image URLs per chunk (a row may list 10): fetched URL_FETCH_THREADS at a time, each within IMAGE_FETCH_DEADLINE_S
+# (30 s), a chunk of hanging hosts gives up after 4 x 30 s = 2 minutes, inside its 5-minute soft limit.
+URL_CHUNK_MAX_URLS = 4 * URL_FETCH_THREADS
 # Deliveries of one chunk before it is given up: each counts, whatever ended it (an exception the task retried, a
 # worker killed out of memory, the hard time limit). A chunk that keeps dying ends FAILED, its rows rejected with
 # the reason, instead of being re-queued forever. workers/tasks.py retries exceptions within the same budget.
@@ -52,20 +62,24 @@ def import_job_create(
 ) -> ImportJob:
     """Check an upload as a whole and record it as an import job whose chunks run in Celery after commit.
 
-    The manifest and the zip are parsed and read completely first: a file-level problem (not a manifest, a zip
-    slip, a zip bomb) raises IntakeError and stores nothing. Row-level problems become rejected rows with
-    their line numbers, counted at once; good rows are split into chunks of `chunk_rows`. With `enqueue=False`
-    the caller runs the chunks itself (`import_run_chunk`, e.g. `import_catalog --inline`).
+    The manifest is parsed whole, the zip only as far as its central directory (names, types, the sizes and ratios
+    its headers declare): a file-level problem found there (not a manifest, a zip slip, a declared zip bomb) raises
+    IntakeError and stores nothing. Inflating the zip is the job's first task (`import_archive_check`): a zip whose
+    real bytes break the caps ends the job FAILED, with the reason, before any chunk runs. Row-level problems
+    become rejected rows with their line numbers, counted at once; good rows are split into chunks of
+    `chunk_rows`. With `enqueue=False` the caller runs the chunks itself (`import_run_chunk`, which then checks the
+    zip first; e.g. `import_catalog --inline`).
     """
     parsed = manifest_parse(manifest, filename=manifest_name, manifest_format=manifest_format)
     errors = list(parsed.errors)
     rows: list[ManifestRow] = []
     safe_zip: SafeZip | None = None
     if archive is not None:
+        zip_cap, size = settings.IMPORT_ZIP_MAX_BYTES, archive.seek(0, 2)
+        if size > zip_cap:  # (the API and the admin refuse it before it is read: catalog.api.body_limits)
+            raise IntakeError(f"the zip of images is {size:,} bytes; the limit is {zip_cap:,}")
         archive.seek(0)
-        zip_check(archive)
-        archive.seek(0)
-        safe_zip = SafeZip(archive)
+        safe_zip = SafeZip(archive, max_total_bytes=settings.IMPORT_ZIP_MAX_INFLATED_BYTES)
     for row in parsed.rows:
         resolved, missing = [], []
         for reference in row.images:
@@ -84,10 +98,7 @@ def import_job_create(
         safe_zip.close()
     errors.sort(key=lambda error: error.line)
 
-    if any(is_image_url(reference) for row in rows for reference in row.images):
-        chunk_rows = min(chunk_rows, URL_CHUNK_ROWS)
-    chunk_rows = max(1, chunk_rows)
-    chunks = [rows[start : start + chunk_rows] for start in range(0, len(rows), chunk_rows)]
+    chunks = _chunks_split(rows, max(1, chunk_rows))
     with transaction.atomic():
         job = ImportJob(
             merchant=merchant,
@@ -111,14 +122,85 @@ def import_job_create(
             ImportChunk(job=job, index=index, rows=[row.to_json() for row in chunk])
             for index, chunk in enumerate(chunks)
         )
-        for chunk_row in created if enqueue else ():
+        if enqueue and job.archive:
+            dispatch.check_import_archive(job_id=job.pk)  # which queues the chunks once the zip has passed
+        for chunk_row in created if enqueue and not job.archive else ():
             dispatch.run_import_chunk(chunk_id=chunk_row.pk)
     return job
 
 
+def _chunks_split(rows: Sequence[ManifestRow], chunk_rows: int) -> list[list[ManifestRow]]:
+    """Rows in order, in chunks of at most `chunk_rows`; a chunk holding image URLs is smaller: at most
+    URL_CHUNK_ROWS rows and URL_CHUNK_MAX_URLS URLs (a row's URLs are never split across chunks)."""
+    chunks: list[list[ManifestRow]] = []
+    current: list[ManifestRow] = []
+    urls = 0
+    for row in rows:
+        row_urls = sum(1 for reference in row.images if is_image_url(reference))
+        limit = min(chunk_rows, URL_CHUNK_ROWS) if urls + row_urls else chunk_rows
+        if current and (len(current) >= limit or urls + row_urls > URL_CHUNK_MAX_URLS):
+            chunks.append(current)
+            current, urls = [], 0
+        current.append(row)
+        urls += row_urls
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def import_archive_check(*, job_id: int, enqueue: bool = True) -> bool:
+    """Inflate the job's zip once, counting real bytes against the caps (catalog.intake.zips.zip_check), then
+    queue its chunks (`enqueue`). A zip that fails ends the job FAILED with the reason and its upload deleted;
+    nothing of it was written, and nothing else is touched. Runs under the job's row lock, so exactly once
+    however many deliveries race; True when the chunks may run."""
+    with transaction.atomic():
+        job = ImportJob.objects.select_for_update().get(pk=job_id)
+        if job.state == ImportJob.State.FAILED:
+            return False
+        if job.archive and not job.archive_checked:
+            try:
+                with job.archive.open("rb") as handle:
+                    zip_check(handle, max_total_bytes=settings.IMPORT_ZIP_MAX_INFLATED_BYTES)
+            except (IntakeError, OSError) as exc:
+                _job_fail(job, f"the zip of images was refused: {exc}")
+                return False
+            job.archive_checked = True
+            job.save(update_fields=["archive_checked"])
+        if enqueue:
+            for chunk_id in job.chunks.filter(done=False).values_list("id", flat=True):
+                dispatch.run_import_chunk(chunk_id=chunk_id)
+    return True
+
+
+def import_job_fail(*, job_id: int, error: str) -> bool:
+    """End a job that has not finished as FAILED with the reason (e.g. its zip check ran out of time)."""
+    with transaction.atomic():
+        job = ImportJob.objects.select_for_update().get(pk=job_id)
+        if job.state in (ImportJob.State.DONE, ImportJob.State.FAILED):
+            return False
+        _job_fail(job, error)
+    return True
+
+
+def _job_fail(job: ImportJob, error: str) -> None:
+    """Mark a locked job FAILED; its upload is deleted once that commits (no chunk will read it)."""
+    job.state, job.error, job.finished_at = ImportJob.State.FAILED, error[:2000], timezone.now()
+    fields = ["state", "error", "finished_at"]
+    if job.archive:
+        archive_name, storage = job.archive.name, job.archive.storage
+        transaction.on_commit(lambda: storage.delete(archive_name))
+        job.archive = ""
+        fields.append("archive")
+    job.save(update_fields=fields)
+
+
 def import_job_resume(*, job: ImportJob) -> int:
     """Queue again every chunk of `job` not yet committed (after a broker lost its messages); returns how many.
-    Safe at any time: a chunk that is running or done is skipped by its own lock and flag."""
+    Safe at any time: a chunk that is running or done is skipped by its own lock and flag. A job whose zip has
+    not been checked yet gets its check queued again instead (which queues the chunks)."""
+    if job.archive and not job.archive_checked:
+        dispatch.check_import_archive(job_id=job.pk)
+        return 1
     pending = list(job.chunks.filter(done=False).values_list("id", flat=True))
     for chunk_id in pending:
         dispatch.run_import_chunk(chunk_id=chunk_id)
@@ -150,6 +232,11 @@ def import_run_chunk(*, chunk_id: int) -> ChunkResult:
     """
     chunk = ImportChunk.objects.select_related("job__merchant").get(pk=chunk_id)
     job = chunk.job
+    if not chunk.done and job.archive and not job.archive_checked:
+        import_archive_check(job_id=job.pk, enqueue=False)  # run inline, or delivered before the check: check now
+        job.refresh_from_db()
+    if job.state == ImportJob.State.FAILED:  # its zip was refused: nothing of it is imported
+        return ChunkResult(chunk_id, 0, 0, 0, already_done=True, job_done=False)
     import_job_start(job=job)
     if not chunk.done and chunk.attempts >= IMPORT_CHUNK_MAX_ATTEMPTS:
         # Every earlier delivery died before it could commit or record a failure (killed worker, hard time limit).
@@ -255,10 +342,19 @@ class RowsImported:
 
 @dataclass(frozen=True)
 class _ImageFile:
-    data: bytes
     source_url: str  # "" for a zip entry
     sha256: str  # of the file as uploaded: the same file for the same product is stored once
-    reference: str  # as the row names it, for error messages
+    reference: str  # as the row names it: to read it (again) and for error messages
+
+
+@dataclass(frozen=True)
+class _StoredFile:
+    """A validated image's re-encoded file, already written to storage: what a ProductImage row needs."""
+
+    name: str
+    width: int
+    height: int
+    size_bytes: int
 
 
 def rows_import(
@@ -271,30 +367,51 @@ def rows_import(
     """Write manifest rows as products and images, in a handful of statements for the lot. Call it inside a
     transaction (the chunk's).
 
-    Every row's images are read and validated before anything is written, so a bad row is rejected whole;
+    Every row's images are read and validated before its product is written, so a bad row is rejected whole;
     products are created or changed only where a field differs; an image the product already has (same sha256)
     is neither stored nor embedded again; a row that lists images makes them the product's image set (images no
     longer listed are removed, so search stops returning them).
+
+    Images go one at a time: each is read, validated (decoded at full size, re-encoded) and its file written
+    before the next is read, so the chunk holds one full-size picture at most, whatever its number of rows. The
+    files of a row rejected later, or of a transaction that rolls back, are removed (or swept as orphans).
     """
     already_stored = _stored_digests(merchant=merchant, skus=[row.sku for row in rows])
-    validated: dict[str, ValidatedImage] = {}
+    written: dict[str, _StoredFile] = {}
     errors: list[RowError] = []
     ready: list[tuple[ManifestRow, list[_ImageFile]]] = []
     for row in rows:
+        files: list[_ImageFile] = []
+        written_here: list[str] = []
         try:
-            files = _row_files(row, archive, fetched)
-            for file in files:
-                if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in validated:
-                    validated[file.sha256] = _image_validate(file)
+            for reference in row.images:
+                data = _file_read(reference, archive, fetched)
+                file = _ImageFile(reference if is_image_url(reference) else "", hashlib.sha256(data).hexdigest(),
+                                  reference)  # fmt: skip
+                if file.sha256 not in already_stored.get(row.sku, ()) and file.sha256 not in written:
+                    written[file.sha256] = _file_write(_image_validate(file, data))
+                    written_here.append(file.sha256)
+                files.append(file)
+                del data
         except IntakeError as exc:
+            for digest in written_here:  # this row's files, written for nothing
+                ProductImage._meta.get_field("file").storage.delete(written.pop(digest).name)
             errors.append(RowError(row.line, row.sku, str(exc)))
             continue
         ready.append((row, files))
     upserted = products_upsert(merchant=merchant, values={row.sku: _row_product_values(row) for row, _ in ready})
     new_image_ids = _images_place(
-        placements=[(upserted[row.sku].product, files) for row, files in ready if files], validated=validated
+        placements=[(upserted[row.sku].product, files) for row, files in ready if files],
+        written=written,
+        archive=archive,
+        fetched=fetched,
     )
     return RowsImported(ok=len(ready), errors=errors, new_image_ids=new_image_ids)
+
+
+def _file_write(validated: ValidatedImage) -> _StoredFile:
+    name = image_file_write(validated=validated)
+    return _StoredFile(name, validated.width, validated.height, len(validated.data))
 
 
 def _row_product_values(row: ManifestRow) -> dict[str, Any]:
@@ -321,7 +438,11 @@ def _stored_digests(*, merchant: Merchant, skus: Sequence[str]) -> dict[str, set
 
 
 def _images_place(
-    *, placements: Sequence[tuple[Product, list[_ImageFile]]], validated: dict[str, ValidatedImage]
+    *,
+    placements: Sequence[tuple[Product, list[_ImageFile]]],
+    written: dict[str, _StoredFile],
+    archive: SafeZip | None,
+    fetched: Fetched | None,
 ) -> list[int]:
     """Make each (locked) product's images exactly `files`, in that order: store the new ones, move the ones whose
     position changed, delete the ones no longer listed. Returns the ids of the images stored."""
@@ -337,11 +458,16 @@ def _images_place(
         for position, file in enumerate(files):
             image = have.get(file.sha256) or keep.get(file.sha256)
             if image is None:
-                # Not validated above only if it was stored then and deleted since: validate it now.
-                checked = validated.get(file.sha256) or _image_validate(file)
-                image = image_store(
-                    product_id=product.pk, validated=checked, position=position, source_url=file.source_url
-                )
+                stored_file = written.get(file.sha256)
+                if stored_file is None:  # not written above only if it was stored then and deleted since
+                    data = _file_read(file.reference, archive, fetched)
+                    stored_file = written[file.sha256] = _file_write(_image_validate(file, data))
+                # Two products of the chunk with the same file share it: a file is deleted only once no row names it.
+                image = ProductImage(
+                    product_id=product.pk, file=stored_file.name, width=stored_file.width, height=stored_file.height,
+                    sha256=file.sha256, size_bytes=stored_file.size_bytes, position=position,
+                    source_url=file.source_url,
+                )  # fmt: skip
                 new_images.append(image)
             elif image.position != position:
                 image.position = position
@@ -357,9 +483,9 @@ def _images_place(
     return [image.pk for image in new_images]
 
 
-def _image_validate(file: _ImageFile) -> ValidatedImage:
+def _image_validate(file: _ImageFile, data: bytes) -> ValidatedImage:
     try:
-        return image_validate(file.data)
+        return image_validate(data)
     except IntakeError as exc:
         raise IntakeError(f"image {file.reference}: {exc}") from exc
 
@@ -376,27 +502,26 @@ def _urls_prefetch(rows: Sequence[ManifestRow]) -> Fetched:
         except IntakeError as exc:
             return exc
 
-    with ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls))) as pool:
-        return dict(zip(urls, pool.map(fetch, urls)))
+    pool = ThreadPoolExecutor(max_workers=min(URL_FETCH_THREADS, len(urls)))
+    try:
+        futures = [pool.submit(fetch, url) for url in urls]
+        return {url: future.result() for url, future in zip(urls, futures)}
+    finally:
+        # On success every future is done. On the task's soft time limit (raised here, in this thread), fetches not
+        # started are cancelled and the running ones are not waited for: each ends within its own deadline.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _row_files(row: ManifestRow, archive: SafeZip | None, fetched: Fetched | None) -> list[_ImageFile]:
-    """The row's image files, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
-    files = []
-    for reference in row.images:
-        if is_image_url(reference):
-            try:
-                data = fetched.get(reference) if fetched else None
-                if isinstance(data, IntakeError):
-                    raise data
-                if data is None:
-                    data = image_fetch(url=reference)
-            except IntakeError as exc:
-                raise IntakeError(f"image {reference}: {exc}") from exc
-            files.append(_ImageFile(data, reference, hashlib.sha256(data).hexdigest(), reference))
-        else:
-            if archive is None:
-                raise IntakeError(f"image {reference!r}: the import's zip is gone")
-            data = archive.read(reference)
-            files.append(_ImageFile(data, "", hashlib.sha256(data).hexdigest(), reference))
-    return files
+def _file_read(reference: str, archive: SafeZip | None, fetched: Fetched | None) -> bytes:
+    """One image file of a row, read under the zip caps or fetched under the URL policy (prefetched if possible)."""
+    if is_image_url(reference):
+        try:
+            data = fetched.get(reference) if fetched else None
+            if isinstance(data, IntakeError):
+                raise data
+            return data if data is not None else image_fetch(url=reference)
+        except IntakeError as exc:
+            raise IntakeError(f"image {reference}: {exc}") from exc
+    if archive is None:
+        raise IntakeError(f"image {reference!r}: the import's zip is gone")
+    return archive.read(reference)

@@ -23,7 +23,7 @@ from catalog import dispatch
 from catalog.intake import IntakeError
 from catalog.intake.fetch import url_fetch
 from catalog.intake.images import ValidatedImage, image_validate
-from catalog.models import Merchant, Product, ProductImage
+from catalog.models import ImageFetch, Merchant, Product, ProductImage
 
 
 @dataclass(frozen=True)
@@ -195,12 +195,9 @@ def image_store(*, product_id: int, validated: ValidatedImage, position: int = 0
     """Write a validated image's re-encoded file to storage; returns the (unsaved) row that points at it.
 
     Dimensions come from the validation, so the ImageField does not open the file again to read them."""
-    field = ProductImage._meta.get_field("file")
-    name = field.generate_filename(None, f"{validated.sha256[:32]}.{validated.extension}")
-    stored = field.storage.save(name, ContentFile(validated.data))
     return ProductImage(
         product_id=product_id,
-        file=stored,
+        file=image_file_write(validated=validated),
         width=validated.width,
         height=validated.height,
         sha256=validated.sha256,
@@ -208,6 +205,13 @@ def image_store(*, product_id: int, validated: ValidatedImage, position: int = 0
         position=position,
         source_url=source_url,
     )
+
+
+def image_file_write(*, validated: ValidatedImage) -> str:
+    """Write a validated image's re-encoded (full-size) file to the images' storage; returns its name there."""
+    field = ProductImage._meta.get_field("file")
+    name = field.generate_filename(None, f"{validated.sha256[:32]}.{validated.extension}")
+    return field.storage.save(name, ContentFile(validated.data))
 
 
 def image_delete(*, image: ProductImage) -> None:
@@ -225,16 +229,54 @@ def _files_delete(names: Sequence[str]) -> None:
 
 
 def image_fetch(*, url: str) -> bytes:
-    """Download an image URL under the fetch policy; private ranges only where IMAGE_FETCH_ALLOWED_NETWORKS says."""
-    return url_fetch(url, allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())))
+    """Download an image URL under the fetch policy (within IMAGE_FETCH_DEADLINE_S, all told); private ranges only
+    where IMAGE_FETCH_ALLOWED_NETWORKS says."""
+    return url_fetch(
+        url,
+        allowed_networks=tuple(getattr(settings, "IMAGE_FETCH_ALLOWED_NETWORKS", ())),
+        deadline=settings.IMAGE_FETCH_DEADLINE_S,
+    )
 
 
 def product_image_add(
     *, product: Product, data: bytes | None = None, url: str = "", position: int = 0
 ) -> ImageAddResult:
-    """One image for one product, uploaded (`data`) or by URL; validated, deduplicated, embedded after commit."""
+    """One image for one product, uploaded (`data`) or by URL (fetched here: call it from a worker, see
+    `image_fetch_request`); validated, deduplicated, embedded after commit."""
     if data is None:
         if not url:
             raise IntakeError("give an image file or an image URL")
         data = image_fetch(url=url)
     return image_add(product=product, data=data, position=position, source_url=url)
+
+
+def image_fetch_request(*, product: Product, url: str, position: int = 0) -> ImageFetch:
+    """Record a request to add an image by URL and have a worker fetch it (after commit); poll the ImageFetch."""
+    fetch = ImageFetch.objects.create(product=product, url=url, position=position)
+    dispatch.fetch_product_image(fetch_id=fetch.pk)
+    return fetch
+
+
+def image_fetch_run(*, fetch_id: int) -> ImageFetch | None:
+    """Fetch, validate and add a requested image (in a worker); the ImageFetch ends DONE with its image, or FAILED
+    with the reason. Idempotent: a fetch already finished is left alone. None if its product was deleted."""
+    fetch = ImageFetch.objects.select_related("product__merchant").filter(pk=fetch_id).first()
+    if fetch is None or fetch.state != ImageFetch.State.PENDING:
+        return fetch
+    try:
+        result = product_image_add(product=fetch.product, url=fetch.url, position=fetch.position)
+    except IntakeError as exc:
+        image_fetch_fail(fetch_id=fetch_id, error=str(exc))
+    except Product.DoesNotExist:
+        return None
+    else:
+        ImageFetch.objects.filter(pk=fetch_id, state=ImageFetch.State.PENDING).update(
+            state=ImageFetch.State.DONE, image=result.image, finished_at=timezone.now()
+        )
+    return ImageFetch.objects.filter(pk=fetch_id).first()
+
+
+def image_fetch_fail(*, fetch_id: int, error: str) -> None:
+    ImageFetch.objects.filter(pk=fetch_id, state=ImageFetch.State.PENDING).update(
+        state=ImageFetch.State.FAILED, error=error[:2000], finished_at=timezone.now()
+    )

@@ -1,6 +1,7 @@
 """Zip safety: traversal, absolute paths, symlinks, bombs, entry caps, corrupt archives; all rejected whole."""
 
 import io
+import time
 import zipfile
 
 import pytest
@@ -54,9 +55,8 @@ def test_a_zip_bomb_is_stopped_by_the_ratio_while_reading():
 
 def test_entry_size_total_size_and_entry_count_caps_count_real_bytes():
     archive = zip_bytes({f"{i}.png": bytes(range(256)) * 40 for i in range(5)})  # 10 kB each
-    safe = SafeZip(io.BytesIO(archive), max_entry_bytes=4096)
-    with pytest.raises(IntakeError, match="larger than"):
-        safe.read("0.png")
+    with pytest.raises(IntakeError, match="is 10,240 bytes; the limit is 4,096"):  # declared: refused on open
+        SafeZip(io.BytesIO(archive), max_entry_bytes=4096)
     with pytest.raises(IntakeError, match="expands to more than"):
         zip_check(io.BytesIO(archive), max_total_bytes=30_000)
     with pytest.raises(IntakeError, match="entries"):
@@ -105,4 +105,82 @@ def test_the_api_rejects_a_bad_zip_with_400_and_stores_nothing(merchant_client):
         )
         assert response.status_code == 400, response.content
         assert message in response.json()["detail"]
+    assert ImportJob.objects.count() == Product.objects.count() == ProductImage.objects.count() == 0
+
+
+def _small_entry_bomb(entries: int = 2000, entry_bytes: int = 250 * 1024) -> bytes:
+    """The issue's example: a ~0.7 MB zip of 2,000 entries of 250 kB (zeros), 500 MB inflated, each entry under
+    the old 256 kB floor of the ratio check."""
+    buffer = io.BytesIO()
+    payload = b"\0" * entry_bytes
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+        for i in range(entries):
+            archive.writestr(f"img/{i}.png", payload)
+    return buffer.getvalue()
+
+
+def _lie_about_sizes(archive: bytes, name: bytes, size: int) -> bytes:
+    """Set `name`'s uncompressed size to `size` in both its local header and the central directory."""
+    data = bytearray(archive)
+    local = data.find(b"PK\x03\x04")
+    while local != -1:
+        name_length = int.from_bytes(data[local + 26 : local + 28], "little")
+        if bytes(data[local + 30 : local + 30 + name_length]) == name:
+            data[local + 22 : local + 26] = size.to_bytes(4, "little")
+        local = data.find(b"PK\x03\x04", local + 4)
+    central = data.find(b"PK\x01\x02")
+    while central != -1:
+        name_length = int.from_bytes(data[central + 28 : central + 30], "little")
+        if bytes(data[central + 46 : central + 46 + name_length]) == name:
+            data[central + 24 : central + 28] = size.to_bytes(4, "little")
+        central = data.find(b"PK\x01\x02", central + 4)
+    return bytes(data)
+
+
+def test_many_small_entries_that_add_up_to_a_bomb_are_refused_from_their_headers():
+    bomb = _small_entry_bomb()
+    assert len(bomb) < 1_000_000
+    started = time.perf_counter()
+    with pytest.raises(IntakeError, match="zip bomb"):
+        SafeZip(io.BytesIO(bomb))  # the central directory alone: nothing is inflated
+    print(f"\n{len(bomb):,}-byte zip of 2,000 x 250 kB entries refused from its headers in "
+          f"{(time.perf_counter() - started) * 1000:.1f} ms")  # fmt: skip
+    with pytest.raises(IntakeError, match="zip bomb"):
+        zip_check(io.BytesIO(bomb))
+
+
+def test_many_small_entries_are_refused_while_inflating_too_when_their_headers_lie():
+    """Headers that declare small, harmless sizes: the deep check counts the real bytes."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("ok.png", picture(1))
+        archive.writestr("bomb.png", b"\0" * (300 * 1024))
+    lying = _lie_about_sizes(buffer.getvalue(), b"bomb.png", 1000)
+    SafeZip(io.BytesIO(lying)).close()  # the headers pass
+    with pytest.raises(IntakeError, match="bomb.png"):
+        zip_check(io.BytesIO(lying))
+
+
+def test_an_archive_that_inflates_too_much_as_a_whole_is_refused():
+    """Entries each under the per-entry floor, the archive as a whole a bomb."""
+    with pytest.raises(IntakeError, match="as a whole"):
+        SafeZip(io.BytesIO(_small_entry_bomb(entries=200, entry_bytes=15 * 1024)))
+
+
+@pytest.mark.django_db
+def test_the_api_refuses_the_small_entry_bomb_with_400_fast_and_stores_nothing(merchant_client):
+    client = merchant_client(merchant=factories.merchant())
+    manifest = csv_bytes([{"sku": "A", "title": "a", "images": "img/0.png"}])
+    bomb = _small_entry_bomb()
+    started = time.perf_counter()
+    response = client.post(
+        reverse("api:merchant-import-list"),
+        {"manifest": io.BytesIO(manifest), "images": io.BytesIO(bomb)},
+        format="multipart",
+    )
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    print(f"\nthe API refused the {len(bomb):,}-byte small-entry bomb in {elapsed_ms:.0f} ms")
+    assert response.status_code == 400, response.content
+    assert "zip bomb" in response.json()["detail"]
+    assert elapsed_ms < 2_000  # (it inflated nothing; the old check inflated 500 MB here)
     assert ImportJob.objects.count() == Product.objects.count() == ProductImage.objects.count() == 0
