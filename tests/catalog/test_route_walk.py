@@ -27,7 +27,16 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from catalog.models import DuplicateFinding, GoldenQuery, ImportJob, ModelVersion, Product, ProductImage, TrainingRun
+from catalog.models import (
+    DuplicateFinding,
+    GoldenQuery,
+    ImageFetch,
+    ImportJob,
+    ModelVersion,
+    Product,
+    ProductImage,
+    TrainingRun,
+)
 from catalog.services import golden, products
 from tests import factories
 from tests.catalog.ingest_helpers import csv_bytes, picture
@@ -322,6 +331,18 @@ def check_image_detail(w: World) -> None:
     assert w.a.delete(url).status_code == 204
 
 
+def check_image_fetch_detail(w: World) -> None:
+    fetch = ImageFetch.objects.create(product=w.a_product, url=f"https://alpha.example/{SECRET}.jpg")
+    url = reverse("api:merchant-image-fetch-detail", args=[fetch.pk])
+    refused_anonymous(w.anonymous.get(url))
+    assert nothing_of_a(w.b.get(url)).status_code == 404
+    assert w.a.get(url).json()["state"] == "pending"
+    # B cannot ask for a fetch onto A's product either
+    images_url = reverse("api:merchant-product-images", args=[w.a_product.pk])
+    assert nothing_of_a(w.b.post(images_url, {"url": "https://beta.example/x.jpg"}, format="json")).status_code == 404
+    assert ImageFetch.objects.filter(product=w.a_product).count() == 1
+
+
 def check_imports(w: World) -> None:
     url = reverse("api:merchant-import-list")
     refused_anonymous(w.anonymous.get(url))
@@ -541,6 +562,7 @@ ROUTES: dict[str, Callable[[World], None]] = {
     "api:merchant-product-detail": check_product_detail,
     "api:merchant-product-images": check_product_images,
     "api:merchant-product-image-detail": check_image_detail,
+    "api:merchant-image-fetch-detail": check_image_fetch_detail,
     "api:merchant-import-list": check_imports,
     "api:merchant-import-detail": check_import_detail,
     "api:merchant-import-rejected": check_import_rejected,
