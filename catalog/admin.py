@@ -40,7 +40,7 @@ ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages thr
 
 @admin.register(Merchant)
 class MerchantAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created_at"]
+    list_display = ["name", "slug", "golden_from_shoppers", "shopper_photo_retention_days", "created_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["users"]
@@ -476,13 +476,13 @@ class GoldenQueryAdmin(admin.ModelAdmin):
     the photos are stored outside the published media and served only through this admin."""
 
     form = GoldenQueryForm
-    list_display = ["id", "thumbnail", "product", "source", "created_at"]
-    list_filter = ["source"]
+    list_display = ["id", "thumbnail", "product", "source", "consented_at", "created_at"]
+    list_filter = ["source", "product__merchant"]
     list_select_related = ["product"]
     raw_id_fields = ["product"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: GoldenQuery | None = None) -> list[str]:
-        return [] if obj is None else ["thumbnail", "product", "photo", "source", "created_at"]
+        return [] if obj is None else ["thumbnail", "product", "photo", "source", "consented_at", "created_at"]
 
     def has_change_permission(self, request: HttpRequest, obj: GoldenQuery | None = None) -> bool:
         return obj is None and super().has_change_permission(request)

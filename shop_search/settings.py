@@ -132,6 +132,8 @@ CELERY_BEAT_SCHEDULE = {
     "prune-index-changes": {"task": "workers.tasks.index_changes_prune", "schedule": 3600.0},
     # re-queue work a lost worker left stuck (catalog.services.maintenance: recovered within 8 minutes)
     "sweep-stuck-work": {"task": "workers.tasks.stuck_work_sweep", "schedule": 60.0},
+    # shoppers' photos past their shop's retention (days), files included
+    "expire-shopper-photos": {"task": "workers.tasks.shopper_photos_expire", "schedule": 3600.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
@@ -178,6 +180,8 @@ REST_FRAMEWORK = {
         "search": os.environ.get("SEARCH_THROTTLE_RATE", "60/min"),
         # /api/auth/token/ per client address, right or wrong password: a few tries, then 429
         "auth": os.environ.get("AUTH_THROTTLE_RATE", "5/min"),
+        # a shopper's "this is the one" (POST /api/search/confirm): stores a photo, so far fewer than searches
+        "confirm": os.environ.get("CONFIRM_THROTTLE_RATE", "10/hour"),
     },
 }
 SPECTACULAR_SETTINGS = {

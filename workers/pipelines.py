@@ -366,6 +366,7 @@ GOLDEN_HELDOUT_STRENGTH = "heldout-mild"
 GOLDEN_OCCLUDERS = 8  # other products' photos a held-out query may show lying across its product
 GOLDEN_K = 10  # R@10 and the final top-k of per-stage recall
 GOLDEN_EMBED_BATCH = 64  # images per encode while embedding the catalog for an evaluated version
+UNCATEGORISED = "(no category)"  # how the per-category numbers name products listed without one
 
 
 def version_embed_catalog(*, version: ModelVersion) -> int:
@@ -382,6 +383,7 @@ def version_embed_catalog(*, version: ModelVersion) -> int:
             except Exception:  # the embed workers mark it failed; the evaluation just leaves it out
                 logger.warning("skipping unreadable image %s in a golden-set evaluation", image.pk)
         if loaded:
+            keypoints_store(loaded)  # those the embed workers have not stored yet: the verify stage reads them
             done += len(_embed_with(version, loaded)[0])
     return done
 
@@ -425,8 +427,9 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     """Evaluate a version on the golden set through the real cascade (catalog.search.search_encoding over the
     version's own embeddings, the catalog embedded first where it is not), and store the numbers on the version
     (`metrics["golden"]`): R@1, R@10, mAP@10, per-stage recall (the product among the coarse candidates; in the
-    final top-k) and the worker's encode latency, overall, per source and per shop."""
-    from catalog.search import SearchOptions, search_encoding
+    final top-k) and the worker's encode latency, overall, per source, per shop and per category of the product
+    sought; and the "same product" calibration of the served (fused) scores."""
+    from catalog.search import SearchOptions, search_encoding, verify_enabled
     from catalog.services import golden
 
     version = selectors.model_version_get(version_id=version_id)
@@ -434,11 +437,16 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     embedded = version_embed_catalog(version=version)
     outcomes: list[dict[str, Any]] = []
     scored: list[tuple[float, bool, int]] = []  # (a result's score, is it the query's product, query number)
+    # The cascade as served (verify per the server's SEARCH_VERIFY): the calibration is fitted on these scores and
+    # applied to the scores shoppers are served, so the two must come from the same stages.
     options = SearchOptions(k=GOLDEN_K)
-    for source, product_id, merchant, photo in golden_query_photos(version=version):
+    verify = verify_enabled(options)
+    photos = golden_query_photos(version=version)
+    category_of = selectors.product_categories(product_ids=[product_id for _, product_id, _, _ in photos])
+    for source, product_id, merchant, photo in photos:
         encode_started = time.perf_counter()
         encoding = query_payload.encoding_from_message(
-            query_encode(photo_message=query_payload.photo_to_message(photo), version_id=version.pk)
+            query_encode(photo_message=query_payload.photo_to_message(photo), version_id=version.pk, keypoints=verify)
         )
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
@@ -451,6 +459,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
             {
                 "source": source,
                 "merchant": merchant,
+                "category": category_of.get(product_id) or UNCATEGORISED,
                 "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
                 "coarse": product_id in coarse,
                 "encode_ms": encode_ms,
@@ -461,8 +470,10 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         **golden_numbers(outcomes),
         "by_source": _grouped(outcomes, "source"),
         "by_shop": _grouped(outcomes, "merchant"),
+        "by_category": _grouped(outcomes, "category"),
         "calibration": match_calibration(scored),
         "k": GOLDEN_K,
+        "verify": verify,
         "heldout_strength": GOLDEN_HELDOUT_STRENGTH,
         "sample_seed": GOLDEN_SEED,
         "catalog_embedded_now": embedded,
@@ -566,7 +577,10 @@ def _isotonic_knots(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, n
     blocks: list[list[float]] = []  # [sum of labels, count, lowest score, highest score]
     for score, label in zip(scores[order], same[order]):
         blocks.append([float(label), 1.0, float(score), float(score)])
-        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1]:
+        # pool violators, and equal scores (one score must map to one confidence: the knots stay increasing)
+        while len(blocks) > 1 and (
+            blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1] or blocks[-2][3] == blocks[-1][2]
+        ):
             last = blocks.pop()
             blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2], last[3]]
     xs = np.asarray([(low + high) / 2 for _, _, low, high in blocks])

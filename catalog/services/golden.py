@@ -4,14 +4,17 @@ The evaluation itself runs in a worker (workers.pipelines.version_evaluate_golde
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from django.core.files.base import ContentFile
 from django.db import transaction
+from django.utils import timezone
 
 from catalog import dispatch
-from catalog.intake.images import image_validate
+from catalog.intake.images import crop_box_apply, image_validate
 from catalog.models import GoldenQuery, ModelVersion, Product
 
 GOLDEN_METRICS_KEY = "golden"  # ModelVersion.metrics[...] holding the golden-set numbers
@@ -30,14 +33,39 @@ GOLDEN_NUMBERS = (  # (key, label, format) of a version's golden-set numbers, as
 )
 
 
-def golden_query_add(*, product: Product, photo: bytes, source: str = "admin") -> GoldenQuery:
+def golden_query_add(*, product: Product, photo: bytes, source: str = "admin", consented: bool = False) -> GoldenQuery:
     """Store a shopper photo of `product`, validated and re-encoded like any query photo (an upload is untrusted,
     and re-encoding drops its metadata: a phone photo's EXIF may say where the shopper lives). Raises IntakeError."""
     validated = image_validate(photo)
-    query = GoldenQuery(product=product, source=source)
+    query = GoldenQuery(product=product, source=source, consented_at=timezone.now() if consented else None)
     query.photo.save(f"{product.pk}.{validated.extension}", ContentFile(validated.data), save=False)
     query.save()
     return query
+
+
+class ShopperPhotoRefused(PermissionError):
+    """The shop does not keep shoppers' photos (Merchant.golden_from_shoppers is off)."""
+
+
+def golden_query_from_shopper(
+    *, product_id: int, photo: bytes, consent: bool, box: tuple[float, float, float, float] | None = None
+) -> GoldenQuery:
+    """A shopper's "this is the one" on a result: their photo (cropped to the box they searched with) becomes a
+    golden query of that product, only with their consent and only if the product's shop keeps shoppers' photos
+    (kept for the shop's retention, catalog.services.maintenance.shopper_photos_expire). Raises ValueError without
+    consent, Product.DoesNotExist for a product that cannot be searched, ShopperPhotoRefused, IntakeError."""
+    if not consent:
+        raise ValueError("a shopper's photo is kept only with their consent")
+    product = Product.objects.select_related("merchant").get(pk=product_id, active=True)
+    if not product.merchant.golden_from_shoppers:
+        raise ShopperPhotoRefused(f"{product.merchant.name} does not keep shoppers' photos")
+    validated = image_validate(photo)
+    data = validated.data
+    if box is not None:
+        buffer = io.BytesIO()
+        crop_box_apply(validated.image, box).save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return golden_query_add(product=product, photo=data, source=str(GoldenQuery.Source.SHOPPER), consented=True)
 
 
 def version_evaluate(*, version: ModelVersion) -> None:
@@ -63,19 +91,45 @@ def version_golden(version: ModelVersion) -> dict[str, Any] | None:
 
 
 EXACT_MATCH_CONFIDENCE = 0.5  # a result more likely than not to be the shopper's product is "exact match"
+EXACT_MATCH, SIMILAR = "exact match", "similar"
+
+
+@dataclass(frozen=True)
+class MatchCalibration:
+    """A version's "same product" confidence: isotonic knots (score ascending, confidence non-increasing) fitted
+    on its golden-set results by workers.pipelines.match_calibration, and their measured calibration error."""
+
+    scores: np.ndarray
+    confidences: np.ndarray
+    ece: float | None = None
+
+    def confidence(self, score: float) -> float:
+        """The probability that a result with this (fused) score is the shopper's product: interpolated between
+        the knots, flat beyond them; never increasing in the score."""
+        return float(np.interp(score, self.scores, self.confidences))
+
+
+def match_calibration_of(numbers: dict[str, Any] | None) -> MatchCalibration | None:
+    """The calibration in a version's golden-set numbers, or None (never evaluated, or too few results to fit)."""
+    calibration = (numbers or {}).get("calibration") or {}
+    scores, confidences = calibration.get("scores"), calibration.get("confidences")
+    if not scores or not confidences or len(scores) != len(confidences):
+        return None
+    return MatchCalibration(
+        scores=np.asarray(scores, np.float64), confidences=np.asarray(confidences, np.float64),
+        ece=calibration.get("ece"),
+    )  # fmt: skip
 
 
 def match_confidence(version: ModelVersion, score: float) -> float | None:
     """The calibrated probability that a result with this score (the search's fused score) is the same product,
     from the version's golden-set calibration; None if the version has none yet."""
-    calibration = (version_golden(version) or {}).get("calibration") or {}
-    if not calibration.get("scores"):
-        return None
-    return float(np.interp(score, calibration["scores"], calibration["confidences"]))
+    calibration = match_calibration_of(version_golden(version))
+    return None if calibration is None else calibration.confidence(score)
 
 
-def match_label(confidence: float | None) -> str:
-    """What a result shows: "exact match" or "similar" ("" when the version is not calibrated)."""
+def match_label(confidence: float | None) -> str | None:
+    """What a result shows: "exact match" or "similar" (None when the version is not calibrated)."""
     if confidence is None:
-        return ""
-    return "exact match" if confidence >= EXACT_MATCH_CONFIDENCE else "similar"
+        return None
+    return EXACT_MATCH if confidence >= EXACT_MATCH_CONFIDENCE else SIMILAR

@@ -1,16 +1,16 @@
-"""Periodic clean-up: stored files no row points at any more, the index change log's old rows, and work a lost
-worker left stuck."""
+"""Periodic clean-up: stored files no row points at any more, shoppers' photos past their shop's retention, the
+index change log's old rows, and work a lost worker left stuck."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Max
 from django.utils import timezone
 
 from catalog import dispatch, selectors
-from catalog.models import ImportJob, IndexChange, ModelVersion, ProductImage
+from catalog.models import GoldenQuery, ImportJob, IndexChange, Merchant, ModelVersion, ProductImage
 from catalog.services import imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
@@ -32,6 +32,20 @@ def media_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
     return deleted
 
 
+def golden_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
+    """Delete golden query photos (staff-only storage) no row points at: their rows were deleted by staff, with
+    their product, or by a retention sweep that failed before their files. Only files older than `min_age_s`."""
+    storage = GoldenQuery._meta.get_field("photo").storage
+    referenced = set(GoldenQuery.objects.values_list("photo", flat=True))
+    cutoff = timezone.now() - timezone.timedelta(seconds=min_age_s)
+    deleted = 0
+    for name in _storage_walk(storage, "golden"):
+        if name not in referenced and storage.get_modified_time(name) < cutoff:
+            storage.delete(name)
+            deleted += 1
+    return deleted
+
+
 def _storage_walk(storage: Any, directory: str) -> list[str]:
     if not storage.exists(directory):
         return []
@@ -40,6 +54,24 @@ def _storage_walk(storage: Any, directory: str) -> list[str]:
     for folder in folders:
         names.extend(_storage_walk(storage, f"{directory}/{folder}"))
     return names
+
+
+def shopper_photos_expire(*, now: datetime | None = None) -> int:
+    """Delete the shoppers' photos (golden queries a shopper gave) their shop no longer keeps: older than its
+    retention, or all of them once it stops keeping shoppers' photos. The rows go first, then the files (a file left
+    behind by a failure is an orphan the media sweep deletes; a row without its file would break an evaluation)."""
+    now = now or timezone.now()
+    expired = GoldenQuery.objects.none()
+    for merchant in Merchant.objects.only("pk", "golden_from_shoppers", "shopper_photo_retention_days"):
+        of_merchant = GoldenQuery.objects.filter(source=GoldenQuery.Source.SHOPPER, product__merchant=merchant)
+        if merchant.golden_from_shoppers:
+            of_merchant = of_merchant.filter(created_at__lt=now - timedelta(days=merchant.shopper_photo_retention_days))
+        expired |= of_merchant
+    rows = list(expired.only("pk", "photo"))
+    GoldenQuery.objects.filter(pk__in=[row.pk for row in rows]).delete()
+    for row in rows:
+        row.photo.delete(save=False)
+    return len(rows)
 
 
 INDEX_CHANGE_RETENTION = timedelta(days=1)  # in-memory indexes poll on every search; one asleep longer reloads

@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.db import transaction
 from PIL import Image, ImageDraw
 
-from catalog.models import ImageEmbedding, ModelVersion, ProductImage
+from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.services import golden
 from tests import factories
 from tests.ml.ml_helpers import save_tiny_checkpoint
@@ -125,6 +125,11 @@ def test_the_evaluate_version_command_prints_and_stores_the_numbers(settings, tm
     version.refresh_from_db()
     assert printed["version"] == "candidate" and printed["queries"] == PRODUCTS
     assert golden.version_golden(version)["r1"] == printed["r1"]
+    # the cascade as served (SEARCH_VERIFY is on by default): the catalog's local features were stored for it
+    assert printed["verify"] is True and ImageKeypoints.objects.count() == PRODUCTS + 1
+    by_category = printed["by_category"]  # what the compare page shows per category
+    assert set(by_category) == {"a", "b", "c"} and sum(n["queries"] for n in by_category.values()) == PRODUCTS
+    assert all(0.0 <= n["r1"] <= n["r10"] <= 1.0 for n in by_category.values())
 
 
 def test_the_match_confidence_is_isotonic_in_the_score_and_calibrated():
