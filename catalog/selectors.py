@@ -25,6 +25,7 @@ from catalog.models import (
     ModelVersion,
     Product,
     ProductImage,
+    RecentQuery,
     TrainingRun,
 )
 
@@ -303,6 +304,11 @@ def golden_queries_usable() -> QuerySet[GoldenQuery]:
 def product_categories(*, product_ids: Sequence[int]) -> dict[int, str]:
     """Product id -> its catalog category, for the golden set's per-category numbers."""
     return dict(Product.objects.filter(id__in=list(product_ids)).values_list("id", "category"))
+
+
+def recent_queries() -> QuerySet[RecentQuery]:
+    """The recent-query sample (kept only where the shops allow it), oldest first."""
+    return RecentQuery.objects.order_by("created_at", "id")
 
 
 def embedding_products(*, embedding_ids: Sequence[int]) -> dict[int, int]:

@@ -162,6 +162,10 @@ SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # mem
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
+# The recent-query sample the compare page runs a candidate version on (only where a shop allows it): the share of
+# shoppers' searches whose photo is kept, and how many are kept at most (the oldest go first).
+RECENT_QUERY_SAMPLE_RATE = float(os.environ.get("RECENT_QUERY_SAMPLE_RATE", "0.1"))
+RECENT_QUERIES_MAX = int(os.environ.get("RECENT_QUERIES_MAX", "200"))
 # Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
 IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
 

@@ -26,6 +26,7 @@ from catalog.models import ModelVersion, ProductImage, TrainingRun
 from catalog.services import embeddings, model_versions, training
 
 if TYPE_CHECKING:
+    from catalog.query_payload import QueryEncoding
     from workers.ml.encoder import Encoder, Encoding
     from workers.ml.records import LabelSpace
     from workers.ml.training import TrainConfig
@@ -445,9 +446,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     category_of = selectors.product_categories(product_ids=[product_id for _, product_id, _, _ in photos])
     for source, product_id, merchant, photo in photos:
         encode_started = time.perf_counter()
-        encoding = query_payload.encoding_from_message(
-            query_encode(photo_message=query_payload.photo_to_message(photo), version_id=version.pk, keypoints=verify)
-        )
+        encoding = _query_encoding(photo, version=version, keypoints=verify)
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
         ranked = [hit.product.pk for hit in result.hits]
@@ -472,6 +471,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         "by_shop": _grouped(outcomes, "merchant"),
         "by_category": _grouped(outcomes, "category"),
         "calibration": match_calibration(scored),
+        "recent_overlap": recent_overlap(version=version),
         "k": GOLDEN_K,
         "verify": verify,
         "heldout_strength": GOLDEN_HELDOUT_STRENGTH,
@@ -482,6 +482,57 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     }
     golden.version_golden_record(version_id=version.pk, numbers=numbers)
     return numbers
+
+
+def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:
+    """A query photo encoded here exactly as the search worker encodes it for a shopper."""
+    message = query_encode(
+        photo_message=query_payload.photo_to_message(photo), version_id=version.pk, keypoints=keypoints
+    )
+    return query_payload.encoding_from_message(message)
+
+
+def recent_overlap(*, version: ModelVersion) -> dict[str, Any] | None:
+    """How much of the active version's top 10 `version` would also show, on the recent-query sample (shoppers'
+    search photos, kept only where the shops allow it), each searched as the shopper did (scoped to the shop it
+    was): the mean share of the top 10 both return, and how often both put the same product first. None when
+    there is no other active version or no sample. `version` has embedded the catalog (version_embed_catalog)."""
+    from catalog.hamming.candidates import ProductFilter
+    from catalog.search import SearchOptions, search_encoding, verify_enabled
+
+    active = selectors.model_version_active()
+    queries = list(selectors.recent_queries())
+    if active is None or active.pk == version.pk or not queries:
+        return None
+    photos = []
+    for query in queries:
+        try:
+            with query.photo.open("rb") as handle:
+                photos.append((query.merchant_id, handle.read()))
+        except OSError:  # expired under our feet
+            continue
+    tops: dict[int, list[list[int]]] = {}
+    for searched in (version, active):  # one version after the other: the memory index holds one at a time
+        results = []
+        for merchant_id, photo in photos:
+            options = SearchOptions(k=GOLDEN_K, product_filter=ProductFilter(merchant_id=merchant_id))
+            encoding = _query_encoding(photo, version=searched, keypoints=verify_enabled(options))
+            results.append(
+                [hit.product.pk for hit in search_encoding(encoding=encoding, version=searched, options=options).hits]
+            )
+        tops[searched.pk] = results
+    pairs = list(zip(tops[version.pk], tops[active.pk]))
+    if not pairs:
+        return None
+    return {
+        "against": active.name,
+        "against_id": active.pk,
+        "queries": len(pairs),
+        "overlap10": round(
+            float(np.mean([len(set(ours) & set(theirs)) / max(1, len(ours), len(theirs)) for ours, theirs in pairs])), 4
+        ),
+        "same_top1": round(float(np.mean([bool(ours) and ours[:1] == theirs[:1] for ours, theirs in pairs])), 4),
+    }
 
 
 def golden_numbers(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -573,14 +624,14 @@ def match_calibration(scored: Sequence[tuple[float, bool, int]]) -> dict[str, An
 def _isotonic_knots(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pool-adjacent-violators: P(same product) non-increasing in the score, as (score, confidence) knots at the
     middle of each pooled block (np.interp between them, flat beyond)."""
-    order = np.argsort(scores, kind="stable")
+    # Equal scores start as one block (one score, one confidence: the knots stay strictly increasing for np.interp,
+    # and the order of tied results cannot change the fit).
+    unique, tie = np.unique(scores, return_inverse=True)
+    totals, counts = np.bincount(tie, weights=same), np.bincount(tie)
     blocks: list[list[float]] = []  # [sum of labels, count, lowest score, highest score]
-    for score, label in zip(scores[order], same[order]):
-        blocks.append([float(label), 1.0, float(score), float(score)])
-        # pool violators, and equal scores (one score must map to one confidence: the knots stay increasing)
-        while len(blocks) > 1 and (
-            blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1] or blocks[-2][3] == blocks[-1][2]
-        ):
+    for score, total, count in zip(unique, totals, counts):
+        blocks.append([float(total), float(count), float(score), float(score)])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1]:
             last = blocks.pop()
             blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2], last[3]]
     xs = np.asarray([(low + high) / 2 for _, _, low, high in blocks])

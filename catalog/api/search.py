@@ -7,6 +7,7 @@ serializer. No torch here: the photo is encoded by a worker on the `search` queu
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db.models import Q
@@ -27,6 +28,8 @@ from catalog.intake import IntakeError
 from catalog.intake.images import MAX_IMAGE_BYTES
 from catalog.models import Merchant, Product
 from catalog.services import golden
+
+logger = logging.getLogger(__name__)
 
 
 class SearchRateThrottle(ClientScopedRateThrottle):
@@ -262,7 +265,17 @@ class SearchView(_ShopperView):
             return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
+        _keep_sample(params.validated_data)
         return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
+def _keep_sample(data: dict[str, Any]) -> None:
+    """A share of searches joins the recent-query sample where the shop allows it; the shopper's answer never
+    depends on it."""
+    try:
+        golden.recent_query_keep(photo=data["image"], box=data.get("box"), merchant_id=data.get("merchant"))
+    except Exception:
+        logger.exception("could not keep a recent query sample")
 
 
 class SimilarProductsView(_ShopperView):

@@ -1,21 +1,26 @@
-"""The golden set: real shopper photos of known products (GoldenQuery, added by staff), and the numbers each model
-version scores on it (with held-out views of the catalog's own products) under `ModelVersion.metrics["golden"]`.
-The evaluation itself runs in a worker (workers.pipelines.version_evaluate_golden): it needs the network."""
+"""The golden set: real shopper photos of known products (GoldenQuery: added by staff, or a shopper's "this is the
+one" with consent), and the numbers each model version scores on it (with held-out views of the catalog's own
+products) under `ModelVersion.metrics["golden"]`, its "same product" calibration among them; and the sample of
+recent shopper searches (RecentQuery) a candidate's results are compared on. The evaluation itself runs in a worker
+(workers.pipelines.version_evaluate_golden): it needs the network."""
 
 from __future__ import annotations
 
 import io
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import transaction
 from django.utils import timezone
 
 from catalog import dispatch
 from catalog.intake.images import crop_box_apply, image_validate
-from catalog.models import GoldenQuery, ModelVersion, Product
+from catalog.models import GoldenQuery, Merchant, ModelVersion, Product, RecentQuery
 
 GOLDEN_METRICS_KEY = "golden"  # ModelVersion.metrics[...] holding the golden-set numbers
 GOLDEN_RANKING_METRIC = "r1"  # what "scores worse" means when switching (catalog.services.model_versions)
@@ -43,6 +48,33 @@ def golden_query_add(*, product: Product, photo: bytes, source: str = "admin", c
     return query
 
 
+CATEGORY_NUMBERS = (("r1", "R@1"), ("r10", "R@10"))  # what the compare page and compare_versions show per category
+
+
+@dataclass(frozen=True)
+class CategoryRow:
+    category: str
+    queries: int  # golden queries of this category (the candidate's count; the same set for every version)
+    numbers: list[dict[str, float | None]]  # per version compared: {"r1": ..., "r10": ...}, None where not measured
+
+
+def golden_by_category(versions: Sequence[ModelVersion]) -> list[CategoryRow]:
+    """The versions' R@1 and R@10 per category of the product sought, side by side, largest categories first."""
+    grouped = [(version_golden(version) or {}).get("by_category") or {} for version in versions]
+    categories = sorted(
+        {category for numbers in grouped for category in numbers},
+        key=lambda category: (-max(int((n.get(category) or {}).get("queries", 0)) for n in grouped), category),
+    )
+    return [
+        CategoryRow(
+            category=category,
+            queries=max(int((n.get(category) or {}).get("queries", 0)) for n in grouped),
+            numbers=[{key: (n.get(category) or {}).get(key) for key, _ in CATEGORY_NUMBERS} for n in grouped],
+        )
+        for category in categories
+    ]
+
+
 class ShopperPhotoRefused(PermissionError):
     """The shop does not keep shoppers' photos (Merchant.golden_from_shoppers is off)."""
 
@@ -59,13 +91,51 @@ def golden_query_from_shopper(
     product = Product.objects.select_related("merchant").get(pk=product_id, active=True)
     if not product.merchant.golden_from_shoppers:
         raise ShopperPhotoRefused(f"{product.merchant.name} does not keep shoppers' photos")
-    validated = image_validate(photo)
-    data = validated.data
-    if box is not None:
-        buffer = io.BytesIO()
-        crop_box_apply(validated.image, box).save(buffer, format="PNG")
-        data = buffer.getvalue()
+    data = _searched_photo(photo, box)
     return golden_query_add(product=product, photo=data, source=str(GoldenQuery.Source.SHOPPER), consented=True)
+
+
+def _searched_photo(photo: bytes, box: tuple[float, float, float, float] | None) -> bytes:
+    """The photo as the search saw it: validated and re-encoded (no metadata survives), cropped to the box."""
+    validated = image_validate(photo)
+    if box is None:
+        return validated.data
+    buffer = io.BytesIO()
+    crop_box_apply(validated.image, box).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def recent_query_keep(
+    *, photo: bytes, box: tuple[float, float, float, float] | None, merchant_id: int | None
+) -> RecentQuery | None:
+    """After a shopper's search: keep its photo in the recent-query sample that the compare page runs a candidate
+    version on, for a share of searches (settings.RECENT_QUERY_SAMPLE_RATE) and only where the shop allows it: the
+    shop the search was scoped to, or every shop for a search of all shops. The sample keeps the newest
+    settings.RECENT_QUERIES_MAX (older ones are deleted with their files); retention: shopper_photos_expire."""
+    if random.random() >= float(settings.RECENT_QUERY_SAMPLE_RATE):  # noqa: S311 - a sample, not a secret
+        return None
+    if not recent_queries_allowed(merchant_id=merchant_id):
+        return None
+    query = RecentQuery(merchant_id=merchant_id)
+    query.photo.save("query.png", ContentFile(_searched_photo(photo, box)), save=False)
+    query.save()
+    photos_delete(list(RecentQuery.objects.order_by("-created_at", "-id")[int(settings.RECENT_QUERIES_MAX) :]))
+    return query
+
+
+def recent_queries_allowed(*, merchant_id: int | None) -> bool:
+    shops = Merchant.objects.filter(pk=merchant_id) if merchant_id else Merchant.objects.filter(products__active=True)
+    return shops.exists() and not shops.filter(keep_recent_queries=False).exists()
+
+
+def photos_delete(rows: Sequence[GoldenQuery | RecentQuery]) -> int:
+    """Delete shoppers' photo rows, then their files (a file left behind by a failure is an orphan the media sweep
+    deletes; a row without its file would break an evaluation)."""
+    for model in (GoldenQuery, RecentQuery):
+        model.objects.filter(pk__in=[row.pk for row in rows if isinstance(row, model)]).delete()
+    for row in rows:
+        row.photo.delete(save=False)
+    return len(rows)
 
 
 def version_evaluate(*, version: ModelVersion) -> None:

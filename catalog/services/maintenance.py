@@ -10,8 +10,8 @@ from django.db.models import Max
 from django.utils import timezone
 
 from catalog import dispatch, selectors
-from catalog.models import GoldenQuery, ImportJob, IndexChange, Merchant, ModelVersion, ProductImage
-from catalog.services import imports
+from catalog.models import GoldenQuery, ImportJob, IndexChange, Merchant, ModelVersion, ProductImage, RecentQuery
+from catalog.services import golden, imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
 
@@ -33,13 +33,15 @@ def media_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
 
 
 def golden_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
-    """Delete golden query photos (staff-only storage) no row points at: their rows were deleted by staff, with
-    their product, or by a retention sweep that failed before their files. Only files older than `min_age_s`."""
+    """Delete shoppers' photos (staff-only storage: golden queries, recent queries) no row points at: their rows
+    were deleted by staff, with their product, or by a sweep that failed before their files. Only files older than
+    `min_age_s`."""
     storage = GoldenQuery._meta.get_field("photo").storage
     referenced = set(GoldenQuery.objects.values_list("photo", flat=True))
+    referenced |= set(RecentQuery.objects.values_list("photo", flat=True))
     cutoff = timezone.now() - timezone.timedelta(seconds=min_age_s)
     deleted = 0
-    for name in _storage_walk(storage, "golden"):
+    for name in [*_storage_walk(storage, "golden"), *_storage_walk(storage, "recent")]:
         if name not in referenced and storage.get_modified_time(name) < cutoff:
             storage.delete(name)
             deleted += 1
@@ -57,21 +59,27 @@ def _storage_walk(storage: Any, directory: str) -> list[str]:
 
 
 def shopper_photos_expire(*, now: datetime | None = None) -> int:
-    """Delete the shoppers' photos (golden queries a shopper gave) their shop no longer keeps: older than its
-    retention, or all of them once it stops keeping shoppers' photos. The rows go first, then the files (a file left
-    behind by a failure is an orphan the media sweep deletes; a row without its file would break an evaluation)."""
+    """Delete the shoppers' photos (golden queries a shopper gave, the recent-query sample) their shop no longer
+    keeps: older than its retention, or all of them once it stops keeping them. A sampled search of all shops
+    follows the strictest shop. Rows first, then files (golden.photos_delete)."""
     now = now or timezone.now()
-    expired = GoldenQuery.objects.none()
-    for merchant in Merchant.objects.only("pk", "golden_from_shoppers", "shopper_photo_retention_days"):
-        of_merchant = GoldenQuery.objects.filter(source=GoldenQuery.Source.SHOPPER, product__merchant=merchant)
-        if merchant.golden_from_shoppers:
-            of_merchant = of_merchant.filter(created_at__lt=now - timedelta(days=merchant.shopper_photo_retention_days))
-        expired |= of_merchant
-    rows = list(expired.only("pk", "photo"))
-    GoldenQuery.objects.filter(pk__in=[row.pk for row in rows]).delete()
-    for row in rows:
-        row.photo.delete(save=False)
-    return len(rows)
+    golden_expired, recent_expired = GoldenQuery.objects.none(), RecentQuery.objects.none()
+    merchants = list(
+        Merchant.objects.only("pk", "golden_from_shoppers", "keep_recent_queries", "shopper_photo_retention_days")
+    )
+    for merchant in merchants:
+        cutoff = now - timedelta(days=merchant.shopper_photo_retention_days)
+        given = GoldenQuery.objects.filter(source=GoldenQuery.Source.SHOPPER, product__merchant=merchant)
+        golden_expired |= given.filter(created_at__lt=cutoff) if merchant.golden_from_shoppers else given
+        sampled = RecentQuery.objects.filter(merchant=merchant)
+        recent_expired |= sampled.filter(created_at__lt=cutoff) if merchant.keep_recent_queries else sampled
+    of_all_shops = RecentQuery.objects.filter(merchant__isnull=True)
+    if merchants and all(merchant.keep_recent_queries for merchant in merchants):
+        strictest = min(merchant.shopper_photo_retention_days for merchant in merchants)
+        of_all_shops = of_all_shops.filter(created_at__lt=now - timedelta(days=strictest))
+    recent_expired |= of_all_shops
+    rows = [*golden_expired.only("pk", "photo"), *recent_expired.only("pk", "photo")]
+    return golden.photos_delete(rows)
 
 
 INDEX_CHANGE_RETENTION = timedelta(days=1)  # in-memory indexes poll on every search; one asleep longer reloads
