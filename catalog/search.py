@@ -13,7 +13,8 @@ backends, catalog.geometry for local features, catalog.intake for the photo).
    extracted by the worker with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to
    VERIFY_WEIGHT (`verify_factor`), so the same object seen from elsewhere overtakes a look-alike.
-4. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes, inliers.
+4. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes, inliers; and the calibrated
+   probability that the result is the product in the photo (the version's golden-set calibration of the score).
 If the filters leave fewer than k products among the candidates, the coarse stage is widened and run again.
 
 Web processes run this module, so it never imports torch: the network runs in a worker (`encode_query`).
@@ -450,6 +451,7 @@ def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: Model
     hits = []
     for rank, row in enumerate(rows, start=1):
         product = row.product
+        confidence = None if calibration is None else round(calibration.confidence(row.score), 4)
         catalog_attributes = list(product.attributes or [])
         explanation = Explanation(
             hamming_distance=row.hamming,
@@ -480,10 +482,11 @@ def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: Model
                 embedding_id=row.embedding_id,
                 score=round(row.score, 6),
                 explanation=explanation,
-                confidence=None if calibration is None else round(calibration.confidence(row.score), 4),
+                confidence=confidence,
+                match=golden.match_label(confidence),
             )
         )
-    return [dataclasses.replace(hit, match=golden.match_label(hit.confidence)) for hit in hits]
+    return hits
 
 
 # Per process: version id -> (the evaluation the calibration came from, the calibration). A switch brings a version

@@ -465,12 +465,15 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
                 "search_ms": float(result.timings_ms.get("total", 0.0)),
             }
         )
+    calibration = match_calibration(scored)
     numbers = {
         **golden_numbers(outcomes),
+        # the calibration's reliability, shown with the version's numbers (absent: too few results to measure it)
+        **({"calibration_ece": calibration["ece"]} if calibration.get("ece") is not None else {}),
         "by_source": _grouped(outcomes, "source"),
         "by_shop": _grouped(outcomes, "merchant"),
         "by_category": _grouped(outcomes, "category"),
-        "calibration": match_calibration(scored),
+        "calibration": calibration,
         "recent_overlap": recent_overlap(version=version),
         "k": GOLDEN_K,
         "verify": verify,

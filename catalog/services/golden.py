@@ -35,6 +35,7 @@ GOLDEN_NUMBERS = (  # (key, label, format) of a version's golden-set numbers, as
     ("final_recall", "in final top 10", "{:.1%}"),
     ("encode_ms_p50", "encode ms p50", "{:.1f}"),
     ("encode_ms_p95", "encode ms p95", "{:.1f}"),
+    ("calibration_ece", "calibration ECE", "{:.3f}"),  # of the "same product" confidence
 )
 
 

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.django_db
 def _numbers(r1: float, by_category: dict[str, tuple[int, float, float]], **extra) -> dict:
     return {
         "queries": sum(q for q, _, _ in by_category.values()), "r1": r1, "r10": 0.7, "map10": 0.4,
+        "calibration_ece": 0.018,
         "by_category": {c: {"queries": q, "r1": a, "r10": b} for c, (q, a, b) in by_category.items()}, **extra,
     }  # fmt: skip
 
@@ -74,6 +75,7 @@ def test_the_compare_page_shows_both_versions_per_category_and_the_overlap_to_st
     ]  # fmt: skip
     assert "62.5%" in page and "55.0%" in page and "40 recent shopper searches" in page  # the overlap
     assert "35.0%" in page and "30.0%" in page  # the overall golden numbers side by side
+    assert "calibration ECE" in page and "0.018" in page  # the reliability of the "same product" confidence
     listing = staff.get("/admin/catalog/modelversion/").content.decode()
     assert url in listing
     assert staff.get("/admin/catalog/modelversion/999999/compare/").status_code == 403

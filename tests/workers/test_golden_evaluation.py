@@ -80,6 +80,7 @@ def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp
     assert numbers["encode_ms_p50"] > 0 and numbers["encode_ms_p95"] >= numbers["encode_ms_p50"]
     calibration = numbers["calibration"]  # the "same product" confidence fitted on this version's results
     assert calibration["results"] >= numbers["queries"] and np.all(np.diff(calibration["confidences"]) <= 0)
+    assert numbers["calibration_ece"] == calibration["ece"] and 0.0 <= calibration["ece"] <= 1.0
     assert version.status == ModelVersion.Status.READY  # evaluating never switches
 
 
