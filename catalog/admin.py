@@ -40,7 +40,7 @@ ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages thr
 
 @admin.register(Merchant)
 class MerchantAdmin(admin.ModelAdmin):
-    list_display = ["name", "slug", "created_at"]
+    list_display = ["name", "slug", "golden_from_shoppers", "shopper_photo_retention_days", "created_at"]
     search_fields = ["name", "slug"]
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["users"]
@@ -67,8 +67,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
     """Versions are made by training and bootstrap, and switched only through the action below: editing `status`
     by hand would point search at a version whose embeddings may not exist."""
 
-    list_display = ["name", "kind", "status", "golden_r1", "golden_r10", "code_bits", "fc7_dim", "created_at",
-                    "activated_at"]  # fmt: skip
+    list_display = ["name", "kind", "status", "golden_r1", "golden_r10", "compare_link", "code_bits", "fc7_dim",
+                    "created_at", "activated_at"]  # fmt: skip
     list_filter = ["status", "kind"]
     readonly_fields = [
         "kind", "status", "golden_table", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at",
@@ -85,6 +85,53 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def golden_r10(self, version: ModelVersion) -> str:
         numbers = golden.version_golden(version)
         return "-" if numbers is None else f"{numbers['r10']:.1%}"
+
+    @admin.display(description="against the active version")
+    def compare_link(self, version: ModelVersion) -> str:
+        if version.status == ModelVersion.Status.ACTIVE:
+            return "-"
+        return format_html('<a href="{}">compare</a>', reverse("admin:catalog_modelversion_compare", args=[version.pk]))
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        custom = [path("<int:version_id>/compare/", view(self.compare_view), name="catalog_modelversion_compare")]
+        return custom + super().get_urls()
+
+    def compare_view(self, request: HttpRequest, version_id: int) -> HttpResponse:
+        """The candidate against the active version, side by side: the golden set overall, per source, shop and
+        category, and how much of the active version's top 10 it shares on recent shopper queries."""
+        candidate = ModelVersion.objects.filter(pk=version_id).first()
+        if candidate is None or not self.has_view_permission(request, candidate):
+            raise PermissionDenied
+        active = selectors.model_version_active()
+        versions = [candidate] if active is None or active.pk == candidate.pk else [candidate, active]
+        columns = [
+            (f"{v.name} ({'candidate' if v.pk == candidate.pk else 'active'})", golden.version_golden(v) or {})
+            for v in versions
+        ]
+        rows = golden.golden_by_category(versions)
+        overlap = (golden.version_golden(candidate) or {}).get("recent_overlap")
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Compare {candidate.name} with the active version",
+            "candidate": candidate,
+            "active": active,
+            "golden": golden_numbers_html(columns),
+            "category_headers": [f"{name} {label}" for name, _ in columns for _, label in golden.CATEGORY_NUMBERS],
+            "category_rows": [
+                (
+                    row.category,
+                    row.queries,
+                    [_percent(n[key]) for n in row.numbers for key, _ in golden.CATEGORY_NUMBERS],
+                )
+                for row in rows
+            ],
+            "overlap": overlap,
+            "overlap_shares": [_percent(overlap[key]) for key in ("overlap10", "same_top1")] if overlap else [],
+            "concern": model_versions.model_version_switch_concern(version=candidate),
+        }
+        return TemplateResponse(request, "admin/catalog/modelversion/compare.html", context)
 
     @admin.display(description="golden set")
     def golden_table(self, version: ModelVersion) -> str:
@@ -432,6 +479,10 @@ class TrainingRunAdmin(admin.ModelAdmin):
         return format_html("<table><tr>{}</tr>{}</table>", header, rows)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "")
 
@@ -476,13 +527,13 @@ class GoldenQueryAdmin(admin.ModelAdmin):
     the photos are stored outside the published media and served only through this admin."""
 
     form = GoldenQueryForm
-    list_display = ["id", "thumbnail", "product", "source", "created_at"]
-    list_filter = ["source"]
+    list_display = ["id", "thumbnail", "product", "source", "consented_at", "created_at"]
+    list_filter = ["source", "product__merchant"]
     list_select_related = ["product"]
     raw_id_fields = ["product"]
 
     def get_readonly_fields(self, request: HttpRequest, obj: GoldenQuery | None = None) -> list[str]:
-        return [] if obj is None else ["thumbnail", "product", "photo", "source", "created_at"]
+        return [] if obj is None else ["thumbnail", "product", "photo", "source", "consented_at", "created_at"]
 
     def has_change_permission(self, request: HttpRequest, obj: GoldenQuery | None = None) -> bool:
         return obj is None and super().has_change_permission(request)

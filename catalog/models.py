@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.files.storage import FileSystemStorage
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 from pgvector.django import BitField, VectorField
@@ -27,6 +28,22 @@ class Merchant(models.Model):
     name = models.CharField(max_length=200)
     slug = models.SlugField(max_length=64, unique=True)
     users = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="merchants", blank=True)
+    # Shoppers' photos (their "this is the one", a sample of their searches) are kept only where the shop says so
+    # (off by default), and only for so long: catalog.services.maintenance.shopper_photos_expire deletes older ones
+    # and their files.
+    golden_from_shoppers = models.BooleanField(
+        default=False,
+        help_text="keep a shopper's photo, with their consent, when they mark a result of this shop as the product "
+        'in it ("this is the one"): it joins the golden set new model versions are evaluated on',
+    )
+    keep_recent_queries = models.BooleanField(
+        default=False,
+        help_text="keep a small sample of shoppers' search photos of this shop, to compare a new model version's "
+        "results with the active one's (the compare page)",
+    )
+    shopper_photo_retention_days = models.PositiveIntegerField(
+        default=90, validators=[MinValueValidator(1)], help_text="days a shopper's photo is kept, then deleted"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -388,7 +405,9 @@ class GoldenQuery(models.Model):
     photo = models.ImageField(upload_to="golden/%Y/%m/", storage=golden_query_storage)
     product = models.ForeignKey(Product, on_delete=models.CASCADE, related_name="golden_queries")
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.ADMIN)
-    created_at = models.DateTimeField(auto_now_add=True)
+    # When the shopper ticked "keep my photo" (a shopper's photo is never stored without it); None: added by staff.
+    consented_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -396,3 +415,21 @@ class GoldenQuery(models.Model):
 
     def __str__(self) -> str:
         return f"golden query {self.pk} of product {self.product_id}"
+
+
+class RecentQuery(models.Model):
+    """A sampled shopper search photo, kept only where the shop allows it (Merchant.keep_recent_queries), for its
+    retention, and never more than settings.RECENT_QUERIES_MAX: a candidate version's top 10 is compared with the
+    active version's on them (workers.pipelines.recent_overlap). Staff-only storage, like golden queries."""
+
+    photo = models.ImageField(upload_to="recent/%Y/%m/", storage=golden_query_storage)
+    # The shop the search was scoped to; None: all shops (kept only when every shop allows it).
+    merchant = models.ForeignKey(Merchant, on_delete=models.CASCADE, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "recent queries"
+
+    def __str__(self) -> str:
+        return f"recent query {self.pk}"

@@ -14,7 +14,8 @@ backends, catalog.geometry for local features, catalog.intake for the photo).
    extracted by the worker with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to
    VERIFY_WEIGHT (`verify_factor`), so the same object seen from elsewhere overtakes a look-alike.
-4. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes, inliers.
+4. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes, inliers; and the calibrated
+   probability that the result is the product in the photo (the version's golden-set calibration of the score).
 If the filters leave fewer than k products among the candidates, the coarse stage is widened and run again.
 
 Web processes run this module, so it never imports torch: the network runs in a worker (`encode_query`).
@@ -41,6 +42,7 @@ from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, Product
 from catalog.intake.images import crop_box_apply, image_validate
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
+from catalog.services import golden
 
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
@@ -143,6 +145,10 @@ class ProductHit:
     embedding_id: int
     score: float  # what the ranking sorts by: fc7 distance, less any category boost, times the verify factor
     explanation: Explanation
+    # The calibrated probability that this is the shopper's product (the version's golden-set calibration of the
+    # score) and its label, "exact match" or "similar"; None for a version without calibration.
+    confidence: float | None = None
+    match: str | None = None
 
 
 @dataclass(frozen=True)
@@ -224,11 +230,14 @@ def similar_products(*, product_id: int, options: SearchOptions) -> SearchResult
     )
     result = search_encoding(encoding=encoding, version=version, options=scoped)
     timings = {**result.timings_ms, "total": _ms(time.perf_counter() - started)}
-    return dataclasses.replace(result, timings_ms=timings)
+    # The calibration is fitted on shopper photos of a product, whose scores a catalog photo of another product
+    # does not share: no confidence here rather than a made-up one.
+    hits = [dataclasses.replace(hit, confidence=None, match=None) for hit in result.hits]
+    return dataclasses.replace(result, hits=hits, timings_ms=timings)
 
 
 def version_serving() -> ModelVersion:
-    version = selectors.model_version_active()
+    version = selectors.model_version_searched()
     if version is None:
         raise SearchUnavailable("no model version is active yet: the catalog is still being indexed")
     return version
@@ -514,9 +523,11 @@ def _fine_row(found: tuple, candidates: CoarseCandidates) -> FineRow:
 def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: ModelVersion) -> list[ProductHit]:
     storage = ProductImage._meta.get_field("file").storage
     predicted_attributes = set(encoding.attributes)
+    calibration = version_calibration(version)
     hits = []
     for rank, row in enumerate(rows, start=1):
         product = row.product
+        confidence = None if calibration is None else round(calibration.confidence(row.score), 4)
         catalog_attributes = list(product.attributes or [])
         explanation = Explanation(
             hamming_distance=row.hamming,
@@ -547,9 +558,29 @@ def _explain(*, rows: Sequence[FineRow], encoding: QueryEncoding, version: Model
                 embedding_id=row.embedding_id,
                 score=round(row.score, 6),
                 explanation=explanation,
+                confidence=confidence,
+                match=golden.match_label(confidence),
             )
         )
     return hits
+
+
+# Per process: version id -> (the evaluation the calibration came from, the calibration). A switch brings a version
+# this process has not read yet, a re-evaluation a new evaluation time: either reads the calibration again.
+_calibrations: dict[int, tuple[str | None, golden.MatchCalibration | None]] = {}
+
+
+def version_calibration(version: ModelVersion) -> golden.MatchCalibration | None:
+    """The version's "same product" calibration (None: it has none), read once per process and evaluation: the
+    version a search reads (selectors.model_version_searched) carries only the time of its golden evaluation."""
+    if "metrics" in version.__dict__:  # loaded whole (an evaluation, a benchmark): the calibration is at hand
+        return golden.match_calibration_of(golden.version_golden(version))
+    evaluated_at = getattr(version, "golden_evaluated_at", None)
+    kept = _calibrations.get(version.pk)
+    if kept is None or kept[0] != evaluated_at:
+        kept = (evaluated_at, golden.match_calibration_of(selectors.model_version_golden(version_id=version.pk)))
+        _calibrations[version.pk] = kept
+    return kept[1]
 
 
 def verify_enabled(options: SearchOptions) -> bool:

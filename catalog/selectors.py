@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db.models import Prefetch, Q, QuerySet
+from django.db.models.fields.json import KT
 from django.utils import timezone
 from PIL import Image
 
@@ -25,6 +26,7 @@ from catalog.models import (
     ModelVersion,
     Product,
     ProductImage,
+    RecentQuery,
     TrainingRun,
 )
 
@@ -35,6 +37,24 @@ def model_version_list() -> QuerySet[ModelVersion]:
 
 def model_version_active() -> ModelVersion | None:
     return ModelVersion.objects.filter(status=ModelVersion.Status.ACTIVE).first()
+
+
+def model_version_searched() -> ModelVersion | None:
+    """The active version as a search reads it, once per query: without its metrics (a search needs only their
+    "same product" calibration, which catalog.search keeps per process) but with the time of its golden-set
+    evaluation, which tells a process that its kept calibration is stale."""
+    return (
+        ModelVersion.objects.filter(status=ModelVersion.Status.ACTIVE)
+        .defer("metrics")
+        .annotate(golden_evaluated_at=KT("metrics__golden__evaluated_at"))
+        .first()
+    )
+
+
+def model_version_golden(*, version_id: int) -> dict[str, Any] | None:
+    """A version's golden-set numbers alone (metrics["golden"]), read without the rest of its metrics."""
+    numbers = ModelVersion.objects.filter(pk=version_id).values_list("metrics__golden", flat=True).first()
+    return numbers if isinstance(numbers, dict) else None
 
 
 def model_versions_serving() -> QuerySet[ModelVersion]:
@@ -289,6 +309,16 @@ def golden_products_sample(*, version: ModelVersion, count: int, seed: int) -> l
 def golden_queries_usable() -> QuerySet[GoldenQuery]:
     """Shopper photos of products that are still visible (a hidden product cannot be found, by design)."""
     return GoldenQuery.objects.filter(product__active=True).select_related("product__merchant").order_by("id")
+
+
+def product_categories(*, product_ids: Sequence[int]) -> dict[int, str]:
+    """Product id -> its catalog category, for the golden set's per-category numbers."""
+    return dict(Product.objects.filter(id__in=list(product_ids)).values_list("id", "category"))
+
+
+def recent_queries() -> QuerySet[RecentQuery]:
+    """The recent-query sample (kept only where the shops allow it), oldest first."""
+    return RecentQuery.objects.order_by("created_at", "id")
 
 
 def embedding_products(*, embedding_ids: Sequence[int]) -> dict[int, int]:

@@ -134,6 +134,8 @@ CELERY_BEAT_SCHEDULE = {
     "prune-index-changes": {"task": "workers.tasks.index_changes_prune", "schedule": 3600.0},
     # re-queue work a lost worker left stuck (catalog.services.maintenance: recovered within 8 minutes)
     "sweep-stuck-work": {"task": "workers.tasks.stuck_work_sweep", "schedule": 60.0},
+    # shoppers' photos past their shop's retention (days), files included
+    "expire-shopper-photos": {"task": "workers.tasks.shopper_photos_expire", "schedule": 3600.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
@@ -175,6 +177,10 @@ SEARCH_FC7_IN_MEMORY = env_bool("SEARCH_FC7_IN_MEMORY", True)
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
+# The recent-query sample the compare page runs a candidate version on (only where a shop allows it): the share of
+# shoppers' searches whose photo is kept, and how many are kept at most (the oldest go first).
+RECENT_QUERY_SAMPLE_RATE = float(os.environ.get("RECENT_QUERY_SAMPLE_RATE", "0.1"))
+RECENT_QUERIES_MAX = int(os.environ.get("RECENT_QUERIES_MAX", "200"))
 # Image URLs in catalogs may only reach public addresses; list CIDRs here to allow a private image host.
 IMAGE_FETCH_ALLOWED_NETWORKS = env_list("IMAGE_FETCH_ALLOWED_NETWORKS", "")
 # One image URL's whole fetch (connect, headers, body, redirects); an import chunk holds at most
@@ -200,6 +206,8 @@ REST_FRAMEWORK = {
         "search": os.environ.get("SEARCH_THROTTLE_RATE", "60/min"),
         # /api/auth/token/ per client address, right or wrong password: a few tries, then 429
         "auth": os.environ.get("AUTH_THROTTLE_RATE", "5/min"),
+        # a shopper's "this is the one" (POST /api/search/confirm): stores a photo, so far fewer than searches
+        "confirm": os.environ.get("CONFIRM_THROTTLE_RATE", "10/hour"),
     },
 }
 SPECTACULAR_SETTINGS = {

@@ -26,6 +26,7 @@ from catalog.models import ModelVersion, ProductImage, TrainingRun
 from catalog.services import embeddings, model_versions, training
 
 if TYPE_CHECKING:
+    from catalog.query_payload import QueryEncoding
     from workers.ml.encoder import Encoder, Encoding
     from workers.ml.records import LabelSpace
     from workers.ml.training import TrainConfig
@@ -371,6 +372,7 @@ GOLDEN_HELDOUT_STRENGTH = "heldout-mild"
 GOLDEN_OCCLUDERS = 8  # other products' photos a held-out query may show lying across its product
 GOLDEN_K = 10  # R@10 and the final top-k of per-stage recall
 GOLDEN_EMBED_BATCH = 64  # images per encode while embedding the catalog for an evaluated version
+UNCATEGORISED = "(no category)"  # how the per-category numbers name products listed without one
 
 
 def version_embed_catalog(*, version: ModelVersion) -> int:
@@ -387,6 +389,7 @@ def version_embed_catalog(*, version: ModelVersion) -> int:
             except Exception:  # the embed workers mark it failed; the evaluation just leaves it out
                 logger.warning("skipping unreadable image %s in a golden-set evaluation", image.pk)
         if loaded:
+            keypoints_store(loaded)  # those the embed workers have not stored yet: the verify stage reads them
             done += len(_embed_with(version, loaded)[0])
     return done
 
@@ -430,8 +433,9 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     """Evaluate a version on the golden set through the real cascade (catalog.search.search_encoding over the
     version's own embeddings, the catalog embedded first where it is not), and store the numbers on the version
     (`metrics["golden"]`): R@1, R@10, mAP@10, per-stage recall (the product among the coarse candidates; in the
-    final top-k) and the worker's encode latency, overall, per source and per shop."""
-    from catalog.search import SearchOptions, search_encoding
+    final top-k) and the worker's encode latency, overall, per source, per shop and per category of the product
+    sought; and the "same product" calibration of the served (fused) scores."""
+    from catalog.search import SearchOptions, search_encoding, verify_enabled
     from catalog.services import golden
 
     version = selectors.model_version_get(version_id=version_id)
@@ -439,12 +443,15 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     embedded = version_embed_catalog(version=version)
     outcomes: list[dict[str, Any]] = []
     scored: list[tuple[float, bool, int]] = []  # (a result's score, is it the query's product, query number)
+    # The cascade as served (verify per the server's SEARCH_VERIFY): the calibration is fitted on these scores and
+    # applied to the scores shoppers are served, so the two must come from the same stages.
     options = SearchOptions(k=GOLDEN_K)
-    for source, product_id, merchant, photo in golden_query_photos(version=version):
+    verify = verify_enabled(options)
+    photos = golden_query_photos(version=version)
+    category_of = selectors.product_categories(product_ids=[product_id for _, product_id, _, _ in photos])
+    for source, product_id, merchant, photo in photos:
         encode_started = time.perf_counter()
-        encoding = query_payload.encoding_from_message(
-            query_encode(photo_message=query_payload.photo_to_message(photo), version_id=version.pk)
-        )
+        encoding = _query_encoding(photo, version=version, keypoints=verify)
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
         ranked = [hit.product.pk for hit in result.hits]
@@ -456,18 +463,25 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
             {
                 "source": source,
                 "merchant": merchant,
+                "category": category_of.get(product_id) or UNCATEGORISED,
                 "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
                 "coarse": product_id in coarse,
                 "encode_ms": encode_ms,
                 "search_ms": float(result.timings_ms.get("total", 0.0)),
             }
         )
+    calibration = match_calibration(scored)
     numbers = {
         **golden_numbers(outcomes),
+        # the calibration's reliability, shown with the version's numbers (absent: too few results to measure it)
+        **({"calibration_ece": calibration["ece"]} if calibration.get("ece") is not None else {}),
         "by_source": _grouped(outcomes, "source"),
         "by_shop": _grouped(outcomes, "merchant"),
-        "calibration": match_calibration(scored),
+        "by_category": _grouped(outcomes, "category"),
+        "calibration": calibration,
+        "recent_overlap": recent_overlap(version=version),
         "k": GOLDEN_K,
+        "verify": verify,
         "heldout_strength": GOLDEN_HELDOUT_STRENGTH,
         "sample_seed": GOLDEN_SEED,
         "catalog_embedded_now": embedded,
@@ -476,6 +490,57 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     }
     golden.version_golden_record(version_id=version.pk, numbers=numbers)
     return numbers
+
+
+def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:
+    """A query photo encoded here exactly as the search worker encodes it for a shopper."""
+    message = query_encode(
+        photo_message=query_payload.photo_to_message(photo), version_id=version.pk, keypoints=keypoints
+    )
+    return query_payload.encoding_from_message(message)
+
+
+def recent_overlap(*, version: ModelVersion) -> dict[str, Any] | None:
+    """How much of the active version's top 10 `version` would also show, on the recent-query sample (shoppers'
+    search photos, kept only where the shops allow it), each searched as the shopper did (scoped to the shop it
+    was): the mean share of the top 10 both return, and how often both put the same product first. None when
+    there is no other active version or no sample. `version` has embedded the catalog (version_embed_catalog)."""
+    from catalog.hamming.candidates import ProductFilter
+    from catalog.search import SearchOptions, search_encoding, verify_enabled
+
+    active = selectors.model_version_active()
+    queries = list(selectors.recent_queries())
+    if active is None or active.pk == version.pk or not queries:
+        return None
+    photos = []
+    for query in queries:
+        try:
+            with query.photo.open("rb") as handle:
+                photos.append((query.merchant_id, handle.read()))
+        except OSError:  # expired under our feet
+            continue
+    tops: dict[int, list[list[int]]] = {}
+    for searched in (version, active):  # one version after the other: the memory index holds one at a time
+        results = []
+        for merchant_id, photo in photos:
+            options = SearchOptions(k=GOLDEN_K, product_filter=ProductFilter(merchant_id=merchant_id))
+            encoding = _query_encoding(photo, version=searched, keypoints=verify_enabled(options))
+            results.append(
+                [hit.product.pk for hit in search_encoding(encoding=encoding, version=searched, options=options).hits]
+            )
+        tops[searched.pk] = results
+    pairs = list(zip(tops[version.pk], tops[active.pk]))
+    if not pairs:
+        return None
+    return {
+        "against": active.name,
+        "against_id": active.pk,
+        "queries": len(pairs),
+        "overlap10": round(
+            float(np.mean([len(set(ours) & set(theirs)) / max(1, len(ours), len(theirs)) for ours, theirs in pairs])), 4
+        ),
+        "same_top1": round(float(np.mean([bool(ours) and ours[:1] == theirs[:1] for ours, theirs in pairs])), 4),
+    }
 
 
 def golden_numbers(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -567,10 +632,13 @@ def match_calibration(scored: Sequence[tuple[float, bool, int]]) -> dict[str, An
 def _isotonic_knots(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pool-adjacent-violators: P(same product) non-increasing in the score, as (score, confidence) knots at the
     middle of each pooled block (np.interp between them, flat beyond)."""
-    order = np.argsort(scores, kind="stable")
+    # Equal scores start as one block (one score, one confidence: the knots stay strictly increasing for np.interp,
+    # and the order of tied results cannot change the fit).
+    unique, tie = np.unique(scores, return_inverse=True)
+    totals, counts = np.bincount(tie, weights=same), np.bincount(tie)
     blocks: list[list[float]] = []  # [sum of labels, count, lowest score, highest score]
-    for score, label in zip(scores[order], same[order]):
-        blocks.append([float(label), 1.0, float(score), float(score)])
+    for score, total, count in zip(unique, totals, counts):
+        blocks.append([float(total), float(count), float(score), float(score)])
         while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] <= blocks[-1][0] / blocks[-1][1]:
             last = blocks.pop()
             blocks[-1] = [blocks[-1][0] + last[0], blocks[-1][1] + last[1], blocks[-1][2], last[3]]

@@ -177,6 +177,12 @@ def stuck_work_sweep() -> dict:
     return maintenance.stuck_work_sweep()
 
 
+@shared_task(name="workers.tasks.shopper_photos_expire", acks_late=True)
+def shopper_photos_expire() -> dict:
+    """Periodic (beat): delete shoppers' photos past their shop's retention; see catalog.services.maintenance."""
+    return {"deleted": maintenance.shopper_photos_expire()}
+
+
 @shared_task(name="workers.tasks.index_changes_prune", acks_late=True)
 def index_changes_prune() -> dict:
     """Periodic (beat): keep the change log short; see catalog.services.maintenance.index_changes_prune."""

@@ -1,4 +1,5 @@
-"""Shopper search API: `POST /api/search` (a photo) and `GET /api/products/{id}/similar`. Anonymous, throttled.
+"""Shopper search API: `POST /api/search` (a photo), `GET /api/products/{id}/similar` and `POST /api/search/confirm`
+(a shopper's "this is the one" on a result). Anonymous, throttled.
 
 Each view validates with an input serializer, calls one function of `catalog.search`, renders with an output
 serializer. No torch here: the photo is encoded by a worker on the `search` queue.
@@ -6,6 +7,7 @@ serializer. No torch here: the photo is encoded by a worker on the `search` queu
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.db.models import Q
@@ -24,7 +26,10 @@ from catalog.api.throttling import ClientScopedRateThrottle
 from catalog.hamming.candidates import ProductFilter
 from catalog.intake import IntakeError
 from catalog.intake.images import MAX_IMAGE_BYTES
-from catalog.models import Merchant
+from catalog.models import Merchant, Product
+from catalog.services import golden
+
+logger = logging.getLogger(__name__)
 
 
 class SearchRateThrottle(ClientScopedRateThrottle):
@@ -83,7 +88,9 @@ class _FilterInputSerializer(serializers.Serializer):
         )
 
 
-class SearchInputSerializer(_FilterInputSerializer):
+class _PhotoInputSerializer(serializers.Serializer):
+    """The shopper's photo and optional crop box, as a search and a "this is the one" both take them."""
+
     image = serializers.FileField(
         help_text="the shopper's photo: JPEG (MPO too), PNG, WebP or GIF (an animation: its first frame)"
     )
@@ -109,6 +116,23 @@ class SearchInputSerializer(_FilterInputSerializer):
         if upload.size > MAX_IMAGE_BYTES:
             raise serializers.ValidationError(f"the image is {upload.size:,} bytes; the limit is {MAX_IMAGE_BYTES:,}")
         return upload.read()
+
+
+class SearchInputSerializer(_PhotoInputSerializer, _FilterInputSerializer):
+    pass
+
+
+class ConfirmInputSerializer(_PhotoInputSerializer):
+    product = serializers.IntegerField(help_text="the result the shopper says is the product in the photo (its id)")
+    consent = serializers.BooleanField(
+        help_text="the shopper agrees that the shop keeps this photo (for its retention period) to test new search "
+        "models; without it nothing is stored"
+    )
+
+    def validate_consent(self, consent: bool) -> bool:
+        if not consent:
+            raise serializers.ValidationError("the photo is kept only with your consent: nothing was stored")
+        return consent
 
 
 # --- output --------------------------------------------------------------------------------------------------------
@@ -147,6 +171,17 @@ class HitProductOutputSerializer(serializers.Serializer):
 class HitOutputSerializer(serializers.Serializer):
     rank = serializers.IntegerField()
     score = serializers.FloatField()
+    confidence = serializers.FloatField(
+        allow_null=True,
+        help_text="the probability that this is the product in the photo, calibrated per model version on the "
+        "shop's golden set; null when the version has no calibration, and for similar products",
+    )
+    match = serializers.ChoiceField(
+        choices=[golden.EXACT_MATCH, golden.SIMILAR],
+        allow_null=True,
+        help_text=f"'{golden.EXACT_MATCH}' at a confidence of {golden.EXACT_MATCH_CONFIDENCE:g} or more, else "
+        f"'{golden.SIMILAR}'; null with the confidence",
+    )
     product = HitProductOutputSerializer()
     image_url = serializers.SerializerMethodField()
     explanation = ExplanationOutputSerializer()
@@ -238,7 +273,17 @@ class SearchView(_ShopperView):
             return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
+        _keep_sample(params.validated_data)
         return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
+def _keep_sample(data: dict[str, Any]) -> None:
+    """A share of searches joins the recent-query sample where the shop allows it; the shopper's answer never
+    depends on it."""
+    try:
+        golden.recent_query_keep(photo=data["image"], box=data.get("box"), merchant_id=data.get("merchant"))
+    except Exception:
+        logger.exception("could not keep a recent query sample")
 
 
 class SimilarProductsView(_ShopperView):
@@ -264,3 +309,45 @@ class SimilarProductsView(_ShopperView):
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
         return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
+class ConfirmRateThrottle(ClientScopedRateThrottle):
+    """The `confirm` scope: each "this is the one" stores a photo, so far fewer than searches per client."""
+
+
+class ConfirmView(APIView):
+    """A shopper's "this is the one" on a result: with their consent, and where the product's shop keeps shoppers'
+    photos (Merchant.golden_from_shoppers), the photo joins the shop's golden set for its retention period. Nothing
+    is returned about stored photos: only staff see them, in the admin."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ConfirmRateThrottle]
+    throttle_scope = "confirm"
+    parser_classes = [MultiPartParser, FormParser]
+
+    @extend_schema(
+        request={"multipart/form-data": ConfirmInputSerializer},
+        responses={
+            201: ErrorOutputSerializer,
+            400: ErrorOutputSerializer,
+            403: ErrorOutputSerializer,
+            404: ErrorOutputSerializer,
+        },
+        summary="Mark a result as the product in the photo (kept only with consent, where the shop allows it)",
+    )
+    def post(self, request: Request) -> Response:
+        params = ConfirmInputSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        try:
+            golden.golden_query_from_shopper(
+                product_id=data["product"], photo=data["image"], consent=data["consent"], box=data.get("box")
+            )
+        except Product.DoesNotExist:
+            return Response({"detail": f"no product {data['product']}"}, status=status.HTTP_404_NOT_FOUND)
+        except golden.ShopperPhotoRefused as exc:
+            return Response({"detail": f"{exc}: nothing was stored"}, status=status.HTTP_403_FORBIDDEN)
+        except IntakeError as exc:
+            return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
+        return Response({"detail": "thank you: the shop will test new search models with your photo"}, status=201)

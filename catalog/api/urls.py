@@ -9,6 +9,7 @@ urlpatterns = [
     path("model-versions/", views.ModelVersionListView.as_view(), name="model-version-list"),
     # Shopper search (anonymous, throttled)
     path("search", shopper_search.SearchView.as_view(), name="search"),
+    path("search/confirm", shopper_search.ConfirmView.as_view(), name="search-confirm"),
     path("products/<int:product_id>/similar", shopper_search.SimilarProductsView.as_view(), name="product-similar"),
     # Merchant API (token or session auth; everything scoped to the user's merchants)
     path("auth/token/", auth.ThrottledObtainAuthToken.as_view(), name="auth-token"),

@@ -1,17 +1,17 @@
-"""Periodic clean-up: stored files no row points at any more, the index change log's old rows, and work a lost
-worker left stuck."""
+"""Periodic clean-up: stored files no row points at any more, shoppers' photos past their shop's retention, the
+index change log's old rows, and work a lost worker left stuck."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import Max
 from django.utils import timezone
 
 from catalog import dispatch, selectors
-from catalog.models import ImportJob, IndexChange, ModelVersion, ProductImage
-from catalog.services import imports
+from catalog.models import GoldenQuery, ImportJob, IndexChange, Merchant, ModelVersion, ProductImage, RecentQuery
+from catalog.services import golden, imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
 
@@ -32,6 +32,22 @@ def media_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
     return deleted
 
 
+def golden_orphans_delete(*, min_age_s: float = MEDIA_ORPHAN_MIN_AGE_S) -> int:
+    """Delete shoppers' photos (staff-only storage: golden queries, recent queries) no row points at: their rows
+    were deleted by staff, with their product, or by a sweep that failed before their files. Only files older than
+    `min_age_s`."""
+    storage = GoldenQuery._meta.get_field("photo").storage
+    referenced = set(GoldenQuery.objects.values_list("photo", flat=True))
+    referenced |= set(RecentQuery.objects.values_list("photo", flat=True))
+    cutoff = timezone.now() - timezone.timedelta(seconds=min_age_s)
+    deleted = 0
+    for name in [*_storage_walk(storage, "golden"), *_storage_walk(storage, "recent")]:
+        if name not in referenced and storage.get_modified_time(name) < cutoff:
+            storage.delete(name)
+            deleted += 1
+    return deleted
+
+
 def _storage_walk(storage: Any, directory: str) -> list[str]:
     if not storage.exists(directory):
         return []
@@ -40,6 +56,30 @@ def _storage_walk(storage: Any, directory: str) -> list[str]:
     for folder in folders:
         names.extend(_storage_walk(storage, f"{directory}/{folder}"))
     return names
+
+
+def shopper_photos_expire(*, now: datetime | None = None) -> int:
+    """Delete the shoppers' photos (golden queries a shopper gave, the recent-query sample) their shop no longer
+    keeps: older than its retention, or all of them once it stops keeping them. A sampled search of all shops
+    follows the strictest shop. Rows first, then files (golden.photos_delete)."""
+    now = now or timezone.now()
+    golden_expired, recent_expired = GoldenQuery.objects.none(), RecentQuery.objects.none()
+    merchants = list(
+        Merchant.objects.only("pk", "golden_from_shoppers", "keep_recent_queries", "shopper_photo_retention_days")
+    )
+    for merchant in merchants:
+        cutoff = now - timedelta(days=merchant.shopper_photo_retention_days)
+        given = GoldenQuery.objects.filter(source=GoldenQuery.Source.SHOPPER, product__merchant=merchant)
+        golden_expired |= given.filter(created_at__lt=cutoff) if merchant.golden_from_shoppers else given
+        sampled = RecentQuery.objects.filter(merchant=merchant)
+        recent_expired |= sampled.filter(created_at__lt=cutoff) if merchant.keep_recent_queries else sampled
+    of_all_shops = RecentQuery.objects.filter(merchant__isnull=True)
+    if merchants and all(merchant.keep_recent_queries for merchant in merchants):
+        strictest = min(merchant.shopper_photo_retention_days for merchant in merchants)
+        of_all_shops = of_all_shops.filter(created_at__lt=now - timedelta(days=strictest))
+    recent_expired |= of_all_shops
+    rows = [*golden_expired.only("pk", "photo"), *recent_expired.only("pk", "photo")]
+    return golden.photos_delete(rows)
 
 
 INDEX_CHANGE_RETENTION = timedelta(days=1)  # in-memory indexes poll on every search; one asleep longer reloads

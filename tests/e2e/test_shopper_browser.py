@@ -12,10 +12,11 @@ from decimal import Decimal
 import pytest
 from django.db import transaction
 
-from catalog.models import ModelVersion
+from catalog.models import GoldenQuery, Merchant, ModelVersion, RecentQuery
 from catalog.services import model_versions, products
 from tests import factories
 from tests.waiting import wait_until
+from workers import pipelines
 from workers.ml.datasets.render import render_product
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
@@ -80,6 +81,21 @@ def test_the_search_api_finds_the_photographed_product_through_the_worker(indexe
     assert cropped.status_code == 200 and cropped.json()["results"][0]["product"]["sku"] == f"R-{PLANTED}"
 
 
+@pytest.mark.django_db(transaction=True)
+def test_searches_join_the_recent_query_sample_only_where_the_shop_allows_it(indexed_shop, client, settings):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    settings.RECENT_QUERY_SAMPLE_RATE = 1.0  # every search is sampled
+    photo = indexed_shop[(PLANTED, 0)]
+    assert client.post("/api/search", {"image": SimpleUploadedFile("s.png", photo), "k": 2}).status_code == 200
+    assert not RecentQuery.objects.exists()  # the shop has not allowed it (the default)
+    Merchant.objects.filter(slug="studio").update(keep_recent_queries=True)
+    form = {"image": SimpleUploadedFile("s.png", photo), "k": 2, "merchant": "studio"}
+    assert client.post("/api/search", form).status_code == 200
+    kept = RecentQuery.objects.get()
+    assert kept.merchant.slug == "studio" and kept.photo.path.startswith(str(settings.PRIVATE_MEDIA_ROOT))
+
+
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
 def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, live_server, tmp_path):
@@ -89,6 +105,10 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
 
     photo_path = tmp_path / "my-photo.png"
     photo_path.write_bytes(indexed_shop[(PLANTED, 0)])
+    # the version's golden-set evaluation fits the "same product" calibration the badges show; the shop keeps
+    # shoppers' photos given with consent
+    pipelines.version_evaluate_golden(version_id=ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE).pk)
+    Merchant.objects.filter(slug="studio").update(golden_from_shoppers=True)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -105,6 +125,17 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
 
             first.locator(".why summary").click()
             expect(first.locator(".why dl")).to_contain_text("0 of 32 bits")
+            badge = first.locator(".match")
+            expect(badge).to_be_visible()
+            assert badge.text_content() in {"exact match", "similar"} and "% likely" in badge.get_attribute("title")
+
+            first.locator(".confirm").click()  # "this is the one" without consent: nothing is sent
+            expect(page.locator("#status")).to_contain_text("Tick the box")
+            assert not GoldenQuery.objects.exists()
+            page.check("#consent")
+            first.locator(".confirm").click()
+            expect(page.locator("#status")).to_contain_text("thank you")
+            assert GoldenQuery.objects.get().product.sku == f"R-{PLANTED}"
 
             page.set_input_files("#image-input", {"name": "notes.png", "mimeType": "image/png", "buffer": b"nope"})
             expect(page.locator("#error")).to_contain_text("invalid image")

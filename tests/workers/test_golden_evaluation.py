@@ -12,8 +12,8 @@ from django.core.management import call_command
 from django.db import transaction
 from PIL import Image, ImageDraw
 
-from catalog.models import ImageEmbedding, ModelVersion, ProductImage
-from catalog.services import golden
+from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage, RecentQuery
+from catalog.services import golden, model_versions
 from tests import factories
 from tests.ml.ml_helpers import save_tiny_checkpoint
 from tests.waiting import wait_until
@@ -80,6 +80,7 @@ def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp
     assert numbers["encode_ms_p50"] > 0 and numbers["encode_ms_p95"] >= numbers["encode_ms_p50"]
     calibration = numbers["calibration"]  # the "same product" confidence fitted on this version's results
     assert calibration["results"] >= numbers["queries"] and np.all(np.diff(calibration["confidences"]) <= 0)
+    assert numbers["calibration_ece"] == calibration["ece"] and 0.0 <= calibration["ece"] <= 1.0
     assert version.status == ModelVersion.Status.READY  # evaluating never switches
 
 
@@ -125,6 +126,11 @@ def test_the_evaluate_version_command_prints_and_stores_the_numbers(settings, tm
     version.refresh_from_db()
     assert printed["version"] == "candidate" and printed["queries"] == PRODUCTS
     assert golden.version_golden(version)["r1"] == printed["r1"]
+    # the cascade as served (SEARCH_VERIFY is on by default): the catalog's local features were stored for it
+    assert printed["verify"] is True and ImageKeypoints.objects.count() == PRODUCTS + 1
+    by_category = printed["by_category"]  # what the compare page shows per category
+    assert set(by_category) == {"a", "b", "c"} and sum(n["queries"] for n in by_category.values()) == PRODUCTS
+    assert all(0.0 <= n["r1"] <= n["r10"] <= 1.0 for n in by_category.values())
 
 
 def test_the_match_confidence_is_isotonic_in_the_score_and_calibrated():
@@ -144,3 +150,42 @@ def test_the_match_confidence_is_isotonic_in_the_score_and_calibrated():
     assert golden.match_label(golden.match_confidence(version, 0.1)) == "exact match"
     assert golden.match_label(golden.match_confidence(version, 1.5)) == "similar"
     assert golden.match_confidence(ModelVersion(metrics={}), 0.1) is None
+
+
+def test_ties_in_the_score_get_one_confidence():
+    """Equal scores (the same distance twice) are pooled: the knots stay strictly increasing for np.interp."""
+    scored = [(0.5, i % 2 == 0, i) for i in range(20)] + [(1.0, i % 5 == 0, i) for i in range(20)]
+    calibration = pipelines.match_calibration(scored)
+    assert calibration["scores"] == [0.5, 1.0] and calibration["confidences"] == [0.5, 0.2]
+
+
+@pytest.mark.django_db(transaction=True)  # a version's code index is created outside a test transaction
+def test_the_top10_overlap_on_recent_queries_compares_the_candidate_with_the_active_version(settings, tmp_path):
+    """On the recent-query sample, a candidate with the active version's very network shares its whole top 10 and
+    first result; the numbers are stored with the candidate's golden-set numbers."""
+    settings.MODELS_DIR = tmp_path
+    candidate = _catalog_and_version(tmp_path)
+    active = ModelVersion.objects.create(
+        name="active", kind=ModelVersion.Kind.FASHIONNET, status=ModelVersion.Status.READY,
+        checkpoint=candidate.checkpoint, code_bits=32, fc7_dim=32,
+    )  # fmt: skip
+    for version in (candidate, active):
+        pipelines.version_embed_catalog(version=version)
+    model_versions.model_version_activate(version=active)
+    assert pipelines.recent_overlap(version=candidate) is None  # no sample yet
+    merchant = factories.Merchant.objects.get(slug="acme")
+    for seed in (1, 4, 7):
+        query = RecentQuery(merchant=merchant if seed != 7 else None)
+        query.photo.save("q.png", ContentFile(_picture(seed)), save=True)
+
+    overlap = pipelines.recent_overlap(version=candidate)
+
+    assert overlap == {"against": "active", "against_id": active.pk, "queries": 3, "overlap10": 1.0, "same_top1": 1.0}
+    assert pipelines.recent_overlap(version=active) is None  # the active version is compared with no one
+    other = ModelVersion.objects.create(
+        name="other", kind=ModelVersion.Kind.FASHIONNET, status=ModelVersion.Status.READY,
+        checkpoint=str(save_tiny_checkpoint(tmp_path / "other.pt", seed=5, spread_codes=True)), code_bits=32,
+        fc7_dim=32,
+    )  # fmt: skip
+    numbers = pipelines.version_evaluate_golden(version_id=other.pk)
+    assert numbers["recent_overlap"]["queries"] == 3 and 0.0 <= numbers["recent_overlap"]["overlap10"] <= 1.0

@@ -1,12 +1,18 @@
 """`manage.py compare_versions CANDIDATE [OTHER]`: two versions' golden-set numbers side by side (OTHER defaults to
-the active version), and whether switching to CANDIDATE would need the override, as the admin's switch shows."""
+the active version), per category too, the candidate's top-10 overlap on recent shopper queries, and whether
+switching to CANDIDATE would need the override: what the admin's compare page and switch show."""
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
 from catalog import selectors
-from catalog.management.commands._versions import golden_side_by_side, version_named
+from catalog.management.commands._versions import (
+    golden_per_category,
+    golden_side_by_side,
+    recent_overlap_line,
+    version_named,
+)
 from catalog.services import model_versions
 
 
@@ -23,6 +29,8 @@ class Command(BaseCommand):
         if against is None:
             raise CommandError("no active version to compare with: name one")
         self.stdout.write(golden_side_by_side([chosen, against]))
+        self.stdout.write(golden_per_category([chosen, against]))
+        self.stdout.write(recent_overlap_line(chosen))
         concern = model_versions.model_version_switch_concern(version=chosen)
         if concern is not None:
             self.stdout.write(f"switching to {chosen.name} needs --override: {concern.reason}")

@@ -18,6 +18,8 @@
   const querySummary = document.getElementById("query-summary");
   const results = document.getElementById("results");
   const template = document.getElementById("result-template");
+  const consent = document.getElementById("consent"); // absent when no shop keeps shoppers' photos
+  const confirmMerchants = new Set(JSON.parse(document.getElementById("confirm-merchants").textContent));
 
   let photo = null; // the File being searched
   let box = null; // [x0, y0, x1, y1] as fractions of the photo, or null for the whole photo
@@ -183,6 +185,14 @@
     node.dataset.productId = product.id;
     node.dataset.sku = product.sku;
     node.querySelector(".rank").textContent = `#${hit.rank}`;
+    const badge = node.querySelector(".match");
+    if (hit.match) {
+      // the model version's calibrated "same product" probability (null: the version has no calibration)
+      badge.textContent = hit.match;
+      badge.title = `${Math.round(hit.confidence * 100)}% likely to be the product in your photo`;
+      badge.classList.add(hit.match === "exact match" ? "exact" : "similar");
+      badge.hidden = false;
+    }
     const title = node.querySelector(".title");
     title.textContent = product.title;
     if (product.url) title.href = product.url;
@@ -196,7 +206,36 @@
       image.addEventListener("load", () => placeOnContainedImage(image, landmarkBox, hit.explanation.result_landmark_box));
     }
     node.querySelector(".why dl").replaceChildren(...why(hit.explanation));
+    const confirm = node.querySelector(".confirm");
+    if (consent && confirmMerchants.has(product.merchant)) {
+      confirm.hidden = false;
+      confirm.addEventListener("click", () => confirmResult(confirm, product));
+    }
     return node;
+  }
+
+  // --- "this is the one": the photo is sent again only with the shopper's consent --------------------------------
+  async function confirmResult(button, product) {
+    if (!consent.checked) {
+      statusLine.textContent = "Tick the box above first: without it, your photo is not kept.";
+      return;
+    }
+    const data = new FormData();
+    data.append("image", photo);
+    if (box) data.append("box", box.map((v) => v.toFixed(4)).join(","));
+    data.append("product", product.id);
+    data.append("consent", "true");
+    button.disabled = true;
+    try {
+      const response = await fetch("/api/search/confirm", { method: "POST", body: data, headers: { Accept: "application/json" } });
+      const body = await response.json().catch(() => null);
+      statusLine.textContent = response.ok ? body.detail : errorText(body, response.status);
+      if (response.ok) button.textContent = "Thank you";
+      else button.disabled = false;
+    } catch (failure) {
+      statusLine.textContent = `could not send: ${failure}`;
+      button.disabled = false;
+    }
   }
 
   function placeOnContainedImage(image, element, fractions) {
