@@ -32,6 +32,7 @@ from catalog.models import (
     GoldenQuery,
     ImageFetch,
     ImportJob,
+    Merchant,
     ModelVersion,
     Product,
     ProductImage,
@@ -252,6 +253,26 @@ def check_similar(w: World) -> None:
     skus = {hit["product"]["sku"] for hit in found["results"]}
     assert "ALPHA-1" in skus and w.a_hidden.sku not in skus  # visible products are the shop's; hidden ones are not
     assert no_private(w.anonymous.get(reverse("api:product-similar", args=[w.a_hidden.pk]))).status_code == 404
+
+
+def check_search_confirm(w: World) -> None:
+    """A shopper's "this is the one": nothing is stored for a hidden product, a shop that does not keep shoppers'
+    photos, or without consent; what is stored is a golden query, which no API route reads back."""
+    url = reverse("api:search-confirm")
+    before = GoldenQuery.objects.count()
+
+    def confirm(product: Product, consent: bool = True) -> Any:
+        photo = io.BytesIO(picture(30))
+        return w.anonymous.post(url, {"image": photo, "product": product.pk, "consent": consent}, format="multipart")
+
+    assert nothing_of_a(confirm(w.a_hidden)).status_code == 404
+    assert nothing_of_a(confirm(w.a_product)).status_code == 403  # alpha does not keep shoppers' photos
+    Merchant.objects.filter(slug="alpha").update(golden_from_shoppers=True)
+    assert nothing_of_a(confirm(w.a_product, consent=False)).status_code == 400
+    assert GoldenQuery.objects.count() == before
+    answer = confirm(w.a_product)
+    assert answer.status_code == 201 and SECRET not in body(answer)
+    assert GoldenQuery.objects.count() == before + 1
 
 
 def check_auth_token(w: World) -> None:
@@ -495,6 +516,13 @@ def check_admin_golden_photo(w: World) -> None:
     assert photo.status_code == 200 and b"".join(photo.streaming_content)[:4] == b"\x89PNG"
 
 
+def check_admin_version_compare(w: World) -> None:
+    url = reverse("admin:catalog_modelversion_compare", args=[w.ready.pk])
+    admin_refuses_outsiders(w, url)
+    assert no_private(w.staff_bare.get(url)).status_code == 403
+    assert w.staff_view.get(url).status_code == 200
+
+
 def _action(client: Client, model: str, action: str, pk: int) -> Any:
     # override: the switch's "switch anyway" (the two versions have no golden numbers to compare)
     return client.post(f"/admin/catalog/{model}/", {"action": action, "_selected_action": [pk], "override": "1"})
@@ -556,6 +584,7 @@ ROUTES: dict[str, Callable[[World], None]] = {
     "api:search": check_search,
     "api:product-similar": check_similar,
     "api:auth-token": check_auth_token,
+    "api:search-confirm": check_search_confirm,
     "api:model-version-list": check_model_versions,
     "api:merchant-list": check_merchants,
     "api:merchant-product-list": check_products,
@@ -580,6 +609,7 @@ ROUTES: dict[str, Callable[[World], None]] = {
     "admin:catalog_importjob_upload": check_admin_import_upload,
     "admin:catalog_importjob_progress": check_admin_import_progress,
     "admin:catalog_goldenquery_photo": check_admin_golden_photo,
+    "admin:catalog_modelversion_compare": check_admin_version_compare,
     **_admin_model_routes(),
 }
 
