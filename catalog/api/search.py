@@ -330,7 +330,7 @@ class ConfirmView(APIView):
         request={"multipart/form-data": ConfirmInputSerializer},
         responses={
             201: ErrorOutputSerializer,
-            400: ErrorOutputSerializer,
+            400: BAD_REQUEST_SCHEMA,
             403: ErrorOutputSerializer,
             404: ErrorOutputSerializer,
         },
