@@ -1,13 +1,18 @@
 """Shopper search API: `POST /api/search` (a photo) and `GET /api/products/{id}/similar`. Anonymous, throttled.
 
 Each view validates with an input serializer, calls one function of `catalog.search`, renders with an output
-serializer. No torch here: the photo is encoded by a worker on the `search` queue.
+serializer. No torch here: the photo is encoded on ONNX Runtime in this process, or by a worker on the `search`
+queue (catalog.query_encoder). A search slower than settings.SEARCH_SLOW_MS is logged with its stage timings, the
+same `timings_ms` the response carries, so a slow stage shows in both.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Q
 from django.http import JsonResponse
 from drf_spectacular.utils import extend_schema
@@ -25,6 +30,8 @@ from catalog.hamming.candidates import ProductFilter
 from catalog.intake import IntakeError
 from catalog.intake.images import MAX_IMAGE_BYTES
 from catalog.models import Merchant
+
+logger = logging.getLogger(__name__)
 
 
 class SearchRateThrottle(ClientScopedRateThrottle):
@@ -207,6 +214,18 @@ class _ShopperView(APIView):
             return response
 
 
+def _answer(route: str, result: search.SearchResult, request: Request) -> Response:
+    """The rendered result; a search slower than SEARCH_SLOW_MS is logged with its stages first."""
+    total = result.timings_ms.get("total", 0.0)
+    if total > settings.SEARCH_SLOW_MS:
+        logger.warning(
+            "slow search: %s took %.0f ms (SEARCH_SLOW_MS %.0f), version %s, %d candidates; stages (ms) %s",
+            route, total, settings.SEARCH_SLOW_MS, result.version.pk, result.coarse.candidates,
+            json.dumps(result.timings_ms),
+        )  # fmt: skip
+    return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
 def _unavailable(exc: Exception) -> Response:
     return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 
@@ -230,7 +249,7 @@ class SearchView(_ShopperView):
             return Response({"detail": f"invalid image: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
-        return Response(SearchOutputSerializer(result, context={"request": request}).data)
+        return _answer("photo search", result, request)
 
 
 class SimilarProductsView(_ShopperView):
@@ -250,4 +269,4 @@ class SimilarProductsView(_ShopperView):
             return Response({"detail": str(exc)}, status=status.HTTP_404_NOT_FOUND)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
-        return Response(SearchOutputSerializer(result, context={"request": request}).data)
+        return _answer("similar products", result, request)
