@@ -36,9 +36,8 @@ from inference.onnx_runtime import OnnxNetwork
 
 logger = logging.getLogger(__name__)
 
-ENCODERS = ("inprocess", "worker")
-DEFAULT_ENCODER = "inprocess"  # settings.SEARCH_ENCODER wins
-# The photo is downscaled once, before either encoder sees it: every network letterboxes to at most 224 px and
+DEFAULT_ENCODER = "inprocess"  # settings.SEARCH_ENCODER wins (and is checked there: "inprocess" or "worker")
+# The photo is downscaled once, before either encoder sees it: the networks here letterbox to 224 px or less and
 # geometry works at WORK_SIDE (256) px, so twice that keeps their own resizing filtering from finer pixels, while
 # resizing, SIFT's grey conversion and the JPEG a worker is sent no longer scale with a 12-MP phone photo.
 QUERY_MAX_SIDE = 512
@@ -73,7 +72,7 @@ def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool =
 
     Raises EncoderUnavailable when the worker path is taken and no worker answered."""
     choice = str(getattr(settings, "SEARCH_ENCODER", DEFAULT_ENCODER))
-    encoder = _process_encoder.get(version) if choice == "inprocess" else None
+    encoder = encoder_for(version) if choice == "inprocess" else None
     if encoder is None:
         return _encode_by_worker(image=image, version=version, keypoints=keypoints)
     started = time.perf_counter()
@@ -113,13 +112,23 @@ def _encode_by_worker(*, image: Image.Image, version: ModelVersion, keypoints: b
     return EncodedQuery(encoding=query, encoder="worker", timings_ms={"encode": _ms(time.perf_counter() - started)})
 
 
+def encoder_for(version: ModelVersion) -> Encoder | None:
+    """This process's encoder of the version (loaded now if it is not the one held); None without a usable export."""
+    return _process_encoder.get(version)
+
+
+def loaded_version() -> tuple[int, str] | None:
+    """(version id, checkpoint) of the encoder this process holds, if any."""
+    return _process_encoder.loaded()
+
+
 def warm_up() -> str | None:
     """Load the active version's encoder now (a web process calls it once it has started, before a shopper's query
     would have to); the version's name, or None when nothing is active or it has no usable export."""
     version = selectors.model_version_active()
     if version is None or not version.checkpoint:
         return None
-    return version.name if _process_encoder.get(version) is not None else None
+    return version.name if encoder_for(version) is not None else None
 
 
 class _ProcessEncoder:
@@ -142,7 +151,6 @@ class _ProcessEncoder:
             return self._encoder
 
     def loaded(self) -> tuple[int, str] | None:
-        """(version id, checkpoint) of the encoder held, if any (tests, the benchmark)."""
         with self._lock:
             return self._key if self._encoder is not None else None
 

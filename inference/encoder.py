@@ -89,6 +89,7 @@ class Encoder:
 
     @property
     def network(self) -> Network:
+        """The network alone: a preprocessed batch in, its heads out (what `manage.py bench_encode` times)."""
         return self._network
 
     @property

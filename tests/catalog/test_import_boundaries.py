@@ -184,7 +184,7 @@ def test_a_web_process_encodes_and_searches_in_process_without_loading_torch(set
         "from catalog import query_encoder, search\n"
         f"result = search.search_photo(data=open({str(photo)!r}, 'rb').read(), options=search.SearchOptions(k=3))\n"
         "print(json.dumps({'code': result.query.code.tobytes().hex(), 'timings': result.timings_ms,\n"
-        "    'encoder': query_encoder._process_encoder.loaded() is not None,\n"
+        "    'encoder': query_encoder.loaded_version() is not None,\n"
         "    'loaded': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers'))}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

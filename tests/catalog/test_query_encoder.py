@@ -44,7 +44,7 @@ def test_the_in_process_encoder_gives_the_worker_s_codes_fc7_and_keypoints(versi
     # ... and both agree with the torch Encoder on the checkpoint itself (numpy preprocessing, the whole graph)
     checkpoint = version_zero.checkpoint
     reference = TorchEncoder.load(checkpoint).encode(shots)
-    local = query_encoder._process_encoder.get(version_zero).encode(shots)
+    local = query_encoder.encoder_for(version_zero).encode(shots)
     assert_same_bits(checkpoint, shots, local, reference)
     assert np.allclose(local.fc7, reference.fc7, atol=1e-5)
     assert np.allclose(np.stack([e.encoding.fc7 for e in here]), reference.fc7, atol=1e-5)
@@ -79,12 +79,12 @@ def test_the_worker_path_still_serves_when_selected_or_when_a_version_has_no_exp
 def test_a_switch_makes_the_web_encoder_use_the_new_version(settings, tmp_path, version_zero):
     photo = photos(1, view=1)[0]
     before = search.search_photo(data=png(photo), options=SearchOptions(k=3, verify=False))
-    assert query_encoder._process_encoder.loaded() == (version_zero.pk, version_zero.checkpoint)
+    assert query_encoder.loaded_version() == (version_zero.pk, version_zero.checkpoint)
 
     newer = model_versions.model_version_activate(version=fitted_version(tmp_path, name="v1", seed=5))
     after = search.search_photo(data=png(photo), options=SearchOptions(k=3, verify=False))
 
-    assert query_encoder._process_encoder.loaded() == (newer.pk, newer.checkpoint)
+    assert query_encoder.loaded_version() == (newer.pk, newer.checkpoint)
     assert before.version.pk == version_zero.pk and after.version.pk == newer.pk
     assert after.query.model_version_id == newer.pk
     expected = TorchEncoder.load(newer.checkpoint).encode([query_encoder.query_image(photo)])

@@ -53,7 +53,7 @@ class Command(BaseCommand):
             raise CommandError("no active model version: run `manage.py demo` (or demo_catalog) first")
         if not (app.control.ping(timeout=WORKER_PING_TIMEOUT_S) or []):
             raise CommandError("no Celery worker answers: start one with `celery -A shop_search worker -Q search`")
-        encoder = query_encoder._process_encoder.get(version)
+        encoder = query_encoder.encoder_for(version)
         if encoder is None:
             raise CommandError(f"{version} has no usable ONNX export beside its checkpoint (see the log)")
         uploads = [photo for _, _, _, photo in golden_query_photos(version=version)[: queries + WARMUP]]
@@ -101,7 +101,7 @@ def _paths(encoder, version, validated, image) -> dict[str, Callable[[], object]
     batch, _ = preprocess_batch([image], encoder.preprocessing)
     lean = query_payload.photo_jpeg(image)
     return {
-        "model": lambda: encoder._network(batch),
+        "model": lambda: encoder.network(batch),
         "inprocess": lambda: query_encoder.query_encode(image=image, version=version),
         "inprocess_keypoints": lambda: query_encoder.query_encode(image=image, version=version, keypoints=True),
         "celery_before": lambda: dispatch.encode_query(photo=validated.data, version_id=version.pk, keypoints=True),
