@@ -8,9 +8,9 @@ the held-out validation photos); the same product gets tens on a clear view, and
 (small, tilted, blurred, on clutter) often a few, often none: verification lifts some of them, never hurts much.
 
 Who runs what: the embedding worker extracts and packs a catalog image's features once (they depend on the image
-alone, not on a model version); the query-encoding worker does the same for the shopper's photo and returns them
-in the query payload; the web process only unpacks and matches (no torch, and no feature extraction on the
-request path). Nothing here imports Django.
+alone, not on a model version); the shopper's photo has its features extracted where it is encoded (in the web
+process alongside the network, catalog.query_encoder, or by the query-encoding worker, which returns them in the
+query payload); the web process unpacks and matches. Nothing here imports Django or torch.
 
 Packed format (`pack`/`unpack`), little-endian: b"KP", format version (u8), descriptor bytes (u8), feature count
 (u16), working-image width and height (u16 each), then count x 2 float16 xy (pixels of the working image), then

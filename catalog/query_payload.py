@@ -1,23 +1,35 @@
-"""The shopper's photo on its way to the `search` queue and its encoding on the way back, both ends in one place.
+"""The shopper's photo on its way to the `search` queue, the network's answer as the search reads it (QueryEncoding),
+and that answer on its way back: both ends in one place.
 
-Celery's JSON serializer carries no bytes, so the validated photo travels as base64 text; the worker answers with
-plain JSON (the version, the code as pgvector bit text, fc7 and the network's predictions), which the web process
-reads back as a QueryEncoding. The web side (catalog.search via catalog.dispatch) and the worker side
-(workers.pipelines.query_encode) both encode and decode through these functions, so the two cannot drift apart.
-When the search verifies geometrically, the worker also extracts the photo's local features (catalog.geometry) and
-returns them packed, as base64 text (~15 KB): the web process never extracts them itself.
+Whichever process encodes the photo (this web process, catalog.query_encoder, or a worker,
+workers.pipelines.query_encode), `query_encoding` turns the network's Encoding into the QueryEncoding the cascade
+reads, so the two paths cannot drift apart. For the trip through Celery (its JSON serializer carries no bytes), the
+photo travels as base64 text, a small JPEG of the already downscaled photo (`photo_to_message`), and the worker
+answers with plain JSON (`encoding_to_message`: the code as pgvector bit text, fc7, the predictions and, when the
+search verifies geometrically, the photo's packed local features, catalog.geometry, as base64 text, ~15 KB).
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import io
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
-from catalog.codes import bits_to_bitstring, bitstring_pack
+from catalog.codes import bitstring_pack, packed_bitstring
+
+if TYPE_CHECKING:
+    from inference.checkpoint import LabelSpace
+    from inference.encoder import Encoding
+
+ATTRIBUTE_REPORT_THRESHOLD = 0.5  # predicted attributes kept on an embedding (independent sigmoids)
+CATEGORY_TOP = 5  # category probabilities returned with a query encoding
+# The photo sent to a worker is already downscaled (catalog.query_encoder.QUERY_MAX_SIDE): at this quality its JPEG
+# is a few tens of KB where the lossless original was often megabytes (`manage.py bench_encode` measures both).
+PHOTO_JPEG_QUALITY = 90
 
 
 def photo_to_message(data: bytes) -> str:
@@ -26,6 +38,13 @@ def photo_to_message(data: bytes) -> str:
 
 def photo_from_message(text: str) -> bytes:
     return base64.b64decode(text)
+
+
+def photo_jpeg(image: Image.Image) -> bytes:
+    """The (downscaled, RGB) query photo as the small JPEG a worker is sent."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=PHOTO_JPEG_QUALITY)
+    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -43,29 +62,61 @@ class QueryEncoding:
     keypoints: bytes | None = None  # catalog.geometry.pack()ed local features; None when not extracted
 
 
-def encoding_to_message(
-    *,
-    model_version_id: int,
-    bits: np.ndarray,
-    fc7: np.ndarray,
-    category: str = "",
-    category_confidence: float | None = None,
-    category_probs: dict[str, float] | None = None,
-    attributes: dict[str, float] | None = None,
-    landmarks: Sequence[Sequence[float]] = (),
-    keypoints: bytes | None = None,
-) -> dict[str, Any]:
-    """The worker's answer for one encoded query photo (`bits`: one 0/1 per code bit)."""
+def predictions(encoding: Encoding, index: int, label_space: LabelSpace) -> dict[str, Any]:
+    """The per-image predictions of an Encoding, as stored on an embedding and shown in explanations."""
+    result: dict[str, Any] = {"category": "", "category_confidence": None, "attributes": {}, "landmarks": []}
+    if encoding.category_probs is not None and label_space.categories:
+        probs = encoding.category_probs[index]
+        best = int(np.argmax(probs))
+        result["category"] = label_space.categories[best]
+        result["category_confidence"] = float(probs[best])
+    if encoding.attribute_probs is not None and label_space.attributes:
+        result["attributes"] = {
+            name: round(float(p), 4)
+            for name, p in zip(label_space.attributes, encoding.attribute_probs[index])
+            if p >= ATTRIBUTE_REPORT_THRESHOLD
+        }
+    if encoding.landmarks is not None:
+        visibility = (
+            encoding.visibility[index] if encoding.visibility is not None else np.ones(len(encoding.landmarks[index]))
+        )
+        result["landmarks"] = [
+            [round(float(x), 4), round(float(y), 4), round(float(v), 4)]
+            for (x, y), v in zip(encoding.landmarks[index], visibility)
+        ]
+    return result
+
+
+def query_encoding(
+    encoding: Encoding, *, label_space: LabelSpace, model_version_id: int, keypoints: bytes | None = None
+) -> QueryEncoding:
+    """The first image of an Encoding as the search's query (`keypoints`: its packed local features, if any)."""
+    category_probs = {}
+    if encoding.category_probs is not None and label_space.categories:
+        order = np.argsort(-encoding.category_probs[0])[:CATEGORY_TOP]
+        category_probs = {label_space.categories[i]: float(encoding.category_probs[0][i]) for i in order}
+    return QueryEncoding(
+        model_version_id=model_version_id,
+        code=np.asarray(encoding.codes[0], np.uint8),
+        fc7=np.asarray(encoding.fc7[0], np.float32),
+        category_probs=category_probs,
+        keypoints=keypoints,
+        **predictions(encoding, 0, label_space),
+    )
+
+
+def encoding_to_message(query: QueryEncoding) -> dict[str, Any]:
+    """A worker's answer for one encoded query photo, as plain JSON."""
     return {
-        "model_version_id": model_version_id,
-        "bits": bits_to_bitstring(bits),
-        "fc7": [float(x) for x in np.asarray(fc7).reshape(-1)],
-        "category": category,
-        "category_confidence": category_confidence,
-        "attributes": dict(attributes or {}),
-        "landmarks": [list(point) for point in landmarks],
-        "category_probs": dict(category_probs or {}),
-        "keypoints": None if keypoints is None else base64.b64encode(keypoints).decode("ascii"),
+        "model_version_id": query.model_version_id,
+        "bits": packed_bitstring(query.code, len(query.code) * 8),
+        "fc7": [float(x) for x in np.asarray(query.fc7).reshape(-1)],
+        "category": query.category,
+        "category_confidence": query.category_confidence,
+        "attributes": dict(query.attributes),
+        "landmarks": [list(point) for point in query.landmarks],
+        "category_probs": dict(query.category_probs),
+        "keypoints": None if query.keypoints is None else base64.b64encode(query.keypoints).decode("ascii"),
     }
 
 

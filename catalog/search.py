@@ -3,28 +3,28 @@ fine fc7 -> verify -> products -> why. All of it lives in this one module (about
 does can be read top to bottom in one place; the stages' machinery lives elsewhere (catalog.hamming for the coarse
 backends, catalog.geometry for local features, catalog.intake for the photo).
 
-    photo ─ intake (validate, EXIF-rotate, crop box) ─ encoder (Celery `search` queue) ─┬─ code  ─ coarse: Hamming
-                                                                                        ├─ fc7   ─ fine: exact L2
-                                                                                        └─ category/attributes/landmarks
+    photo ─ intake (validate, EXIF-rotate, crop box, downscale) ─ encoder (ONNX Runtime) ─┬─ code  ─ coarse: Hamming
+                                                                                          ├─ fc7   ─ fine: exact L2
+                                                                                          └─ category/attributes/...
 1. Coarse: whole Hamming shells of the active version's codes (`catalog.hamming`, memory or SQL backend).
 2. Fine: exact Euclidean distance on fc7 over the candidates (in this process, on the vectors the memory index holds;
    in pgvector for the SQL backend), with the shopper's filters, one row per product (its best image); the predicted
    category can boost or restrict.
 3. Verify (the `verify` option, on by default: settings.SEARCH_VERIFY): the shopper photo's local features (SIFT,
-   extracted by the worker with the encoding) matched with RANSAC against those stored for the top
+   extracted with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to
    VERIFY_WEIGHT (`verify_factor`), so the same object seen from elsewhere overtakes a look-alike.
 4. Explain: Hamming and fc7 distances, category/attribute agreement, landmark boxes, inliers; and the calibrated
    probability that the result is the product in the photo (the version's golden-set calibration of the score).
 If the filters leave fewer than k products among the candidates, the coarse stage is widened and run again.
 
-Web processes run this module, so it never imports torch: the network runs in a worker (`encode_query`).
+Web processes run this module, so it never imports torch: the network runs on ONNX Runtime in this process, or in a
+worker on the `search` queue (`query_encode`, catalog.query_encoder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import connection
+from PIL import Image
 
-from catalog import dispatch, geometry, selectors
+from catalog import geometry, query_encoder, selectors
 from catalog.codes import bitstring_pack, version_sql
 from catalog.hamming import MEMORY_INDEX, backend_get
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
@@ -56,7 +57,6 @@ FINE_CARDS_MARGIN = 8  # unfiltered, the fine stage reads the cards of k product
 COARSE_EVERYTHING = int(np.iinfo(np.int32).max)  # the candidate count of that last round
 CATEGORY_BOOST = 0.15  # "boost": a product of the predicted category has its fc7 distance cut by up to 15%
 CATEGORY_RESTRICT_MIN_CONFIDENCE = 0.5  # "restrict" only trusts a confident prediction (else it boosts)
-QUERY_REENCODE_FORMAT = "PNG"  # a cropped query goes to the worker losslessly
 # Verify stage: fused score = fine score x verify_factor(inliers), from 1 (no inliers) down to 1 - VERIFY_WEIGHT at
 # VERIFY_INLIERS_FULL inliers or more, linear between. Chance matches between different products rarely reach
 # geometry.MIN_MATCHES, below which a candidate has 0 inliers. Chosen on the held-out validation split, two seeds
@@ -167,7 +167,7 @@ class SearchResult:
     query: QueryEncoding
     hits: list[ProductHit]
     coarse: CoarseReport
-    timings_ms: dict[str, float]  # intake, encode, coarse, fine, explain, total (stages that ran)
+    timings_ms: dict[str, float]  # intake, encode, keypoints, coarse, fine, verify, explain, total (stages that ran)
     # The coarse stage's candidates (embedding ids), for per-stage recall in benchmarks and evaluations; not served.
     candidate_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
@@ -179,20 +179,15 @@ def search_photo(
     """A shopper's photo -> ranked products. Raises IntakeError (bad input) or SearchUnavailable."""
     started = time.perf_counter()
     validated = image_validate(data)  # bad input is the shopper's 400 even while search is unavailable
-    query_bytes = validated.data
-    if box is not None:
-        cropped = crop_box_apply(validated.image, box)
-        buffer = io.BytesIO()
-        cropped.save(buffer, format=QUERY_REENCODE_FORMAT)
-        query_bytes = buffer.getvalue()
+    image = validated.image if box is None else crop_box_apply(validated.image, box)
+    image = query_encoder.query_image(image)
     version = version_serving()
     intake_done = time.perf_counter()
-    encoding = query_encode_remote(data=query_bytes, version=version, keypoints=verify_enabled(options))
-    encode_done = time.perf_counter()
-    result = search_encoding(encoding=encoding, version=version, options=options)
+    encoded = query_encode(image=image, version=version, keypoints=verify_enabled(options))
+    result = search_encoding(encoding=encoded.encoding, version=version, options=options)
     timings = {
         "intake": _ms(intake_done - started),
-        "encode": _ms(encode_done - intake_done),
+        **encoded.timings_ms,
         **result.timings_ms,
         "total": _ms(time.perf_counter() - started),
     }
@@ -243,12 +238,12 @@ def version_serving() -> ModelVersion:
     return version
 
 
-def query_encode_remote(*, data: bytes, version: ModelVersion, keypoints: bool = False) -> QueryEncoding:
-    """Encode the query photo in a worker on the `search` queue, so this process never loads the network (nor
-    extracts local features: with `keypoints` the worker returns them too)."""
+def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool = False) -> query_encoder.EncodedQuery:
+    """Encode the query photo: in this process on ONNX Runtime, or by a worker on the `search` queue
+    (settings.SEARCH_ENCODER; catalog.query_encoder). Never with torch: web processes do not load it."""
     try:
-        return dispatch.encode_query(photo=data, version_id=version.pk, keypoints=keypoints)
-    except TimeoutError as exc:
+        return query_encoder.query_encode(image=image, version=version, keypoints=keypoints)
+    except query_encoder.EncoderUnavailable as exc:
         raise SearchUnavailable(str(exc)) from exc
 
 

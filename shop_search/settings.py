@@ -167,13 +167,23 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = int(os.environ.get("FILE_UPLOAD_MAX_MEMORY_SIZE", 
 MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoints of ModelVersions
 
 # --- Search and ingest -------------------------------------------------------------------------------------------
-# Shopper searches at once per web process (each holds a thread while a worker encodes the photo); over it: 503.
+# Shopper searches at once per web process (each holds a thread, and with the in-process encoder a core, for its
+# whole cascade); over it: 503.
 # Below gunicorn's threads per process (GUNICORN_THREADS, 4), so the merchant API, admin and /healthz keep one.
 SEARCH_MAX_CONCURRENT = int(os.environ.get("SEARCH_MAX_CONCURRENT", "3"))
 SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # memory | sql (catalog.hamming)
 # The memory backend also holds each embedding's fc7 (float32: fc7_dim x 4 bytes a product, 512 MB per million at 128
 # dimensions) so that the fine stage ranks in this process; off: it reads them from PostgreSQL (docs/scaling.md).
 SEARCH_FC7_IN_MEMORY = env_bool("SEARCH_FC7_IN_MEMORY", True)
+# Who encodes the shopper's photo (catalog.query_encoder): "inprocess", this web process on ONNX Runtime (no torch),
+# or "worker", a Celery worker on the `search` queue. `manage.py bench_encode` compares them (README).
+SEARCH_ENCODER = os.environ.get("SEARCH_ENCODER", "inprocess")
+if SEARCH_ENCODER not in ("inprocess", "worker"):
+    raise ImproperlyConfigured(f"SEARCH_ENCODER must be 'inprocess' or 'worker', not {SEARCH_ENCODER!r}")
+# ONNX Runtime threads per in-process encode: one, so SEARCH_MAX_CONCURRENT searches do not oversubscribe the cores.
+SEARCH_ENCODER_THREADS = int(os.environ.get("SEARCH_ENCODER_THREADS", "1"))
+# A search slower than this (server side, ms) is logged with its stage timings (catalog.api.search).
+SEARCH_SLOW_MS = float(os.environ.get("SEARCH_SLOW_MS", "250"))
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks

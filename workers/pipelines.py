@@ -28,13 +28,10 @@ from catalog.services import embeddings, model_versions, training
 if TYPE_CHECKING:
     from catalog.query_payload import QueryEncoding
     from workers.ml.encoder import Encoder, Encoding
-    from workers.ml.records import LabelSpace
     from workers.ml.training import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-ATTRIBUTE_REPORT_THRESHOLD = 0.5  # predicted attributes kept on an embedding (independent sigmoids)
-CATEGORY_TOP = 5  # category probabilities returned with a query encoding
 BASELINE_FIT_SAMPLE = 3000  # PCA/ITQ are stable well before this; more only costs fitting time
 # The fit sample is held in memory whole: each picture at the network's input (224 px, 256 at least), not the 1024 px
 # working copy: 3,000 pictures then take at most 0.6 GB, where full-size 12-MP photos would take 100 GB.
@@ -67,31 +64,6 @@ def encoder_warm_up() -> str | None:
 
 
 # --- embedding and query encoding -----------------------------------------------------------------------------------
-def predictions(encoding: Encoding, index: int, label_space: LabelSpace) -> dict[str, Any]:
-    """The per-image predictions of an Encoding, as stored on an embedding and shown in explanations."""
-    result: dict[str, Any] = {"category": "", "category_confidence": None, "attributes": {}, "landmarks": []}
-    if encoding.category_probs is not None and label_space.categories:
-        probs = encoding.category_probs[index]
-        best = int(np.argmax(probs))
-        result["category"] = label_space.categories[best]
-        result["category_confidence"] = float(probs[best])
-    if encoding.attribute_probs is not None and label_space.attributes:
-        result["attributes"] = {
-            name: round(float(p), 4)
-            for name, p in zip(label_space.attributes, encoding.attribute_probs[index])
-            if p >= ATTRIBUTE_REPORT_THRESHOLD
-        }
-    if encoding.landmarks is not None:
-        visibility = (
-            encoding.visibility[index] if encoding.visibility is not None else np.ones(len(encoding.landmarks[index]))
-        )
-        result["landmarks"] = [
-            [round(float(x), 4), round(float(y), 4), round(float(v), 4)]
-            for (x, y), v in zip(encoding.landmarks[index], visibility)
-        ]
-    return result
-
-
 def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
     """Embed images under every serving version; images that cannot be decoded are marked failed, not retried."""
     versions = list(selectors.model_versions_serving())
@@ -127,7 +99,7 @@ def _embed_with(version: ModelVersion, loaded: Sequence[tuple[ProductImage, Imag
             model_version=version,
             bits=encoding.bits[index],
             fc7=encoding.fc7[index],
-            **predictions(encoding, index, encoder.label_space),
+            **query_payload.predictions(encoding, index, encoder.label_space),
         )
         for image, encoding, index in encoded
     ]
@@ -186,20 +158,13 @@ def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False
     version = selectors.model_version_get(version_id=version_id)
     photo = Image.open(io.BytesIO(query_payload.photo_from_message(photo_message))).convert("RGB")
     encoder = encoder_of(version)
-    encoding = encoder.encode([photo])
-    labels = encoder.label_space
-    category_probs = {}
-    if encoding.category_probs is not None and labels.categories:
-        order = np.argsort(-encoding.category_probs[0])[:CATEGORY_TOP]
-        category_probs = {labels.categories[i]: float(encoding.category_probs[0][i]) for i in order}
-    return query_payload.encoding_to_message(
+    query = query_payload.query_encoding(
+        encoder.encode([photo]),
+        label_space=encoder.label_space,
         model_version_id=version.pk,
-        bits=encoding.bits[0],
-        fc7=encoding.fc7[0],
-        category_probs=category_probs,
         keypoints=geometry.pack(geometry.extract(photo)) if keypoints else None,
-        **predictions(encoding, 0, labels),
     )
+    return query_payload.encoding_to_message(query)
 
 
 # --- version 0 ------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """A cap on concurrent shopper searches per web process.
 
-A photo search holds a web thread while a worker encodes the photo (up to QUERY_ENCODE_TIMEOUT_S). Without a cap,
-a burst of searches (or a slow search queue) takes every thread of every process, and the merchant API, the admin
-and /healthz wait behind them. Over the cap a search is answered at once with 503 and Retry-After instead of
+A photo search holds a web thread, and while it encodes the photo in process (catalog.query_encoder) a core; with
+SEARCH_ENCODER=worker it waits on the `search` queue instead (up to QUERY_ENCODE_TIMEOUT_S). Without a cap, a burst
+of searches (or a slow search queue) takes every thread of every process, and the merchant API, the admin and
+/healthz wait behind them. Over the cap a search is answered at once with 503 and Retry-After instead of
 queueing in the process: the client retries, and the other routes keep their threads.
 """
 

@@ -2,14 +2,18 @@
 (a shopper's "this is the one" on a result). Anonymous, throttled.
 
 Each view validates with an input serializer, calls one function of `catalog.search`, renders with an output
-serializer. No torch here: the photo is encoded by a worker on the `search` queue.
+serializer. No torch here: the photo is encoded on ONNX Runtime in this process, or by a worker on the `search`
+queue (catalog.query_encoder). A search slower than settings.SEARCH_SLOW_MS is logged with its stage timings, the
+same `timings_ms` the response carries, so a slow stage shows in both.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.db.models import Q
 from django.http import JsonResponse
 from drf_spectacular.utils import extend_schema
@@ -250,6 +254,18 @@ class _ShopperView(APIView):
             return response
 
 
+def _answer(route: str, result: search.SearchResult, request: Request) -> Response:
+    """The rendered result; a search slower than SEARCH_SLOW_MS is logged with its stages first."""
+    total = result.timings_ms.get("total", 0.0)
+    if total > settings.SEARCH_SLOW_MS:
+        logger.warning(
+            "slow search: %s took %.0f ms (SEARCH_SLOW_MS %.0f), version %s, %d candidates; stages (ms) %s",
+            route, total, settings.SEARCH_SLOW_MS, result.version.pk, result.coarse.candidates,
+            json.dumps(result.timings_ms),
+        )  # fmt: skip
+    return Response(SearchOutputSerializer(result, context={"request": request}).data)
+
+
 def _unavailable(exc: Exception) -> Response:
     return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
 
@@ -274,7 +290,7 @@ class SearchView(_ShopperView):
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
         _keep_sample(params.validated_data)
-        return Response(SearchOutputSerializer(result, context={"request": request}).data)
+        return _answer("photo search", result, request)
 
 
 def _keep_sample(data: dict[str, Any]) -> None:
@@ -308,7 +324,7 @@ class SimilarProductsView(_ShopperView):
             return Response({"detail": str(exc)}, status=status.HTTP_404_NOT_FOUND)
         except search.SearchUnavailable as exc:
             return _unavailable(exc)
-        return Response(SearchOutputSerializer(result, context={"request": request}).data)
+        return _answer("similar products", result, request)
 
 
 class ConfirmRateThrottle(ClientScopedRateThrottle):

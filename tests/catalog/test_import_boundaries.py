@@ -6,10 +6,13 @@ importlib calls), so an import on a code path no test runs is caught too."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,6 +64,18 @@ def test_no_catalog_module_imports_workers():
     assert not offending, "catalog must not import workers (enqueue by task name, catalog.dispatch):\n" + "\n".join(
         offending
     )
+
+
+def test_the_inference_package_imports_neither_torch_nor_django_nor_the_apps():
+    """inference is what both sides share (the web encodes the shopper's photo with it): torch-free and app-free."""
+    forbidden = ("torch", "torchvision", "timm", "django", "celery", "catalog", "workers")
+    offending = [
+        f"{path.relative_to(ROOT)}:{line} imports {imported}"
+        for module, path in _sources("inference").items()
+        for line, imported in _imports(path, module)
+        if any(_is_in(imported, package) for package in forbidden)
+    ]
+    assert not offending, "\n".join(offending)
 
 
 def test_catalog_and_worker_modules_import_each_other_without_a_circle():
@@ -145,6 +160,41 @@ def test_web_processes_load_neither_torch_nor_the_worker_side():
         "resolve('/api/search'); resolve('/')"
     )
     assert loaded == ["workers", "workers.apps"]
+
+
+@pytest.mark.django_db(transaction=True)  # the web process below reads the version through its own connection
+def test_a_web_process_encodes_and_searches_in_process_without_loading_torch(settings, tmp_path):
+    """A fresh web process runs a photo search (SEARCH_ENCODER's default: ONNX Runtime in the process, keypoints
+    for the verify stage included) on a real version 0 export; torch and the worker side never load."""
+    from django.db import connection
+
+    from catalog import query_encoder
+    from catalog.services import model_versions
+    from tests.catalog.fitted import fitted_version, photos, png
+
+    version = model_versions.model_version_activate(version=fitted_version(tmp_path, name="v0-web"))
+    photo = tmp_path / "shot.png"
+    photo.write_bytes(png(photos(1, view=1)[0]))
+    code = (
+        "import json, os, sys, django\n"
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'tests.settings')\n"
+        "django.setup()\n"
+        "from django.db import connections\n"
+        f"connections['default'].settings_dict['NAME'] = {connection.settings_dict['NAME']!r}  # the test database\n"
+        "from catalog import query_encoder, search\n"
+        f"result = search.search_photo(data=open({str(photo)!r}, 'rb').read(), options=search.SearchOptions(k=3))\n"
+        "print(json.dumps({'code': result.query.code.tobytes().hex(), 'timings': result.timings_ms,\n"
+        "    'encoder': query_encoder.loaded_version() is not None,\n"
+        "    'loaded': sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'workers'))}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    web = json.loads(done.stdout.strip().splitlines()[-1])
+
+    assert web["loaded"] == ["workers", "workers.apps"]  # no torch, nothing of the worker side
+    assert web["encoder"] and {"encode", "keypoints", "verify"} <= set(web["timings"])
+    here = query_encoder.query_encode(image=query_encoder.query_image(photos(1, view=1)[0]), version=version)
+    assert web["code"] == here.encoding.code.tobytes().hex()
 
 
 def test_a_worker_starts_without_torch_and_loads_it_for_the_network():

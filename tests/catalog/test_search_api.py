@@ -2,6 +2,8 @@
 never among it, is in test_import_boundaries.py.)"""
 
 import itertools
+import json
+import logging
 
 import numpy as np
 import pytest
@@ -76,6 +78,25 @@ def test_similar_products_renders_ranked_products_with_explanations_and_timings(
 
     assert client.get("/api/products/999999999/similar").status_code == 404
     assert client.get(f"/api/products/{start.product.pk}/similar", {"k": 0}).status_code == 400
+
+
+def test_a_search_slower_than_the_threshold_is_logged_with_its_stage_timings(client, settings, caplog):
+    version = searchkit.active_version()
+    planted = searchkit.random_catalog(merchant=factories.merchant(), version=version, count=5)[0]
+    url = f"/api/products/{planted.product.pk}/similar"
+
+    settings.SEARCH_SLOW_MS = 60_000  # nothing here takes a minute: nothing is logged
+    with caplog.at_level(logging.WARNING, logger="catalog.api.search"):
+        assert client.get(url).status_code == 200
+    assert not [record for record in caplog.records if "slow search" in record.getMessage()]
+
+    settings.SEARCH_SLOW_MS = 0  # every search is slower than 0 ms
+    with caplog.at_level(logging.WARNING, logger="catalog.api.search"):
+        body = client.get(url).json()
+    [line] = [record.getMessage() for record in caplog.records if "slow search" in record.getMessage()]
+    assert line.startswith("slow search: similar products took") and f"version {version.pk}" in line
+    logged = json.loads(line[line.index("{") :])
+    assert set(logged) == set(body["timings_ms"]) >= {"coarse", "fine", "explain", "total"}
 
 
 def test_anonymous_callers_cannot_choose_the_coarse_backend(client, settings):

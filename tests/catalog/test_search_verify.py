@@ -148,12 +148,13 @@ def test_similar_products_verifies_with_the_stored_keypoints(wrong_by_fc7):
 
 def test_the_query_payload_carries_the_keypoints_as_json_text():
     packed = geometry.pack(geometry.extract(product_photo(4)))
+    code = np.packbits(np.ones(8, bool))
     message = query_payload.encoding_to_message(
-        model_version_id=1, bits=np.ones(8, bool), fc7=np.zeros(2), keypoints=packed
+        QueryEncoding(model_version_id=1, code=code, fc7=np.zeros(2, np.float32), keypoints=packed)
     )
     assert json.loads(json.dumps(message))["keypoints"] == message["keypoints"]
     assert query_payload.encoding_from_message(message).keypoints == packed
-    bare = query_payload.encoding_to_message(model_version_id=1, bits=np.ones(8, bool), fc7=np.zeros(2))
+    bare = query_payload.encoding_to_message(QueryEncoding(model_version_id=1, code=code, fc7=np.zeros(2)))
     assert query_payload.encoding_from_message(bare).keypoints is None
 
 

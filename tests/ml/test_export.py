@@ -7,11 +7,11 @@ import numpy as np
 import onnx
 import pytest
 
+from inference.onnx_runtime import OnnxNetwork
 from tests.ml.ml_helpers import LABELS, assert_same_bits, random_image, save_tiny_checkpoint
 from workers.ml.baseline import fit_baseline
 from workers.ml.encoder import Encoder
 from workers.ml.export import export
-from workers.ml.onnx_runtime import OnnxNetwork
 
 
 @pytest.fixture(scope="module")

@@ -177,8 +177,8 @@ class BaselineNetwork(nn.Module):
     """Version 0 as a network (what the Encoder runs, and what exports to ONNX): pooled backbone features,
     centred, projected to fc7 (PCA) and to code bits (ITQ), plus nearest-class-mean category probabilities.
 
-    Returns the Encoder's heads by name (heads.HEAD_NAMES); the projections are the hash logits: a bit is set
-    where its projection is positive, the same rule as FashionNet's hash layer.
+    Returns the Encoder's heads by name (inference.encoder.HEAD_NAMES); the projections are the hash logits: a bit
+    is set where its projection is positive, the same rule as FashionNet's hash layer.
     """
 
     def __init__(self, checkpoint: dict) -> None:

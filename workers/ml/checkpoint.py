@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
-KINDS = ("fashionnet", "baseline")
+from inference.checkpoint import FORMAT_VERSION, KINDS
 
 
 def build_checkpoint(

@@ -11,13 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
-def pack_bits(bits: np.ndarray) -> np.ndarray:
-    """(N, B) bool -> (N, B/8) uint8, big-endian within each byte. B must be a multiple of 8."""
-    bits = np.asarray(bits, dtype=bool)
-    if bits.ndim != 2 or bits.shape[1] % 8:
-        raise ValueError(f"need (N, B) bits with B a multiple of 8, got shape {bits.shape}")
-    return np.packbits(bits, axis=1)
+from inference.encoder import pack_bits as pack_bits  # what the Encoder packs its bits with
 
 
 def _as_words(codes: np.ndarray) -> np.ndarray:

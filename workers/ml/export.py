@@ -3,8 +3,8 @@
     export("var/models/v3.pt")          # -> var/models/v3.onnx, with the checkpoint's metadata inside
     is_current_export(onnx, checkpoint) # was this .onnx made from the checkpoint file as it is now?
 
-What the file holds and how it runs: workers.ml.onnx_runtime. The command line (and a speed comparison) is
-`python -m workers.ml.onnx_export`.
+What the file holds and how it runs (without torch): inference.onnx_runtime. The command line (and a speed
+comparison) is `python -m workers.ml.onnx_export`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ import onnx
 import torch
 from torch import nn
 
+from inference.onnx_runtime import (
+    INPUT_NAME,
+    METADATA_KEY,
+    SOURCE_KEY,
+    OnnxNetwork,
+    checkpoint_source,
+    metadata_props,
+)
 from workers.ml.checkpoint import checkpoint_metadata, load_checkpoint
 from workers.ml.heads import heads_module
-from workers.ml.onnx_runtime import INPUT_NAME, METADATA_KEY, OnnxNetwork, metadata_props
 
-SOURCE_KEY = "shop_search.source"  # which checkpoint file (size, mtime) and export code made this graph
 ABANDONED_TEMPORARY_SECONDS = 3600  # an export takes seconds; a temp file this old belongs to a killed process
-EXPORT_FORMAT = 1  # bump when the graph's inputs or outputs change: older exports are then made again
 OPSET = 18
 # Largest |difference| between any ONNX Runtime output and torch's that `export` accepts (both are float32;
 # the graph optimiser reorders sums, so the last bits differ).
@@ -104,12 +109,6 @@ def _remove_abandoned_temporaries(out_path: Path) -> None:
                 temporary.unlink(missing_ok=True)
         except FileNotFoundError:  # another worker removed it first
             continue
-
-
-def checkpoint_source(checkpoint_path: Path) -> dict:
-    """What identifies the checkpoint file an export was made from (and the export code's format)."""
-    stat = checkpoint_path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "export_format": EXPORT_FORMAT}
 
 
 def is_current_export(onnx_path: Path, checkpoint_path: Path) -> bool:

@@ -1,5 +1,5 @@
 """The networks the Encoder runs and the ONNX export writes, as "heads modules": a preprocessed image batch in,
-the Encoder's heads out, by name (`HEAD_NAMES`).
+the Encoder's heads out, by name (`inference.encoder.HEAD_NAMES`).
 
 Both checkpoint kinds give one: a trained FashionNet wrapped in `FashionNetHeads`, and version 0's
 `BaselineNetwork` (workers.ml.baseline), so the torch path and the ONNX export treat both kinds alike.
@@ -9,20 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from workers.ml.baseline import BaselineNetwork
 from workers.ml.model import FashionNet, FashionNetConfig
 
-# Every head an Encoding carries, in this order; a model without a head (no landmarks, say) lacks that one.
-HEAD_NAMES = ("hash_logits", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
-
 
 class FashionNetHeads(nn.Module):
     """A FashionNet whose forward returns the Encoder's heads by name (probabilities, but the hash layer's
-    logits: see network_result); absent heads are left out."""
+    logits: see inference.encoder.network_result); absent heads are left out."""
 
     def __init__(self, model: FashionNet) -> None:
         super().__init__()
@@ -55,12 +51,3 @@ HEADS_BY_KIND: dict[str, Callable[[dict], nn.Module]] = {"fashionnet": _fashionn
 def heads_module(checkpoint: dict) -> nn.Module:
     """The torch network of a checkpoint of either kind, in eval mode, returning the Encoder's heads by name."""
     return HEADS_BY_KIND[checkpoint["kind"]](checkpoint).eval()
-
-
-def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
-    """Head arrays -> what an Encoder's network returns: bits instead of hash logits, None for the absent heads.
-
-    A bit is set where the sigmoid activation exceeds 0.5, i.e. where the logit is positive; comparing the logit
-    is exact, while a float32 sigmoid rounds logits within ~1e-7 of zero to exactly 0.5.
-    """
-    return {"bits": heads["hash_logits"] > 0, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}

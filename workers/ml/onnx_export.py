@@ -5,7 +5,7 @@
     Encoder.load("var/models/v3.onnx")                          # the same Encoding, computed by ONNX Runtime
 
 The exporter itself is workers.ml.export (what workers call, workers/encoders.py); the file's contents and the
-runner are in workers.ml.onnx_runtime.
+runner are in inference.onnx_runtime.
 """
 
 from __future__ import annotations

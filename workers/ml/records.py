@@ -14,28 +14,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from inference.checkpoint import LabelSpace as LabelSpace  # defined beside the checkpoint format, which stores it
+
 if TYPE_CHECKING:  # torch is imported by `collate` only: the data side (and Django's demo command) runs without it
     import torch
-
-
-@dataclass(frozen=True)
-class LabelSpace:
-    """Vocabularies shared by a dataset and the network trained on it (stored in checkpoints)."""
-
-    categories: tuple[str, ...] = ()
-    attributes: tuple[str, ...] = ()
-    num_landmarks: int = 0
-
-    def to_dict(self) -> dict:
-        return {
-            "categories": list(self.categories),
-            "attributes": list(self.attributes),
-            "num_landmarks": self.num_landmarks,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LabelSpace:
-        return cls(tuple(data["categories"]), tuple(data["attributes"]), int(data["num_landmarks"]))
 
 
 @dataclass

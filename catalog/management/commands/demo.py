@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command, get_commands
 from django.core.management.base import BaseCommand
 
+from catalog import query_encoder
 from shop_search import embedded
 
 # Two workers, as in deploy/: shoppers' queries get their own process, so loading or importing a catalog (CPU-bound,
@@ -41,6 +42,8 @@ class Command(BaseCommand):
         try:
             if not no_catalog and "demo_catalog" in get_commands():
                 call_command("demo_catalog", products=products)
+            # runserver serves from this process: load the active version's query encoder before the first shopper
+            query_encoder.warm_up()
             host = addrport if ":" in addrport else f"127.0.0.1:{addrport}"
             self.stdout.write(self.style.SUCCESS("\nshop_search demo is up"))
             self.stdout.write(f"  shop:    http://{host}/")

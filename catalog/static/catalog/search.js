@@ -164,7 +164,7 @@
 
   function render(body) {
     const t = body.timings_ms;
-    timingsLine.textContent = ["intake", "encode", "coarse", "fine", "verify", "explain", "total"]
+    timingsLine.textContent = ["intake", "encode", "keypoints", "coarse", "fine", "verify", "explain", "total"]
       .filter((stage) => stage in t)
       .map((stage) => `${stage} ${number(t[stage], 1)} ms`)
       .join(" · ");

@@ -1,0 +1,179 @@
+"""`manage.py bench_api --url http://127.0.0.1:8033`: POST /api/search latency against a running server, as shoppers
+see it, at each concurrency asked for (default 1 and 8).
+
+The photos are the golden set's held-out shopper views of the catalog's own products
+(workers.pipelines.golden_query_photos: a cluttered, tilted, relit phone shot of a product, as PNG), posted in a
+fixed order by `--concurrency` client threads until `--requests` answers are in. Reported per concurrency: the
+client's latency (p50/p95/p99/max of the answers), the server's own `timings_ms` per stage (p50/p95/p99), how
+many were refused (503: the web process's per-process cap, SEARCH_MAX_CONCURRENT, after which the client pauses
+REFUSED_PAUSE_S; 429: the throttle, so start the server with a high SEARCH_THROTTLE_RATE), and answers per second.
+JSON (`--out`) and a markdown table (stdout).
+
+Needs the server's database (run this with the server's settings: same SHOP_SEARCH_VAR_DIR or DATABASE_URL), an
+active model version, and whatever encodes queries for the server (SEARCH_ENCODER).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from catalog import selectors
+
+WARMUP = 8  # the first requests load the encoder and the code index: not what a shopper waits for
+REFUSED_PAUSE_S = 0.05  # a refused client pauses before its next request: retrying in a tight loop would only
+# measure how fast the server can say 503 (and slow the searches it did take)
+PERCENTILES = (50, 95, 99)
+
+
+class Command(BaseCommand):
+    help = "Measure POST /api/search latency (client and server stages) at several concurrencies."
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--url", default="http://127.0.0.1:8000")
+        parser.add_argument("--requests", type=int, default=200, help="answers measured per concurrency")
+        parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+        parser.add_argument("--photos", type=int, default=50, help="distinct shopper photos, cycled")
+        parser.add_argument("--label", default="", help="names the run in the output (e.g. before, after)")
+        parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "api.json")
+
+    def handle(self, *args, url: str, requests: int, concurrency: list[int], photos: int, label: str, out: Path,
+               **options) -> None:  # fmt: skip
+        from workers.pipelines import golden_query_photos
+
+        version = selectors.model_version_active()
+        if version is None:
+            raise CommandError("no active model version: run `manage.py demo` (or demo_catalog) first")
+        shots = [photo for _, _, _, photo in golden_query_photos(version=version)[:photos]]
+        if not shots:
+            raise CommandError("the catalog has no usable images to photograph")
+        endpoint = url.rstrip("/") + "/api/search"
+        report: dict = {
+            "label": label,
+            "url": endpoint,
+            "model_version": version.name,
+            "photos": len(shots),
+            "photo_bytes_median": int(np.median([len(shot) for shot in shots])),
+            "runs": [],
+        }
+        for index in range(WARMUP):
+            _post(endpoint, shots[index % len(shots)])
+        for clients in concurrency:
+            report["runs"].append(_run(endpoint, shots, clients=clients, answers=requests))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        self.stdout.write(markdown(report))
+        self.stdout.write(f"\nJSON: {out}")
+
+
+def _post(endpoint: str, photo: bytes) -> tuple[int, float, dict]:
+    """(status, client ms, server timings_ms) of one multipart POST."""
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="shot.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        endpoint, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    )
+    started = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        error.read()
+        return error.code, (time.perf_counter() - started) * 1000, {}
+    elapsed = (time.perf_counter() - started) * 1000
+    return status, elapsed, json.loads(payload).get("timings_ms", {})
+
+
+def _run(endpoint: str, shots: list[bytes], *, clients: int, answers: int) -> dict:
+    lock = threading.Lock()
+    sent = 0
+    statuses: Counter[int] = Counter()
+    latencies: list[float] = []
+    stages: dict[str, list[float]] = {}
+
+    def client() -> None:
+        nonlocal sent
+        while True:
+            with lock:
+                if len(latencies) >= answers:
+                    return
+                photo = shots[sent % len(shots)]
+                sent += 1
+            status, elapsed, timings = _post(endpoint, photo)
+            with lock:
+                statuses[status] += 1
+                if status == 200 and len(latencies) < answers:
+                    latencies.append(elapsed)
+                    for stage, value in timings.items():
+                        stages.setdefault(stage, []).append(value)
+            if status != 200:
+                time.sleep(REFUSED_PAUSE_S)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    client_ms = _stats(latencies)
+    return {
+        "concurrency": clients,
+        "answers": len(latencies),
+        "statuses": {str(code): count for code, count in sorted(statuses.items())},
+        "answers_per_s": round(len(latencies) / wall, 2),
+        "client_ms": client_ms,
+        "p99_over_p50": round(client_ms["p99"] / client_ms["p50"], 2) if client_ms["p50"] else None,
+        "server_ms": {stage: _stats(values) for stage, values in stages.items()},
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": 0.0 for p in PERCENTILES} | {"max": 0.0}
+    return {f"p{p}": round(float(np.percentile(values, p)), 2) for p in PERCENTILES} | {
+        "max": round(float(np.max(values)), 2)
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"POST /api/search, {report['label'] or 'run'}: version {report['model_version']}, {report['photos']} "
+        f"shopper photos (median {report['photo_bytes_median']:,} bytes)",
+        "",
+        "| concurrency | answers/s | refused (503/429) | client p50 | p95 | p99 | p99/p50 | server total p50 | p99 |"
+        " encode p50 | p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in report["runs"]:
+        client, server = run["client_ms"], run["server_ms"]
+        total, encode = server.get("total", {}), server.get("encode", {})
+        refused = f"{run['statuses'].get('503', 0)}/{run['statuses'].get('429', 0)}"
+        lines.append(
+            f"| {run['concurrency']} | {run['answers_per_s']} | {refused} | {client['p50']} | {client['p95']} | "
+            f"{client['p99']} | {run['p99_over_p50']} | {total.get('p50', '')} | {total.get('p99', '')} | "
+            f"{encode.get('p50', '')} | {encode.get('p99', '')} |"
+        )
+    lines += ["", "Server stages, p50 / p99 ms:"]
+    for run in report["runs"]:
+        parts = [f"{stage} {s['p50']} / {s['p99']}" for stage, s in run["server_ms"].items()]
+        lines.append(f"- concurrency {run['concurrency']}: " + ", ".join(parts))
+    return "\n".join(lines)
