@@ -30,6 +30,7 @@ from django.conf import settings
 from PIL import Image
 
 from catalog import dispatch, geometry, query_payload, selectors
+from catalog.intake.images import image_downscale
 from catalog.models import ModelVersion
 from inference.encoder import Encoder
 from inference.onnx_runtime import OnnxNetwork
@@ -58,13 +59,7 @@ class EncodedQuery:
 
 def query_image(image: Image.Image) -> Image.Image:
     """The validated photo scaled down to QUERY_MAX_SIDE (never up): what both encoders encode."""
-    width, height = image.size
-    scale = QUERY_MAX_SIDE / max(width, height)
-    if scale >= 1:
-        return image
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # reducing_gap: a box reduction by an integer factor first, then bilinear: as good, and fast on huge photos
-    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return image_downscale(image, QUERY_MAX_SIDE)
 
 
 def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool = False) -> EncodedQuery:
