@@ -131,6 +131,14 @@ class RequestBodyLimitMiddleware:
         if declared.strip().isdigit() and int(declared) > limit.total:
             return JsonResponse({"detail": _too_large(limit, int(declared))}, status=413)
         request.upload_handlers.insert(0, CappedUploadHandler(request, limit=limit))
+        if request.method == "POST" and request.content_type == "multipart/form-data":
+            # Parse the form here, through the capped handler: the first to read it may be another middleware
+            # (CSRF reads request.POST), whose exception Django would answer with a 500, not this 413. DRF views
+            # then take the parsed form (request.POST and request.FILES) as it is.
+            try:
+                request.POST  # noqa: B018
+            except BodyTooLarge as exc:
+                return JsonResponse({"detail": str(exc.detail)}, status=413)
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:

@@ -10,7 +10,16 @@ from django.db.models import Max
 from django.utils import timezone
 
 from catalog import dispatch, selectors
-from catalog.models import GoldenQuery, ImportJob, IndexChange, Merchant, ModelVersion, ProductImage, RecentQuery
+from catalog.models import (
+    GoldenQuery,
+    ImageFetch,
+    ImportJob,
+    IndexChange,
+    Merchant,
+    ModelVersion,
+    ProductImage,
+    RecentQuery,
+)
 from catalog.services import golden, imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
@@ -101,12 +110,13 @@ STUCK_SWEEP_INTERVAL_S = 60
 
 
 def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
-    """Re-queue import chunks of jobs that made no progress for `stuck_after_s`, and images still waiting for an
-    embedding (pending, or missing for the version being indexed) that long. Only while the `embed` queue is empty:
-    with a backlog, what waits may simply be queued (the sweep after it drains re-queues what is really lost).
+    """Re-queue import chunks of jobs that made no progress for `stuck_after_s`, images still waiting for an
+    embedding (pending, or missing for the version being indexed) that long, and image fetches by URL still
+    pending that long. Only while the `embed` queue is empty: with a backlog, what waits may simply be queued (the
+    sweep after it drains re-queues what is really lost).
     Every task is idempotent, so the worst case is one batch embedded twice."""
     if dispatch.queue_length(dispatch.EMBED_IMAGES.queue) > 0:
-        return {"chunks": 0, "images": 0, "backlog": 1}
+        return {"chunks": 0, "images": 0, "image_fetches": 0, "backlog": 1}
     cutoff = timezone.now() - timedelta(seconds=stuck_after_s)
     chunks = 0
     live_jobs = ImportJob.objects.filter(state__in=[ImportJob.State.PENDING, ImportJob.State.RUNNING])
@@ -127,4 +137,9 @@ def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
             .values_list("id", flat=True)
         )
     dispatch.embed_images(image_ids=sorted(waiting))
-    return {"chunks": chunks, "images": len(waiting), "backlog": 0}
+    fetches = list(
+        ImageFetch.objects.filter(state=ImageFetch.State.PENDING, created_at__lt=cutoff).values_list("id", flat=True)
+    )
+    for fetch_id in fetches:
+        dispatch.fetch_product_image(fetch_id=fetch_id)
+    return {"chunks": chunks, "images": len(waiting), "image_fetches": len(fetches), "backlog": 0}

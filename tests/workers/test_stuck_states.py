@@ -100,7 +100,7 @@ def _embed_queue() -> int:
 def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finishes_them(celery_worker_on):
     from django.utils import timezone
 
-    from catalog.models import ProductImage
+    from catalog.models import ImageFetch, ProductImage
     from catalog.services import maintenance
     from tests.catalog.ingest_helpers import catalog
 
@@ -117,16 +117,22 @@ def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finish
     ImportJob.objects.filter(pk=stuck.pk).update(created_at=long_ago)
     lost = factories.image(factories.product(merchant, sku="LOST"), "lost.png")
     ProductImage.objects.filter(pk=lost.pk).update(created_at=long_ago)  # pending, its embed batch lost
+    # An image by URL whose task was lost (its host is private, so the worker ends it failed with the reason).
+    fetch = ImageFetch.objects.create(product=lost.product, url="http://10.1.2.3/shoe.jpg")
+    ImageFetch.objects.filter(pk=fetch.pk).update(created_at=long_ago)
     assert _embed_queue() == 0
 
     swept = maintenance.stuck_work_sweep()
 
-    assert swept == {"chunks": stuck.chunks_total, "images": 1, "backlog": 0}  # the fresh job is left alone
-    assert _embed_queue() == stuck.chunks_total + 1
-    assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 1  # no doubles
+    # the fresh job is left alone
+    assert swept == {"chunks": stuck.chunks_total, "images": 1, "image_fetches": 1, "backlog": 0}
+    assert _embed_queue() == stuck.chunks_total + 2
+    assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 2  # no doubles
     with celery_worker_on("embed", purge=False):  # the swept work waits for it
         wait_until(lambda: ImportJob.objects.get(pk=stuck.pk).state == ImportJob.State.DONE, timeout=60)
         wait_until(lambda: _embed_queue() == 0, timeout=30, message=_embed_queue)
+        wait_until(lambda: ImageFetch.objects.get(pk=fetch.pk).state == ImageFetch.State.FAILED, timeout=30)
+    assert "non-public" in ImageFetch.objects.get(pk=fetch.pk).error
     assert ImportJob.objects.get(pk=stuck.pk).ok == 5
     assert ImportJob.objects.get(pk=fresh.pk).state == ImportJob.State.PENDING
 
