@@ -112,11 +112,13 @@ STUCK_SWEEP_INTERVAL_S = 60
 def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
     """Re-queue import chunks of jobs that made no progress for `stuck_after_s`, images still waiting for an
     embedding (pending, or missing for the version being indexed) that long, and image fetches by URL still
-    pending that long. Only while the `embed` queue is empty: with a backlog, what waits may simply be queued (the
-    sweep after it drains re-queues what is really lost).
-    Every task is idempotent, so the worst case is one batch embedded twice."""
+    pending that long; and finish an indexing version that has every embedding but is still indexing (its polling
+    task, held unacknowledged by a lost worker, would come back only after the broker's visibility timeout). Only
+    while the `embed` queue is empty: with a backlog, what waits may simply be queued (the sweep after it drains
+    re-queues what is really lost). Every task is idempotent, so the worst case is one batch embedded twice, or a
+    version activated by two finishing tasks."""
     if dispatch.queue_length(dispatch.EMBED_IMAGES.queue) > 0:
-        return {"chunks": 0, "images": 0, "image_fetches": 0, "backlog": 1}
+        return {"chunks": 0, "images": 0, "image_fetches": 0, "finishing": 0, "backlog": 1}
     cutoff = timezone.now() - timedelta(seconds=stuck_after_s)
     chunks = 0
     live_jobs = ImportJob.objects.filter(state__in=[ImportJob.State.PENDING, ImportJob.State.RUNNING])
@@ -129,17 +131,24 @@ def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
             "id", flat=True
         )
     )
+    finishing = 0
     indexing = ModelVersion.objects.filter(status=ModelVersion.Status.INDEXING).first()
     if indexing is not None:
-        waiting |= set(
-            selectors.images_missing_embedding(version=indexing)
-            .filter(created_at__lt=cutoff)
-            .values_list("id", flat=True)
-        )
+        missing = selectors.images_missing_embedding(version=indexing)
+        waiting |= set(missing.filter(created_at__lt=cutoff).values_list("id", flat=True))
+        if not missing.exists():
+            dispatch.finish_indexing(version_id=indexing.pk)
+            finishing = 1
     dispatch.embed_images(image_ids=sorted(waiting))
     fetches = list(
         ImageFetch.objects.filter(state=ImageFetch.State.PENDING, created_at__lt=cutoff).values_list("id", flat=True)
     )
     for fetch_id in fetches:
         dispatch.fetch_product_image(fetch_id=fetch_id)
-    return {"chunks": chunks, "images": len(waiting), "image_fetches": len(fetches), "backlog": 0}
+    return {
+        "chunks": chunks,
+        "images": len(waiting),
+        "image_fetches": len(fetches),
+        "finishing": finishing,
+        "backlog": 0,
+    }

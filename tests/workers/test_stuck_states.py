@@ -125,7 +125,7 @@ def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finish
     swept = maintenance.stuck_work_sweep()
 
     # the fresh job is left alone
-    assert swept == {"chunks": stuck.chunks_total, "images": 1, "image_fetches": 1, "backlog": 0}
+    assert swept == {"chunks": stuck.chunks_total, "images": 1, "image_fetches": 1, "finishing": 0, "backlog": 0}
     assert _embed_queue() == stuck.chunks_total + 2
     assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 2  # no doubles
     with celery_worker_on("embed", purge=False):  # the swept work waits for it
@@ -146,3 +146,27 @@ def _file(data: bytes):
     import io
 
     return io.BytesIO(data)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_sweeper_finishes_an_indexing_version_whose_finishing_poll_was_lost(celery_worker_on):
+    from catalog.models import ModelVersion
+    from catalog.services import maintenance
+
+    app.control.purge()
+    _purge_embed()
+    old = ModelVersion.objects.create(name="old", checkpoint="o.pt", status="active", code_bits=8, fc7_dim=4)
+    new = ModelVersion.objects.create(name="new", checkpoint="n.pt", status="indexing", code_bits=8, fc7_dim=4)
+    # every image is embedded (there are none), but the poll that would activate it died with its worker
+
+    assert maintenance.stuck_work_sweep() == {
+        "chunks": 0,
+        "images": 0,
+        "image_fetches": 0,
+        "finishing": 1,
+        "backlog": 0,
+    }
+    with celery_worker_on("embed", purge=False):
+        wait_until(lambda: ModelVersion.objects.get(pk=new.pk).status == "active", timeout=30)
+    assert ModelVersion.objects.get(pk=old.pk).status == "retired"
+    assert maintenance.stuck_work_sweep()["finishing"] == 0  # nothing indexing any more
