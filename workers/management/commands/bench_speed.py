@@ -66,7 +66,11 @@ class Command(BaseCommand):
         parser.add_argument("--api-requests", type=int, default=200, help="measured searches per concurrency level")
         parser.add_argument("--merchant-token", default="", help="a merchant user's API token: measures freshness")
         parser.add_argument("--merchant", default="", help="the merchant's slug, if the token acts for several")
-        parser.add_argument("--reuse-search", type=Path, help="a bench_search JSON to use instead of running it")
+        parser.add_argument(
+            "--reuse-search",
+            default="",
+            help="bench_search JSONs (comma-separated: their sizes are put together) to use instead of running it",
+        )
         parser.add_argument("--reuse-ingest", type=Path, help="a bench_ingest JSON to use instead of running it")
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "speed.json")
 
@@ -98,7 +102,8 @@ class Command(BaseCommand):
     # -- sections ---------------------------------------------------------------------------------------------------
     def _search(self, options: dict, directory: Path) -> dict:
         if options["reuse_search"]:
-            return json.loads(options["reuse_search"].read_text())
+            runs = [json.loads(Path(path).read_text()) for path in options["reuse_search"].split(",") if path.strip()]
+            return {**runs[0], "sizes": [entry for run in runs for entry in run["sizes"]]}
         path = directory / "search.json"
         call_command(
             "bench_search", sizes=options["sizes"], backends="memory", queries=options["queries"],
