@@ -66,7 +66,11 @@ class Command(BaseCommand):
         parser.add_argument("--api-requests", type=int, default=200, help="measured searches per concurrency level")
         parser.add_argument("--merchant-token", default="", help="a merchant user's API token: measures freshness")
         parser.add_argument("--merchant", default="", help="the merchant's slug, if the token acts for several")
-        parser.add_argument("--reuse-search", type=Path, help="a bench_search JSON to use instead of running it")
+        parser.add_argument(
+            "--reuse-search",
+            default="",
+            help="bench_search JSONs (comma-separated: their sizes are put together) to use instead of running it",
+        )
         parser.add_argument("--reuse-ingest", type=Path, help="a bench_ingest JSON to use instead of running it")
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "speed.json")
 
@@ -98,7 +102,8 @@ class Command(BaseCommand):
     # -- sections ---------------------------------------------------------------------------------------------------
     def _search(self, options: dict, directory: Path) -> dict:
         if options["reuse_search"]:
-            return json.loads(options["reuse_search"].read_text())
+            runs = [json.loads(Path(path).read_text()) for path in options["reuse_search"].split(",") if path.strip()]
+            return {**runs[0], "sizes": [entry for run in runs for entry in run["sizes"]]}
         path = directory / "search.json"
         call_command(
             "bench_search", sizes=options["sizes"], backends="memory", queries=options["queries"],
@@ -195,23 +200,33 @@ def _post(url: str, *, fields: dict[str, str], files: dict[str, bytes], token: s
         with urllib.request.urlopen(request, timeout=60) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as error:
-        raise CommandError(f"{url}: {error.code} {error.read()[:300]!r}") from None
+        raise HttpError(error.code, f"{url}: {error.code} {error.read()[:300]!r}") from None
+
+
+class HttpError(CommandError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _search_load(url: str, photos: list[bytes], requests: int, concurrency: int) -> dict:
-    """`requests` searches (after a few warm-up ones) from `concurrency` threads; client and server latencies."""
+    """`requests` searches (after a few warm-up ones) from `concurrency` threads; client and server latencies of
+    those answered, and how many the server turned away as busy (503: SEARCH_MAX_CONCURRENT per web process)."""
     for photo in photos[:API_WARMUP]:
         _post(f"{url}/api/search", fields={}, files={"image": photo})
-    client, server, errors = [], [], []
+    client: list[float] = []
+    server: list[float] = []
+    errors: list[str] = []
+    busy: list[str] = []
     lock = threading.Lock()
 
     def one(index: int) -> None:
         started = time.perf_counter()
         try:
             answer = _post(f"{url}/api/search", fields={}, files={"image": photos[index % len(photos)]})
-        except CommandError as error:
+        except HttpError as error:
             with lock:
-                errors.append(str(error))
+                (busy if error.status == 503 else errors).append(str(error))
             return
         elapsed = (time.perf_counter() - started) * 1000
         with lock:
@@ -224,8 +239,11 @@ def _search_load(url: str, photos: list[bytes], requests: int, concurrency: int)
     wall = time.perf_counter() - started
     if errors:
         raise CommandError(f"{len(errors)} searches failed, e.g. {errors[0]} (throttled? raise SEARCH_THROTTLE_RATE)")
+    if not client:
+        raise CommandError(f"no search was answered, e.g. {busy[0]}")
     return {
-        "requests": len(client),
+        "requests": requests,
+        "busy_503": len(busy),
         "per_s": round(len(client) / wall, 1),
         "client_ms": _percentiles(client),
         "server_total_ms": _percentiles(server),
@@ -240,7 +258,8 @@ def _freshness(url: str, token: str, merchant: str) -> float:
     """Seconds from adding a product and its photo through the merchant API to the search API returning it."""
     photo = _jpeg(_rendered(987_654_321 % 100_000 + int(time.time()) % 1000))
     sku = f"fresh-{uuid.uuid4().hex[:12]}"
-    fields = {"sku": sku, "title": "Freshness probe", **({"merchant": merchant} if merchant else {})}
+    # (active spelled out: in a multipart form an absent boolean reads as false)
+    fields = {"sku": sku, "title": "Freshness probe", "active": "true", **({"merchant": merchant} if merchant else {})}
     started = time.perf_counter()
     product = _post(f"{url}/api/merchant/products/", fields=fields, files={}, token=token)
     _post(f"{url}/api/merchant/products/{product['id']}/images/", fields={}, files={"file": photo}, token=token)
@@ -260,7 +279,7 @@ def markdown(report: dict) -> str:
         lines += [
             "| products | read codes once | coarse selection (x floor, x faiss) | before: full scan + histogram "
             "| faiss IndexBinaryFlat top-1000 | fine (x in-memory floor) | fine floor | before: fine in PostgreSQL "
-            "| change-log poll | total p50 / p99 | recall@10 | index memory | index load |",
+            "| change-log poll | cascade p50 / p99 | recall@10 | index memory | index load |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for entry in search["sizes"]:
@@ -311,14 +330,18 @@ def markdown(report: dict) -> str:
         ]
     api = report.get("api")
     if api:
-        lines += ["| POST /api/search | requests/s | client p50 / p95 / p99 | server total p50 / p95 / p99 |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| POST /api/search | answered/s | busy (503) | client p50 / p95 / p99 | server total p50 / p95 / p99 |",
+            "|---|---|---|---|---|",
+        ]
         for concurrency in (1, 8):
             level = api.get(f"concurrency_{concurrency}")
             if level:
                 client, server = level["client_ms"], level["server_total_ms"]
                 lines.append(
-                    f"| concurrency {concurrency} | {level['per_s']} | {client['p50']} / {client['p95']} / "
+                    f"| concurrency {concurrency} | {level['per_s']} "
+                    f"| {level.get('busy_503', 0)} of {level['requests']} "
+                    f"| {client['p50']} / {client['p95']} / "
                     f"{client['p99']} ms | {server['p50']} / {server['p95']} / {server['p99']} ms |"
                 )
         if "new_product_searchable_s" in api:

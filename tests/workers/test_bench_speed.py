@@ -1,0 +1,35 @@
+"""bench_speed's table from measured parts: bench_search's codes-only coarse measurement (no database) and the
+markdown the README quotes."""
+
+from __future__ import annotations
+
+from catalog.management.commands.bench_search import _coarse_only
+from workers.management.commands.bench_speed import markdown
+
+
+def test_the_coarse_selection_is_measured_next_to_its_floor_and_tabled():
+    entry = _coarse_only(size=20_000, code_bits=256, fc7_dim=16, seed=0, queries=20)
+    floor = entry["backends"]["memory"]["coarse_floor"]
+    assert floor["read_codes_once_ms"] > 0 and floor["selection_ms"] > 0 and floor["faiss_flat_ms"] > 0
+    assert floor["selection_to_floor"] == round(floor["selection_ms"] / floor["read_codes_once_ms"], 2)
+    assert entry["backends"]["memory"]["memory_mb"] > 20_000 * 32 / 1e6  # the codes at least
+
+    table = markdown(
+        {
+            "cpus": 2,
+            "search": {"sizes": [entry]},
+            "encode": [
+                {"model": "version 0 (224 px)", "batch1_ms": {"torch": 20.0, "onnxruntime": 8.0},
+                 "batch32_images_per_s": {"torch": 60.0, "onnxruntime": 150.0}},
+            ],
+            "ingest": {"products": 100, "workers": 1, "images_per_s": 50.0, "images_per_worker_cpu_s": 90.0},
+            "api": {"concurrency_1": {"requests": 10, "busy_503": 0, "per_s": 5.0,
+                                      "client_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+                                      "server_total_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0}},
+                    "new_product_searchable_s": 0.5},
+        }
+    )  # fmt: skip
+    assert "| 20,000 (codes only) |" in table
+    assert f"{floor['selection_to_floor']:.2f}x" in table
+    assert "| version 0 (224 px) | 20.0 ms | 8.0 ms | 60 images/s | 150 images/s |" in table
+    assert "searchable 0.5 s after" in table
