@@ -2,10 +2,11 @@
 
 Two backends answer `candidates(...)` with the same `CoarseCandidates` (candidates.py):
 - `MemoryCodeIndex` (memory.py): the version's packed codes in this process's memory (1M x 256 bits = 32 MB),
-  searched with one counting k-NN pass (faiss `hammings_knn_mc`, one core) cut into whole shells, about 1.4x the
-  time it takes to read the codes once; beside them each embedding's fc7, for the fine stage (`fc7_rank`). Loaded
-  from PostgreSQL with a binary COPY, then kept fresh from `catalog_indexchange` (the change log the database
-  triggers write), exactly: an id a running transaction still holds is waited for until that transaction ends.
+  searched with one counting k-NN pass (faiss `hammings_knn_mc`, one core) cut into whole shells, 1.4-2.2x the
+  time it takes to read the codes once (README, speed); beside them each embedding's fc7, for the fine stage
+  (`fc7_rank`). Loaded from PostgreSQL with a binary COPY, then kept fresh from `catalog_indexchange` (the change
+  log the database triggers write), exactly: an id a running transaction still holds is waited for until that
+  transaction ends.
 - `SqlCodeIndex` (sql.py): the same question asked of PostgreSQL: the version's partial HNSW index on
   `code::bit(B)` (bit_hamming_ops), with ef_search set from the candidate depth and iterative scans, and an exact
   scan whenever the index came back short, so it never silently returns fewer rows than exist.

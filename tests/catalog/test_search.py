@@ -434,3 +434,24 @@ def test_a_radius_past_the_code_length_with_hidden_rows_ends_with_every_visible_
         result = search.similar_products(product_id=start, options=options)
         assert sorted(product_ids(result)) == sorted(p.product.pk for p in catalog[1:])
         assert result.coarse.rounds <= search.COARSE_WIDEN_ROUNDS + 2
+
+
+def test_without_fc7_in_memory_the_fine_stage_reads_postgresql(shop, settings):
+    version, merchant = shop
+    rng = np.random.default_rng(22)
+    bits, fc7 = searchkit.random_bits(rng), searchkit.unit(rng.standard_normal(version.fc7_dim))
+    query = query_for(version, bits, fc7)
+    with_fc7 = run(version, query, "memory", k=10)
+    assert hamming.MEMORY_INDEX._rows.fc7_dim == version.fc7_dim  # fc7 held beside the codes
+
+    settings.SEARCH_FC7_IN_MEMORY = False
+    hamming.MEMORY_INDEX.clear()
+    without = run(version, query, "memory", k=10)
+
+    assert hamming.MEMORY_INDEX._rows.fc7_dim == 0
+    assert hamming.MEMORY_INDEX.fc7_rank(version_id=version.pk, embedding_ids=np.arange(3), fc7=fc7) is None
+    assert product_ids(without) == product_ids(with_fc7)
+    assert [h.explanation.fc7_distance for h in without.hits] == pytest.approx(
+        [h.explanation.fc7_distance for h in with_fc7.hits], abs=1e-5
+    )
+    hamming.MEMORY_INDEX.clear()  # the next test's index holds fc7 again

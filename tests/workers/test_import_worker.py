@@ -79,7 +79,7 @@ def test_a_worker_killed_mid_import_and_another_started_leaves_exactly_the_right
     assert Product.objects.count() == job.ok == ProductImage.objects.count()
 
     with _worker("import-second") as second:
-        wait_until(lambda: alive(second) and ImportJob.objects.get(pk=job.pk).state == "done", timeout=180, interval=0.2)
+        wait_until(lambda: alive(second) and ImportJob.objects.get(pk=job.pk).state == "done", timeout=180, interval=1)
     job.refresh_from_db()
     assert (job.total, job.processed, job.ok, job.rejected) == (good + broken + 1, good + broken + 1, good, broken + 1)
     assert job.chunks_done == job.chunks_total == ImportChunk.objects.filter(job=job, done=True).count()

@@ -272,6 +272,10 @@ def _freshness(url: str, token: str, merchant: str) -> float:
 
 
 # --- the table -------------------------------------------------------------------------------------------------
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value} s"
+
+
 def markdown(report: dict) -> str:
     lines = [f"Machine: {report.get('cpus')} cores, shared; every ratio is to a floor measured in the same run.", ""]
     search = report.get("search")
@@ -304,7 +308,7 @@ def markdown(report: dict) -> str:
                     if total
                     else "| - | - "
                 )
-                + f"| {memory['memory_mb']:.0f} MB | {memory.get('load_s', '-')} s |"
+                + f"| {memory['memory_mb']:.0f} MB | {_seconds(memory.get('load_s'))} |"
             )
         lines.append("")
     encode = report.get("encode")
