@@ -168,9 +168,11 @@ MODELS_DIR = Path(os.environ.get("MODELS_DIR", VAR_DIR / "models"))  # checkpoin
 
 # --- Search and ingest -------------------------------------------------------------------------------------------
 # Shopper searches at once per web process (each holds a thread, and with the in-process encoder a core, for its
-# whole cascade); over it: 503.
-# Below gunicorn's threads per process (GUNICORN_THREADS, 4), so the merchant API, admin and /healthz keep one.
+# whole cascade); over it, a search waits for a slot up to SEARCH_SLOT_WAIT_MS, then gets 503 (catalog.api.concurrency).
+# Below gunicorn's threads per process (GUNICORN_THREADS, 4), so the merchant API, admin and /healthz keep one (or get
+# it back within the wait).
 SEARCH_MAX_CONCURRENT = int(os.environ.get("SEARCH_MAX_CONCURRENT", "3"))
+SEARCH_SLOT_WAIT_MS = float(os.environ.get("SEARCH_SLOT_WAIT_MS", "300"))
 SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # memory | sql (catalog.hamming)
 # The memory backend also holds each embedding's fc7 (float32: fc7_dim x 4 bytes a product, 512 MB per million at 128
 # dimensions) so that the fine stage ranks in this process; off: it reads them from PostgreSQL (docs/scaling.md).

@@ -3,8 +3,10 @@
 A photo search holds a web thread, and while it encodes the photo in process (catalog.query_encoder) a core; with
 SEARCH_ENCODER=worker it waits on the `search` queue instead (up to QUERY_ENCODE_TIMEOUT_S). Without a cap, a burst
 of searches (or a slow search queue) takes every thread of every process, and the merchant API, the admin and
-/healthz wait behind them. Over the cap a search is answered at once with 503 and Retry-After instead of
-queueing in the process: the client retries, and the other routes keep their threads.
+/healthz wait behind them. Over the cap a search waits for a slot at most SEARCH_SLOT_WAIT_MS (a burst of a few
+searches, each tens of milliseconds in process, clears in that time: the shopper sees a slower answer, not an error),
+then is answered with 503 and Retry-After instead of queueing any longer: the client retries, and the other routes
+keep their threads.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class ConcurrencyCap:
         self._semaphore = threading.BoundedSemaphore(limit)
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._semaphore.acquire(blocking=False):
+    def slot(self, wait_s: float = 0.0) -> Iterator[None]:
+        acquired = self._semaphore.acquire(timeout=wait_s) if wait_s > 0 else self._semaphore.acquire(blocking=False)
+        if not acquired:
             raise SearchBusy(
                 f"too many searches in progress on this server ({self.limit} at once); try again in a moment"
             )

@@ -244,9 +244,10 @@ class _ShopperView(APIView):
     throttle_scope = "search"
 
     def dispatch(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        """Hold one of the process's search slots for the whole request; none free: 503 at once, Retry-After."""
+        """Hold one of the process's search slots for the whole request; none free within SEARCH_SLOT_WAIT_MS: 503
+        with Retry-After."""
         try:
-            with search_slot().slot():
+            with search_slot().slot(wait_s=settings.SEARCH_SLOT_WAIT_MS / 1000):
                 return super().dispatch(request, *args, **kwargs)
         except SearchBusy as exc:
             response = JsonResponse({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
