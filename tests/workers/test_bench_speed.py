@@ -23,9 +23,9 @@ def test_the_coarse_selection_is_measured_next_to_its_floor_and_tabled():
                  "batch32_images_per_s": {"torch": 60.0, "onnxruntime": 150.0}},
             ],
             "ingest": {"products": 100, "workers": 1, "images_per_s": 50.0, "images_per_worker_cpu_s": 90.0},
-            "api": {"concurrency_1": {"requests": 10, "busy_503": 0, "per_s": 5.0,
+            "api": {"concurrency_1": {"statuses": {"200": 10, "503": 2}, "answers_per_s": 5.0,
                                       "client_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
-                                      "server_total_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0}},
+                                      "server_ms": {"total": {"p50": 1.0, "p95": 2.0, "p99": 3.0}}},
                     "new_product_searchable_s": 0.5},
         }
     )  # fmt: skip
@@ -33,3 +33,4 @@ def test_the_coarse_selection_is_measured_next_to_its_floor_and_tabled():
     assert f"{floor['selection_to_floor']:.2f}x" in table
     assert "| version 0 (224 px) | 20.0 ms | 8.0 ms | 60 images/s | 150 images/s |" in table
     assert "searchable 0.5 s after" in table
+    assert "| concurrency 1 | 5.0 | 2 of 12 | 1.0 / 2.0 / 3.0 ms | 1.0 / 2.0 / 3.0 ms |" in table

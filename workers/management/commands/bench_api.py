@@ -5,9 +5,8 @@ The photos are the golden set's held-out shopper views of the catalog's own prod
 (workers.pipelines.golden_query_photos: a cluttered, tilted, relit phone shot of a product, as PNG), posted in a
 fixed order by `--concurrency` client threads until `--requests` answers are in. Reported per concurrency: the
 client's latency (p50/p95/p99/max of the answers), the server's own `timings_ms` per stage (p50/p95/p99), how
-many were refused (503: the web process's per-process cap, SEARCH_MAX_CONCURRENT, after which the client pauses
-REFUSED_PAUSE_S; 429: the throttle, so start the server with a high SEARCH_THROTTLE_RATE), and answers per second.
-JSON (`--out`) and a markdown table (stdout).
+many were refused (503 and 429, see workers.management.search_load, which bench_speed shares), and answers per
+second. JSON (`--out`) and a markdown table (stdout).
 
 Needs the server's database (run this with the server's settings: same SHOP_SEARCH_VAR_DIR or DATABASE_URL), an
 active model version, and whatever encodes queries for the server (SEARCH_ENCODER).
@@ -16,12 +15,6 @@ active model version, and whatever encodes queries for the server (SEARCH_ENCODE
 from __future__ import annotations
 
 import json
-import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,11 +22,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from catalog import selectors
-
-WARMUP = 8  # the first requests load the encoder and the code index: not what a shopper waits for
-REFUSED_PAUSE_S = 0.05  # a refused client pauses before its next request: retrying in a tight loop would only
-# measure how fast the server can say 503 (and slow the searches it did take)
-PERCENTILES = (50, 95, 99)
+from workers.management.search_load import search_load, warm_up
 
 
 class Command(BaseCommand):
@@ -66,92 +55,13 @@ class Command(BaseCommand):
             "photo_bytes_median": int(np.median([len(shot) for shot in shots])),
             "runs": [],
         }
-        for index in range(WARMUP):
-            _post(endpoint, shots[index % len(shots)])
+        warm_up(endpoint, shots)
         for clients in concurrency:
-            report["runs"].append(_run(endpoint, shots, clients=clients, answers=requests))
+            report["runs"].append(search_load(endpoint, shots, clients=clients, answers=requests))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))
         self.stdout.write(markdown(report))
         self.stdout.write(f"\nJSON: {out}")
-
-
-def _post(endpoint: str, photo: bytes) -> tuple[int, float, dict]:
-    """(status, client ms, server timings_ms) of one multipart POST."""
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="shot.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + photo
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    request = urllib.request.Request(
-        endpoint, data=body, method="POST", headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
-    started = time.perf_counter()
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            payload = response.read()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        error.read()
-        return error.code, (time.perf_counter() - started) * 1000, {}
-    elapsed = (time.perf_counter() - started) * 1000
-    return status, elapsed, json.loads(payload).get("timings_ms", {})
-
-
-def _run(endpoint: str, shots: list[bytes], *, clients: int, answers: int) -> dict:
-    lock = threading.Lock()
-    sent = 0
-    statuses: Counter[int] = Counter()
-    latencies: list[float] = []
-    stages: dict[str, list[float]] = {}
-
-    def client() -> None:
-        nonlocal sent
-        while True:
-            with lock:
-                if len(latencies) >= answers:
-                    return
-                photo = shots[sent % len(shots)]
-                sent += 1
-            status, elapsed, timings = _post(endpoint, photo)
-            with lock:
-                statuses[status] += 1
-                if status == 200 and len(latencies) < answers:
-                    latencies.append(elapsed)
-                    for stage, value in timings.items():
-                        stages.setdefault(stage, []).append(value)
-            if status != 200:
-                time.sleep(REFUSED_PAUSE_S)
-
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
-    client_ms = _stats(latencies)
-    return {
-        "concurrency": clients,
-        "answers": len(latencies),
-        "statuses": {str(code): count for code, count in sorted(statuses.items())},
-        "answers_per_s": round(len(latencies) / wall, 2),
-        "client_ms": client_ms,
-        "p99_over_p50": round(client_ms["p99"] / client_ms["p50"], 2) if client_ms["p50"] else None,
-        "server_ms": {stage: _stats(values) for stage, values in stages.items()},
-    }
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {f"p{p}": 0.0 for p in PERCENTILES} | {"max": 0.0}
-    return {f"p{p}": round(float(np.percentile(values, p)), 2) for p in PERCENTILES} | {
-        "max": round(float(np.max(values)), 2)
-    }
 
 
 def markdown(report: dict) -> str:

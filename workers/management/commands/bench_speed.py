@@ -24,28 +24,25 @@ import io
 import json
 import os
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from PIL import Image
 
 from catalog.management.bench_database import run_inside_bench_database
+from workers.management.search_load import search_load, warm_up
 
 SECTIONS = ("search", "encode", "ingest", "api")
 INGEST_DATABASE = "shop_search_bench_ingest"
 FIT_SAMPLE = 300  # rendered products version 0 is fitted on for the encode section (its cost does not depend on it)
 ENCODE_BATCH = 32
 RENDER_SIZE = 256  # query and fit photos: a rendered product, about what a phone crop is after downscaling
-API_WARMUP = 5
 FRESHNESS_TIMEOUT_S = 120.0
 
 
@@ -154,9 +151,14 @@ class Command(BaseCommand):
         url = options["url"].rstrip("/")
         photos = [_jpeg(_rendered(seed)) for seed in range(50)]
         result: dict = {"url": url}
+        endpoint = f"{url}/api/search"
+        warm_up(endpoint, photos)
         for concurrency in (1, 8):
-            result[f"concurrency_{concurrency}"] = _search_load(url, photos, options["api_requests"], concurrency)
-            self.stdout.write(f"api concurrency {concurrency}: {json.dumps(result[f'concurrency_{concurrency}'])}")
+            level = search_load(endpoint, photos, clients=concurrency, answers=options["api_requests"])
+            if level["statuses"].get("429"):
+                raise CommandError("the server throttled the searches: start it with a high SEARCH_THROTTLE_RATE")
+            result[f"concurrency_{concurrency}"] = level
+            self.stdout.write(f"api concurrency {concurrency}: {json.dumps(level)}")
         if options["merchant_token"]:
             result["new_product_searchable_s"] = _freshness(url, options["merchant_token"], options["merchant"])
             self.stdout.write(f"api: a new product was searchable after {result['new_product_searchable_s']} s")
@@ -207,51 +209,6 @@ class HttpError(CommandError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _search_load(url: str, photos: list[bytes], requests: int, concurrency: int) -> dict:
-    """`requests` searches (after a few warm-up ones) from `concurrency` threads; client and server latencies of
-    those answered, and how many the server turned away as busy (503: SEARCH_MAX_CONCURRENT per web process)."""
-    for photo in photos[:API_WARMUP]:
-        _post(f"{url}/api/search", fields={}, files={"image": photo})
-    client: list[float] = []
-    server: list[float] = []
-    errors: list[str] = []
-    busy: list[str] = []
-    lock = threading.Lock()
-
-    def one(index: int) -> None:
-        started = time.perf_counter()
-        try:
-            answer = _post(f"{url}/api/search", fields={}, files={"image": photos[index % len(photos)]})
-        except HttpError as error:
-            with lock:
-                (busy if error.status == 503 else errors).append(str(error))
-            return
-        elapsed = (time.perf_counter() - started) * 1000
-        with lock:
-            client.append(elapsed)
-            server.append(float(answer.get("timings_ms", {}).get("total", np.nan)))
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
-    if errors:
-        raise CommandError(f"{len(errors)} searches failed, e.g. {errors[0]} (throttled? raise SEARCH_THROTTLE_RATE)")
-    if not client:
-        raise CommandError(f"no search was answered, e.g. {busy[0]}")
-    return {
-        "requests": requests,
-        "busy_503": len(busy),
-        "per_s": round(len(client) / wall, 1),
-        "client_ms": _percentiles(client),
-        "server_total_ms": _percentiles(server),
-    }
-
-
-def _percentiles(values: list[float]) -> dict[str, float]:
-    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 95, 99)}
 
 
 def _freshness(url: str, token: str, merchant: str) -> float:
@@ -341,10 +298,10 @@ def markdown(report: dict) -> str:
         for concurrency in (1, 8):
             level = api.get(f"concurrency_{concurrency}")
             if level:
-                client, server = level["client_ms"], level["server_total_ms"]
+                client, server = level["client_ms"], level["server_ms"]["total"]
                 lines.append(
-                    f"| concurrency {concurrency} | {level['per_s']} "
-                    f"| {level.get('busy_503', 0)} of {level['requests']} "
+                    f"| concurrency {concurrency} | {level['answers_per_s']} "
+                    f"| {level['statuses'].get('503', 0)} of {sum(level['statuses'].values())} "
                     f"| {client['p50']} / {client['p95']} / "
                     f"{client['p99']} ms | {server['p50']} / {server['p95']} / {server['p99']} ms |"
                 )
