@@ -134,8 +134,10 @@ class MemoryCodeIndex:
             order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
             rows_taken = rows_taken[order]
             # hidden rows sit at code_bits + 1: a radius past code_bits would count them as reachable
-            everything_visible = depth.radius is None or depth.radius >= code_bits
-            within_radius = visible if everything_visible else int((distances <= depth.radius).sum())
+            if depth.radius is None or depth.radius >= code_bits:
+                within_radius = visible
+            else:
+                within_radius = int((distances <= depth.radius).sum())
             return CoarseCandidates(
                 embedding_ids=rows.embedding_ids[rows_taken].copy(),
                 distances=distances[rows_taken],
