@@ -7,8 +7,8 @@ third of the way in, a merchant uploads a catalog (`POST /api/merchant/imports/`
 switched to (fit on the train worker, index on the embed worker, activate): both run while the shoppers search.
 
 It prints and writes (JSON and markdown): requests, errors (anything but 200 and 503; must be 0), the 503 "busy"
-answers (a web process holds SEARCH_MAX_CONCURRENT searches at once and answers the rest at once with Retry-After;
-a shopper then waits Retry-After, as a polite client does), p50/p95/p99 of the client latency of answered
+answers (a web process holds SEARCH_MAX_CONCURRENT searches at once; the others wait for a slot up to
+SEARCH_SLOT_WAIT_MS, then get 503 with Retry-After, and a shopper then waits Retry-After, as a polite client does), p50/p95/p99 of the client latency of answered
 searches, the median of each server-side stage (`timings_ms`), and the search latency before, during and after
 the import and the switch: search has its own worker, so the import must not move it.
 
@@ -540,8 +540,9 @@ def render_markdown(report: dict) -> str:
         f"{at('switch_started')}, indexing at {at('switch_indexing')}, active at {at('switch_active')} "
         f"(times from the start of the run).",
         "",
-        "503 answers are the search cap at work: a web process holds a few searches at once and answers the others "
-        "at once with Retry-After (the shopper retries then), so no thread waits behind a queue of searches.",
+        "503 answers are the search cap at work: a web process holds a few searches at once, lets the others wait "
+        "for a slot briefly (SEARCH_SLOT_WAIT_MS) and then answers with Retry-After (the shopper retries then), so no "
+        "thread waits behind a long queue of searches.",
     ]
     notes = events.get("notes", [])
     lines += [f"Note: {note}" for note in notes[:10]] + ([f"({len(notes) - 10} more notes)"] if len(notes) > 10 else [])
