@@ -8,9 +8,10 @@ switched to (fit on the train worker, index on the embed worker, activate): both
 
 It prints and writes (JSON and markdown): requests, errors (anything but 200 and 503; must be 0), the 503 "busy"
 answers (a web process holds SEARCH_MAX_CONCURRENT searches at once; the others wait for a slot up to
-SEARCH_SLOT_WAIT_MS, then get 503 with Retry-After, and a shopper then waits Retry-After, as a polite client does), p50/p95/p99 of the client latency of answered
-searches, the median of each server-side stage (`timings_ms`), and the search latency before, during and after
-the import and the switch: search has its own worker, so the import must not move it.
+SEARCH_SLOT_WAIT_MS, then get 503 with Retry-After, and a shopper then waits Retry-After, as a polite client
+does), p50/p95/p99 of the client latency of answered searches, the median of each server-side stage
+(`timings_ms`), and the search latency before, during and after the import and the switch: search has its own
+worker, so the import must not move it.
 
 Only the public HTTP API is used for shoppers and the merchant (the encode path and the cascade may change behind
 it). Runs in a throwaway database, Redis db, media and models directory of its own (bench_database), dropped at
