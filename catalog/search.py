@@ -9,7 +9,8 @@ backends, catalog.geometry for local features, catalog.intake for the photo).
 1. Coarse: whole Hamming shells of the active version's codes (`catalog.hamming`, memory or SQL backend).
 2. Fine: exact Euclidean distance on fc7 over the candidates (in this process, on the vectors the memory index holds;
    in pgvector for the SQL backend), with the shopper's filters, one row per product (its best image); the predicted
-   category can boost or restrict.
+   category can boost or restrict. Optional α query expansion (the `expansion` option, settings.SEARCH_QUERY_EXPANSION,
+   off by default): the query's fc7 joined by its first n products' best images, the same candidates ranked again.
 3. Verify (the `verify` option, on by default: settings.SEARCH_VERIFY): the shopper photo's local features (SIFT,
    extracted with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to
