@@ -9,7 +9,8 @@ backends, catalog.geometry for local features, catalog.intake for the photo).
 1. Coarse: whole Hamming shells of the active version's codes (`catalog.hamming`, memory or SQL backend).
 2. Fine: exact Euclidean distance on fc7 over the candidates (in this process, on the vectors the memory index holds;
    in pgvector for the SQL backend), with the shopper's filters, one row per product (its best image); the predicted
-   category can boost or restrict.
+   category can boost or restrict. Optional α query expansion (the `expansion` option, settings.SEARCH_QUERY_EXPANSION,
+   off by default): the query's fc7 joined by its first n products' best images, the same candidates ranked again.
 3. Verify (the `verify` option, on by default: settings.SEARCH_VERIFY): the shopper photo's local features (SIFT,
    extracted with the encoding) matched with RANSAC against those stored for the top
    SEARCH_VERIFY_CANDIDATES products' best images (`catalog.geometry`); the inliers cut the fine score by up to
@@ -69,6 +70,7 @@ CATEGORY_MODES = ("off", "boost", "restrict")
 # and 0.42 -> 0.32 (rendered), because the predicted category of a shopper's photo is right only 22-44% of the time.
 # A shopper can still ask for "boost" or "restrict".
 DEFAULT_CATEGORY_MODE = "off"
+MAX_EXPANSION = 20  # query expansion averages at most this many neighbours: beyond, they are mostly other products
 SQL_FOR_SELECTIVE_FILTERS = "sql"  # where a starved filtered query goes: it filters inside the coarse stage
 DEFAULT_BACKEND = "memory"  # bench_search: ~10x faster than the HNSW walk at 1M; settings.SEARCH_COARSE_BACKEND wins
 
@@ -90,12 +92,20 @@ class SearchOptions:
     backend: str | None = None  # coarse backend; None = settings.SEARCH_COARSE_BACKEND (default "memory")
     radius: int | None = None  # optional Hamming radius: candidates farther than this are never considered
     verify: bool | None = None  # geometric verification of the top candidates; None = settings.SEARCH_VERIFY
+    # α query expansion (expanded_query): how many of the first products join the query (0 = off) and the weight's
+    # exponent; None = settings.SEARCH_QUERY_EXPANSION / SEARCH_QUERY_EXPANSION_ALPHA.
+    expansion: int | None = None
+    expansion_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
             raise ValueError(f"k must be between 1 and {MAX_K}")
         if self.category_mode not in CATEGORY_MODES:
             raise ValueError(f"category_mode must be one of {CATEGORY_MODES}")
+        if self.expansion is not None and not 0 <= self.expansion <= MAX_EXPANSION:
+            raise ValueError(f"expansion must be between 0 and {MAX_EXPANSION}")
+        if self.expansion_alpha is not None and not 0 <= self.expansion_alpha <= 100:
+            raise ValueError("expansion_alpha must be between 0 and 100")
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
@@ -215,13 +225,8 @@ def similar_products(*, product_id: int, options: SearchOptions) -> SearchResult
         landmarks=list(embedding.landmarks or []),
         keypoints=_stored_keypoints([embedding.image_id]).get(embedding.image_id) if verify_enabled(options) else None,
     )
-    scoped = SearchOptions(
-        k=options.k,
-        product_filter=ProductFilter(**{**options.product_filter.__dict__, "exclude_product_id": product_id}),
-        category_mode=options.category_mode,
-        backend=options.backend,
-        radius=options.radius,
-        verify=options.verify,
+    scoped = dataclasses.replace(
+        options, product_filter=ProductFilter(**{**options.product_filter.__dict__, "exclude_product_id": product_id})
     )
     result = search_encoding(encoding=encoding, version=version, options=scoped)
     timings = {**result.timings_ms, "total": _ms(time.perf_counter() - started)}
@@ -287,6 +292,22 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
             # The memory index cannot see category/attribute/price: widening it would drag ever more rows through
             # the fine stage. The SQL backend applies those filters inside the coarse query itself.
             backend = backend_get(SQL_FOR_SELECTIVE_FILTERS)
+    expansion = expansion_count(options)
+    if expansion and rows:
+        # Query expansion: the same candidates, the same filters, ranked again for the expanded query.
+        started = time.perf_counter()
+        rows = fine_rank(
+            candidates=candidates,
+            version=version,
+            fc7=expanded_query(
+                fc7=encoding.fc7, rows=rows[:expansion], version=version, alpha=expansion_alpha(options)
+            ),
+            product_filter=product_filter,
+            k=max(options.k, verify_count),
+            boost_category=encoding.category if boost else "",
+            boost=boost,
+        )
+        fine_ms += _ms(time.perf_counter() - started)
     verify_ms: dict[str, float] = {}
     if verify_count:
         started = time.perf_counter()
@@ -314,6 +335,39 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
         timings_ms=timings,
         candidate_ids=candidates.embedding_ids,
     )
+
+
+def expansion_count(options: SearchOptions) -> int:
+    count = options.expansion if options.expansion is not None else getattr(settings, "SEARCH_QUERY_EXPANSION", 0)
+    return max(0, min(MAX_EXPANSION, int(count)))
+
+
+def expansion_alpha(options: SearchOptions) -> float:
+    alpha = options.expansion_alpha
+    return float(alpha if alpha is not None else getattr(settings, "SEARCH_QUERY_EXPANSION_ALPHA", 3.0))
+
+
+def expanded_query(*, fc7: np.ndarray, rows: Sequence[FineRow], version: ModelVersion, alpha: float) -> np.ndarray:
+    """α query expansion: the query's fc7 plus each of these products' best image's fc7 (the rows are the fine
+    stage's first products, one per product, after the shopper's filters), weighted by its cosine similarity to the
+    query to the power alpha (negative similarities count 0); scaled back to the query's norm, so fc7 distances keep
+    their range. The vectors are read from the memory index where it holds them, else from PostgreSQL."""
+    query = np.asarray(fc7, np.float32).ravel()
+    norm = float(np.linalg.norm(query))
+    if not rows or norm == 0.0:
+        return query
+    ids = np.asarray([row.embedding_id for row in rows], np.int64)
+    vectors = MEMORY_INDEX.fc7_of(version_id=version.pk, embedding_ids=ids)
+    if vectors is None:
+        stored = dict(ImageEmbedding.objects.filter(id__in=ids.tolist()).values_list("id", "fc7"))
+        vectors = np.stack([np.asarray(stored[int(i)], np.float32) for i in ids])
+    lengths = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = vectors / np.where(lengths > 0, lengths, 1.0)
+    unit = query / norm
+    weights = np.clip(vectors @ unit, 0.0, None) ** alpha
+    expanded = unit + weights @ vectors
+    length = float(np.linalg.norm(expanded))
+    return (expanded * (norm / length)).astype(np.float32) if length > 0 else query
 
 
 def _filters_beyond_memory(product_filter: ProductFilter) -> bool:

@@ -123,8 +123,19 @@ class Encoder:
             "path": str(self._path) if self._path else None,
         }
 
-    def encode(self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH_SIZE) -> Encoding:
-        """Encode PIL images (any mode, any size) into one Encoding, in input order."""
+    def encode(
+        self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH_SIZE, *, flip: bool = False
+    ) -> Encoding:
+        """Encode PIL images (any mode, any size) into one Encoding, in input order. With `flip` (a query-side
+        option), each image's fc7 is the normalised mean of its own and its mirror image's; the other heads are the
+        image's own."""
+        if flip:
+            mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+            both = self.encode([*images, *mirrored], batch_size=batch_size)
+            own = {name: None if value is None else value[: len(images)] for name, value in vars(both).items()}
+            mean = both.fc7[: len(images)] + both.fc7[len(images) :]
+            mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+            return Encoding(**{**own, "fc7": mean.astype(np.float32)})
         parts: list[dict[str, np.ndarray | None]] = []
         with self._lock:
             for start in range(0, len(images), batch_size):

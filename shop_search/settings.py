@@ -189,6 +189,11 @@ SEARCH_SLOW_MS = float(os.environ.get("SEARCH_SLOW_MS", "250"))
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
 SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
+# α query expansion in the fine stage (catalog.search.expanded_query): the query's fc7 joined by its first n products'
+# best images, weighted by similarity ** alpha, then the same candidates ranked again. 0 = off (bench_retrieval: it
+# did not win on the validation split; docs/benchmarks.md).
+SEARCH_QUERY_EXPANSION = int(os.environ.get("SEARCH_QUERY_EXPANSION", "0"))
+SEARCH_QUERY_EXPANSION_ALPHA = float(os.environ.get("SEARCH_QUERY_EXPANSION_ALPHA", "3"))
 # The recent-query sample the compare page runs a candidate version on (only where a shop allows it): the share of
 # shoppers' searches whose photo is kept, and how many are kept at most (the oldest go first).
 RECENT_QUERY_SAMPLE_RATE = float(os.environ.get("RECENT_QUERY_SAMPLE_RATE", "0.1"))

@@ -152,14 +152,15 @@ def keypoints_store(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> int:
     return len(packed)
 
 
-def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False) -> dict[str, Any]:
+def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False, flip: bool = False) -> dict[str, Any]:
     """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back. With
-    `keypoints`, also the photo's packed local features (catalog.geometry) for the search's verify stage."""
+    `keypoints`, also the photo's packed local features (catalog.geometry) for the search's verify stage; with
+    `flip`, fc7 averaged with the mirror image's (Encoder.encode; measured by bench_retrieval --variants)."""
     version = selectors.model_version_get(version_id=version_id)
     photo = Image.open(io.BytesIO(query_payload.photo_from_message(photo_message))).convert("RGB")
     encoder = encoder_of(version)
     query = query_payload.query_encoding(
-        encoder.encode([photo]),
+        encoder.encode([photo], flip=flip),
         label_space=encoder.label_space,
         model_version_id=version.pk,
         keypoints=geometry.pack(geometry.extract(photo)) if keypoints else None,

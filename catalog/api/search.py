@@ -59,6 +59,15 @@ class _FilterInputSerializer(serializers.Serializer):
         default=None,  # absent = the server's SEARCH_VERIFY (a form's absent boolean is not False here)
         help_text="geometric verification (local features + RANSAC) of the top candidates; default: on",
     )
+    expansion = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,  # absent = the server's SEARCH_QUERY_EXPANSION
+        min_value=0,
+        max_value=search.MAX_EXPANSION,
+        help_text="query expansion: how many of the first products' images join the query before a second "
+        "ranking (0 = off); default: the server's setting",
+    )
 
     def validate_merchant(self, slug: str) -> int:
         merchant = Merchant.objects.filter(Q(slug=slug)).values_list("pk", flat=True).first()
@@ -89,6 +98,7 @@ class _FilterInputSerializer(serializers.Serializer):
             # `backend=sql` with a price or attribute filter would scan every embedding
             radius=data.get("radius"),
             verify=data.get("verify"),
+            expansion=data.get("expansion"),
         )
 
 

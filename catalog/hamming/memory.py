@@ -277,6 +277,18 @@ class MemoryCodeIndex:
         order = np.lexsort((products, distances))
         return Fc7Ranking(product_ids=products[order], embedding_ids=ids[order], distances=distances[order])
 
+    def fc7_of(self, *, version_id: int, embedding_ids: np.ndarray) -> np.ndarray | None:
+        """The stored fc7 of these embeddings, in the given order (query expansion reads its neighbours here); None
+        when this index does not hold the version's fc7 or lacks one of them (then PostgreSQL is read)."""
+        with self._lock:
+            rows = self._rows
+            if rows is None or self._version_id != version_id or not rows.fc7_dim:
+                return None
+            at = self._rows_of(np.asarray(embedding_ids, np.int64))
+            if (at < 0).any():
+                return None
+            return rows.fc7[at].copy()
+
     def _rows_of(self, embedding_ids: np.ndarray) -> np.ndarray:
         """Row of each embedding id, -1 where there is none (vectorised _row_of)."""
         at = np.searchsorted(self._sorted_ids, embedding_ids)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from rest_framework.test import APIClient
 
+from catalog import search
 from tests import factories
 from tests.catalog import searchkit
 
@@ -78,6 +79,10 @@ def test_similar_products_renders_ranked_products_with_explanations_and_timings(
 
     assert client.get("/api/products/999999999/similar").status_code == 404
     assert client.get(f"/api/products/{start.product.pk}/similar", {"k": 0}).status_code == 400
+    too_many = client.get(f"/api/products/{start.product.pk}/similar", {"expansion": search.MAX_EXPANSION + 1})
+    assert too_many.status_code == 400 and "expansion" in too_many.json()
+    expanded = client.get(f"/api/products/{start.product.pk}/similar", {"k": 4, "expansion": 2})
+    assert expanded.status_code == 200 and expanded.json()["results"][0]["product"]["id"] == twin.product.pk
 
 
 def test_a_search_slower_than_the_threshold_is_logged_with_its_stage_timings(client, settings, caplog):

@@ -83,3 +83,18 @@ def test_landmarks_are_reported_in_original_image_coordinates(checkpoint_path):
     assert box.scale_x == 1.0 and box.scale_y == 0.5 and box.offset_y == 0.25
     assert np.allclose(box.to_original(np.array([[0.5, 0.5]])), [[0.5, 0.5]])
     assert np.allclose(box.to_input(np.array([[0.0, 0.0]])), [[0.0, 0.25]])
+
+
+def test_flip_averages_fc7_with_the_mirror_image_and_keeps_the_other_heads(checkpoint_path):
+    encoder = Encoder.load(checkpoint_path)
+    images = [image.convert("RGB") for image in _images(3, seed=4)]
+    mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+    own, mirror = encoder.encode(images), encoder.encode(mirrored)
+
+    flipped = encoder.encode(images, flip=True)
+
+    mean = own.fc7 + mirror.fc7
+    assert np.allclose(flipped.fc7, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
+    assert not np.allclose(flipped.fc7, own.fc7, atol=1e-3)  # random images are not symmetric
+    assert len(flipped) == 3 and np.array_equal(flipped.codes, own.codes)
+    assert np.allclose(flipped.landmarks, own.landmarks, atol=1e-5)

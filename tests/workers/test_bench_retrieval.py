@@ -6,11 +6,12 @@ from catalog.management.bench_database import url_with_path
 from workers.management.commands.bench_retrieval import markdown_table, summarise
 
 
-def _query(rank, *, before=None, coarse=True, category=True, strength="heldout", source="rendered"):
+def _query(rank, *, before=None, coarse=True, category=True, strength="heldout", source="rendered", variants=None):
     ms = {"intake": 1.0, "encode": 10.0, "coarse": 1.0, "fine": 2.0, "verify": 3.0, "explain": 0.5, "total": 6.5}
     return {
         "rank": rank, "rank_before_verify": before if before is not None else rank, "coarse_hit": coarse,
         "candidates": 40, "category_correct": category, "ms": ms, "strength": strength, "source": source,
+        "variants": variants or {},
     }  # fmt: skip
 
 
@@ -40,6 +41,27 @@ def test_summarise_averages_each_metric_over_seeds_per_source():
     )
     assert "| 100 | heldout | rendered | 0.500 ± 0.167 | 0.333 ± 0.000 |" in table
     assert table.count("\n") == 4 + 2
+
+
+def test_variants_are_summarised_and_tabled_beside_the_recipe():
+    runs = [
+        {
+            "size": 100,
+            "seed": 0,
+            "products": 100,
+            "queries": [
+                _query(2, variants={"qe3": 1}),
+                _query(None, variants={"qe3": 11}),
+                _query(1, variants={"qe3": 1}),
+            ],
+        }
+    ]
+    row = summarise(runs)[0]
+    assert row["R@1 qe3"]["mean"] == round(2 / 3, 4) and row["R@1"]["mean"] == round(1 / 3, 4)
+    assert row["R@10 qe3"]["mean"] == round(2 / 3, 4) and row["R@10"]["mean"] == round(2 / 3, 4)
+    config = {"model": "v0", "split": "validation", "seeds": "0", "queries": 3, "variants": {"qe3": {"expansion": 3}}}
+    table = markdown_table({"config": config, "results": summarise(runs)})
+    assert "| 100 | heldout | rendered | 0.333 / 0.667 | 0.667 / 0.667 |" in table
 
 
 def test_bench_urls_swap_only_the_database_or_redis_db():

@@ -78,6 +78,12 @@ class Command(BaseCommand):
             choices=CATEGORY_MODES,
             help=f"what the predicted category does (default: the API's, {DEFAULT_CATEGORY_MODE})",
         )
+        parser.add_argument(
+            "--variants",
+            default="{}",
+            help="other search recipes measured on the same catalog and photos, as JSON name -> SearchOptions fields "
+            '(and "flip": true for the query-side mirror average), e.g. \'{"qe3": {"expansion": 3}}\'',
+        )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
 
@@ -86,7 +92,7 @@ class Command(BaseCommand):
             self._benchmark(**options)
             return
         argv = options_argv(
-            options, ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode")
+            options, ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode", "variants")
         )
         if options["checkpoint"]:
             argv += ["--checkpoint", str(options["checkpoint"].resolve())]
@@ -105,7 +111,8 @@ class Command(BaseCommand):
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
-                   checkpoint: Path | None, baseline: str, category_mode: str, **_) -> None:  # fmt: skip
+                   checkpoint: Path | None, baseline: str, category_mode: str, variants: str,
+                   **_) -> None:  # fmt: skip
         from celery import current_app
 
         from catalog import search
@@ -126,6 +133,7 @@ class Command(BaseCommand):
                     size=size, seed=seed, split=split, queries=queries, strengths=strengths.split(","),
                     checkpoint=checkpoint, baseline=json.loads(baseline), backgrounds=backgrounds,
                     options=search.SearchOptions(k=TOP_K, category_mode=category_mode),
+                    variants=json.loads(variants),
                 )  # fmt: skip
                 run["seconds"] = round(time.perf_counter() - started, 1)
                 runs.append(run)
@@ -135,7 +143,7 @@ class Command(BaseCommand):
             "config": {
                 "split": split, "sizes": sizes, "seeds": seeds, "queries": queries, "strengths": strengths,
                 "model": str(checkpoint) if checkpoint else f"version 0 {baseline}", "cpus": os.cpu_count(),
-                "category_mode": category_mode,
+                "category_mode": category_mode, "variants": json.loads(variants),
             },
             "results": summarise(runs),
             "runs": runs,
@@ -149,7 +157,7 @@ class Command(BaseCommand):
 
     def _one_catalog(self, *, size: int, seed: int, split: str, queries: int, strengths: list[str],
                      checkpoint: Path | None, baseline: dict[str, Any], backgrounds: list,
-                     options: Any) -> dict[str, Any]:  # fmt: skip
+                     options: Any, variants: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
         from catalog.models import ImageEmbedding, Merchant, ModelVersion, ProductImage
         from catalog.services import model_versions
         from catalog.services.products import image_add, product_upsert
@@ -211,7 +219,7 @@ class Command(BaseCommand):
             for query in tqdm(photos, desc=f"queries {strength}", unit="query"):
                 measured.append(
                     _search(query.photo, product_ids[query.product_index], catalog[query.product_index].category,
-                            version=version, product_of=product_of, options=in_the_shop)
+                            version=version, product_of=product_of, options=in_the_shop, variants=variants)
                     | {"strength": strength, "source": query.source}
                 )  # fmt: skip
         real_index = len(catalog) - len(real_queries)
@@ -224,6 +232,7 @@ class Command(BaseCommand):
                     version=version,
                     product_of=product_of,
                     options=options,
+                    variants=variants,
                 )  # fmt: skip
                 | {"strength": "real photo", "source": "real", "name": catalog[real_index + offset].sku}
             )
@@ -233,8 +242,10 @@ class Command(BaseCommand):
         }  # fmt: skip
 
 
-def _search(photo, product_id: int, category: str, *, version, product_of: dict[int, int], options) -> dict[str, Any]:
-    """One query through what `POST /api/search` runs, with the true product's rank and each stage's time."""
+def _search(photo, product_id: int, category: str, *, version, product_of: dict[int, int], options,
+            variants: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+    """One query through what `POST /api/search` runs, with the true product's rank and each stage's time; and the
+    rank each variant recipe gives it (SearchOptions fields, "flip": the photo encoded again with its mirror)."""
     from catalog import query_payload, search
     from catalog.intake.images import image_validate
     from workers import pipelines
@@ -258,7 +269,27 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
     unverified = search.search_encoding(
         encoding=encoding, version=version, options=dataclasses.replace(options, verify=False)
     )
+    variant_ranks = {}
+    for name, recipe in variants.items():
+        fields = {key: value for key, value in recipe.items() if key != "flip"}
+        variant_encoding = encoding
+        if recipe.get("flip"):
+            variant_encoding = query_payload.encoding_from_message(
+                pipelines.query_encode(
+                    photo_message=query_payload.photo_to_message(validated.data),
+                    version_id=version.pk,
+                    keypoints=search.verify_enabled(options),
+                    flip=True,
+                )  # fmt: skip
+            )
+        variant_ranks[name] = _rank(
+            search.search_encoding(
+                encoding=variant_encoding, version=version, options=dataclasses.replace(options, **fields)
+            ),
+            product_id,
+        )
     return {
+        "variants": variant_ranks,
         "rank": _rank(result, product_id),
         "rank_before_verify": _rank(unverified, product_id),
         "coarse_hit": product_id in candidates,
@@ -293,6 +324,11 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 **{
                     f"{stage}_ms_p50": float(np.median([q["ms"][stage] for q in queries])) for stage in queries[0]["ms"]
                 },  # fmt: skip
+                **{
+                    f"{metric} {name}": value
+                    for name in queries[0]["variants"]
+                    for metric, value in _recall([q["variants"][name] for q in queries]).items()
+                },
                 "queries": len(queries),
             }
     summary = []
@@ -327,7 +363,28 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"| {cell('MRR@10')} | {cell('coarse_recall')} | {row['coarse_share']['mean']:.1%} "
             f"| {row['category_accuracy']['mean']:.2f} | {row['encode_ms_p50']['mean']:.1f} | {search_ms:.1f} |"
         )
+    names = list(config.get("variants") or {})
+    if names:
+        lines += [
+            "",
+            "Variants on the same catalogs and photos (R@1 / R@10; the first column is the recipe above):",
+            "",
+            "| products | queries | source | as above | " + " | ".join(names) + " |",
+            "|---|---|---|---|" + "---|" * len(names),
+        ]
+        for row in report["results"]:
+            cells = [f"{row['R@1']['mean']:.3f} / {row['R@10']['mean']:.3f}"] + [
+                f"{row[f'R@1 {name}']['mean']:.3f} / {row[f'R@10 {name}']['mean']:.3f}" for name in names
+            ]
+            lines.append(f"| {row['size']:,} | {row['strength']} | {row['source']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _recall(ranks: list[int | None]) -> dict[str, float]:
+    return {
+        "R@1": float(np.mean([r == 1 for r in ranks])),
+        "R@10": float(np.mean([r is not None and r <= TOP_K for r in ranks])),
+    }
 
 
 def _reset_catalog() -> None:
