@@ -8,6 +8,7 @@ from PIL import Image
 
 from catalog.intake import IntakeError
 from catalog.intake.images import _draft_size, crop_box_apply, image_downscale, image_query, image_validate
+from catalog.management.commands import bench_intake_memory
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -170,14 +171,8 @@ def test_decoder_exif_and_colour_failures_are_intake_errors(monkeypatch):
 QUERY_SIDE = 512
 
 
-def phone_photo(size: tuple[int, int], seed: int = 0, **params) -> bytes:
-    """A JPEG with a photo's structure: smooth shading, a few shapes, sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    small = rng.integers(0, 256, (height // 64 + 1, width // 64 + 1, 3), dtype=np.uint8)
-    image = Image.fromarray(small, "RGB").resize(size, Image.Resampling.BICUBIC)
-    pixels = np.asarray(image, dtype=np.int16) + rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
-    return encode(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB"), "JPEG", quality=90, **params)
+def phone_photo(size: tuple[int, int], **save) -> bytes:
+    return bench_intake_memory.phone_photo(0, *size, **save)
 
 
 def the_search_before(data: bytes, box=None) -> Image.Image:
