@@ -163,8 +163,9 @@ class Command(BaseCommand):
                     call(data)
                     if repeat:  # the first round warms caches and allocators
                         times[path].append((time.perf_counter() - started) * 1000)
-            row = {"photo": name, "bytes": len(data), **{f"{path}_ms": _percentiles(t) for path, t in times.items()}}
-            row["speedup_p50"] = round(row["before_ms"]["p50"] / row["after_ms"]["p50"], 1)
+            stats = {path: _percentiles(values) for path, values in times.items()}
+            row = {"photo": name, "bytes": len(data), **{f"{path}_ms": value for path, value in stats.items()}}
+            row["speedup_p50"] = round(stats["before"]["p50"] / stats["after"]["p50"], 1)
             rows.append(row)
             self.stdout.write(f"intake {json.dumps(row)}")
         return rows
