@@ -41,7 +41,7 @@ from catalog import geometry, query_encoder, selectors
 from catalog.codes import bitstring_pack, version_sql
 from catalog.hamming import MEMORY_INDEX, backend_get
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
-from catalog.intake.images import crop_box_apply, image_validate
+from catalog.intake.images import image_query
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
 from catalog.services import golden
@@ -188,9 +188,8 @@ def search_photo(
 ) -> SearchResult:
     """A shopper's photo -> ranked products. Raises IntakeError (bad input) or SearchUnavailable."""
     started = time.perf_counter()
-    validated = image_validate(data)  # bad input is the shopper's 400 even while search is unavailable
-    image = validated.image if box is None else crop_box_apply(validated.image, box)
-    image = query_encoder.query_image(image)
+    # Bad input is the shopper's 400 even while search is unavailable. Nothing is stored, so nothing is re-encoded.
+    image = image_query(data, box=box, max_side=query_encoder.QUERY_MAX_SIDE)
     version = version_serving()
     intake_done = time.perf_counter()
     encoded = query_encode(image=image, version=version, keypoints=verify_enabled(options))

@@ -11,7 +11,7 @@ from PIL import Image
 
 from catalog import selectors
 from catalog.intake.images import WORK_MAX_SIDE, image_downscale, image_open_downscaled, image_validate
-from catalog.management.commands.bench_intake_memory import _peak_mb, _photo, _rss_mb
+from catalog.management.commands.bench_intake_memory import _peak_mb, _rss_mb, phone_photo
 from catalog.models import ProductImage
 from catalog.services import imports
 from tests import factories
@@ -31,7 +31,7 @@ def test_image_downscale_keeps_the_aspect_and_never_enlarges():
 def test_validation_keeps_the_full_size_file_and_an_upright_working_copy():
     """A phone photo stored sideways with EXIF orientation 6: the working copy is upright and at most 1024 px; the
     stored file is the full-size upright picture."""
-    photo = Image.open(io.BytesIO(_photo(1, 4000, 3000)))
+    photo = Image.open(io.BytesIO(phone_photo(1, 4000, 3000)))
     exif = photo.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to view
     buffer = io.BytesIO()
@@ -47,7 +47,7 @@ def test_validation_keeps_the_full_size_file_and_an_upright_working_copy():
 @pytest.mark.django_db
 def test_an_import_chunk_of_large_photos_stores_them_full_size_and_holds_one_at_a_time(settings):
     count = 8
-    photos = {f"{i}.jpg": _photo(i, 4000, 3000) for i in range(count)}
+    photos = {f"{i}.jpg": phone_photo(i, 4000, 3000) for i in range(count)}
     rows = [{"sku": f"BIG-{i}", "title": f"big {i}", "images": f"{i}.jpg"} for i in range(count)]
     job = imports.import_job_create(
         merchant=factories.merchant(), manifest=csv_bytes(rows), archive=io.BytesIO(zip_bytes(photos)),
@@ -73,7 +73,7 @@ def test_an_import_chunk_of_large_photos_stores_them_full_size_and_holds_one_at_
 def test_a_row_rejected_after_one_of_its_images_was_written_leaves_no_file(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path
     rows = [{"sku": "HALF", "title": "one good, one broken", "images": "good.jpg|broken.jpg"}]
-    archive = zip_bytes({"good.jpg": _photo(3, 400, 300), "broken.jpg": b"not an image at all"})
+    archive = zip_bytes({"good.jpg": phone_photo(3, 400, 300), "broken.jpg": b"not an image at all"})
     job = imports.import_job_create(
         merchant=factories.merchant(), manifest=csv_bytes(rows), archive=io.BytesIO(archive), enqueue=False
     )

@@ -30,7 +30,7 @@ from rest_framework.test import APIClient
 
 from catalog import selectors
 from catalog.intake import IntakeError
-from catalog.intake.images import MAX_IMAGE_BYTES, image_validate
+from catalog.intake.images import MAX_IMAGE_BYTES, crop_box_apply, image_query, image_validate
 from catalog.models import ImportChunk, ImportJob, ModelVersion
 from tests import factories
 from tests.catalog.ingest_helpers import run_inline
@@ -556,3 +556,31 @@ def test_in_an_import_each_bad_image_rejects_its_row_not_its_chunk():
         if sample.expect != EITHER:
             assert valid == (sample.expect == ACCEPT), sample.name
     print(f"\nimport of {len(samples)} corpus rows in {job.chunks_total} chunks: {job.ok} ok, {job.rejected} rejected")
+
+
+@pytest.mark.django_db(False)
+@pytest.mark.parametrize(
+    ("box", "side"),
+    [(None, 512), (None, 32), ((0.1, 0.2, 0.6, 0.9), 32)],
+    ids=["whole-512", "whole-at-reduced-scale", "crop-at-reduced-scale"],
+)
+def test_the_search_s_fast_path_refuses_exactly_what_the_stored_path_refuses(box, side):
+    """The search decodes without re-encoding and a JPEG at reduced scale (`image_query`); at side 32 the corpus's
+    small JPEGs are decoded at 1/2 or 1/4 too, truncated and corrupt ones included. Same refusals, same messages."""
+    outcomes = {"accepted": 0, "refused": 0}
+    for sample in corpus():
+        try:
+            working = image_validate(sample.data).image
+            if box is not None:
+                crop_box_apply(working, box)
+            before = None
+        except IntakeError as exc:
+            before = str(exc)
+        try:
+            image_query(sample.data, box=box, max_side=side)
+            after = None
+        except IntakeError as exc:
+            after = str(exc)
+        assert after == before, sample.name
+        outcomes["accepted" if before is None else "refused"] += 1
+    assert outcomes["accepted"] > 20 and outcomes["refused"] > 100, outcomes

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from catalog.intake import IntakeError
-from catalog.intake.images import crop_box_apply, image_validate
+from catalog.intake.images import _draft_size, crop_box_apply, image_downscale, image_query, image_validate
+from catalog.management.commands import bench_intake_memory
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -164,3 +165,70 @@ def test_decoder_exif_and_colour_failures_are_intake_errors(monkeypatch):
     monkeypatch.setattr(ImageOps, "exif_transpose", broken)
     with pytest.raises(IntakeError, match="EXIF orientation could not be applied: bad EXIF"):
         image_validate(data)
+
+
+# --- the search's fast path (image_query): the same checks, no re-encoded file, a JPEG decoded at reduced scale --
+QUERY_SIDE = 512
+
+
+def phone_photo(size: tuple[int, int], **save) -> bytes:
+    return bench_intake_memory.phone_photo(0, *size, **save)
+
+
+def the_search_before(data: bytes, box=None) -> Image.Image:
+    """What search_photo did before the fast path: the stored copy's working copy, cropped, scaled to 512 px."""
+    working = image_validate(data).image
+    return image_downscale(working if box is None else crop_box_apply(working, box), QUERY_SIDE)
+
+
+def mean_difference(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+@pytest.mark.parametrize("box", [None, (0.1, 0.2, 0.8, 0.9)])
+def test_the_fast_path_gives_the_picture_the_search_got_before(orientation, box):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = phone_photo((2400, 1800), exif=exif)
+
+    fast, before = image_query(data, box=box, max_side=QUERY_SIDE), the_search_before(data, box)
+
+    assert fast.mode == "RGB" and max(fast.size) == QUERY_SIDE
+    # a crop's pixel edges are rounded on another grid: a pixel more or less; then other resampling, the same picture
+    assert all(abs(a - b) <= 1 for a, b in zip(fast.size, before.size))
+    assert mean_difference(fast.resize(before.size), before) < 2.0  # of 255
+
+
+def test_a_jpeg_is_decoded_at_the_reduced_scale_the_query_side_allows():
+    photo = Image.open(io.BytesIO(phone_photo((4032, 3024))))
+    photo.draft(None, _draft_size(photo.size, QUERY_SIDE, None))
+    assert photo.size == (1008, 756)  # a quarter: still twice the query side
+    assert _draft_size((4032, 3024), QUERY_SIDE, (0.4, 0.4, 0.5, 0.5)) == (4032, 3024)  # a 403-px region: all of it
+
+
+def test_a_small_crop_of_a_large_photo_keeps_the_pixels_the_query_needs():
+    data = phone_photo((4000, 3000))
+    # a tenth of the photo across: the old route cropped the 1,024-px working copy (102 px); this decodes enough
+    assert image_query(data, box=(0.4, 0.4, 0.5, 0.5), max_side=QUERY_SIDE).size == (400, 300)
+    assert the_search_before(data, (0.4, 0.4, 0.5, 0.5)).size == (102, 77)
+    assert image_query(data, box=(0.0, 0.0, 0.25, 0.25), max_side=QUERY_SIDE).size == (512, 384)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [encode(cut_out(), "PNG"), encode(Image.new("CMYK", (40, 40), (0, 255, 255, 0)), "JPEG")],
+    ids=["png-rgba", "cmyk"],
+)
+def test_the_fast_path_converts_colours_by_the_same_rules(data):
+    assert np.array_equal(np.asarray(image_query(data, box=None, max_side=QUERY_SIDE)), the_search_before(data))
+
+
+def test_the_fast_path_refuses_the_crop_boxes_the_working_copy_refuses():
+    data = phone_photo((2000, 1000))  # working copy 1024 x 512: 16 px is 1/64 across, 1/32 down
+    for box in [(0.5, 0.0, 0.4, 1.0), (-0.1, 0, 1, 1), (0, 0, 1.2, 1), (0, 0, 0.015, 0.5), (0, 0, 0.5, 0.03)]:
+        with pytest.raises(IntakeError) as before:
+            the_search_before(data, box)
+        with pytest.raises(IntakeError, match=str(before.value)):
+            image_query(data, box=box, max_side=QUERY_SIDE)
+    assert image_query(data, box=(0, 0, 0.016, 0.5), max_side=QUERY_SIDE).size == (32, 500)  # 16 px at 1024, 32 here

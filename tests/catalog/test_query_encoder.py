@@ -4,11 +4,14 @@ Encoder as the reference. (That a web process running this never loads torch: te
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from catalog import dispatch, geometry, query_encoder, search
+from catalog.intake.images import image_validate
 from catalog.search import SearchOptions
 from catalog.services import model_versions
 from tests.catalog.fitted import as_sent, fitted_version, photos, png
@@ -97,3 +100,19 @@ def test_a_large_photo_is_downscaled_once_and_a_small_one_left_alone():
     assert query_encoder.query_image(large).size == (query_encoder.QUERY_MAX_SIDE, 384)
     small = Image.new("RGB", (300, 200))
     assert query_encoder.query_image(small) is small
+
+
+@pytest.mark.django_db
+def test_the_search_s_fast_intake_gives_the_encoding_the_stored_copy_gave(version_zero):
+    """search_photo now decodes a phone JPEG at reduced scale and never re-encodes it (intake.image_query): the
+    encoding is the one the old route (image_validate's working copy, then query_image) gave, within resampling."""
+    encoder = query_encoder.encoder_for(version_zero)
+    for photo in photos(4, view=1):
+        buffer = io.BytesIO()
+        photo.resize((2000, 1500), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
+        data = buffer.getvalue()
+        before = encoder.encode([query_encoder.query_image(image_validate(data).image)])
+        result = search.search_photo(data=data, options=SearchOptions(k=3, verify=False))
+        after = result.query
+        assert np.count_nonzero(np.unpackbits(np.bitwise_xor(after.code, before.codes[0]))) <= 2  # of 32 bits
+        assert np.linalg.norm(after.fc7 - before.fc7[0]) <= 0.02 * np.linalg.norm(before.fc7[0])

@@ -33,8 +33,9 @@ from catalog.services import imports, products
 MERCHANT_SLUG = "bench-intake-memory"
 
 
-def _photo(seed: int, width: int, height: int) -> bytes:
-    """A large JPEG with a photo's compressibility: smooth shading, shapes and sensor-like noise."""
+def phone_photo(seed: int, width: int, height: int, **save) -> bytes:
+    """A large JPEG with a photo's compressibility: smooth shading, shapes and sensor-like noise (`save`: more of
+    Pillow's JPEG options, e.g. exif). bench_speed's intake section and the intake tests use it too."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (height // 64 + 1, width // 64 + 1, 3), dtype=np.uint8)
     image = Image.fromarray(small, "RGB").resize((width, height), Image.Resampling.BICUBIC)
@@ -46,7 +47,7 @@ def _photo(seed: int, width: int, height: int) -> bytes:
     noise = rng.integers(-6, 7, (height, width, 3), dtype=np.int16)
     pixels = np.clip(np.asarray(image, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", quality=90)
+    Image.fromarray(pixels, "RGB").save(buffer, format="JPEG", **{"quality": 90, **save})
     return buffer.getvalue()
 
 
@@ -112,7 +113,7 @@ class Command(BaseCommand):
         (directory / "manifest.csv").write_text("\n".join(rows) + "\n")
         with zipfile.ZipFile(directory / "images.zip", "w", zipfile.ZIP_STORED) as archive:
             for i in range(count):
-                archive.writestr(f"photos/{i}.jpg", _photo(i, width, height))
+                archive.writestr(f"photos/{i}.jpg", phone_photo(i, width, height))
 
     def _import(self, directory: Path) -> None:
         self._clean()

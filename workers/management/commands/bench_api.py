@@ -3,7 +3,8 @@ see it, at each concurrency asked for (default 1 and 8).
 
 The photos are the golden set's held-out shopper views of the catalog's own products
 (workers.pipelines.golden_query_photos: a cluttered, tilted, relit phone shot of a product, as PNG), posted in a
-fixed order by `--concurrency` client threads until `--requests` answers are in. Reported per concurrency: the
+fixed order by `--concurrency` client threads until `--requests` answers are in (with `--phone-side 4032`, each
+enlarged to a 12-MP phone JPEG, so that intake costs what a real upload costs). Reported per concurrency: the
 client's latency (p50/p95/p99/max of the answers), the server's own `timings_ms` per stage (p50/p95/p99), how
 many were refused (503 and 429, see workers.management.search_load, which bench_speed shares), and answers per
 second. JSON (`--out`) and a markdown table (stdout).
@@ -14,12 +15,14 @@ active model version, and whatever encodes queries for the server (SEARCH_ENCODE
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from PIL import Image
 
 from catalog import selectors
 from workers.management.search_load import search_load, warm_up
@@ -33,11 +36,14 @@ class Command(BaseCommand):
         parser.add_argument("--requests", type=int, default=200, help="answers measured per concurrency")
         parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
         parser.add_argument("--photos", type=int, default=50, help="distinct shopper photos, cycled")
+        parser.add_argument(
+            "--phone-side", type=int, default=0, help="send each photo as a JPEG of this longer side (e.g. 4032)"
+        )
         parser.add_argument("--label", default="", help="names the run in the output (e.g. before, after)")
         parser.add_argument("--out", type=Path, default=Path(settings.VAR_DIR) / "bench" / "api.json")
 
-    def handle(self, *args, url: str, requests: int, concurrency: list[int], photos: int, label: str, out: Path,
-               **options) -> None:  # fmt: skip
+    def handle(self, *args, url: str, requests: int, concurrency: list[int], photos: int, phone_side: int,
+               label: str, out: Path, **options) -> None:  # fmt: skip
         from workers.pipelines import golden_query_photos
 
         version = selectors.model_version_active()
@@ -46,6 +52,8 @@ class Command(BaseCommand):
         shots = [photo for _, _, _, photo in golden_query_photos(version=version)[:photos]]
         if not shots:
             raise CommandError("the catalog has no usable images to photograph")
+        if phone_side:
+            shots = [_phone_jpeg(shot, phone_side) for shot in shots]
         endpoint = url.rstrip("/") + "/api/search"
         report: dict = {
             "label": label,
@@ -62,6 +70,17 @@ class Command(BaseCommand):
         out.write_text(json.dumps(report, indent=2))
         self.stdout.write(markdown(report))
         self.stdout.write(f"\nJSON: {out}")
+
+
+def _phone_jpeg(photo: bytes, side: int) -> bytes:
+    """The shopper photo enlarged to a phone camera's size (longer side `side`) as the JPEG a phone uploads: what
+    intake costs on a real upload rather than on a small PNG."""
+    picture = Image.open(io.BytesIO(photo)).convert("RGB")
+    scale = side / max(picture.size)
+    picture = picture.resize((round(picture.width * scale), round(picture.height * scale)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def markdown(report: dict) -> str:

@@ -8,13 +8,17 @@ markdown table (var/bench/speed.json, speed.md); docs/benchmarks.md says how eac
 - **encode**: version 0 fitted at each `--input-sizes` on rendered products (and any `--checkpoints`), exported to
   ONNX, then torch vs ONNX Runtime on one thread: latency at batch 1, throughput at batch 32
   (`workers.ml.onnx_export.compare_speed`, preprocessing included).
+- **intake** (no database): a shopper's photo through the search's intake as before (`image_validate`: checked,
+  decoded at full size, re-encoded; then the query's 512-px copy) and now (`image_query`: the same checks, no
+  re-encoded file, a JPEG decoded at reduced scale), interleaved on the same photos: phone JPEGs of 12, 3 and 0.5 MP
+  and a PNG cut-out with alpha, next to decoding the file alone (Pillow, full size).
 - **ingest** (`bench_ingest` in a throwaway database, one worker process): images per second per worker core.
 - **api** (with `--url` of a running server, e.g. `manage.py demo` with its search worker): `POST /api/search`
   latency p50/p95/p99 at concurrency 1 and 8, client-side and the server's own total; with `--merchant-token`, the
   time from adding a product through the merchant API until the search API returns it. Only public routes are used,
   so whatever encode path is the server's default is what is measured.
 
-Sections: `--only search,encode,ingest,api` (default: all; api needs --url). `--reuse-search JSON` and
+Sections: `--only search,encode,intake,ingest,api` (default: all; api needs --url). `--reuse-search JSON` and
 `--reuse-ingest JSON` put earlier results in the table instead of measuring again.
 """
 
@@ -28,21 +32,24 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from catalog.management.bench_database import run_inside_bench_database
 from workers.management.search_load import search_load, warm_up
+from workers.management.search_load import stats as latency_stats
 
-SECTIONS = ("search", "encode", "ingest", "api")
+SECTIONS = ("search", "encode", "intake", "ingest", "api")
 INGEST_DATABASE = "shop_search_bench_ingest"
 FIT_SAMPLE = 300  # rendered products version 0 is fitted on for the encode section (its cost does not depend on it)
 ENCODE_BATCH = 32
 RENDER_SIZE = 256  # query and fit photos: a rendered product, about what a phone crop is after downscaling
+INTAKE_JPEG_SIZES = ((4032, 3024), (2016, 1512), (816, 612))  # 12, 3 and 0.5 MP
 FRESHNESS_TIMEOUT_S = 120.0
 
 
@@ -56,6 +63,7 @@ class Command(BaseCommand):
         parser.add_argument("--queries", type=int, default=200, help="bench_search queries per size")
         parser.add_argument("--input-sizes", default="224,112", help="version 0 input sizes for the encode section")
         parser.add_argument("--checkpoints", default="", help="comma-separated .pt files to time as well")
+        parser.add_argument("--intake-repeats", type=int, default=20, help="timed intakes per photo and path")
         parser.add_argument("--ingest-products", type=int, default=1000)
         parser.add_argument(
             "--url", default="", help="a running server for the api section, e.g. http://127.0.0.1:8034"
@@ -83,6 +91,8 @@ class Command(BaseCommand):
             report["search"] = self._search(options, out.parent)
         if "encode" in only:
             report["encode"] = self._encode(options)
+        if "intake" in only:
+            report["intake"] = self._intake(options)
         if "ingest" in only:
             report["ingest"] = self._ingest(options, out.parent)
         if "api" in only:
@@ -137,6 +147,32 @@ class Command(BaseCommand):
                 self.stdout.write(f"encode {json.dumps(row)}")
         return rows
 
+    def _intake(self, options: dict) -> list[dict]:
+        from catalog.intake.images import image_downscale, image_query, image_validate
+        from catalog.management.commands.bench_intake_memory import phone_photo
+        from catalog.query_encoder import QUERY_MAX_SIDE
+
+        paths: dict[str, Callable[[bytes], object]] = {
+            "before": lambda data: image_downscale(image_validate(data).image, QUERY_MAX_SIDE),
+            "after": lambda data: image_query(data, box=None, max_side=QUERY_MAX_SIDE),
+            "decode_alone": lambda data: Image.open(io.BytesIO(data)).load(),
+        }
+        rows = []
+        for name, data in _intake_photos(phone_photo):
+            times: dict[str, list[float]] = {path: [] for path in paths}
+            for repeat in range(options["intake_repeats"] + 1):
+                for path, call in paths.items():  # interleaved: the machine's load hits every path alike
+                    started = time.perf_counter()
+                    call(data)
+                    if repeat:  # the first round warms caches and allocators
+                        times[path].append((time.perf_counter() - started) * 1000)
+            stats = {path: latency_stats(values) for path, values in times.items()}
+            row = {"photo": name, "bytes": len(data), **{f"{path}_ms": value for path, value in stats.items()}}
+            row["speedup_p50"] = round(stats["before"]["p50"] / stats["after"]["p50"], 1)
+            rows.append(row)
+            self.stdout.write(f"intake {json.dumps(row)}")
+        return rows
+
     def _ingest(self, options: dict, directory: Path) -> dict:
         if options["reuse_ingest"]:
             return json.loads(options["reuse_ingest"].read_text())
@@ -163,6 +199,18 @@ class Command(BaseCommand):
             result["new_product_searchable_s"] = _freshness(url, options["merchant_token"], options["merchant"])
             self.stdout.write(f"api: a new product was searchable after {result['new_product_searchable_s']} s")
         return result
+
+
+def _intake_photos(phone_photo: Callable[..., bytes]) -> list[tuple[str, bytes]]:
+    """Phone JPEGs of 12, 3 and 0.5 MP and a product cut-out as a PNG with alpha (1.4 MP)."""
+    photos = [(f"JPEG {w}x{h}", phone_photo(seed, w, h)) for seed, (w, h) in enumerate(INTAKE_JPEG_SIZES)]
+    picture = Image.open(io.BytesIO(phone_photo(9, 1200, 1200))).convert("RGBA")
+    alpha = Image.new("L", picture.size, 0)
+    ImageDraw.Draw(alpha).ellipse([150, 100, 1050, 1100], fill=255)  # the product; transparent around it
+    picture.putalpha(alpha)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return [*photos, ("PNG 1200x1200 RGBA", buffer.getvalue())]
 
 
 # --- the api section -------------------------------------------------------------------------------------------
@@ -280,6 +328,20 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {row['model']} | {row['batch1_ms']['torch']:.1f} ms | {row['batch1_ms']['onnxruntime']:.1f} ms "
                 f"| {batch['torch']:.0f} images/s | {batch['onnxruntime']:.0f} images/s |"
+            )
+        lines.append("")
+    intake = report.get("intake")
+    if intake:
+        lines += [
+            "| shopper's photo (search intake, ms) | bytes | before: validate + re-encode p50 / p95 "
+            "| after: image_query p50 / p95 | speed-up p50 | decoding the file alone p50 |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in intake:
+            before, after = row["before_ms"], row["after_ms"]
+            lines.append(
+                f"| {row['photo']} | {row['bytes']:,} | {before['p50']} / {before['p95']} | {after['p50']} / "
+                f"{after['p95']} | {row['speedup_p50']}x | {row['decode_alone_ms']['p50']} |"
             )
         lines.append("")
     ingest = report.get("ingest")
