@@ -98,9 +98,12 @@ def test_searches_join_the_recent_query_sample_only_where_the_shop_allows_it(ind
 
 @pytest.mark.browser
 @pytest.mark.django_db(transaction=True)
-def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, live_server, tmp_path):
+def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, live_server, tmp_path, monkeypatch):
     if not shutil.which(CHROMIUM) and not os.path.exists(CHROMIUM):
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; CI installs it)")
+    # Playwright's sync API runs an event loop in this thread, so Django refuses ORM calls here unless told that this
+    # (test-only) thread may make them: the checks below read what the page's requests stored.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     from playwright.sync_api import expect, sync_playwright
 
     photo_path = tmp_path / "my-photo.png"
