@@ -3,14 +3,18 @@
 A benchmark command calls `run_inside_bench_database` from its `handle`: the database is created, the same command
 runs again in a child process with `INNER_FLAG` and `DATABASE_URL` pointing there (so every connection the child
 opens, Django's and the worker pipelines', lands in it), and the database is dropped afterwards unless kept. The
-child calls `refuse_outside_bench_database` before it writes anything.
+child calls `refuse_outside_bench_database` before it writes anything. A benchmark that stores files or queues tasks
+passes `redis_db`: the child then also gets a media and models folder of its own and that Redis database, removed or
+left alone afterwards with the database.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -41,9 +45,33 @@ def run_inside_bench_database(
     env: dict[str, str] | None = None,
     keep: bool = False,
     inner_flag: bool = True,
+    redis_db: int | None = None,
 ) -> None:
     """Run `manage.py command INNER_FLAG *argv` in a fresh `database`, then drop it (unless `keep`). Without
-    `inner_flag` the command is one that knows nothing of bench databases (bench_ingest) and runs there as is."""
+    `inner_flag` the command is one that knows nothing of bench databases (bench_ingest) and runs there as is. With
+    `redis_db`, the stored files, checkpoints and the tasks services queue on commit stay away from the shop's too:
+    a temporary MEDIA_ROOT and MODELS_DIR (removed afterwards) and that Redis database."""
+    if redis_db is None:
+        _run_in_database(command=command, database=database, argv=argv, env=env, keep=keep, inner_flag=inner_flag)
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"{command}-", dir=Path(settings.VAR_DIR)))
+    workspace = {
+        "REDIS_URL": url_with_path(settings.REDIS_URL, f"/{redis_db}"),
+        "MEDIA_ROOT": str(work / "media"),
+        "MODELS_DIR": str(work / "models"),
+    }
+    try:
+        _run_in_database(
+            command=command, database=database, argv=argv, env={**workspace, **(env or {})}, keep=keep,
+            inner_flag=inner_flag,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_in_database(
+    *, command: str, database: str, argv: Sequence[str], env: dict[str, str] | None, keep: bool, inner_flag: bool
+) -> None:
     with connection.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         cursor.execute(f"CREATE DATABASE {database}")

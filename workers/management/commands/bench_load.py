@@ -27,10 +27,8 @@ import json
 import os
 import random
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -49,7 +47,6 @@ from catalog.management.bench_database import (
     options_argv,
     refuse_outside_bench_database,
     run_inside_bench_database,
-    url_with_path,
 )
 
 BENCH_DATABASE = "shop_search_bench_load"
@@ -159,19 +156,10 @@ class Command(BaseCommand):
             self._benchmark(**options)
             return
         names = ("products", "shoppers", "duration", "import_products", "port", "settle", "out")
-        work = Path(tempfile.mkdtemp(prefix="bench-load-", dir=Path(settings.VAR_DIR)))
-        env = {
-            "REDIS_URL": url_with_path(settings.REDIS_URL, f"/{options['redis_db']}"),
-            "MEDIA_ROOT": str(work / "media"),
-            "MODELS_DIR": str(work / "models"),
-        }
-        try:
-            run_inside_bench_database(
-                command="bench_load", database=BENCH_DATABASE, argv=options_argv(options, names), env=env,
-                keep=options["keep_database"],
-            )  # fmt: skip
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        run_inside_bench_database(
+            command="bench_load", database=BENCH_DATABASE, argv=options_argv(options, names),
+            redis_db=options["redis_db"], keep=options["keep_database"],
+        )  # fmt: skip
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, products: int, shoppers: int, duration: float, import_products: int, port: int,

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,7 +42,6 @@ from catalog.management.bench_database import (
     options_argv,
     refuse_outside_bench_database,
     run_inside_bench_database,
-    url_with_path,
 )
 from catalog.search import CATEGORY_MODES, DEFAULT_CATEGORY_MODE
 
@@ -96,18 +94,10 @@ class Command(BaseCommand):
         )
         if options["checkpoint"]:
             argv += ["--checkpoint", str(options["checkpoint"].resolve())]
-        work = Path(tempfile.mkdtemp(prefix="bench-retrieval-", dir=Path(settings.VAR_DIR)))
-        env = {  # stored files, checkpoints and the tasks services queue on commit stay away from the shop's too
-            "REDIS_URL": url_with_path(settings.REDIS_URL, f"/{BENCH_REDIS_DB}"),
-            "MEDIA_ROOT": str(work / "media"),
-            "MODELS_DIR": str(work / "models"),
-        }
-        try:
-            run_inside_bench_database(
-                command="bench_retrieval", database=BENCH_DATABASE, argv=argv, env=env, keep=options["keep_database"]
-            )
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        run_inside_bench_database(
+            command="bench_retrieval", database=BENCH_DATABASE, argv=argv, redis_db=BENCH_REDIS_DB,
+            keep=options["keep_database"],
+        )  # fmt: skip
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
