@@ -58,7 +58,8 @@ class EncodedQuery:
 
 
 def query_image(image: Image.Image) -> Image.Image:
-    """The validated photo scaled down to QUERY_MAX_SIDE (never up): what both encoders encode."""
+    """A decoded photo scaled down to QUERY_MAX_SIDE (never up), as `intake.image_query` hands the search its photo:
+    for callers that already hold a picture (bench_encode, tests)."""
     return image_downscale(image, QUERY_MAX_SIDE)
 
 
