@@ -21,7 +21,7 @@ from django.utils.safestring import mark_safe
 
 from catalog import selectors
 from catalog.intake import IntakeError
-from catalog.intake.images import image_validate
+from catalog.intake.images import ValidatedImage, image_validate
 from catalog.models import (
     DuplicateFinding,
     GoldenQuery,
@@ -507,6 +507,8 @@ def golden_numbers_html(columns: list[tuple[str, dict]]) -> str:
 
 
 class GoldenQueryForm(forms.ModelForm):
+    validated_photo: ValidatedImage  # set by clean_photo
+
     class Meta:
         model = GoldenQuery
         fields = ["product", "photo", "source"]
@@ -514,7 +516,7 @@ class GoldenQueryForm(forms.ModelForm):
     def clean_photo(self):
         photo = self.cleaned_data["photo"]
         try:
-            image_validate(photo.read())
+            self.validated_photo = image_validate(photo.read())  # stored as is by save_model: decoded once
         except IntakeError as exc:
             raise forms.ValidationError(str(exc)) from exc
         photo.seek(0)
@@ -539,9 +541,7 @@ class GoldenQueryAdmin(admin.ModelAdmin):
         return obj is None and super().has_change_permission(request)
 
     def save_model(self, request: HttpRequest, obj: GoldenQuery, form: GoldenQueryForm, change: bool) -> None:
-        created = golden.golden_query_add(
-            product=obj.product, photo=form.cleaned_data["photo"].read(), source=obj.source
-        )
+        created = golden.golden_query_store(product=obj.product, validated=form.validated_photo, source=obj.source)
         obj.pk, obj.photo, obj.created_at = created.pk, created.photo, created.created_at
 
     def get_urls(self):

@@ -19,7 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from catalog import dispatch
-from catalog.intake.images import crop_box_apply, image_validate
+from catalog.intake.images import ValidatedImage, crop_box_apply, image_validate
 from catalog.models import GoldenQuery, Merchant, ModelVersion, Product, RecentQuery
 
 GOLDEN_METRICS_KEY = "golden"  # ModelVersion.metrics[...] holding the golden-set numbers
@@ -42,7 +42,14 @@ GOLDEN_NUMBERS = (  # (key, label, format) of a version's golden-set numbers, as
 def golden_query_add(*, product: Product, photo: bytes, source: str = "admin", consented: bool = False) -> GoldenQuery:
     """Store a shopper photo of `product`, validated and re-encoded like any query photo (an upload is untrusted,
     and re-encoding drops its metadata: a phone photo's EXIF may say where the shopper lives). Raises IntakeError."""
-    validated = image_validate(photo)
+    return golden_query_store(product=product, validated=image_validate(photo), source=source, consented=consented)
+
+
+def golden_query_store(
+    *, product: Product, validated: ValidatedImage, source: str = "admin", consented: bool = False
+) -> GoldenQuery:
+    """Store a photo `image_validate` has already checked and re-encoded (the admin's form validates it to show
+    the error beside the field, and so does not pay for a second decode and re-encode)."""
     query = GoldenQuery(product=product, source=source, consented_at=timezone.now() if consented else None)
     query.photo.save(f"{product.pk}.{validated.extension}", ContentFile(validated.data), save=False)
     query.save()
