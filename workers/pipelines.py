@@ -75,7 +75,7 @@ def images_embed(*, image_ids: Sequence[int], delivery: embeddings.EmbedDelivery
     versions = list(selectors.model_versions_serving())
     if not versions:  # nothing to embed with yet: only find the files that no longer decode
         images = selectors.images_by_id(image_ids=image_ids).exclude(status=ProductImage.Status.FAILED)
-        return {**_images_load(list(images))[1], "embedded": 0, "versions": []}
+        return {"embedded": 0, "failed": _images_load(list(images))[1], "versions": []}
     work = embeddings.embed_work_claim(image_ids=image_ids, versions=versions, delivery=delivery)
     if not work.one_at_a_time:
         embeddings.embed_attempts_count(image_ids=[image.pk for image in work.images], delivery=delivery)
@@ -88,23 +88,22 @@ def images_embed(*, image_ids: Sequence[int], delivery: embeddings.EmbedDelivery
     return {**totals, "versions": [v.pk for v in versions], "one_at_a_time": work.one_at_a_time}
 
 
-def _images_load(images: Sequence[ProductImage]) -> tuple[list[tuple[ProductImage, Image.Image]], dict[str, int]]:
-    """The images' working copies; a broken stored file is marked failed and must not block the rest."""
+def _images_load(images: Sequence[ProductImage]) -> tuple[list[tuple[ProductImage, Image.Image]], int]:
+    """The images' working copies, and how many could not be read (marked failed)."""
     loaded: list[tuple[ProductImage, Image.Image]] = []
     failed = 0
     for image in images:
         try:
             loaded.append((image, selectors.image_open(image=image)))
-        except Exception as exc:
+        except Exception as exc:  # a broken stored file must not block the rest of the batch
             failed += 1
             embeddings.image_mark_failed(image_id=image.pk, error=str(exc))
-    return loaded, {"failed": failed}
+    return loaded, failed
 
 
 def _batch_embed(images: Sequence[ProductImage], versions: Sequence[ModelVersion]) -> dict[str, int]:
     """Embed these images (counted already) under `versions`, keypoints once per image; returns the counts."""
-    loaded, counts = _images_load(images)
-    failed = counts["failed"]
+    loaded, failed = _images_load(images)
     if not loaded:
         return {"embedded": 0, "failed": failed, "duplicates": 0}
     keypoints_store(loaded)

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import transaction
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -377,7 +377,10 @@ class ImageNotRetryable(APIException):
 class ProductImageRetryView(MerchantAPIView):
     @extend_schema(
         request=None,
-        responses={202: ImageOutputSerializer},
+        responses={
+            202: ImageOutputSerializer,
+            409: OpenApiResponse(description="the image has not failed (pending or embedded): nothing to retry"),
+        },
         description="Embed a failed image again (its file did not decode, or the worker died on it too often): it "
         "is pending again, with its attempt count cleared, and queued (202). An image that has not failed: 409.",
     )

@@ -223,7 +223,9 @@ def embed_work_claim(
     cap = settings.EMBED_MAX_ATTEMPTS
     spent = [image.pk for image in todo if _deaths(image, delivery) >= cap]
     given_up = images_embed_give_up(image_ids=spent) if spent else 0
-    rest = sorted((image for image in todo if image.pk not in spent), key=lambda image: (_deaths(image, delivery), image.pk))
+    rest = sorted(
+        (image for image in todo if image.pk not in spent), key=lambda image: (_deaths(image, delivery), image.pk)
+    )
     return EmbedWork(rest, any(_deaths(image, delivery) > 0 for image in rest), given_up)
 
 

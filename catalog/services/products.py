@@ -183,7 +183,7 @@ def image_add(
                 existing.save(update_fields=["position"])
             if existing.status == ProductImage.Status.FAILED and enqueue:  # uploaded again: the merchant's retry
                 images_embed_retry(image_ids=[existing.pk])
-                existing.refresh_from_db()
+                existing = ProductImage.objects.get(pk=existing.pk)
             return ImageAddResult(existing, False)
         image = image_store(
             product_id=product.pk, validated=image_validate(data), position=position, source_url=source_url
@@ -204,8 +204,8 @@ def image_embed_retry(*, image: ProductImage) -> ProductImage:
         if not images_embed_retry(image_ids=[image.pk]):
             status = ProductImage.objects.filter(pk=image.pk).values_list("status", flat=True).first()
             raise ImageNotFailed(f"only a failed image can be retried; this one is {status}")
-    image.refresh_from_db()
-    return image
+    # read again rather than refresh_from_db(), which re-reads the file's dimensions from storage
+    return ProductImage.objects.select_related("product").get(pk=image.pk)
 
 
 def images_embed_retry(*, image_ids: Sequence[int]) -> int:

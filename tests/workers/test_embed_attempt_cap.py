@@ -83,6 +83,10 @@ def _status(image: ProductImage) -> str:
     return ProductImage.objects.filter(pk=image.pk).values_list("status", flat=True).get()
 
 
+def _statuses() -> list[tuple[int, str, int]]:
+    return list(ProductImage.objects.values_list("pk", "status", "embed_attempts"))
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_image_that_kills_its_worker_ends_failed_after_the_cap_and_the_rest_is_embedded_and_indexed(
     settings, tmp_path
@@ -91,15 +95,16 @@ def test_an_image_that_kills_its_worker_ends_failed_after_the_cap_and_the_rest_i
     cap = django_settings.EMBED_MAX_ATTEMPTS  # as deployed (3 unless EMBED_MAX_ATTEMPTS says otherwise)
     merchant = factories.merchant()
     # The poison first: it has the lowest id, so the first delivery reaches it before any other image is read.
-    # Width and height are stored, as image_store stores them: otherwise merely loading the row would open the file
-    # (the ImageField fills missing dimensions from it), in this process too, and block on the FIFO.
-    poison = ProductImage(product=factories.product(merchant, sku="POISON"), sha256="f" * 64, width=96, height=96)
+    poison = ProductImage(product=factories.product(merchant, sku="POISON"), sha256="f" * 64)
     poison.file.save("poison.png", ContentFile(_photo(99)), save=True)
     good = []
     for i in range(GOOD_IMAGES):
-        row = ProductImage(product=factories.product(merchant, sku=f"G-{i}"), sha256=f"{i:064d}", width=96, height=96)
+        row = ProductImage(product=factories.product(merchant, sku=f"G-{i}"), sha256=f"{i:064d}")
         row.file.save(f"g{i}.png", ContentFile(_photo(i)), save=True)
         good.append(row)
+    # Width and height stored, as image_store stores them: otherwise merely loading a row opens its file (the
+    # ImageField fills missing dimensions from it), and the poison's would block whoever loads it, this test too.
+    ProductImage.objects.update(width=96, height=96)
     fifo = Path(poison.file.path)
     fifo.unlink()
     os.mkfifo(fifo)
@@ -117,7 +122,7 @@ def test_an_image_that_kills_its_worker_ends_failed_after_the_cap_and_the_rest_i
                 writer = wait_until(
                     lambda: alive(worker) and (_status(poison) == "failed" or _reader_held(fifo)),
                     timeout=120, interval=0.05,
-                    message=lambda: f"after {kills} kills: {list(ProductImage.objects.values_list('pk', 'status'))}",
+                    message=lambda k=kills: f"after {k} kills: {_statuses()}",
                 )  # fmt: skip
                 if writer is True:  # failed: no child is reading it any more
                     break
@@ -131,13 +136,13 @@ def test_an_image_that_kills_its_worker_ends_failed_after_the_cap_and_the_rest_i
                     os.close(writer)
             wait_until(
                 lambda: alive(worker) and ModelVersion.objects.get(pk=version.pk).status == ModelVersion.Status.ACTIVE,
-                timeout=120, message=lambda: list(ProductImage.objects.values_list("pk", "status", "embed_attempts")),
+                timeout=120, message=_statuses,
             )  # fmt: skip
     finally:
         fifo.unlink(missing_ok=True)
 
     assert kills == cap  # killed on it exactly the cap's worth of times, never again after
-    poison.refresh_from_db()
+    poison = ProductImage.objects.get(pk=poison.pk)  # (refresh_from_db would open the file, gone now)
     assert poison.status == ProductImage.Status.FAILED and poison.embed_attempts == cap
     assert f"the worker processing it died {cap} times" in poison.error
     assert {image.status for image in ProductImage.objects.filter(pk__in=[g.pk for g in good])} == {"embedded"}

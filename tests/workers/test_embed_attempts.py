@@ -114,9 +114,7 @@ def test_a_batch_counts_its_images_before_reading_them_and_success_clears_the_co
 
 
 @pytest.mark.django_db(transaction=True)  # the activation builds an index: not inside the test's transaction
-def test_redeliveries_fail_the_image_that_kills_them_at_the_cap_and_embed_the_rest_one_at_a_time(
-    version, monkeypatch
-):
+def test_redeliveries_fail_the_image_that_kills_them_at_the_cap_and_embed_the_rest_one_at_a_time(version, monkeypatch):
     cap = django_settings.EMBED_MAX_ATTEMPTS
     poison, *good = _catalog(6)  # the poison has the lowest id: the first delivery reaches it first
     ids = [image.pk for image in [poison, *good]]
