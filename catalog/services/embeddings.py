@@ -195,8 +195,8 @@ class EmbedWork:
 
 def _deaths(image: ProductImage, delivery: EmbedDelivery | None) -> int:
     """Deliveries that began work on `image` and died (the try this retry continues did not die)."""
-    continued = delivery is not None and delivery.continues is not None
-    return image.embed_attempts - int(continued and image.embed_attempt_by == delivery.continues)  # type: ignore[union-attr]
+    continued = delivery.continues if delivery is not None else None
+    return image.embed_attempts - int(continued is not None and image.embed_attempt_by == continued)
 
 
 def embed_work_claim(
@@ -245,7 +245,7 @@ def embed_attempts_count(*, image_ids: Sequence[int], delivery: EmbedDelivery | 
 def embed_give_up_reason(attempts: int) -> str:
     return (
         f"could not be embedded: the worker processing it died {attempts} times (out of memory or out of time; the "
-        "file may be too large or unusual). Retry it (the merchant API's .../images/<id>/retry, or upload it again)"
+        "file may be too large or unusual). Retry it (the merchant API's .../images/<id>/retry/, or upload it again)"
     )
 
 
