@@ -33,7 +33,7 @@ from catalog.models import (
     ProductImage,
     TrainingRun,
 )
-from catalog.services import golden, imports, model_versions, training
+from catalog.services import golden, imports, model_versions, products, training
 
 ADMIN_REJECTED_ROWS_SHOWN = 200  # enough to fix a bad export; the API pages through all of them
 
@@ -49,17 +49,24 @@ class MerchantAdmin(admin.ModelAdmin):
 class ProductImageInline(admin.TabularInline):
     model = ProductImage
     extra = 0
-    fields = ["file", "position", "status", "error", "sha256"]
-    readonly_fields = ["sha256", "status", "error"]
+    fields = ["file", "position", "status", "error", "embed_attempts", "sha256"]
+    readonly_fields = ["sha256", "status", "error", "embed_attempts"]
 
 
 @admin.register(Product)
 class ProductAdmin(admin.ModelAdmin):
     list_display = ["sku", "title", "merchant", "category", "price", "active", "updated_at"]
-    list_filter = ["active", "merchant", "category"]
+    list_filter = ["active", "merchant", "category", "images__status"]
     search_fields = ["sku", "title"]
     list_select_related = ["merchant"]
     inlines = [ProductImageInline]
+    actions = ["retry_failed_images"]
+
+    @admin.action(description="Embed their failed images again", permissions=["change"])
+    def retry_failed_images(self, request: HttpRequest, queryset: QuerySet[Product]) -> None:
+        failed = ProductImage.objects.filter(product__in=queryset, status=ProductImage.Status.FAILED)
+        retried = products.images_embed_retry(image_ids=list(failed.values_list("pk", flat=True)))
+        self.message_user(request, f"{retried} failed image(s) queued for embedding again.")
 
 
 @admin.register(ModelVersion)

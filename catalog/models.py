@@ -90,6 +90,13 @@ class ProductImage(models.Model):
     source_url = models.URLField(max_length=2000, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     error = models.TextField(blank=True)
+    # Embed deliveries that began work on this image since it was last embedded (catalog.services.embeddings): one
+    # that dies with its process (out of memory, hard time limit) leaves its count, and at EMBED_MAX_ATTEMPTS the
+    # image ends FAILED instead of being handed out again forever. `embed_attempt_by` names the delivery that counted
+    # last (Celery task id and retry number), so a retry after a database error continues its attempt.
+    embed_attempts = models.PositiveSmallIntegerField(default=0)
+    embed_attempt_by = models.CharField(max_length=80, blank=True)
+    embed_attempted_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

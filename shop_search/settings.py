@@ -207,6 +207,9 @@ IMAGE_FETCH_DEADLINE_S = float(os.environ.get("IMAGE_FETCH_DEADLINE_S", "30"))
 # killed; the worker's parent still fails the chunk's rows). A chunk takes about a second.
 IMPORT_CHUNK_SOFT_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_SOFT_TIME_LIMIT_S", "300"))
 IMPORT_CHUNK_TIME_LIMIT_S = int(os.environ.get("IMPORT_CHUNK_TIME_LIMIT_S", "360"))
+# Embed deliveries that may begin work on one image and die (out of memory, hard time limit) before it ends FAILED
+# with the reason; the merchant can retry it (API, re-upload) or an admin (products' action).
+EMBED_MAX_ATTEMPTS = int(os.environ.get("EMBED_MAX_ATTEMPTS", "3"))
 
 # --- DRF + OpenAPI -----------------------------------------------------------------------------------------------
 REST_FRAMEWORK = {

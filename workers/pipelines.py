@@ -64,19 +64,48 @@ def encoder_warm_up() -> str | None:
 
 
 # --- embedding and query encoding -----------------------------------------------------------------------------------
-def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
-    """Embed images under every serving version; images that cannot be decoded are marked failed, not retried."""
+def images_embed(*, image_ids: Sequence[int], delivery: embeddings.EmbedDelivery | None = None) -> dict[str, Any]:
+    """Embed images under every serving version; images that cannot be decoded are marked failed, not retried.
+
+    Each image's attempt is counted (committed) before its file is opened, so a delivery whose process dies on an
+    image leaves the count, and the image ends FAILED after EMBED_MAX_ATTEMPTS deliveries that died
+    (catalog.services.embeddings). After such a death the batch is embedded one image at a time, the suspect last,
+    so the others are saved before it can kill the process again. `delivery` is the Celery task's (see
+    EmbedDelivery); without one, every call counts."""
     versions = list(selectors.model_versions_serving())
+    if not versions:  # nothing to embed with yet: only find the files that no longer decode
+        images = selectors.images_by_id(image_ids=image_ids).exclude(status=ProductImage.Status.FAILED)
+        return {"embedded": 0, "failed": _images_load(list(images))[1], "versions": []}
+    work = embeddings.embed_work_claim(image_ids=image_ids, versions=versions, delivery=delivery)
+    if not work.one_at_a_time:
+        embeddings.embed_attempts_count(image_ids=[image.pk for image in work.images], delivery=delivery)
+    totals = {"embedded": 0, "failed": work.given_up, "duplicates": 0}
+    for batch in [[image] for image in work.images] if work.one_at_a_time else [work.images]:
+        if work.one_at_a_time:
+            embeddings.embed_attempts_count(image_ids=[batch[0].pk], delivery=delivery)
+        for key, value in _batch_embed(batch, versions).items():
+            totals[key] += value
+    return {**totals, "versions": [v.pk for v in versions], "one_at_a_time": work.one_at_a_time}
+
+
+def _images_load(images: Sequence[ProductImage]) -> tuple[list[tuple[ProductImage, Image.Image]], int]:
+    """The images' working copies, and how many could not be read (marked failed)."""
     loaded: list[tuple[ProductImage, Image.Image]] = []
     failed = 0
-    for image in selectors.images_by_id(image_ids=image_ids):
+    for image in images:
         try:
             loaded.append((image, selectors.image_open(image=image)))
         except Exception as exc:  # a broken stored file must not block the rest of the batch
             failed += 1
             embeddings.image_mark_failed(image_id=image.pk, error=str(exc))
-    if not versions or not loaded:
-        return {"embedded": 0, "failed": failed, "versions": [v.pk for v in versions]}
+    return loaded, failed
+
+
+def _batch_embed(images: Sequence[ProductImage], versions: Sequence[ModelVersion]) -> dict[str, int]:
+    """Embed these images (counted already) under `versions`, keypoints once per image; returns the counts."""
+    loaded, failed = _images_load(images)
+    if not loaded:
+        return {"embedded": 0, "failed": failed, "duplicates": 0}
     keypoints_store(loaded)
     duplicates = 0
     for version in versions:
@@ -85,7 +114,7 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
         failed += len(loaded) - len(encoded_ids)
         loaded = [(image, picture) for image, picture in loaded if image.pk in encoded_ids]
     embeddings.images_mark_embedded(image_ids=[image.pk for image, _ in loaded])
-    return {"embedded": len(loaded), "failed": failed, "versions": [v.pk for v in versions], "duplicates": duplicates}
+    return {"embedded": len(loaded), "failed": failed, "duplicates": duplicates}
 
 
 def _embed_with(version: ModelVersion, loaded: Sequence[tuple[ProductImage, Image.Image]]) -> tuple[set[int], int]:

@@ -17,7 +17,7 @@ from django.db import OperationalError, connection
 from catalog import selectors
 from catalog.dispatch import QUERY_ENCODE_TIMEOUT_S
 from catalog.models import ImportChunk, ModelVersion
-from catalog.services import imports, maintenance, model_versions, products
+from catalog.services import embeddings, imports, maintenance, model_versions, products
 from workers import pipelines
 
 INDEXING_POLL_S = 2  # how often an indexing version checks whether every image has its embedding
@@ -31,16 +31,20 @@ def ping_database() -> dict:
 
 @shared_task(
     name="workers.tasks.embed_images",
+    bind=True,
     acks_late=True,
     soft_time_limit=240,  # 64 images take about a second: a batch this slow is stuck, and the sweeper counts on it
     time_limit=300,
-    autoretry_for=(OperationalError,),
+    autoretry_for=(OperationalError,),  # its only retry: EmbedDelivery tells it from a redelivery after a death
     retry_backoff=True,
     max_retries=5,
 )
-def embed_images(image_ids: list[int]) -> dict:
-    """Embed these images under every serving version (active, and one being indexed). Idempotent."""
-    return pipelines.images_embed(image_ids=image_ids)
+def embed_images(self: Task, image_ids: list[int]) -> dict:
+    """Embed these images under every serving version (active, and one being indexed). Idempotent; an image whose
+    embedding keeps killing the worker ends FAILED after EMBED_MAX_ATTEMPTS deliveries (catalog.services.embeddings)."""
+    request = self.request
+    delivery = embeddings.EmbedDelivery(task_id=request.id, retries=request.retries or 0) if request.id else None
+    return pipelines.images_embed(image_ids=image_ids, delivery=delivery)
 
 
 @shared_task(

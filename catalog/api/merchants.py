@@ -12,9 +12,9 @@ from typing import Any
 
 from django.db import transaction
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_field
 from rest_framework import serializers, status
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
@@ -71,8 +71,15 @@ class ImageOutputSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ProductImage
-        fields = ["id", "file", "position", "status", "error", "width", "height", "sha256", "source_url", "created_at"]
+        fields = ["id", "file", "position", "status", "error", "embed_attempts", "width", "height", "sha256",
+                  "source_url", "created_at"]  # fmt: skip
         read_only_fields = fields
+        extra_kwargs = {
+            "embed_attempts": {
+                "help_text": "embedding deliveries that began on this image and have not finished; at the cap "
+                "(EMBED_MAX_ATTEMPTS) it is failed: retry it with POST .../retry/ or upload the file again"
+            }
+        }
 
     def get_file(self, image: ProductImage) -> str:
         return image.file.url if image.file else ""
@@ -360,6 +367,33 @@ class ProductImageDetailView(MerchantAPIView):
         self.check_object_permissions(request, image)
         products.image_delete(image=image)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ImageNotRetryable(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "not_failed"
+
+
+class ProductImageRetryView(MerchantAPIView):
+    @extend_schema(
+        request=None,
+        responses={
+            202: ImageOutputSerializer,
+            409: OpenApiResponse(description="the image has not failed (pending or embedded): nothing to retry"),
+        },
+        description="Embed a failed image again (its file did not decode, or the worker died on it too often): it "
+        "is pending again, with its attempt count cleared, and queued (202). An image that has not failed: 409.",
+    )
+    def post(self, request: Request, product_id: int, image_id: int) -> Response:
+        image = selectors.image_get_for_user(user=request.user, product_id=product_id, image_id=image_id)
+        if image is None:
+            raise NotFound()
+        self.check_object_permissions(request, image)
+        try:
+            image = products.image_embed_retry(image=image)
+        except products.ImageNotFailed as exc:
+            raise ImageNotRetryable(str(exc)) from exc
+        return Response(ImageOutputSerializer(image).data, status=status.HTTP_202_ACCEPTED)
 
 
 class ImageFetchDetailView(MerchantAPIView):

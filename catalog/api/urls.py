@@ -27,6 +27,11 @@ urlpatterns = [
         name="merchant-product-image-detail",
     ),
     path(
+        "merchant/products/<int:product_id>/images/<int:image_id>/retry/",
+        merchants.ProductImageRetryView.as_view(),
+        name="merchant-product-image-retry",
+    ),
+    path(
         "merchant/image-fetches/<int:fetch_id>/",
         merchants.ImageFetchDetailView.as_view(),
         name="merchant-image-fetch-detail",

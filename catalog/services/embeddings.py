@@ -4,9 +4,14 @@ embed workers, and the duplicate report their codes feed (near-identical images 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
+from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Case, F, When
+from django.utils import timezone
 
 from catalog.codes import bits_to_bitstring, code_sql, version_sql
 from catalog.models import DuplicateFinding, ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
@@ -143,4 +148,116 @@ def keypoints_save(*, packed: dict[int, tuple[bytes, int]]) -> None:
 
 
 def images_mark_embedded(*, image_ids: Sequence[int]) -> None:
-    ProductImage.objects.filter(pk__in=image_ids).update(status=ProductImage.Status.EMBEDDED, error="")
+    """Embedded under every serving version: its attempt count starts again (the cap is on deaths in a row)."""
+    ProductImage.objects.filter(pk__in=image_ids).update(
+        status=ProductImage.Status.EMBEDDED, error="", embed_attempts=0, embed_attempt_by=""
+    )
+
+
+# --- the attempt cap: an image whose embedding keeps killing its worker ----------------------------------------------
+# An embed batch is acknowledged late and re-queued when its worker dies (and re-sent by the stuck-work sweeper when
+# the hard time limit ended it), so an image that kills the process (out of memory on a huge file, a hang until the
+# hard limit) would be handed out forever, and an indexing waiting for it would never finish. Each delivery counts
+# an attempt on the images it begins, committed before any file is opened or the network runs; success resets the
+# count; a delivery that finds an image begun EMBED_MAX_ATTEMPTS times by deliveries that died gives it up (FAILED,
+# with the reason), and so does the sweeper.
+
+
+@dataclass(frozen=True)
+class EmbedDelivery:
+    """Which delivery of an embed task is working: its Celery task id and retry number.
+
+    Celery re-runs an embed task in two ways. A redelivery after the worker died carries the same id and retry
+    number: it counts a new attempt. A retry after a transient database error (the task's autoretry on
+    OperationalError, the only retry it has) carries the same id and retry number + 1: it continues the attempt the
+    try before it counted, so a database hiccup never burns an image's attempts. No database write is needed on the
+    error path (the database may be what failed): the count is keyed by the delivery that made it."""
+
+    task_id: str
+    retries: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.task_id}:{self.retries}"
+
+    @property
+    def continues(self) -> str | None:
+        """The key of the try this retry continues, if it is one."""
+        return f"{self.task_id}:{self.retries - 1}" if self.retries else None
+
+
+@dataclass(frozen=True)
+class EmbedWork:
+    images: list[ProductImage]  # to embed: fewest deaths first
+    one_at_a_time: bool  # an earlier delivery died on some of them: count and embed each alone
+    given_up: int  # images failed now: begun EMBED_MAX_ATTEMPTS times by deliveries that died
+
+
+def _deaths(image: ProductImage, delivery: EmbedDelivery | None) -> int:
+    """Deliveries that began work on `image` and died (the try this retry continues did not die)."""
+    continued = delivery.continues if delivery is not None else None
+    return image.embed_attempts - int(continued is not None and image.embed_attempt_by == continued)
+
+
+def embed_work_claim(
+    *, image_ids: Sequence[int], versions: Sequence[ModelVersion], delivery: EmbedDelivery | None = None
+) -> EmbedWork:
+    """What an embed delivery works on among `image_ids`: images not FAILED and not yet embedded under every one of
+    `versions` (a redelivered batch skips what an earlier delivery finished). Images that deliveries which died began
+    EMBED_MAX_ATTEMPTS times end FAILED now. If no other image was begun by a delivery that died, the batch is
+    embedded whole (one count for all, `embed_attempts_count`); otherwise one image at a time, each counted just
+    before it, the fewest deaths first: the image that kills its process is tried last, after the others are saved,
+    and only it is charged with the death."""
+    images = list(
+        ProductImage.objects.filter(pk__in=image_ids).exclude(status=ProductImage.Status.FAILED).order_by("pk")
+    )
+    have = set(
+        ImageEmbedding.objects.filter(image_id__in=[image.pk for image in images], model_version__in=versions)
+        .values_list("image_id", "model_version_id")
+    )  # fmt: skip
+    todo = [
+        image
+        for image in images
+        if image.status != ProductImage.Status.EMBEDDED or any((image.pk, v.pk) not in have for v in versions)
+    ]
+    cap = settings.EMBED_MAX_ATTEMPTS
+    spent = [image.pk for image in todo if _deaths(image, delivery) >= cap]
+    given_up = images_embed_give_up(image_ids=spent) if spent else 0
+    rest = sorted(
+        (image for image in todo if image.pk not in spent), key=lambda image: (_deaths(image, delivery), image.pk)
+    )
+    return EmbedWork(rest, any(_deaths(image, delivery) > 0 for image in rest), given_up)
+
+
+def embed_attempts_count(*, image_ids: Sequence[int], delivery: EmbedDelivery | None = None) -> None:
+    """Count an attempt on these images, before the delivery opens them (call it outside a transaction: the count
+    must survive the process dying). A retry after a database error does not count again what its try counted."""
+    bump = F("embed_attempts") + 1
+    if delivery is not None and delivery.continues is not None:
+        bump = Case(When(embed_attempt_by=delivery.continues, then=F("embed_attempts")), default=bump)
+    ProductImage.objects.filter(pk__in=image_ids).exclude(status=ProductImage.Status.FAILED).update(
+        embed_attempts=bump,
+        embed_attempt_by=delivery.key if delivery is not None else "",
+        embed_attempted_at=timezone.now(),
+    )
+
+
+def embed_give_up_reason(attempts: int) -> str:
+    return (
+        f"could not be embedded: the worker processing it died {attempts} times (out of memory or out of time; the "
+        "file may be too large or unusual). Retry it (the merchant API's .../images/<id>/retry/, or upload it again)"
+    )
+
+
+def images_embed_give_up(*, image_ids: Sequence[int] | None = None, attempted_before: datetime | None = None) -> int:
+    """End FAILED, with the reason, the images (of `image_ids`, or whose last attempt began before
+    `attempted_before`: the sweeper's, long enough ago that it cannot still be running) that deliveries began
+    EMBED_MAX_ATTEMPTS times without finishing. Nothing re-queues or waits for a failed image (the sweeper, an
+    indexing) until it is retried. Returns how many."""
+    cap = settings.EMBED_MAX_ATTEMPTS
+    spent = ProductImage.objects.exclude(status=ProductImage.Status.FAILED).filter(embed_attempts__gte=cap)
+    if image_ids is not None:
+        spent = spent.filter(pk__in=image_ids)
+    if attempted_before is not None:
+        spent = spent.filter(embed_attempted_at__lt=attempted_before)
+    return spent.update(status=ProductImage.Status.FAILED, error=embed_give_up_reason(cap))

@@ -20,7 +20,7 @@ from catalog.models import (
     ProductImage,
     RecentQuery,
 )
-from catalog.services import golden, imports
+from catalog.services import embeddings, golden, imports
 
 MEDIA_ORPHAN_MIN_AGE_S = 3600  # younger files may belong to a chunk still in its transaction
 
@@ -116,10 +116,15 @@ def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
     task, held unacknowledged by a lost worker, would come back only after the broker's visibility timeout). Only
     while the `embed` queue is empty: with a backlog, what waits may simply be queued (the sweep after it drains
     re-queues what is really lost). Every task is idempotent, so the worst case is one batch embedded twice, or a
-    version activated by two finishing tasks."""
+    version activated by two finishing tasks.
+
+    Images whose embedding was begun EMBED_MAX_ATTEMPTS times, the last attempt more than `stuck_after_s` ago (so
+    it died: a batch's hard limit is shorter), end FAILED instead of being re-queued (`given_up`): an indexing no
+    longer waits for them."""
     if dispatch.queue_length(dispatch.EMBED_IMAGES.queue) > 0:
-        return {"chunks": 0, "images": 0, "image_fetches": 0, "finishing": 0, "backlog": 1}
+        return {"chunks": 0, "images": 0, "image_fetches": 0, "finishing": 0, "given_up": 0, "backlog": 1}
     cutoff = timezone.now() - timedelta(seconds=stuck_after_s)
+    given_up = embeddings.images_embed_give_up(attempted_before=cutoff)
     chunks = 0
     live_jobs = ImportJob.objects.filter(state__in=[ImportJob.State.PENDING, ImportJob.State.RUNNING])
     for job in live_jobs.filter(created_at__lt=cutoff).annotate(last_chunk=Max("chunks__finished_at")):
@@ -150,5 +155,6 @@ def stuck_work_sweep(*, stuck_after_s: float = STUCK_AFTER_S) -> dict[str, int]:
         "images": len(waiting),
         "image_fetches": len(fetches),
         "finishing": finishing,
+        "given_up": given_up,
         "backlog": 0,
     }

@@ -181,6 +181,9 @@ def image_add(
             if existing.position != position:
                 existing.position = position
                 existing.save(update_fields=["position"])
+            if existing.status == ProductImage.Status.FAILED and enqueue:  # uploaded again: the merchant's retry
+                images_embed_retry(image_ids=[existing.pk])
+                existing = ProductImage.objects.get(pk=existing.pk)
             return ImageAddResult(existing, False)
         image = image_store(
             product_id=product.pk, validated=image_validate(data), position=position, source_url=source_url
@@ -189,6 +192,37 @@ def image_add(
         if enqueue:
             dispatch.embed_images(image_ids=[image.pk])
         return ImageAddResult(image, True)
+
+
+class ImageNotFailed(Exception):
+    """Only a failed image can be retried: one pending or embedded has nothing to retry."""
+
+
+def image_embed_retry(*, image: ProductImage) -> ProductImage:
+    """Give a FAILED image another round of embedding (the merchant API's retry): raises ImageNotFailed otherwise."""
+    with transaction.atomic():
+        if not images_embed_retry(image_ids=[image.pk]):
+            status = ProductImage.objects.filter(pk=image.pk).values_list("status", flat=True).first()
+            raise ImageNotFailed(f"only a failed image can be retried; this one is {status}")
+    # read again rather than refresh_from_db(), which re-reads the file's dimensions from storage
+    return ProductImage.objects.select_related("product").get(pk=image.pk)
+
+
+def images_embed_retry(*, image_ids: Sequence[int]) -> int:
+    """Failed images among these are pending again, their attempt count (catalog.services.embeddings) and error
+    cleared, and queued for embedding after commit: an image the worker died on gets EMBED_MAX_ATTEMPTS more
+    deliveries, a file that did not decode is read again. Returns how many."""
+    with transaction.atomic():
+        retried = list(
+            ProductImage.objects.select_for_update()
+            .filter(pk__in=image_ids, status=ProductImage.Status.FAILED)
+            .values_list("pk", flat=True)
+        )
+        ProductImage.objects.filter(pk__in=retried).update(
+            status=ProductImage.Status.PENDING, error="", embed_attempts=0, embed_attempt_by=""
+        )
+        dispatch.embed_images(image_ids=sorted(retried))
+    return len(retried)
 
 
 def image_store(*, product_id: int, validated: ValidatedImage, position: int = 0, source_url: str = "") -> ProductImage:

@@ -352,6 +352,17 @@ def check_image_detail(w: World) -> None:
     assert w.a.delete(url).status_code == 204
 
 
+def check_image_retry(w: World) -> None:
+    ProductImage.objects.filter(pk=w.a_image.pk).update(status=ProductImage.Status.FAILED, error=SECRET)
+    url = reverse("api:merchant-product-image-retry", args=[w.a_product.pk, w.a_image.pk])
+    refused_anonymous(w.anonymous.post(url))
+    assert nothing_of_a(w.b.post(url)).status_code == 404
+    crossed = reverse("api:merchant-product-image-retry", args=[w.b_product.pk, w.a_image.pk])
+    assert nothing_of_a(w.b.post(crossed)).status_code == 404
+    assert ProductImage.objects.get(pk=w.a_image.pk).status == ProductImage.Status.FAILED  # B changed nothing
+    assert w.a.post(url).json()["status"] == "pending"
+
+
 def check_image_fetch_detail(w: World) -> None:
     fetch = ImageFetch.objects.create(product=w.a_product, url=f"https://alpha.example/{SECRET}.jpg")
     url = reverse("api:merchant-image-fetch-detail", args=[fetch.pk])
@@ -591,6 +602,7 @@ ROUTES: dict[str, Callable[[World], None]] = {
     "api:merchant-product-detail": check_product_detail,
     "api:merchant-product-images": check_product_images,
     "api:merchant-product-image-detail": check_image_detail,
+    "api:merchant-product-image-retry": check_image_retry,
     "api:merchant-image-fetch-detail": check_image_fetch_detail,
     "api:merchant-import-list": check_imports,
     "api:merchant-import-detail": check_import_detail,

@@ -144,6 +144,7 @@ def test_a_worker_killed_mid_reindex_leaves_exact_rows_once_a_new_worker_and_the
             "images": 0,
             "image_fetches": 0,
             "finishing": 0,
+            "given_up": 0,
             "backlog": 0,
         }  # nothing left stuck
 

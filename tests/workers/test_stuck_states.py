@@ -125,7 +125,8 @@ def test_the_sweeper_requeues_a_stuck_import_and_lost_embeds_and_a_worker_finish
     swept = maintenance.stuck_work_sweep()
 
     # the fresh job is left alone
-    assert swept == {"chunks": stuck.chunks_total, "images": 1, "image_fetches": 1, "finishing": 0, "backlog": 0}
+    assert swept == {"chunks": stuck.chunks_total, "images": 1, "image_fetches": 1, "finishing": 0, "given_up": 0,
+                     "backlog": 0}  # fmt: skip
     assert _embed_queue() == stuck.chunks_total + 2
     assert maintenance.stuck_work_sweep()["backlog"] == 1 and _embed_queue() == stuck.chunks_total + 2  # no doubles
     with celery_worker_on("embed", purge=False):  # the swept work waits for it
@@ -164,6 +165,7 @@ def test_the_sweeper_finishes_an_indexing_version_whose_finishing_poll_was_lost(
         "images": 0,
         "image_fetches": 0,
         "finishing": 1,
+        "given_up": 0,
         "backlog": 0,
     }
     with celery_worker_on("embed", purge=False):
