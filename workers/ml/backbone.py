@@ -70,6 +70,20 @@ def create_feature_extractor(name: str, *, packaged_weights: bool) -> nn.Module:
     return features
 
 
+def create_global_head(name: str, *, packaged_weights: bool) -> nn.Sequential:
+    """The full model's own last layers that `features_only` drops: the 1x1 conv head and its BatchNorm + activation
+    (tf_efficientnet_lite0: 320 -> 1280 channels, ImageNet-trained). Version 0 pools their output, so a network that
+    starts from version 0 needs them (FashionNetConfig.global_head)."""
+    full = timm.create_model(name, pretrained=False)
+    if packaged_weights:
+        if name != PACKAGED_BACKBONE:
+            raise ValueError(f"packaged weights exist only for {PACKAGED_BACKBONE}, not {name}")
+        load_packaged_weights(full)
+    if not hasattr(full, "conv_head") or not hasattr(full, "bn2"):
+        raise ValueError(f"{name} has no conv head (conv_head + bn2) to pool from")
+    return nn.Sequential(full.conv_head, full.bn2)
+
+
 def create_pooled_model(name: str, *, packaged_weights: bool) -> nn.Module:
     """A timm model whose forward returns globally pooled features (classifier removed)."""
     model = timm.create_model(name, pretrained=False)
