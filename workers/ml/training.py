@@ -488,6 +488,7 @@ def _keep_if_best(run: _Run, metrics: dict) -> None:
     """best.pt := this state if it scores strictly better on validation than the best so far (ties keep the
     earlier one: the start wins a tie), best.json its score."""
     score = float(metrics.get("validation", {}).get(SELECTION_METRIC, float("-inf")))
+    score = score if math.isfinite(score) else float("-inf")  # a diverged epoch (NaN) is never chosen
     score_path = run.out_dir / BEST_SCORE
     best = json.loads(score_path.read_text()) if score_path.exists() else None
     if best is not None and score <= best["score"]:
