@@ -272,7 +272,9 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
             checkpoint=path,
             code_bits=encoder.code_bits,
             fc7_dim=encoder.fc7_dim,
-            config={**encoder.version_info, "training": config.to_dict()},
+            # which epoch was registered (-1: the start), chosen on the golden set's validation part
+            config={**encoder.version_info, "training": config.to_dict(),
+                    "selected_epoch": encoder.metrics.get("selected_epoch")},  # fmt: skip
         )
     except TrainingCancelled:
         training.training_run_cancelled(run=run)
