@@ -273,8 +273,11 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
             code_bits=encoder.code_bits,
             fc7_dim=encoder.fc7_dim,
             # which epoch was registered (-1: the start), chosen on the golden set's validation part
-            config={**encoder.version_info, "training": config.to_dict(),
-                    "selected_epoch": encoder.metrics.get("selected_epoch")},  # fmt: skip
+            config={
+                **encoder.version_info,
+                "training": config.to_dict(),
+                "selected_epoch": encoder.metrics.get("selected_epoch"),
+            },
         )
     except TrainingCancelled:
         training.training_run_cancelled(run=run)

@@ -108,9 +108,13 @@ def test_a_run_that_only_gets_worse_registers_its_start_and_trains_only_the_last
     trained = load_checkpoint(tmp_path / "run" / LAST_CHECKPOINT)["state_dict"]
     start_state = load_checkpoint(checkpoint)["state_dict"]
     for key, value in trained.items():
-        if "running_" in key or (key.startswith("backbone.") and not key.startswith(("backbone.blocks.5", "backbone.blocks.6"))):
+        if "running_" in key or (
+            key.startswith("backbone.") and not key.startswith(("backbone.blocks.5", "backbone.blocks.6"))
+        ):
             assert torch.equal(value, start_state[key]), key
-    assert not torch.equal(trained["backbone.blocks.6.0.conv_pwl.weight"], start_state["backbone.blocks.6.0.conv_pwl.weight"])
+    assert not torch.equal(
+        trained["backbone.blocks.6.0.conv_pwl.weight"], start_state["backbone.blocks.6.0.conv_pwl.weight"]
+    )
     assert not torch.equal(trained["hash.weight"], start_state["hash.weight"])
 
 

@@ -105,7 +105,8 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert version.fc7_dim == min(defaults.model["fc7_dim"], DEFAULT_RUN_PRODUCTS - 1)
     # what was registered is the epoch best on the golden validation part, the start included
     best = max(m["golden_r1_cascade"] for m in run.epoch_metrics)
-    assert version.config["selected_epoch"] == [m for m in run.epoch_metrics if m["golden_r1_cascade"] == best][0]["epoch"]
+    first_best = [m["epoch"] for m in run.epoch_metrics if m["golden_r1_cascade"] == best][0]
+    assert version.config["selected_epoch"] == first_best
     # the run now shows the whole configuration that ran: TrainConfig's defaults, with the catalog as its data
     assert run.config == version.config["training"]
     assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs

@@ -10,6 +10,7 @@ look like a working pretrained model and behave like a random one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
@@ -81,7 +82,7 @@ def create_global_head(name: str, *, packaged_weights: bool) -> nn.Sequential:
         load_packaged_weights(full)
     if not hasattr(full, "conv_head") or not hasattr(full, "bn2"):
         raise ValueError(f"{name} has no conv head (conv_head + bn2) to pool from")
-    return nn.Sequential(full.conv_head, full.bn2)
+    return nn.Sequential(cast(nn.Module, full.conv_head), cast(nn.Module, full.bn2))
 
 
 def create_pooled_model(name: str, *, packaged_weights: bool) -> nn.Module:

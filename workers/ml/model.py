@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -221,7 +221,7 @@ class FashionNet(nn.Module):
         pooled_channels = last_channels
         if config.global_head:
             self.global_head = create_global_head(config.backbone, packaged_weights=config.packaged_weights)
-            pooled_channels = int(self.global_head[0].out_channels)
+            pooled_channels = int(cast(nn.Conv2d, self.global_head[0]).out_channels)
         self.pool, pooled_dim = make_pooling(config.pooling, pooled_channels)
         self.fc6_global = nn.Sequential(
             nn.Linear(pooled_dim, config.fc6_global_dim), nn.BatchNorm1d(config.fc6_global_dim), nn.ReLU()

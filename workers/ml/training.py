@@ -320,7 +320,8 @@ def _start_and_model(config: TrainConfig, data: TrainingData, out_dir: Path) -> 
         if initial["kind"] == "baseline":
             return initial, baseline_model_config(initial, config.model)
         if initial["kind"] == "fashionnet":
-            return None, {**initial["model_config"], "code_bits": config.model.get("code_bits", DEFAULT_MODEL["code_bits"])}
+            code_bits = config.model.get("code_bits", DEFAULT_MODEL["code_bits"])
+            return None, {**initial["model_config"], "code_bits": code_bits}
         raise ValueError(f"init_checkpoint must be a fashionnet or baseline checkpoint, not {initial['kind']!r}")
     model = FashionNetConfig.from_dict(config.model)
     if not (config.start_from_version0 and model.backbone == PACKAGED_BACKBONE and model.packaged_weights):

@@ -18,11 +18,14 @@ away from version 0's PCA space that PCA whitening measurably loses (workers.ml.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
 
-from workers.ml.model import FashionNet
+from workers.ml.baseline import GEM_POWER
+from workers.ml.model import FashionNet, GeM
 
 # The hash logits start at version 0's signs scaled to this standard deviation: near 0 the sigmoid is flat and the
 # hash losses (quantization, triplet on the relaxed codes) would first spend their steps growing the scale.
@@ -63,8 +66,8 @@ def warm_start_from_baseline(model: FashionNet, baseline: dict, sample: torch.Te
          if key.startswith(("conv_head.", "bn2."))},
         strict=True,
     )  # fmt: skip
-    if model.config.pooling == "gem":
-        model.pool.p.fill_(3.0)  # type: ignore[union-attr]  # baseline.GEM_POWER
+    if isinstance(model.pool, GeM):
+        model.pool.p.fill_(GEM_POWER)
     mean = state["feature_mean"].double()
     pca = state["fc7_projection"].double()  # (F, D), orthonormal columns
     codes = state["hash_projection"].double()  # (F, B)
@@ -72,12 +75,12 @@ def warm_start_from_baseline(model: FashionNet, baseline: dict, sample: torch.Te
     if (model.config.fc7_dim, model.config.fc6_global_dim, model.config.code_bits) != (dim, 2 * dim, codes.shape[1]):
         raise ValueError("the model's fc7, fc6_global and code sizes do not match the version 0 it starts from")
 
-    fc6_linear, fc6_norm = model.fc6_global[0], model.fc6_global[1]
+    fc6_linear, fc6_norm = cast(nn.Linear, model.fc6_global[0]), model.fc6_global[1]
     fc6_linear.weight.copy_(torch.cat([pca.T, -pca.T]).float())
     fc6_linear.bias.copy_(torch.cat([-(mean @ pca), mean @ pca]).float())
     _identity(fc6_norm)
 
-    fc7_linear, fc7_norm = model.fc7[0], model.fc7[1]
+    fc7_linear, fc7_norm = cast(nn.Linear, model.fc7[0]), model.fc7[1]
     fc7_linear.weight.zero_()
     eye = torch.eye(dim)
     fc7_linear.weight[:, :dim] = eye
@@ -116,7 +119,7 @@ def freeze_backbone(model: FashionNet, trainable_blocks: int) -> None:
     """Train only the backbone's last `trainable_blocks` blocks (and the conv head); < 0: the whole backbone."""
     if trainable_blocks < 0:
         return
-    blocks = model.backbone.blocks  # type: ignore[union-attr]  # timm EfficientNet features: stem, bn1, blocks
+    blocks = cast(nn.Sequential, model.backbone.blocks)  # timm EfficientNet features: conv_stem, bn1, blocks
     for parameter in model.backbone.parameters():
         parameter.requires_grad_(False)
     for block in list(blocks)[len(blocks) - trainable_blocks :] if trainable_blocks else []:
