@@ -38,7 +38,7 @@ def test_a_run_starts_from_the_active_version_0_and_bad_input_is_refused(admin_c
     admin_client.post(f"{RUNS}add/", {"fine_tune_active": "on"})  # the defaults, as "Add" shows them
     assert TrainingRun.objects.get().config == {"init_checkpoint": "/models/v0.pt"}  # the warm start's version 0
     admin_client.post(f"{RUNS}add/", {"epochs": "2"})  # unticked: TrainConfig fits its own version 0 to start from
-    assert TrainingRun.objects.last().config == {"epochs": 2}
+    assert TrainingRun.objects.order_by("pk").last().config == {"epochs": 2}
     response = admin_client.post(f"{RUNS}add/", {"epochs": "0", "code_bits": "63", "input_size": "64"})
     assert response.status_code == 200 and TrainingRun.objects.count() == 2
 
