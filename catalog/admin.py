@@ -383,7 +383,10 @@ class TrainingRunForm(forms.ModelForm):
         min_value=32, max_value=320, required=False, help_text=f"pixels; {TRAINING_DEFAULT_HELP}"
     )
     fine_tune_active = forms.BooleanField(
-        required=False, initial=True, help_text="start from the active version if it is a trained network"
+        required=False,
+        initial=True,
+        help_text="start from the active version: a trained network's weights, or version 0 as it searches "
+        "(the run then takes version 0's input size and code length, and keeps it unless training measures better)",
     )
 
     class Meta:
@@ -400,7 +403,7 @@ class TrainingRunForm(forms.ModelForm):
         if model:
             config["model"] = model
         active = selectors.model_version_active()
-        if data["fine_tune_active"] and active and active.kind == ModelVersion.Kind.FASHIONNET:
+        if data["fine_tune_active"] and active and active.checkpoint:
             config["init_checkpoint"] = str(selectors.checkpoint_path(version=active))
         return config
 

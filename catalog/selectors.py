@@ -316,6 +316,12 @@ def product_categories(*, product_ids: Sequence[int]) -> dict[int, str]:
     return dict(Product.objects.filter(id__in=list(product_ids)).values_list("id", "category"))
 
 
+def product_merchant_skus(*, product_ids: Sequence[int]) -> dict[int, tuple[int, str]]:
+    """Product id -> (merchant id, sku): what names a product in a training export and the golden set's split."""
+    rows = Product.objects.filter(id__in=list(product_ids)).values_list("id", "merchant_id", "sku")
+    return {pk: (merchant_id, sku) for pk, merchant_id, sku in rows}
+
+
 def recent_queries() -> QuerySet[RecentQuery]:
     """The recent-query sample (kept only where the shops allow it), oldest first."""
     return RecentQuery.objects.order_by("created_at", "id")

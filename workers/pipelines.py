@@ -13,6 +13,7 @@ import io
 import logging
 import time
 import traceback
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,7 +248,7 @@ def catalog_export_write(*, directory: Path) -> Path:
     with CatalogExportWriter(directory) as writer:
         for product in selectors.products_to_train_on():
             writer.add(
-                sku=f"{product.merchant_id}/{product.sku}",
+                sku=product_key(product.merchant_id, product.sku),
                 category=product.category,
                 attributes=product.attributes,
                 title=product.title,
@@ -257,6 +258,11 @@ def catalog_export_write(*, directory: Path) -> Path:
                 ),
             )
     return directory
+
+
+def product_key(merchant_id: int, sku: str) -> str:
+    """How a shop's product is named in its training export (unique across merchants) and by golden_split."""
+    return f"{merchant_id}/{sku}"
 
 
 def training_run_execute(*, run_id: int) -> ModelVersion | None:
@@ -295,7 +301,12 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
             checkpoint=path,
             code_bits=encoder.code_bits,
             fc7_dim=encoder.fc7_dim,
-            config={**encoder.version_info, "training": config.to_dict()},
+            # which epoch was registered (-1: the start), chosen on the golden set's validation part
+            config={
+                **encoder.version_info,
+                "training": config.to_dict(),
+                "selected_epoch": encoder.metrics.get("selected_epoch"),
+            },
         )
     except TrainingCancelled:
         training.training_run_cancelled(run=run)
@@ -428,7 +439,8 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     """Evaluate a version on the golden set through the real cascade (catalog.search.search_encoding over the
     version's own embeddings, the catalog embedded first where it is not), and store the numbers on the version
     (`metrics["golden"]`): R@1, R@10, mAP@10, per-stage recall (the product among the coarse candidates; in the
-    final top-k) and the worker's encode latency, overall, per source, per shop and per category of the product
+    final top-k) and the worker's encode latency, overall, per source, per golden split (validation: what a run
+    chose its checkpoint on; test: only reported), per shop and per category of the product
     sought; and the "same product" calibration of the served (fused) scores."""
     from catalog.search import SearchOptions, search_encoding, verify_enabled
     from catalog.services import golden
@@ -444,6 +456,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     verify = verify_enabled(options)
     photos = golden_query_photos(version=version)
     category_of = selectors.product_categories(product_ids=[product_id for _, product_id, _, _ in photos])
+    key_of = selectors.product_merchant_skus(product_ids=[product_id for _, product_id, _, _ in photos])
     for source, product_id, merchant, photo in photos:
         encode_started = time.perf_counter()
         encoding = _query_encoding(photo, version=version, keypoints=verify)
@@ -459,6 +472,8 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
                 "source": source,
                 "merchant": merchant,
                 "category": category_of.get(product_id) or UNCATEGORISED,
+                # staff's real photos never choose a checkpoint: they are test queries
+                "split": golden_split(product_key(*key_of[product_id])) if source == "heldout" else "test",
                 "rank": ranked.index(product_id) + 1 if product_id in ranked else None,
                 "coarse": product_id in coarse,
                 "encode_ms": encode_ms,
@@ -471,6 +486,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
         # the calibration's reliability, shown with the version's numbers (absent: too few results to measure it)
         **({"calibration_ece": calibration["ece"]} if calibration.get("ece") is not None else {}),
         "by_source": _grouped(outcomes, "source"),
+        "by_split": _grouped(outcomes, "split"),
         "by_shop": _grouped(outcomes, "merchant"),
         "by_category": _grouped(outcomes, "category"),
         "calibration": calibration,
@@ -564,12 +580,32 @@ def _grouped(outcomes: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str
     }
 
 
+GOLDEN_SPLITS = ("validation", "test")
+
+
+def golden_split(product_key: str) -> str:
+    """Which part of the golden set a product's held-out views belong to, by a stable hash of its key
+    ("<merchant id>/<sku>", the catalog export's sku): "validation" views choose a run's checkpoint (the per-epoch
+    check); "test" views are only reported (version_evaluate_golden's by_split), so a chosen recipe is measured on
+    views nothing was chosen on."""
+    return GOLDEN_SPLITS[zlib.crc32(product_key.encode()) % 2]
+
+
 def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
-    """train()'s per-epoch check: held-out shopper views (the golden set's seed and strength) of a sample of the
-    catalog being trained on, searched in memory among the products' main photos (workers.ml.evaluation's cascade
-    on the network as it is after the epoch). An indication while training; the numbers a switch is decided on come
-    from version_evaluate_golden through the real cascade once the version is registered."""
+    """train()'s per-epoch check, on which a run chooses its checkpoint: held-out shopper views (the golden set's
+    seed and strength) of the validation part's products of the catalog being trained on, searched in memory among
+    the products' main photos (workers.ml.evaluation's cascade on the network as it is after the epoch). The numbers
+    a switch is decided on come from version_evaluate_golden through the real cascade once the version is
+    registered."""
     from workers.ml.evaluation import retrieval_validator
+
+    gallery, queries = golden_epoch_sets(export)["validation"]
+    return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
+
+
+def golden_epoch_sets(export: Sequence[Any]) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Per golden split: (gallery, queries) for the in-memory check: the main photos of up to GOLDEN_EPOCH_GALLERY
+    products, and held-out views of up to GOLDEN_SAMPLE_PRODUCTS of them from that split."""
     from workers.ml.heldout_queries import heldout_query
     from workers.ml.records import Record
 
@@ -581,19 +617,23 @@ def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
     if len(numbers) > GOLDEN_EPOCH_GALLERY:
         numbers = sorted(int(n) for n in rng.choice(numbers, size=GOLDEN_EPOCH_GALLERY, replace=False))
     gallery = [export[first_image[number]] for number in numbers]
-    queries = []
-    for chosen in rng.choice(len(gallery), size=min(GOLDEN_SAMPLE_PRODUCTS, len(gallery)), replace=False):
-        record = gallery[int(chosen)]
-        query_rng = np.random.default_rng([GOLDEN_SEED, int(record.instance_id)])
-        others = query_rng.choice(len(gallery), size=min(GOLDEN_OCCLUDERS, len(gallery)), replace=False)
-        photo = heldout_query(
-            record.image,
-            query_rng,
-            occluders=[gallery[int(o)].image for o in others if int(o) != int(chosen)],
-            strength=GOLDEN_HELDOUT_STRENGTH,
-        )
-        queries.append(Record(image=photo, instance_id=record.instance_id, category=record.category))
-    return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
+    sets = {}
+    for split in GOLDEN_SPLITS:
+        members = [i for i, record in enumerate(gallery) if golden_split(str(record.extra.get("sku", ""))) == split]
+        queries = []
+        for chosen in rng.choice(members, size=min(GOLDEN_SAMPLE_PRODUCTS, len(members)), replace=False):
+            record = gallery[int(chosen)]
+            query_rng = np.random.default_rng([GOLDEN_SEED, int(record.instance_id)])
+            others = query_rng.choice(len(gallery), size=min(GOLDEN_OCCLUDERS, len(gallery)), replace=False)
+            photo = heldout_query(
+                record.image,
+                query_rng,
+                occluders=[gallery[int(o)].image for o in others if int(o) != int(chosen)],
+                strength=GOLDEN_HELDOUT_STRENGTH,
+            )
+            queries.append(Record(image=photo, instance_id=record.instance_id, category=record.category))
+        sets[split] = (gallery, queries)
+    return sets
 
 
 CALIBRATION_BINS = 10  # equal-count bins of the expected calibration error

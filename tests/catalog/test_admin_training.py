@@ -33,12 +33,14 @@ def test_the_add_form_starts_a_run_that_fine_tunes_the_active_network(admin_clie
     assert len(callbacks) == 1  # train_network, after the commit
 
 
-def test_a_baseline_is_not_fine_tuned_and_bad_input_is_refused(admin_client):
+def test_a_run_starts_from_the_active_version_0_and_bad_input_is_refused(admin_client):
     ModelVersion.objects.create(name="v0", kind="baseline", checkpoint="/models/v0.pt", status="active")
-    admin_client.post(f"{RUNS}add/", {"epochs": "2", "code_bits": "64", "input_size": "64", "fine_tune_active": "on"})
-    assert "init_checkpoint" not in TrainingRun.objects.get().config
+    admin_client.post(f"{RUNS}add/", {"fine_tune_active": "on"})  # the defaults, as "Add" shows them
+    assert TrainingRun.objects.get().config == {"init_checkpoint": "/models/v0.pt"}  # the warm start's version 0
+    admin_client.post(f"{RUNS}add/", {"epochs": "2"})  # unticked: TrainConfig fits its own version 0 to start from
+    assert TrainingRun.objects.order_by("pk").last().config == {"epochs": 2}
     response = admin_client.post(f"{RUNS}add/", {"epochs": "0", "code_bits": "63", "input_size": "64"})
-    assert response.status_code == 200 and TrainingRun.objects.count() == 1
+    assert response.status_code == 200 and TrainingRun.objects.count() == 2
 
 
 def test_fields_left_blank_leave_their_defaults_to_the_train_worker(admin_client):

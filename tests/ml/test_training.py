@@ -180,7 +180,8 @@ def test_from_overrides_lays_each_mapping_over_the_defaults():
         {"epochs": 1, "model": {"code_bits": 32}, "loss_weights": {"landmarks": 1}, "dataset": {"name": "x"}},
     )
     assert config.epochs == 1 and config.lr == RECIPES["renderer"]["lr"]
-    assert config.model == {"input_size": 64, "code_bits": 32, "local_stride": 8}  # merged key by key
+    assert config.model == {**TrainConfig().model, **RECIPES["renderer"]["model"], "code_bits": 32}  # key by key
+    assert config.model["input_size"] == 64 and not config.start_from_version0  # the recipe's, not the shop's
     assert config.loss_weights == {**RECIPES["renderer"]["loss_weights"], "landmarks": 1}
     assert config.dataset == {"name": "x"}  # replaced whole: a spec's keys depend on its name
     config.model["input_size"] = 96

@@ -15,8 +15,7 @@ from tests import factories
 from tests.waiting import wait_until
 from tests.workers import celery_process
 from workers import pipelines
-from workers.ml.model import FashionNetConfig
-from workers.ml.training import TrainConfig
+from workers.ml.training import START_EPOCH, TrainConfig
 
 # A tiny network (timm's test model, random init, 32 px): the flow is under test here, not the accuracy.
 TINY_RUN = {
@@ -94,14 +93,20 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert run.state == TrainingRun.State.DONE, run.log
     defaults = TrainConfig()
     assert run.progress == 1.0
-    assert [m["epoch"] for m in run.epoch_metrics] == list(range(defaults.epochs))
-    assert all(np.isfinite(m["loss"]) for m in run.epoch_metrics)
+    # the start (version 0 fitted on the catalog, before any step), then every epoch
+    assert [m["epoch"] for m in run.epoch_metrics] == [START_EPOCH, *range(defaults.epochs)]
+    assert all(np.isfinite(m["loss"]) for m in run.epoch_metrics[1:])
     # the per-epoch golden check: held-out views of the catalog, searched with the network as each epoch left it
     assert all(0.0 <= m["golden_r1_cascade"] <= 1.0 and 0.0 <= m["golden_r1_fc7"] <= 1.0 for m in run.epoch_metrics)
     version = run.model_version
     assert version.kind == ModelVersion.Kind.FASHIONNET and version.status == ModelVersion.Status.READY
-    default_model = FashionNetConfig()
-    assert (version.code_bits, version.fc7_dim) == (default_model.code_bits, default_model.fc7_dim)
+    # version 0's sizes: 256 bits, fc7 as wide as PCA on one photo per product allows
+    assert version.code_bits == defaults.model["code_bits"]
+    assert version.fc7_dim == min(defaults.model["fc7_dim"], DEFAULT_RUN_PRODUCTS - 1)
+    # what was registered is the epoch best on the golden validation part, the start included
+    best = max(m["golden_r1_cascade"] for m in run.epoch_metrics)
+    first_best = [m["epoch"] for m in run.epoch_metrics if m["golden_r1_cascade"] == best][0]
+    assert version.config["selected_epoch"] == first_best
     # the run now shows the whole configuration that ran: TrainConfig's defaults, with the catalog as its data
     assert run.config == version.config["training"]
     assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs

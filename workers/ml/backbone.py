@@ -10,6 +10,7 @@ look like a working pretrained model and behave like a random one.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import timm
 import torch
@@ -68,6 +69,20 @@ def create_feature_extractor(name: str, *, packaged_weights: bool) -> nn.Module:
         full_state = full.state_dict()
         features.load_state_dict({key: full_state[key] for key in features.state_dict()}, strict=True)
     return features
+
+
+def create_global_head(name: str, *, packaged_weights: bool) -> nn.Sequential:
+    """The full model's own last layers that `features_only` drops: the 1x1 conv head and its BatchNorm + activation
+    (tf_efficientnet_lite0: 320 -> 1280 channels, ImageNet-trained). Version 0 pools their output, so a network that
+    starts from version 0 needs them (FashionNetConfig.global_head)."""
+    full = timm.create_model(name, pretrained=False)
+    if packaged_weights:
+        if name != PACKAGED_BACKBONE:
+            raise ValueError(f"packaged weights exist only for {PACKAGED_BACKBONE}, not {name}")
+        load_packaged_weights(full)
+    if not hasattr(full, "conv_head") or not hasattr(full, "bn2"):
+        raise ValueError(f"{name} has no conv head (conv_head + bn2) to pool from")
+    return nn.Sequential(cast(nn.Module, full.conv_head), cast(nn.Module, full.bn2))
 
 
 def create_pooled_model(name: str, *, packaged_weights: bool) -> nn.Module:

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.ml.backbone import PACKAGED_BACKBONE, create_feature_extractor
+from workers.ml.backbone import PACKAGED_BACKBONE, create_feature_extractor, create_global_head
 
 POOLINGS = ("gap", "gem", "spoc", "mac", "rmac", "netvlad")
 LANDMARK_MODES = ("heatmap", "regression")
@@ -53,6 +53,10 @@ class FashionNetConfig:
     num_categories: int = 0
     num_attributes: int = 0
     dropout: float = 0.1
+    # The backbone's own conv head (1x1 conv + BN) before global pooling, and the pooled vector L2-normalised:
+    # version 0's descriptor (workers.ml.baseline.pooled_descriptor), so a network can start as version 0
+    # (workers.ml.warm_start). The landmark branch keeps reading the last stage's map.
+    global_head: bool = False
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -213,7 +217,12 @@ class FashionNet(nn.Module):
         self.local_level = reductions.index(config.local_stride)
         last_channels, local_channels_in = channels[-1], channels[self.local_level]
 
-        self.pool, pooled_dim = make_pooling(config.pooling, last_channels)
+        self.global_head: nn.Sequential | None = None
+        pooled_channels = last_channels
+        if config.global_head:
+            self.global_head = create_global_head(config.backbone, packaged_weights=config.packaged_weights)
+            pooled_channels = int(cast(nn.Conv2d, self.global_head[0]).out_channels)
+        self.pool, pooled_dim = make_pooling(config.pooling, pooled_channels)
         self.fc6_global = nn.Sequential(
             nn.Linear(pooled_dim, config.fc6_global_dim), nn.BatchNorm1d(config.fc6_global_dim), nn.ReLU()
         )
@@ -254,7 +263,10 @@ class FashionNet(nn.Module):
     def forward(self, images: torch.Tensor) -> FashionNetOutput:
         feature_maps = self.backbone(images)
         last, local_features = feature_maps[-1], feature_maps[self.local_level]
-        pooled = self.pool(last)
+        if self.global_head is not None:
+            pooled = F.normalize(self.pool(self.global_head(last)), dim=1)
+        else:
+            pooled = self.pool(last)
         fused = [self.fc6_global(pooled)]
 
         landmarks = visibility_logits = None

@@ -74,6 +74,16 @@ RECIPES["deepfashion-inshop"] = {
     "augment": "mild",
     "loss_weights": {**RECIPES["renderer"]["loss_weights"], "landmarks": 2},
 }
+# The benchmarks' recipes train the whole network from ImageNet, at their small sizes, with fresh heads: not the shop
+# retrain's start from version 0 that TrainConfig's defaults are (workers.ml.warm_start).
+FROM_IMAGENET: dict = {
+    "start_from_version0": False,
+    "trainable_blocks": -1,
+    "select_on_validation": False,
+    "model": {"global_head": False, "fc6_global_dim": 512, "fc7_dim": 512, "dropout": 0.1},
+}
+for _name, _recipe in RECIPES.items():
+    RECIPES[_name] = {**FROM_IMAGENET, **_recipe, "model": {**FROM_IMAGENET["model"], **_recipe["model"]}}
 # Fashion-MNIST stage 2: one more pass at a quarter of the learning rate with a 5x stronger pull of the hash
 # activations toward 0/1 (measured on the 256-bit recipe: validation fc7 R@1 0.861 -> 0.873, Hamming
 # 0.815 -> 0.834).

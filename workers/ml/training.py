@@ -5,7 +5,10 @@
 
 Output directory:
     last.pt         resumable state after the latest finished epoch (model, optimizer, scheduler, epoch, rng)
-    model.pt        the final self-describing checkpoint for Encoder.load (no optimizer state)
+    model.pt        the final self-describing checkpoint for Encoder.load (no optimizer state): the epoch that scored
+                    best on validation, the start included (`select_on_validation`), else the last epoch's
+    best.pt         the best state so far on validation, and its score (best.json)
+    start.pt        version 0 fitted on the catalog, when the run starts from one it fitted itself
     metrics.jsonl   one JSON object per epoch: mean loss parts, learning rate, seconds, validation metrics
 
 Batches come from the data side's P x K sampler (workers.ml.sampler): P products, K views each, the first
@@ -33,23 +36,48 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from workers.ml.backbone import IMAGENET_MEAN, IMAGENET_STD, PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD
+from workers.ml.baseline import fit_baseline
 from workers.ml.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from workers.ml.datasets.factory import TrainingData, build_dataset
 from workers.ml.datasets.torch_dataset import RecordDataset, instance_ids
 from workers.ml.losses import LossWeights, MultiTaskLoss
 from workers.ml.model import FashionNet, FashionNetConfig
-from workers.ml.preprocess import Preprocessing
+from workers.ml.preprocess import Preprocessing, preprocess_batch
 from workers.ml.records import LabelSpace, Record, collate
 from workers.ml.sampler import PKBatchSampler
+from workers.ml.warm_start import (
+    baseline_model_config,
+    fit_sample,
+    freeze_backbone,
+    held_statistics,
+    warm_start_from_baseline,
+)
 
 LOG_EVERY_STEPS = 20  # progress bar refresh cadence (the progress callback hears of every step)
 GRADIENT_CLIP_NORM = 5.0  # batch-hard mining occasionally produces a spike; clipping keeps Adam calm
 WARMUP_FRACTION = 0.03  # linear warm-up: the new heads start random on top of a pretrained backbone
 LAST_CHECKPOINT = "last.pt"
 FINAL_CHECKPOINT = "model.pt"
+BEST_CHECKPOINT = "best.pt"
+BEST_SCORE = "best.json"
+START_CHECKPOINT = "start.pt"
 METRICS_LOG = "metrics.jsonl"
+START_EPOCH = -1  # the metrics row of the network as it starts, before any step (version 0 after a warm start)
+SELECTION_METRIC = "cascade"  # the validator's key a checkpoint is chosen on: R@1 through codes then fc7
+START_FIT_SAMPLE = 3000  # catalog images version 0 is fitted on when a run fits its own start (as the shop's is)
+HASH_SCALE_SAMPLE = 32  # catalog photos that set the warm-started hash layer's scale
 # TrainConfig fields whose keys are independent settings: overrides are merged into them key by key
 MERGED_FIELDS = ("model", "loss_weights")
+
+
+DEFAULT_MODEL = {
+    "input_size": 224,
+    "global_head": True,
+    "fc6_global_dim": 512,
+    "fc7_dim": 256,
+    "code_bits": 256,
+    "dropout": 0.0,  # the warm start's fc7 is version 0's: no noise between what trains and what serves
+}
 
 
 @dataclass
@@ -59,22 +87,34 @@ class TrainConfig:
 
     out_dir: str = "var/runs/default"
     dataset: dict = field(default_factory=lambda: {"name": "fashion-mnist"})  # a spec for datasets.factory
-    model: dict = field(default_factory=dict)  # FashionNetConfig fields; label sizes are filled from the data
+    # FashionNetConfig fields; label sizes are filled from the data. The default is version 0's shape (224 px, the
+    # conv head's GeM, fc7 256 = half of fc6_global, 256 bits): a shop's retrain starts as its version 0.
+    model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
     loss_weights: dict = field(default_factory=dict)  # LossWeights fields
-    epochs: int = 5
+    epochs: int = 2
     steps_per_epoch: int = 0  # 0 = one pass over the instances (P instances per batch)
     instances_per_batch: int = 32  # P
     views_per_instance: int = 2  # K
     clean_views: int = 1  # of the K views, this many are the unaugmented catalog photo (what queries match)
     augment: str = "strong"  # shopper-view strength for the other views (workers.ml.augment.STRENGTHS)
-    lr: float = 2e-3
-    backbone_lr_scale: float = 0.3  # pretrained layers move slower than the new heads
+    lr: float = 1e-3
+    backbone_lr_scale: float = 0.3  # pretrained layers move slower than the heads
     weight_decay: float = 1e-4
     seed: int = 0
     num_threads: int = 2
     loader_workers: int = 1  # augmentation runs beside the training step; 0 = in the training process
     resume: bool = True
-    init_checkpoint: str = ""  # start from this FashionNet checkpoint's weights (fine-tuning, e.g. the active version)
+    # Start from this checkpoint: a FashionNet's weights (fine-tuning, e.g. the active version), or a version 0
+    # ("baseline" checkpoint): the network then takes version 0's sizes and starts as exactly its function
+    # (workers.ml.warm_start).
+    init_checkpoint: str = ""
+    # Without init_checkpoint, on the packaged ImageNet backbone: fit version 0 on the catalog (start.pt) and start
+    # from it, as from a shop's own version 0.
+    start_from_version0: bool = True
+    trainable_blocks: int = 2  # the backbone's last blocks that train (with its conv head and the heads); -1 = all
+    # model.pt = the epoch best on validation (validate's SELECTION_METRIC), the start included: a run keeps the
+    # network it started from unless training measured better.
+    select_on_validation: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,10 +183,11 @@ def preprocessing_for(model_config: FashionNetConfig) -> Preprocessing:
     return Preprocessing(model_config.input_size, mean, std)
 
 
-def build_model_config(config: TrainConfig, label_space: LabelSpace) -> FashionNetConfig:
+def build_model_config(config: TrainConfig, label_space: LabelSpace, model: Mapping | None = None) -> FashionNetConfig:
+    """`model` (default: config.model) with the label sizes of `label_space`."""
     return FashionNetConfig.from_dict(
         {
-            **config.model,
+            **(config.model if model is None else model),
             "num_categories": len(label_space.categories),
             "num_attributes": len(label_space.attributes),
             "num_landmarks": label_space.num_landmarks,
@@ -187,11 +228,20 @@ def train(
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = _build_run(config, out_dir, _training_data(config, records, label_space, validate))
-    for epoch in range(_first_epoch(run), config.epochs):
+    first_epoch = _first_epoch(run)
+    if first_epoch == 0 and _selecting(run):  # the start is a candidate too: scored before the first step
+        metrics = {"epoch": START_EPOCH, "validation": _validate(run)}
+        _log_metrics(run, metrics)
+        _keep_if_best(run, metrics)
+        if progress is not None:
+            progress({"epoch": START_EPOCH, "epochs": config.epochs, "done": True, "metrics": metrics})
+    for epoch in range(first_epoch, config.epochs):
         metrics = _run_epoch(run, epoch, progress)
         if run.data.validate is not None:
             metrics["validation"] = _validate(run)
         _save_epoch(run, epoch, metrics)
+        if _selecting(run):
+            _keep_if_best(run, metrics)
         if progress is not None:  # after last.pt is written, so "done" means "survives a restart"
             progress({"epoch": epoch, "epochs": config.epochs, "done": True, "metrics": metrics})
     return _save_final(run)
@@ -219,6 +269,8 @@ class _Run:
     criterion: MultiTaskLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    start: dict | None  # the version 0 checkpoint the network starts as, if it does
+    held: list[torch.nn.Module]  # BatchNorms whose statistics stay frozen in training (warm_start.held_statistics)
 
 
 def _seed_everything(seed: int) -> None:
@@ -240,10 +292,14 @@ def _training_data(
 
 
 def _build_run(config: TrainConfig, out_dir: Path, data: TrainingData) -> _Run:
-    """The network (fresh heads on the pretrained backbone), its loss, optimizer and learning-rate schedule."""
-    model_config = build_model_config(config, data.label_space)
+    """The network (fresh heads on the pretrained backbone, or shaped as the version 0 it starts from, or as the
+    network it fine-tunes), its loss, optimizer and learning-rate schedule; the backbone frozen but for its last
+    `trainable_blocks`."""
+    start, model_fields = _start_and_model(config, data, out_dir)
+    model_config = build_model_config(config, data.label_space, model_fields)
     prep = preprocessing_for(model_config)
     model = FashionNet(model_config).to(memory_format=torch.channels_last)
+    freeze_backbone(model, config.trainable_blocks)
     criterion = MultiTaskLoss(
         LossWeights.from_dict(config.loss_weights),
         _attribute_frequency(data.records, data.label_space, np.random.default_rng(config.seed)),
@@ -251,7 +307,42 @@ def _build_run(config: TrainConfig, out_dir: Path, data: TrainingData) -> _Run:
     optimizer = _optimizer(model, config)
     steps_per_epoch = len(epoch_loader(data.records, data.label_space, config, prep, 0))
     scheduler = _warmup_cosine_schedule(optimizer, steps_per_epoch * config.epochs)
-    return _Run(config, out_dir, data, model_config, prep, model, criterion, optimizer, scheduler)
+    held = held_statistics(model, warm_started=model_config.global_head)
+    return _Run(config, out_dir, data, model_config, prep, model, criterion, optimizer, scheduler, start, held)
+
+
+def _start_and_model(config: TrainConfig, data: TrainingData, out_dir: Path) -> tuple[dict | None, dict]:
+    """The version 0 checkpoint the network starts as (None: it does not), and the FashionNetConfig fields to
+    build it with: version 0's sizes for a warm start, the fine-tuned network's architecture for a FashionNet
+    init_checkpoint (its code length may change: the hash layer then starts fresh), else config.model."""
+    if config.init_checkpoint:
+        initial = load_checkpoint(config.init_checkpoint)
+        if initial["kind"] == "baseline":
+            return initial, baseline_model_config(initial, config.model)
+        if initial["kind"] == "fashionnet":
+            code_bits = config.model.get("code_bits", DEFAULT_MODEL["code_bits"])
+            return None, {**initial["model_config"], "code_bits": code_bits}
+        raise ValueError(f"init_checkpoint must be a fashionnet or baseline checkpoint, not {initial['kind']!r}")
+    model = FashionNetConfig.from_dict(config.model)
+    if not (config.start_from_version0 and model.backbone == PACKAGED_BACKBONE and model.packaged_weights):
+        return None, config.model  # version 0 exists only on the packaged ImageNet weights
+    path = out_dir / START_CHECKPOINT
+    if not path.exists():  # a resumed run starts from the same fit
+        chosen = fit_sample(START_FIT_SAMPLE, len(data.records), config.seed)
+        records = [data.records[int(i)] for i in chosen]
+        categories = data.label_space.categories
+        fit_baseline(
+            [r.image for r in records],
+            out_path=path,
+            categories=[categories[r.category] if r.category >= 0 else None for r in records],
+            code_bits=model.code_bits,
+            fc7_dim=model.fc7_dim,
+            input_size=model.input_size,
+            pooling=model.pooling,
+            seed=config.seed,
+        )
+    start = load_checkpoint(path)
+    return start, baseline_model_config(start, config.model)
 
 
 def _attribute_frequency(
@@ -268,10 +359,12 @@ def _attribute_frequency(
 
 
 def _optimizer(model: FashionNet, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with the pretrained backbone at `backbone_lr_scale` of the heads' learning rate."""
-    backbone_params = list(model.backbone.parameters())
-    backbone_ids = {id(p) for p in backbone_params}
-    head_params = [p for p in model.parameters() if id(p) not in backbone_ids]
+    """AdamW over what trains, the pretrained backbone (and its conv head) at `backbone_lr_scale` of the heads'
+    learning rate."""
+    pretrained = [model.backbone, *([model.global_head] if model.global_head is not None else [])]
+    backbone_params = [p for module in pretrained for p in module.parameters() if p.requires_grad]
+    backbone_ids = {id(p) for module in pretrained for p in module.parameters()}
+    head_params = [p for p in model.parameters() if id(p) not in backbone_ids and p.requires_grad]
     return torch.optim.AdamW(
         [
             {"params": backbone_params, "lr": config.lr * config.backbone_lr_scale},
@@ -304,7 +397,10 @@ def _first_epoch(run: _Run) -> int:
         run.scheduler.load_state_dict(state["training"]["scheduler"])
         torch.set_rng_state(state["training"]["torch_rng"])
         return int(state["training"]["epoch"]) + 1
-    if run.config.init_checkpoint:
+    if run.start is not None:
+        sample = [run.data.records[int(i)].image for i in fit_sample(HASH_SCALE_SAMPLE, len(run.data.records), 0)]
+        warm_start_from_baseline(run.model, run.start, preprocess_batch(sample, run.prep)[0])
+    elif run.config.init_checkpoint:
         _load_initial_weights(run.model, run.config.init_checkpoint)
     return 0
 
@@ -329,6 +425,8 @@ def _run_epoch(run: _Run, epoch: int, progress: Callable[[dict], None] | None) -
     """One pass of optimizer steps; returns the epoch's mean loss parts, learning rate and seconds."""
     config, model = run.config, run.model
     model.train()
+    for norm in run.held:
+        norm.eval()
     started = time.perf_counter()
     sums: dict[str, float] = defaultdict(float)
     source = epoch_loader(run.data.records, run.data.label_space, config, run.prep, epoch)
@@ -378,10 +476,31 @@ def _validate(run: _Run) -> dict:
         return run.data.validate(run.model, run.prep)
 
 
-def _save_epoch(run: _Run, epoch: int, metrics: dict) -> None:
-    """Log the epoch's metrics and write last.pt, the state a restart resumes from."""
+def _log_metrics(run: _Run, metrics: dict) -> None:
     with (run.out_dir / METRICS_LOG).open("a") as log:
         log.write(json.dumps(metrics) + "\n")
+
+
+def _selecting(run: _Run) -> bool:
+    return run.config.select_on_validation and run.data.validate is not None
+
+
+def _keep_if_best(run: _Run, metrics: dict) -> None:
+    """best.pt := this state if it scores strictly better on validation than the best so far (ties keep the
+    earlier one: the start wins a tie), best.json its score."""
+    score = float(metrics.get("validation", {}).get(SELECTION_METRIC, float("-inf")))
+    score = score if math.isfinite(score) else float("-inf")  # a diverged epoch (NaN) is never chosen
+    score_path = run.out_dir / BEST_SCORE
+    best = json.loads(score_path.read_text()) if score_path.exists() else None
+    if best is not None and score <= best["score"]:
+        return
+    save_checkpoint(_checkpoint(run, metrics), run.out_dir / BEST_CHECKPOINT)
+    score_path.write_text(json.dumps({"epoch": metrics["epoch"], "score": score, "metric": SELECTION_METRIC}))
+
+
+def _save_epoch(run: _Run, epoch: int, metrics: dict) -> None:
+    """Log the epoch's metrics and write last.pt, the state a restart resumes from."""
+    _log_metrics(run, metrics)
     training_state = {
         "epoch": epoch,
         "optimizer": run.optimizer.state_dict(),
@@ -393,7 +512,14 @@ def _save_epoch(run: _Run, epoch: int, metrics: dict) -> None:
 
 
 def _save_final(run: _Run) -> Path:
-    """model.pt: the weights and the last epoch's metrics (also when a resumed run had nothing left to do)."""
+    """model.pt: the best state on validation with its metrics when selecting, else the weights and the last
+    epoch's metrics (also when a resumed run had nothing left to do)."""
+    best_path = run.out_dir / BEST_CHECKPOINT
+    if _selecting(run) and best_path.exists():
+        best = load_checkpoint(best_path)
+        selection = json.loads((run.out_dir / BEST_SCORE).read_text())
+        best["metrics"] = {**best["metrics"], "selected_epoch": selection["epoch"], "selected_on": selection["metric"]}
+        return save_checkpoint(best, run.out_dir / FINAL_CHECKPOINT)
     logged = read_metrics(run.out_dir)
     return save_checkpoint(_checkpoint(run, logged[-1] if logged else {}), run.out_dir / FINAL_CHECKPOINT)
 
