@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from django.conf import settings
 from django.db import connection
 
 from catalog.codes import bitstring_pack, code_sql, version_sql
+from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ APPENDED_RESORT_FRACTION = 0.05  # (or this fraction of the index: an argsort of
 KNN_FIRST_FACTOR = 2
 KNN_GROWTH = 8
 KNN_MAX_K = 8_192
+CARD_CHANGE = "card"  # IndexChange.Op.CARD: what a result card shows changed (migration 0012); no code moved
 POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k-NN; more are skipped by a bitmap
 
 
@@ -83,6 +86,7 @@ class Fc7Ranking:
     product_ids: np.ndarray  # (P,) int64
     embedding_ids: np.ndarray  # (P,) int64
     distances: np.ndarray  # (P,) float32
+    positions: np.ndarray  # (P,) where each of those embeddings was in the embedding ids asked about
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,10 @@ class MemoryCodeIndex:
         self._last_poll = 0.0
         self._full_loads = 0
         self._applied_changes = 0
+        # The result cards of the fine stage's winners (cards.py), kept exact by the same change log; cleared when
+        # the index reloads (the changes a reload skips are unknown).
+        self.cards = CardCache(int(getattr(settings, "SEARCH_CARD_CACHE", DEFAULT_CAPACITY)))
+        self._cards_loads = 0
 
     # -- public ---------------------------------------------------------------------------------------------------
     def candidates(
@@ -264,18 +272,32 @@ class MemoryCodeIndex:
             at = self._rows_of(ids)
             present = at >= 0
             present[present] = rows.alive[at[present]]
-            ids, at = ids[present], at[present]
-            vectors = rows.fc7[at]
-            products = rows.product_ids[at]
+            positions = np.flatnonzero(present)
+            ids, at = ids[positions], at[positions]
+            vectors = rows.fc7.take(at, axis=0)
+            products = rows.product_ids.take(at)
         difference = vectors - np.asarray(fc7, np.float32).reshape(1, -1)
         distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
-        by_product = np.lexsort((ids, distances, products))  # each product's nearest image first (ties: lower id)
-        products, ids, distances = products[by_product], ids[by_product], distances[by_product]
-        first = np.ones(len(products), bool)
-        first[1:] = products[1:] != products[:-1]
-        products, ids, distances = products[first], ids[first], distances[first]
-        order = np.lexsort((products, distances))
-        return Fc7Ranking(product_ids=products[order], embedding_ids=ids[order], distances=distances[order])
+        # Nearest first, ties by embedding id: then each product's first row is its best image.
+        order = np.lexsort((ids, distances))
+        products, ids, distances, positions = products[order], ids[order], distances[order], positions[order]
+        _, first = np.unique(products, return_index=True)
+        if len(first) < len(products):  # (one image per product, the usual case, has nothing to drop)
+            first.sort()
+            products, ids, distances, positions = products[first], ids[first], distances[first], positions[first]
+        if len(distances) > 1 and (distances[1:] == distances[:-1]).any():  # equal distances: by product id
+            order = np.lexsort((products, distances))
+            products, ids, distances, positions = products[order], ids[order], distances[order], positions[order]
+        return Fc7Ranking(product_ids=products, embedding_ids=ids, distances=distances, positions=positions)
+
+    def result_cards(self, embedding_ids: Iterable[int]) -> tuple[dict[int, Any], int]:
+        """The result cards this process holds for these embeddings (cards.py), and the token to hand back to
+        `cards.put` with the ones read from PostgreSQL. A reload since the last call clears them first."""
+        with self._lock:
+            if self._cards_loads != self._full_loads:
+                self.cards.clear()
+                self._cards_loads = self._full_loads
+        return self.cards.get(embedding_ids)
 
     def fc7_of(self, *, version_id: int, embedding_ids: np.ndarray) -> np.ndarray | None:
         """The stored fc7 of these embeddings, in the given order (query expansion reads its neighbours here); None
@@ -414,8 +436,15 @@ class MemoryCodeIndex:
             late = self._gaps_filled(running=running)
             self._note_gaps(ids=[int(row[0]) for row in changes], running=running)
             todo = [*late, *changes]
-            embedding_ids = {int(e) for _, e, _, v in todo if e is not None and v == self._version_id}
-            product_ids = {int(p) for _, e, p, v in todo if e is None and p is not None}
+            # A "card" change (what a result card shows) moves no code: only the cards forget it.
+            moved = [row for row in todo if row[4] != CARD_CHANGE]
+            embedding_ids = {int(e) for _, e, _, v, _ in moved if e is not None and v == self._version_id}
+            product_ids = {int(p) for _, e, p, _, _ in moved if e is None and p is not None}
+            self.cards.forget(
+                embedding_ids=(int(e) for _, e, _, _, _ in todo if e is not None),
+                product_ids=(int(p) for _, e, p, _, _ in todo if e is None and p is not None),
+                everything=any(op == CARD_CHANGE and e is None and p is None for _, e, p, _, op in todo),
+            )
             self._apply(embedding_ids=embedding_ids, product_ids=product_ids)
             self._applied_changes += len(todo)
             if len(changes) < CHANGE_BATCH:
@@ -536,17 +565,18 @@ class MemoryCodeIndex:
 
 
 def _changes_read(where: str, params: list) -> tuple[list[tuple], frozenset[int]]:
-    """Change rows (id, embedding_id, product_id, model_version_id) and the transactions running in the snapshot
-    that read them: one statement, so the two agree."""
+    """Change rows (id, embedding_id, product_id, model_version_id, op) and the transactions running in the
+    snapshot that read them: one statement, so the two agree."""
     with connection.cursor() as cursor:
         cursor.execute(
-            f"SELECT NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, {_SNAPSHOT_SQL} UNION ALL "
-            f"(SELECT id, embedding_id, product_id, model_version_id, NULL FROM catalog_indexchange WHERE {where})",
+            f"SELECT NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint, {_SNAPSHOT_SQL}, NULL::varchar UNION ALL "
+            "(SELECT id, embedding_id, product_id, model_version_id, NULL, op "
+            f"FROM catalog_indexchange WHERE {where})",
             params,
         )
         found = cursor.fetchall()
     snapshot = next(row[4] for row in found if row[4] is not None)
-    changes = sorted((row[:4] for row in found if row[4] is None), key=lambda row: row[0])
+    changes = sorted(((*row[:4], row[5]) for row in found if row[4] is None), key=lambda row: row[0])
     return changes, _running_transactions(snapshot)
 
 
