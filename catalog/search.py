@@ -444,7 +444,9 @@ def fine_rank(
         return []
     ranked = None
     if candidates.backend == MEMORY_INDEX.name:
-        ranked = MEMORY_INDEX.fc7_rank(version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7)
+        ranked = MEMORY_INDEX.fc7_rank(
+            version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7, rows_hint=candidates.rows
+        )
     if ranked is not None:
         if not (boost or _filters_beyond_memory(product_filter)):
             # The order is the distance order: the first k products that are still there are the answer, and their

@@ -201,6 +201,7 @@ class MemoryCodeIndex:
                         exhaustive=complete and taken >= within,
                         backend=self.name,
                         searched_rows=visible,
+                        rows=chosen,
                     )
                 k = min(n, max(KNN_GROWTH * k, depth.max_count + 1 + pad))  # the shells reached are too thin: ask more
             return self._scan_all(query=query, depth=depth, product_filter=product_filter)
@@ -257,19 +258,32 @@ class MemoryCodeIndex:
             exhaustive=len(rows_taken) >= within_radius,
             backend=self.name,
             searched_rows=visible,
+            rows=rows_taken,
         )
 
-    def fc7_rank(self, *, version_id: int, embedding_ids: np.ndarray, fc7: np.ndarray) -> Fc7Ranking | None:
+    def fc7_rank(
+        self, *, version_id: int, embedding_ids: np.ndarray, fc7: np.ndarray, rows_hint: np.ndarray | None = None
+    ) -> Fc7Ranking | None:
         """The fine stage's exact part, in memory: fc7 L2 distance of each of these embeddings (float32 as stored,
         read from the rows beside their codes), then each product's best one, nearest first (ties: product id).
         None when this index does not hold the version's fc7 (then PostgreSQL ranks them). An embedding no longer
-        here (deleted, hidden since the coarse stage) is left out."""
+        here (deleted, hidden since the coarse stage) is left out.
+
+        `rows_hint`: where the coarse stage found them (CoarseCandidates.rows); used when those rows still hold
+        these embeddings (nothing was compacted or reloaded since), which saves looking up each id (~0.3 ms for
+        1,000 candidates among 1M: a binary search each, in 8 MB of sorted ids)."""
         with self._lock:
             rows = self._rows
             if rows is None or self._version_id != version_id or not rows.fc7_dim:
                 return None
             ids = np.asarray(embedding_ids, np.int64)
-            at = self._rows_of(ids)
+            at = None
+            if rows_hint is not None and len(rows_hint) == len(ids) and (not len(ids) or rows_hint.max() < rows.size):
+                at = np.asarray(rows_hint, np.int64)
+                if not np.array_equal(rows.embedding_ids.take(at), ids):
+                    at = None
+            if at is None:
+                at = self._rows_of(ids)
             present = at >= 0
             present[present] = rows.alive[at[present]]
             positions = np.flatnonzero(present)
@@ -279,7 +293,9 @@ class MemoryCodeIndex:
         difference = vectors - np.asarray(fc7, np.float32).reshape(1, -1)
         distances = np.sqrt(np.einsum("ij,ij->i", difference, difference))
         # Nearest first, ties by embedding id: then each product's first row is its best image.
-        order = np.lexsort((ids, distances))
+        order = np.argsort(distances, kind="stable")
+        if len(order) > 1 and (np.diff(distances[order]) == 0).any():  # (equal distances are rare: then by id)
+            order = np.lexsort((ids, distances))
         products, ids, distances, positions = products[order], ids[order], distances[order], positions[order]
         _, first = np.unique(products, return_index=True)
         if len(first) < len(products):  # (one image per product, the usual case, has nothing to drop)

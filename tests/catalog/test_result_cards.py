@@ -169,3 +169,27 @@ def test_a_reload_of_the_index_drops_the_cards(shop):
     hamming.MEMORY_INDEX._load(version_id=version.pk, code_bits=version.code_bits)
     cards, _ = hamming.MEMORY_INDEX.result_cards([e.pk for p in catalog for e in p.embeddings])
     assert cards == {}
+
+
+def test_rows_from_the_coarse_stage_are_used_only_while_they_hold_the_same_embeddings(shop):
+    """fc7_rank takes the coarse stage's row positions instead of looking each id up; positions that no longer hold
+    those embeddings (a compaction or reload since) are looked up again, with the same answer."""
+    version, _, _ = shop
+    rng = np.random.default_rng(8)
+    bits, fc7 = searchkit.random_bits(rng), searchkit.unit(rng.standard_normal(version.fc7_dim))
+    candidates = _candidates(version, bits)
+    assert candidates.rows is not None and len(candidates.rows) == len(candidates)
+
+    def ranked(hint):
+        found = hamming.MEMORY_INDEX.fc7_rank(
+            version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7, rows_hint=hint
+        )
+        return found.product_ids.tolist(), found.embedding_ids.tolist(), found.positions.tolist()
+
+    looked_up = ranked(None)
+    assert ranked(candidates.rows) == looked_up
+    assert ranked(candidates.rows[::-1].copy()) == looked_up  # moved rows
+    assert ranked(candidates.rows + 10**7) == looked_up  # rows past the arrays' end
+    assert candidates.distances[looked_up[2]].tolist() == [
+        int(candidates.distances[list(candidates.embedding_ids).index(e)]) for e in looked_up[1]
+    ]
