@@ -17,8 +17,8 @@ from django.conf import settings
 from django.db import connection
 
 from catalog.codes import bitstring_pack, code_sql, version_sql
-from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
+from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
 
 logger = logging.getLogger(__name__)
 

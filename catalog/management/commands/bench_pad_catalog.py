@@ -65,8 +65,8 @@ class Command(BaseCommand):
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SET LOCAL session_replication_role = replica")
             cursor.execute(
-                "CREATE TEMP TABLE pad_embedding (id bigint, image_id bigint, product_id bigint, model_version_id bigint,"
-                " code bit varying, fc7 vector) ON COMMIT DROP"
+                "CREATE TEMP TABLE pad_embedding (id bigint, image_id bigint, product_id bigint,"
+                " model_version_id bigint, code bit varying, fc7 vector) ON COMMIT DROP"
             )
             cursor.execute("SELECT max(id) FROM catalog_product")
             first_product = int(cursor.fetchone()[0] or 0) + 1
@@ -127,7 +127,8 @@ def _pad_chunk(*, cursor, owner: int, version, rng, products, images, embeddings
     column defaults); embeddings through a temporary table, their other columns filled by the INSERT."""
     raw = cursor.connection  # psycopg's connection: COPY
     rows = "".join(
-        f"{p}\t{owner}\tPAD-{p}\tPadded product {p}\t\t\t[]\t{10 + p % 90}.99\t\tt\tnow\tnow\n" for p in products.tolist()
+        f"{p}\t{owner}\tPAD-{p}\tPadded product {p}\t\t\t[]\t{10 + p % 90}.99\t\tt\tnow\tnow\n"
+        for p in products.tolist()
     )
     files = "".join(
         f"{i}\t{p}\tpadded/{p}.png\t{i:064x}\t256\t256\t0\t0\t\tembedded\t\tnow\n"
