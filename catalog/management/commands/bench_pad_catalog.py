@@ -4,7 +4,7 @@ look-alike products, so that `POST /api/search` can be measured at 1M products (
 var/): it writes into the shop's tables.
 
 Each padded product has one image (no file behind it: its card's image URL leads nowhere) and one embedding of the
-active version, made from a real one picked at random: its fc7 plus Gaussian noise (rescaled to the real vector's
+active version, made from a real one (not a padded one) picked at random: its fc7 plus Gaussian noise (rescaled to the real vector's
 length) and its code with PAD_BIT_FLIPS of the bits flipped, so that the codes and vectors are spread as the
 version's own are. All belong to one merchant (`--merchant`, default "bench-pad"); `--remove` deletes them.
 
@@ -50,17 +50,19 @@ class Command(BaseCommand):
         if version is None:
             raise CommandError("no active model version: run `manage.py demo` first")
         started = time.perf_counter()
+        owner, _ = Merchant.objects.get_or_create(slug=merchant, defaults={"name": "Benchmark padding"})
         with connection.cursor() as cursor:
             cursor.execute(
                 f"SELECT ({code_sql('e.code', version.code_bits)})::text, e.fc7::text FROM catalog_imageembedding e "
-                f"WHERE {version_sql('e', version.pk)}"
+                f"JOIN catalog_product p ON p.id = e.product_id WHERE {version_sql('e', version.pk)} "
+                "AND p.merchant_id <> %s",
+                [owner.pk],
             )
             real = cursor.fetchall()
         if not real:
             raise CommandError(f"version {version.name} has no embeddings to imitate")
         codes = np.stack([bitstring_pack(bits) for bits, _ in real])
         fc7 = np.stack([np.fromstring(vector.strip("[]"), np.float32, sep=",") for _, vector in real])
-        owner, _ = Merchant.objects.get_or_create(slug=merchant, defaults={"name": "Benchmark padding"})
         rng = np.random.default_rng(seed)
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SET LOCAL session_replication_role = replica")
