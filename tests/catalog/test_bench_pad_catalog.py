@@ -11,7 +11,7 @@ from catalog.search import QueryEncoding, SearchOptions
 from tests import factories
 from tests.catalog import searchkit
 
-pytestmark = pytest.mark.django_db
+pytestmark = pytest.mark.django_db(transaction=True)  # (CREATE INDEX refuses pending FK trigger events)
 
 
 def test_padding_adds_searchable_look_alikes_and_removes_them():
@@ -47,3 +47,23 @@ def searchkit_code(embedding) -> np.ndarray:
     from catalog.codes import bitstring_pack
 
     return bitstring_pack(str(embedding.code))
+
+
+def test_padding_drops_the_hnsw_index_and_removing_builds_it_again():
+    from django.db import connection
+
+    from catalog.codes import code_index_name
+
+    version = searchkit.active_version()
+    searchkit.random_catalog(merchant=factories.merchant("real2"), version=version, count=3, seed=3)
+
+    def has_index() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regclass(%s) IS NOT NULL", [code_index_name(version_id=version.pk)])
+            return cursor.fetchone()[0]
+
+    assert has_index()
+    call_command("bench_pad_catalog", products=20, yes=True)
+    assert not has_index()
+    call_command("bench_pad_catalog", remove=True, yes=True)
+    assert has_index()
