@@ -4,9 +4,10 @@ look-alike products, so that `POST /api/search` can be measured at 1M products (
 var/): it writes into the shop's tables.
 
 Each padded product has one image (no file behind it: its card's image URL leads nowhere) and one embedding of the
-active version, made from a real one (not a padded one) picked at random: its fc7 plus Gaussian noise (rescaled to the real vector's
-length) and its code with PAD_BIT_FLIPS of the bits flipped, so that the codes and vectors are spread as the
-version's own are. All belong to one merchant (`--merchant`, default "bench-pad"); `--remove` deletes them.
+active version, made from a real one (not a padded one) picked at random: its fc7 plus Gaussian noise (rescaled to
+the real vector's length) and its code with PAD_BIT_FLIPS of the bits flipped, so that the codes and vectors are
+spread as the version's own are. All belong to one merchant (`--merchant`, default "bench-pad"); `--remove`
+deletes them.
 
 Rows are written by COPY with triggers and foreign-key checks off (as bench_search does), so the change log does
 not see them: restart the web processes afterwards (their memory index loads the version again).
