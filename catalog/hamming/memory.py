@@ -133,10 +133,20 @@ class MemoryCodeIndex:
 
     # -- public ---------------------------------------------------------------------------------------------------
     def candidates(
-        self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
+        self,
+        *,
+        version_id: int,
+        code_bits: int,
+        code: np.ndarray,
+        depth: CandidateDepth,
+        product_filter: ProductFilter,
+        poll: bool = True,
     ) -> CoarseCandidates:
+        """The coarse stage. `poll=False`: the caller has just brought the index up to date (`refresh`, which
+        catalog.search runs while the photo is encoded); it is loaded again only if it holds another version."""
         with self._lock:
-            self.refresh(version_id=version_id, code_bits=code_bits)
+            if poll or self._rows is None or (self._version_id, self._code_bits) != (version_id, code_bits):
+                self.refresh(version_id=version_id, code_bits=code_bits)
             return self.search_loaded(code=code, depth=depth, product_filter=product_filter)
 
     def search_loaded(
