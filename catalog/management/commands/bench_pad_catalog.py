@@ -93,8 +93,6 @@ class Command(BaseCommand):
                 self.stdout.write(f"padded {start + count:,} of {products:,}")
             for table in PAD_TABLES:
                 cursor.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), (SELECT max(id) FROM {table}))")
-        with connection.cursor() as cursor:
-            cursor.execute("ANALYZE catalog_product; ANALYZE catalog_productimage; ANALYZE catalog_imageembedding")
         self.stdout.write(
             f"padded version {version.name} with {products:,} products of merchant {merchant!r} in "
             f"{time.perf_counter() - started:.0f} s; restart the web processes so that their index loads them. The "
