@@ -26,8 +26,10 @@ worker on the `search` queue (`query_encode`, catalog.query_encoder).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -41,6 +43,7 @@ from catalog import geometry, query_encoder, selectors
 from catalog.codes import bitstring_pack, version_sql
 from catalog.hamming import MEMORY_INDEX, backend_get
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter
+from catalog.hamming.memory import Fc7Ranking
 from catalog.intake.images import image_query
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
@@ -188,19 +191,51 @@ def search_photo(
 ) -> SearchResult:
     """A shopper's photo -> ranked products. Raises IntakeError (bad input) or SearchUnavailable."""
     started = time.perf_counter()
+    # The photo is decoded on a pool thread while this one asks which version serves, and encoded on a pool thread
+    # while this one polls the change log for the coarse stage: the two database round trips (0.3-0.7 ms each on a
+    # quiet machine, 5-15 ms on a busy one) then cost the shopper nothing. Only this thread touches the database.
     # Bad input is the shopper's 400 even while search is unavailable. Nothing is stored, so nothing is re-encoded.
-    image = image_query(data, box=box, max_side=query_encoder.QUERY_MAX_SIDE)
-    version = version_serving()
+    decoding = _overlap_pool().submit(image_query, data, box=box, max_side=query_encoder.QUERY_MAX_SIDE)
+    try:
+        version = version_serving()
+    except SearchUnavailable:
+        decoding.result()
+        raise
+    image = decoding.result()
     intake_done = time.perf_counter()
-    encoded = query_encode(image=image, version=version, keypoints=verify_enabled(options))
-    result = search_encoding(encoding=encoded.encoding, version=version, options=options)
+    encoding = _overlap_pool().submit(query_encode, image=image, version=version, keypoints=verify_enabled(options))
+    polled = _poll_index(version=version, options=options)
+    encoded = encoding.result()
+    result = search_encoding(encoding=encoded.encoding, version=version, options=options, index_polled=polled)
     timings = {
         "intake": _ms(intake_done - started),
         **encoded.timings_ms,
+        **({"poll": polled} if polled is not None else {}),
         **result.timings_ms,
         "total": _ms(time.perf_counter() - started),
     }
     return dataclasses.replace(result, timings_ms=timings)
+
+
+@functools.cache
+def _overlap_pool() -> ThreadPoolExecutor:
+    """Threads that decode and encode a search's photo while the search's own thread talks to the database: one per
+    search the process runs at once (catalog.api's SEARCH_MAX_CONCURRENT); more would only queue for the cores."""
+    return ThreadPoolExecutor(max_workers=max(1, int(settings.SEARCH_MAX_CONCURRENT)), thread_name_prefix="search")
+
+
+def _poll_index(*, version: ModelVersion, options: SearchOptions) -> float | None:
+    """Bring the memory index up to date for this search (the change-log poll; a load if it holds another version);
+    how long that took (ms), or None when the search's coarse backend is not the memory index."""
+    if _backend_name(options) != MEMORY_INDEX.name:
+        return None
+    started = time.perf_counter()
+    MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits)
+    return _ms(time.perf_counter() - started)
+
+
+def _backend_name(options: SearchOptions) -> str:
+    return options.backend or str(getattr(settings, "SEARCH_COARSE_BACKEND", DEFAULT_BACKEND))
 
 
 def similar_products(*, product_id: int, options: SearchOptions) -> SearchResult:
@@ -252,11 +287,14 @@ def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool =
 
 
 # --- the cascade proper --------------------------------------------------------------------------------------------
-def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: SearchOptions) -> SearchResult:
-    """Coarse -> fine -> group by product -> explain, for an already encoded query."""
+def search_encoding(
+    *, encoding: QueryEncoding, version: ModelVersion, options: SearchOptions, index_polled: float | None = None
+) -> SearchResult:
+    """Coarse -> fine -> group by product -> explain, for an already encoded query. `index_polled`: the memory
+    index was brought up to date for this search already (search_photo polls while the photo is encoded)."""
     if encoding.model_version_id != version.pk:
         raise ValueError(f"query encoded by version {encoding.model_version_id}, searching version {version.pk}")
-    backend = backend_get(options.backend or str(getattr(settings, "SEARCH_COARSE_BACKEND", DEFAULT_BACKEND)))
+    backend = backend_get(_backend_name(options))
     product_filter, boost = _category_policy(encoding=encoding, options=options)
     depth = candidate_depth(k=options.k, radius=options.radius)
     verify_count = verify_candidates() if verify_enabled(options) and encoding.keypoints is not None else 0
@@ -265,13 +303,23 @@ def search_encoding(*, encoding: QueryEncoding, version: ModelVersion, options: 
     while True:
         rounds += 1
         started = time.perf_counter()
-        candidates = backend.candidates(
-            version_id=version.pk,
-            code_bits=version.code_bits,
-            code=encoding.code,
-            depth=depth,
-            product_filter=product_filter,
-        )
+        if index_polled is not None and backend is MEMORY_INDEX:
+            candidates = MEMORY_INDEX.candidates(
+                version_id=version.pk,
+                code_bits=version.code_bits,
+                code=encoding.code,
+                depth=depth,
+                product_filter=product_filter,
+                poll=False,
+            )
+        else:
+            candidates = backend.candidates(
+                version_id=version.pk,
+                code_bits=version.code_bits,
+                code=encoding.code,
+                depth=depth,
+                product_filter=product_filter,
+            )
         coarse_done = time.perf_counter()
         rows = fine_rank(
             candidates=candidates,
@@ -433,36 +481,36 @@ def fine_rank(
     come back with what their result cards show.
 
     Where the vectors are read from: the memory index holds each embedding's fc7 (float32) beside its code, so the
-    distances and each product's best image are computed in this process (`MemoryCodeIndex.fc7_rank`), and one
-    query applies the shopper's filters and the category boost and reads the winners' cards. Otherwise (the SQL
-    backend, or SEARCH_FC7_IN_MEMORY off) PostgreSQL computes the distances over the candidates' rows."""
+    distances and each product's best image are computed in this process (`MemoryCodeIndex.fc7_rank`: candidates
+    x fc7_dim x 4 bytes read from memory), and the winners' cards come from the process's card cache
+    (`catalog.hamming.cards`, kept exact by the change log): no database round trip unless a card is missing. A
+    price/category/attribute filter or the category boost is applied by one query that reads the winners' cards.
+    Otherwise (the SQL backend, or SEARCH_FC7_IN_MEMORY off) PostgreSQL computes the distances over the
+    candidates' rows."""
     if len(candidates) == 0:
         return []
     ranked = None
     if candidates.backend == MEMORY_INDEX.name:
-        ranked = MEMORY_INDEX.fc7_rank(version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7)
+        ranked = MEMORY_INDEX.fc7_rank(
+            version_id=version.pk, embedding_ids=candidates.embedding_ids, fc7=fc7, rows_hint=candidates.rows
+        )
     if ranked is not None:
-        rows: list[FineRow] = []
-        # Without filters or boost the order is the distance order: only the first k products (and a few more, in
-        # case some went hidden since the coarse stage) need their cards. Filters and the boost see every product.
-        selective = bool(boost) or _filters_beyond_memory(product_filter)
-        step = max(1, len(ranked.product_ids)) if selective else k + FINE_CARDS_MARGIN
-        for start in range(0, len(ranked.product_ids), step):
-            window = slice(start, start + step)
-            found = _fine_cards(
-                product_ids=ranked.product_ids[window],
-                embedding_ids=ranked.embedding_ids[window],
-                distances=ranked.distances[window],
-                version=version,
-                product_filter=product_filter,
-                k=k - len(rows),
-                boost_category=boost_category,
-                boost=boost,
-            )
-            rows.extend(_fine_row(row, candidates) for row in found)
-            if len(rows) >= k:
-                break
-        return rows
+        if not (boost or _filters_beyond_memory(product_filter)):
+            # The order is the distance order: the first k products that are still there are the answer, and their
+            # cards come from this process's card cache (a miss: one query by primary key for the window's misses).
+            return _ranked_rows(ranked=ranked, candidates=candidates, version=version, k=k)
+        # Filters and the boost see every product: one query applies them and reads the winners' cards.
+        found = _fine_cards(
+            product_ids=ranked.product_ids,
+            embedding_ids=ranked.embedding_ids,
+            distances=ranked.distances,
+            version=version,
+            product_filter=product_filter,
+            k=k,
+            boost_category=boost_category,
+            boost=boost,
+        )
+        return [_fine_row(row, candidates) for row in found]
     where = product_filter.where_sql("p")
     # `id = ANY(array)` rather than a join with unnest(): the planner then always probes the primary key, where a
     # join tempts it into hashing the whole table on small catalogs.
@@ -495,6 +543,86 @@ def fine_rank(
         cursor.execute(sql, params)
         found = cursor.fetchall()
     return [_fine_row(row, candidates) for row in found]
+
+
+@dataclass(frozen=True)
+class ResultCard:
+    """What the fine stage needs of a ranked embedding besides its distance: its product's card, its image and its
+    landmarks. Kept per process by the memory index's card cache (catalog.hamming.cards)."""
+
+    product: ProductCard
+    image_id: int
+    image_file: str
+    landmarks: list[list[float]]
+
+
+def _ranked_rows(*, ranked: Fc7Ranking, candidates: CoarseCandidates, version: ModelVersion, k: int) -> list[FineRow]:
+    """The first k products of an in-memory ranking whose cards exist, as FineRows. Cards are taken from the card
+    cache; the misses of each window of k + FINE_CARDS_MARGIN products are read in one query, which also leaves out
+    what went hidden or was deleted since the change-log poll (then the next window is read)."""
+    rows: list[FineRow] = []
+    step = k + FINE_CARDS_MARGIN
+    for start in range(0, len(ranked.product_ids), step):
+        window = slice(start, start + step)
+        embedding_ids = ranked.embedding_ids[window].tolist()
+        cards, token = MEMORY_INDEX.result_cards(embedding_ids)
+        missing = [embedding_id for embedding_id in embedding_ids if embedding_id not in cards]
+        if missing:
+            read = _result_cards_read(embedding_ids=missing, version=version)
+            MEMORY_INDEX.cards.put({e: (card.product.pk, card) for e, card in read.items()}, token=token)
+            cards.update(read)
+        hammings = candidates.distances[ranked.positions[window]].tolist()
+        for embedding_id, distance, hamming in zip(embedding_ids, ranked.distances[window].tolist(), hammings):
+            card = cards.get(embedding_id)
+            if card is None:
+                continue
+            rows.append(
+                FineRow(
+                    product=card.product,
+                    embedding_id=embedding_id,
+                    image_id=card.image_id,
+                    image_file=card.image_file,
+                    hamming=int(hamming),
+                    fc7_distance=distance,
+                    score=distance,
+                    landmarks=card.landmarks,
+                )
+            )
+            if len(rows) >= k:
+                return rows
+    return rows
+
+
+def _result_cards_read(*, embedding_ids: list[int], version: ModelVersion) -> dict[int, ResultCard]:
+    """The cards of these embeddings of active products, in one query by primary key."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT e.id, e.image_id, i.file, e.landmarks, p.id, p.merchant_id, m.slug, p.sku, p.title, p.category,"
+            " p.attributes, p.price, p.url"
+            " FROM catalog_imageembedding e JOIN catalog_productimage i ON i.id = e.image_id"
+            " JOIN catalog_product p ON p.id = e.product_id JOIN catalog_merchant m ON m.id = p.merchant_id"
+            f" WHERE e.id = ANY(%s::bigint[]) AND p.active AND {version_sql('e', version.pk)}",
+            [embedding_ids],
+        )
+        found = cursor.fetchall()
+    cards = {}
+    for (embedding_id, image_id, image_file, landmarks, product_id, merchant_id, merchant_slug, sku, title, category,
+         attributes, price, url) in found:  # fmt: skip
+        product = ProductCard(
+            pk=product_id,
+            merchant_id=merchant_id,
+            merchant_slug=merchant_slug,
+            sku=sku,
+            title=title,
+            category=category,
+            attributes=list(_json(attributes) or []),
+            price=price,
+            url=url,
+        )
+        cards[embedding_id] = ResultCard(
+            product=product, image_id=image_id, image_file=image_file, landmarks=_json(landmarks) or []
+        )
+    return cards
 
 
 def _fine_cards(

@@ -83,6 +83,9 @@ class CoarseCandidates:
     backend: str
     searched_rows: int  # rows the backend could have returned (memory: visible rows; SQL: rows it scanned for)
     notes: tuple[str, ...] = ()  # what the backend had to do (e.g. "exact scan: the HNSW index came back short")
+    # The memory backend: where each candidate is in its arrays, so that the fine stage need not look them up
+    # (fc7_rank checks they still hold the same embeddings). None for the SQL backend.
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.embedding_ids)

@@ -129,8 +129,9 @@ def test_change_sequence_records_embedding_writes_deletes_and_visibility(product
     embedding = factories.embedding(image=image, model_version=version, bits=np.zeros(8, bool), fc7=np.zeros(3))
     product.active = False
     product.save()
-    product.title = "renamed"  # not a visibility change: no notification
+    product.title = "renamed"  # not a visibility change: only what its result card shows (migration 0012)
     product.save()
+    product.save()  # nothing changed: no notification
     product_id = product.pk
     product.delete()  # cascades to the image and its embedding
     changes = list(IndexChange.objects.filter(id__gt=start).values_list("op", "embedding_id", "product_id"))
@@ -138,6 +139,7 @@ def test_change_sequence_records_embedding_writes_deletes_and_visibility(product
     assert changes == [
         ("embedding", embedding.pk, product_id),
         ("product", None, product_id),
+        ("card", None, product_id),
         ("embedding", embedding.pk, product_id),
         ("product", None, product_id),
     ]

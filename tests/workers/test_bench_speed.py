@@ -34,3 +34,27 @@ def test_the_coarse_selection_is_measured_next_to_its_floor_and_tabled():
     assert "| version 0 (224 px) | 20.0 ms | 8.0 ms | 60 images/s | 150 images/s |" in table
     assert "searchable 0.5 s after" in table
     assert "| concurrency 1 | 5.0 | 2 of 12 | 1.0 / 2.0 / 3.0 ms | 1.0 / 2.0 / 3.0 ms |" in table
+
+
+def test_the_fine_stage_and_the_api_floors_are_tabled():
+    fine = {"fine_ms": 0.4, "fine_to_floor": 1.33, "floor_in_memory_ms": 0.3, "fine_1000_ms": 0.6,
+            "fine_1000_to_floor": 1.2, "fine_cards_read_ms": 2.5, "fine_in_postgresql_ms": 5.0,
+            "change_log_poll_ms": 0.5}  # fmt: skip
+    coarse = {"read_codes_once_ms": 1.0, "selection_ms": 1.4, "selection_to_floor": 1.4, "selection_to_faiss": 0.8,
+              "full_scan_ms": 3.0, "full_scan_to_floor": 3.0, "faiss_flat_ms": 1.8}  # fmt: skip
+    floors = {"index_rows": 1_000_000, "floor_ms_p50": {"encode": 10.0, "coarse": 1.0, "fine": 0.3},
+              "stage_over_floor_p50": {"encode": 1.1, "coarse": 1.6, "fine": 1.5}, "intake_ms_p50": 3.0,
+              "floors_plus_intake_ms": 14.3, "total_over_floors_plus_intake": 1.25}  # fmt: skip
+    table = markdown(
+        {
+            "search": {"sizes": [{"products": 1_000_000, "backends": {"memory": {
+                "coarse_floor": coarse, "fine_floor": fine, "memory_mb": 569, "load_s": 9.0, "recall_at_10": 0.99,
+                "total_ms": {"p50": 5.0, "p99": 9.0}}}}]},
+            "api": {"fields": {"verify": "false"}, "concurrency_1": {
+                "statuses": {"200": 10}, "answers_per_s": 5.0, "client_ms": {"p50": 1.0, "p95": 2.0, "p99": 3.0},
+                "server_ms": {"total": {"p50": 1.0, "p95": 2.0, "p99": 3.0}}, "floors": floors}},
+        }
+    )  # fmt: skip
+    assert "| 0.400 ms (1.33x) | 0.300 ms | 0.600 ms (1.20x) | 2.50 ms | 5.00 ms | 0.50 ms |" in table
+    assert "**1.25x** the floors + intake (14.3 ms: intake 3.0, encode floor 10.0" in table
+    assert "1,000,000 codes); stage / floor: encode 1.1x, coarse 1.6x, fine 1.5x." in table

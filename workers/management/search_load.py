@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
@@ -24,11 +25,16 @@ REFUSED_PAUSE_S = 0.05
 PERCENTILES = (50, 95, 99)
 
 
-def post_photo(endpoint: str, photo: bytes) -> tuple[int, float, dict]:
-    """(status, client ms, server timings_ms) of one multipart POST of `photo` as the form's `image`."""
+def post_photo(endpoint: str, photo: bytes, fields: dict[str, str] | None = None) -> tuple[int, float, dict]:
+    """(status, client ms, the answer's JSON) of one multipart POST of `photo` as the form's `image`, with these
+    other form fields (e.g. verify=false)."""
     boundary = uuid.uuid4().hex
     body = (
-        (
+        "".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+            for name, value in (fields or {}).items()
+        ).encode()
+        + (
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="shot"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n"
         ).encode()
@@ -47,17 +53,26 @@ def post_photo(endpoint: str, photo: bytes) -> tuple[int, float, dict]:
         error.read()
         return error.code, (time.perf_counter() - started) * 1000, {}
     elapsed = (time.perf_counter() - started) * 1000
-    return status, elapsed, json.loads(payload).get("timings_ms", {})
+    return status, elapsed, json.loads(payload)
 
 
-def warm_up(endpoint: str, photos: list[bytes]) -> None:
+def warm_up(endpoint: str, photos: list[bytes], fields: dict[str, str] | None = None) -> None:
     for index in range(WARMUP):
-        post_photo(endpoint, photos[index % len(photos)])
+        post_photo(endpoint, photos[index % len(photos)], fields)
 
 
-def search_load(endpoint: str, photos: list[bytes], *, clients: int, answers: int) -> dict:
+def search_load(
+    endpoint: str,
+    photos: list[bytes],
+    *,
+    clients: int,
+    answers: int,
+    fields: dict[str, str] | None = None,
+    after: Callable[[int, dict], None] | None = None,
+) -> dict:
     """`clients` threads post the photos in turn until `answers` searches are answered (200): the client's latency
-    of those, the server's `timings_ms` per stage, every status seen, answers per second."""
+    of those, the server's `timings_ms` per stage, every status seen, answers per second. `after(photo index,
+    answer)` runs in the client's thread after each answered search (at concurrency 1: between two searches)."""
     lock = threading.Lock()
     sent = 0
     statuses: Counter[int] = Counter()
@@ -70,15 +85,19 @@ def search_load(endpoint: str, photos: list[bytes], *, clients: int, answers: in
             with lock:
                 if len(latencies) >= answers:
                     return
-                photo = photos[sent % len(photos)]
+                index = sent % len(photos)
                 sent += 1
-            status, elapsed, timings = post_photo(endpoint, photo)
+            status, elapsed, answer = post_photo(endpoint, photos[index], fields)
+            timings = answer.get("timings_ms", {}) if status == 200 else {}
             with lock:
                 statuses[status] += 1
-                if status == 200 and len(latencies) < answers:
+                counted = status == 200 and len(latencies) < answers
+                if counted:
                     latencies.append(elapsed)
                     for stage, value in timings.items():
                         stages.setdefault(stage, []).append(value)
+            if counted and after is not None:
+                after(index, answer)
             if status not in (200, 429, 503):
                 raise RuntimeError(f"POST {endpoint} answered {status}")
             if status != 200:

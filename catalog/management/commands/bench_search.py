@@ -193,10 +193,17 @@ class Command(BaseCommand):
         if "fine_floor" in row:
             fine = row["fine_floor"]
             self.stdout.write(
-                f"{size:>9,} {backend:<10} fine {fine['fine_ms']:.2f} ms ({fine['fine_to_floor']:.1f}x the in-memory "
-                f"floor {fine['floor_in_memory_ms']:.3f}; its fc7 ranking {fine['fc7_rank_ms']:.3f}) | in PostgreSQL "
-                f"{fine['fine_in_postgresql_ms']:.2f} | change-log poll {fine['change_log_poll_ms']:.2f} | "
-                f"{fine['candidates_mean']:.0f} candidates, {fine['fc7_bytes_per_query'] / 1024:.0f} KiB of fc7"
+                f"{size:>9,} {backend:<10} fine {fine['fine_ms']:.3f} ms ({fine['fine_to_floor']:.2f}x the in-memory "
+                f"floor {fine['floor_in_memory_ms']:.3f}; its fc7 ranking {fine['fc7_rank_ms']:.3f}; cards read "
+                f"{fine['fine_cards_read_ms']:.2f}) | in PostgreSQL {fine['fine_in_postgresql_ms']:.2f} | change-log "
+                f"poll {fine['change_log_poll_ms']:.2f} | {fine['candidates_mean']:.0f} candidates, "
+                f"{fine['fc7_bytes_per_query'] / 1024:.0f} KiB of fc7"
+            )
+            self.stdout.write(
+                f"{size:>9,} {backend:<10} fine, {FINE_FLOOR_CANDIDATES:,} candidates, k {fine['fine_1000_k']}: "
+                f"{fine['fine_1000_ms']:.3f} ms ({fine['fine_1000_to_floor']:.2f}x the in-memory floor "
+                f"{fine['floor_1000_ms']:.3f}) | cards read {fine['fine_1000_cards_read_ms']:.2f} ms "
+                f"({fine['card_bytes_read']:,} bytes) | {fine['fc7_bytes_1000'] / 1024:.0f} KiB of fc7"
             )
         self.stdout.write(
             f"{size:>9,} {backend:<10} coarse p50 {row['coarse_ms']['p50']:7.2f} p99 {row['coarse_ms']['p99']:7.2f} | "
@@ -329,51 +336,90 @@ def _coarse_floor(*, index, query_set: QuerySet, depth) -> dict:
     return timings
 
 
+FINE_FLOOR_CANDIDATES = 1_000  # the issue's fine-stage budget: 1,000 candidates ranked exactly
+
+
 def _fine_floor(*, index, version, query_set: QuerySet, depth) -> dict:
     """The fine stage for the memory backend's candidates, next to its floor (the same candidates' fc7 gathered from
     rows held in memory, exact L2 and a sort, nothing else) and to pgvector ranking them in PostgreSQL (the fine
-    stage before fc7 was held in memory); interleaved like _coarse_floor. Also the change-log poll every search
+    stage before fc7 was held in memory); interleaved like _coarse_floor. Twice: on the candidates a k = 10 search
+    takes, and on exactly FINE_FLOOR_CANDIDATES of each query's nearest codes, with the k the served search asks
+    of the fine stage (verify on: SEARCH_VERIFY_CANDIDATES). The fine stage with its result cards in this
+    process's card cache (a shopper population that comes back to the same products) and with every card read
+    from PostgreSQL (the cache emptied first: one query by primary key). Also the change-log poll every search
     makes before its coarse stage."""
     import dataclasses
 
     from catalog import search
-    from catalog.hamming.candidates import ProductFilter
+    from catalog.hamming.candidates import CandidateDepth, ProductFilter
 
     everyone = ProductFilter()
     rows = index._rows
+    served_k = max(TOP_K, search.verify_candidates())
+    wide = CandidateDepth(min_count=FINE_FLOOR_CANDIDATES, max_count=8 * FINE_FLOOR_CANDIDATES)
     prepared = []
     for bits, fc7 in zip(query_set.bits, query_set.fc7):
-        candidates = index.search_loaded(code=np.packbits(bits), depth=depth, product_filter=everyone)
-        prepared.append((candidates, fc7, index._rows_of(candidates.embedding_ids)))
+        code = np.packbits(bits)
+        candidates = index.search_loaded(code=code, depth=depth, product_filter=everyone)
+        thousand = index.search_loaded(code=code, depth=wide, product_filter=everyone)
+        cut = slice(0, FINE_FLOOR_CANDIDATES)
+        thousand = dataclasses.replace(
+            thousand, embedding_ids=thousand.embedding_ids[cut], distances=thousand.distances[cut],
+            rows=thousand.rows[cut],
+        )  # fmt: skip
+        prepared.append((candidates, fc7, index._rows_of(candidates.embedding_ids), thousand))
 
-    def floor(item) -> None:
-        candidates, fc7, at = item
+    def floor(candidates, fc7, at) -> None:
         difference = rows.fc7[at] - fc7
         np.argsort(np.einsum("ij,ij->i", difference, difference))
 
-    def fine(item, backend: str = "memory") -> None:
-        candidates, fc7, _ = item
+    def fine(candidates, fc7, *, k: int = TOP_K, backend: str = "memory", cold: bool = False) -> None:
+        if cold:
+            index.cards.clear()
         candidates = dataclasses.replace(candidates, backend=backend)  # "sql": the ranking happens in PostgreSQL
-        search.fine_rank(candidates=candidates, version=version, fc7=fc7, product_filter=everyone, k=TOP_K)
+        search.fine_rank(candidates=candidates, version=version, fc7=fc7, product_filter=everyone, k=k)
 
     timings = _interleaved_ms(
         {
-            "floor_in_memory_ms": floor,
+            "floor_in_memory_ms": lambda item: floor(item[0], item[1], item[2]),
             "fc7_rank_ms": lambda item: index.fc7_rank(
-                version_id=version.pk, embedding_ids=item[0].embedding_ids, fc7=item[1]
+                version_id=version.pk, embedding_ids=item[0].embedding_ids, fc7=item[1], rows_hint=item[0].rows
             ),  # fmt: skip
-            "fine_ms": fine,
-            "fine_in_postgresql_ms": lambda item: fine(item, backend="sql"),
+            "fine_cards_read_ms": lambda item: fine(item[0], item[1], cold=True),
+            "fine_ms": lambda item: fine(item[0], item[1]),  # (the cards the call before read are cached now)
+            "fine_in_postgresql_ms": lambda item: fine(item[0], item[1], backend="sql"),
+            "floor_1000_ms": lambda item: floor(item[3], item[1], item[3].rows),
+            "fine_1000_cards_read_ms": lambda item: fine(item[3], item[1], k=served_k, cold=True),
+            "fine_1000_ms": lambda item: fine(item[3], item[1], k=served_k),
             "change_log_poll_ms": lambda item: index._replay_changes(),
         },
         prepared,
     )
     timings = {name: round(value, 3) for name, value in timings.items()}
-    timings["fine_to_floor"] = round(timings["fine_ms"] / timings["floor_in_memory_ms"], 1)
-    timings["fc7_rank_to_floor"] = round(timings["fc7_rank_ms"] / timings["floor_in_memory_ms"], 1)
+    timings["fine_to_floor"] = round(timings["fine_ms"] / timings["floor_in_memory_ms"], 2)
+    timings["fc7_rank_to_floor"] = round(timings["fc7_rank_ms"] / timings["floor_in_memory_ms"], 2)
+    timings["fine_1000_to_floor"] = round(timings["fine_1000_ms"] / timings["floor_1000_ms"], 2)
+    timings["fine_1000_k"] = served_k
     timings["candidates_mean"] = round(float(np.mean([len(item[0]) for item in prepared])), 1)
     timings["fc7_bytes_per_query"] = int(timings["candidates_mean"] * rows.fc7.shape[1] * 4)
+    timings["fc7_bytes_1000"] = FINE_FLOOR_CANDIDATES * rows.fc7.shape[1] * 4
+    timings["card_bytes_read"] = _card_bytes(version=version, embedding_ids=prepared[0][3].embedding_ids[:served_k])
     return timings
+
+
+def _card_bytes(*, version, embedding_ids: np.ndarray) -> int:
+    """What a cold fine stage reads from PostgreSQL for its k cards: the byte size of the rows its query returns."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT coalesce(sum(pg_column_size(i.file) + pg_column_size(e.landmarks) + pg_column_size(m.slug)"
+            " + pg_column_size(p.sku) + pg_column_size(p.title) + pg_column_size(p.category)"
+            " + pg_column_size(p.attributes) + coalesce(pg_column_size(p.price), 0) + pg_column_size(p.url) + 40), 0)"
+            " FROM catalog_imageembedding e JOIN catalog_productimage i ON i.id = e.image_id"
+            " JOIN catalog_product p ON p.id = e.product_id JOIN catalog_merchant m ON m.id = p.merchant_id"
+            " WHERE e.id = ANY(%s)",
+            [embedding_ids.tolist()],
+        )
+        return int(cursor.fetchone()[0])
 
 
 def _interleaved_ms(methods: dict, items: list, clock=time.perf_counter) -> dict[str, float]:

@@ -69,6 +69,15 @@ class Command(BaseCommand):
             "--url", default="", help="a running server for the api section, e.g. http://127.0.0.1:8034"
         )
         parser.add_argument("--api-requests", type=int, default=200, help="measured searches per concurrency level")
+        parser.add_argument(
+            "--api-fields", nargs="*", default=[], help="extra form fields of every search, e.g. verify=false"
+        )
+        parser.add_argument(
+            "--api-floors",
+            action="store_true",
+            help="at concurrency 1, each stage's floor measured between the searches (bench_api --floors; needs the "
+            "server's database)",
+        )
         parser.add_argument("--merchant-token", default="", help="a merchant user's API token: measures freshness")
         parser.add_argument("--merchant", default="", help="the merchant's slug, if the token acts for several")
         parser.add_argument(
@@ -186,13 +195,29 @@ class Command(BaseCommand):
     def _api(self, options: dict) -> dict:
         url = options["url"].rstrip("/")
         photos = [_jpeg(_rendered(seed)) for seed in range(50)]
-        result: dict = {"url": url}
+        form = dict(field.split("=", 1) for field in options["api_fields"])
+        result: dict = {"url": url, "fields": form}
         endpoint = f"{url}/api/search"
-        warm_up(endpoint, photos)
+        floors = None
+        if options["api_floors"]:
+            from catalog import selectors
+            from workers.management.commands.bench_api import StageFloors
+
+            version = selectors.model_version_active()
+            if version is None:
+                raise CommandError("--api-floors: no active version in this database (use the server's settings)")
+            floors = StageFloors(version=version, photos=photos)
+        warm_up(endpoint, photos, form)
         for concurrency in (1, 8):
-            level = search_load(endpoint, photos, clients=concurrency, answers=options["api_requests"])
+            measured = floors if concurrency == 1 else None
+            level = search_load(
+                endpoint, photos, clients=concurrency, answers=options["api_requests"], fields=form,
+                after=None if measured is None else measured.measure,
+            )  # fmt: skip
             if level["statuses"].get("429"):
                 raise CommandError("the server throttled the searches: start it with a high SEARCH_THROTTLE_RATE")
+            if measured is not None:
+                level["floors"] = measured.report(level["server_ms"])
             result[f"concurrency_{concurrency}"] = level
             self.stdout.write(f"api concurrency {concurrency}: {json.dumps(level)}")
         if options["merchant_token"]:
@@ -287,9 +312,10 @@ def markdown(report: dict) -> str:
     if search:
         lines += [
             "| products | read codes once | coarse selection (x floor, x faiss) | before: full scan + histogram "
-            "| faiss IndexBinaryFlat top-1000 | fine (x in-memory floor) | fine floor | before: fine in PostgreSQL "
+            "| faiss IndexBinaryFlat top-1000 | fine, cards cached (x in-memory floor) | fine floor "
+            "| fine, 1,000 candidates (x floor) | fine, cards read | before: fine in PostgreSQL "
             "| change-log poll | cascade p50 / p99 | recall@10 | index memory | index load |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for entry in search["sizes"]:
             memory = entry["backends"]["memory"]
@@ -303,10 +329,16 @@ def markdown(report: dict) -> str:
                 f"| {coarse['full_scan_ms']:.2f} ms ({coarse['full_scan_to_floor']:.2f}x) "
                 f"| {coarse['faiss_flat_ms']:.2f} ms "
                 + (
-                    f"| {fine['fine_ms']:.2f} ms ({fine['fine_to_floor']:.0f}x) | {fine['floor_in_memory_ms']:.3f} ms "
-                    f"| {fine['fine_in_postgresql_ms']:.2f} ms | {fine['change_log_poll_ms']:.2f} ms "
+                    f"| {fine['fine_ms']:.3f} ms ({fine['fine_to_floor']:.2f}x) | {fine['floor_in_memory_ms']:.3f} ms "
+                    + (
+                        f"| {fine['fine_1000_ms']:.3f} ms ({fine['fine_1000_to_floor']:.2f}x) "
+                        f"| {fine['fine_cards_read_ms']:.2f} ms "
+                        if "fine_1000_ms" in fine
+                        else "| - | - "
+                    )
+                    + f"| {fine['fine_in_postgresql_ms']:.2f} ms | {fine['change_log_poll_ms']:.2f} ms "
                     if fine
-                    else "| - | - | - | - "
+                    else "| - | - | - | - | - | - "
                 )
                 + (
                     f"| {total['p50']:.1f} / {total['p99']:.1f} ms | {memory['recall_at_10']:.3f} "
@@ -366,6 +398,18 @@ def markdown(report: dict) -> str:
                     f"| {level['statuses'].get('503', 0)} of {sum(level['statuses'].values())} "
                     f"| {client['p50']} / {client['p95']} / "
                     f"{client['p99']} ms | {server['p50']} / {server['p95']} / {server['p99']} ms |"
+                )
+        for concurrency in (1, 8):
+            floors = (api.get(f"concurrency_{concurrency}") or {}).get("floors")
+            if floors:
+                lines.append(
+                    f"\nConcurrency {concurrency}{', form ' + str(api['fields']) if api.get('fields') else ''}: "
+                    f"server total p50 = **{floors['total_over_floors_plus_intake']}x** the floors + intake "
+                    f"({floors['floors_plus_intake_ms']} ms: intake {floors['intake_ms_p50']}, "
+                    + ", ".join(f"{stage} floor {ms}" for stage, ms in floors["floor_ms_p50"].items())
+                    + f"; {floors['index_rows']:,} codes); stage / floor: "
+                    + ", ".join(f"{stage} {ratio}x" for stage, ratio in floors["stage_over_floor_p50"].items())
+                    + "."
                 )
         if "new_product_searchable_s" in api:
             lines.append(f"\nA new product was searchable {api['new_product_searchable_s']} s after it was added.")
