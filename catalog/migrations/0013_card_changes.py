@@ -78,7 +78,7 @@ DROP FUNCTION IF EXISTS catalog_product_card_changed();
 
 
 class Migration(migrations.Migration):
-    dependencies = [("catalog", "0011_recent_query_sample")]
+    dependencies = [("catalog", "0012_embed_attempts")]
 
     operations = [
         migrations.AlterField(
