@@ -177,6 +177,9 @@ SEARCH_COARSE_BACKEND = os.environ.get("SEARCH_COARSE_BACKEND", "memory")  # mem
 # The memory backend also holds each embedding's fc7 (float32: fc7_dim x 4 bytes a product, 512 MB per million at 128
 # dimensions) so that the fine stage ranks in this process; off: it reads them from PostgreSQL (docs/scaling.md).
 SEARCH_FC7_IN_MEMORY = env_bool("SEARCH_FC7_IN_MEMORY", True)
+# Each web process writes its memory index to MODELS_DIR/index-snapshots after loading it from PostgreSQL (and every
+# few hours while it runs); a restarted process reads that file and replays the change log from its position.
+SEARCH_INDEX_SNAPSHOTS = env_bool("SEARCH_INDEX_SNAPSHOTS", True)
 # Who encodes the shopper's photo (catalog.query_encoder): "inprocess", this web process on ONNX Runtime (no torch),
 # or "worker", a Celery worker on the `search` queue. `manage.py bench_encode` compares them (README).
 SEARCH_ENCODER = os.environ.get("SEARCH_ENCODER", "inprocess")

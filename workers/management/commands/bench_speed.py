@@ -40,6 +40,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from PIL import Image, ImageDraw
 
+from catalog.dispatch import EMBED_CHUNK
 from catalog.management.bench_database import run_inside_bench_database
 from workers.management.search_load import search_load, warm_up
 from workers.management.search_load import stats as latency_stats
@@ -348,9 +349,25 @@ def markdown(report: dict) -> str:
     if ingest:
         lines += [
             f"Ingest ({ingest['products']:,} products, {ingest['workers']} worker process): "
-            f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second.",
+            f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second"
+            + (
+                f"; the model alone, same run (batch {EMBED_CHUNK}, one thread): {ingest['model_images_per_s']} "
+                f"images/s, so ingest per worker process = {ingest['ingest_per_worker_process_to_model']}x and per "
+                f"worker CPU second = {ingest['ingest_per_worker_cpu_s_to_model']}x the model's throughput"
+                if "model_images_per_s" in ingest
+                else ""
+            )
+            + ".",
             "",
         ]
+        profile = ingest.get("profile_ms_per_image")
+        if profile:
+            lines += [
+                "| ingest stage (ms per image, one thread) | " + " | ".join(profile) + " |",
+                "|---|" + "---|" * len(profile),
+                "| | " + " | ".join(f"{value:.2f}" for value in profile.values()) + " |",
+                "",
+            ]
     api = report.get("api")
     if api:
         lines += [
