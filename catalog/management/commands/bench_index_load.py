@@ -4,8 +4,10 @@ In a throwaway database (`bench_search`'s synthetic catalog, loaded by binary CO
 (what a restarted web process is) loads the active version into `catalog.hamming.MEMORY_INDEX` with fc7 beside the
 codes (SEARCH_FC7_IN_MEMORY), `--repeats` times; reported are the median load time, the index's arrays, the
 process's resident memory after the load (what each web process keeps) and its peak during it (VmHWM), next to the
-same process's memory before the load (Django, numpy, faiss). Each load is checked against SQL: every visible
-embedding's id, product, merchant, code and fc7, as `SELECT` returns them.
+same process's memory before the load (Django, numpy, faiss). Three ways: from PostgreSQL with snapshots off (the
+binary COPY), the first process with snapshots on (the COPY, then the snapshot file written), and the processes
+after it (the snapshot read, then the change log replayed). Each load is checked against SQL: the row count, and
+the first 2,000 embeddings' id, product, merchant, code and fc7 as `SELECT` returns them.
 
     DEBUG=1 .venv/bin/python manage.py bench_index_load --sizes 100000,1000000
 """
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +30,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
+from catalog.hamming import snapshot
 from catalog.management.bench_database import (
     INNER_FLAG,
     INNER_HELP,
@@ -66,10 +71,19 @@ class Command(BaseCommand):
 
     def _benchmark(self, *, sizes: str, code_bits: int, fc7_dim: int, repeats: int, seed: int, out: Path,
                    **_) -> None:  # fmt: skip
+
+        refuse_outside_bench_database(BENCH_DATABASE)
+        # Snapshots go to a folder of the run's own, not the shop's MODELS_DIR (the children are told it).
+        settings.MODELS_DIR = Path(tempfile.mkdtemp(prefix="bench_index_load-", dir=settings.VAR_DIR))
+        try:
+            self._sizes(sizes=sizes, code_bits=code_bits, fc7_dim=fc7_dim, repeats=repeats, seed=seed, out=out)
+        finally:
+            shutil.rmtree(settings.MODELS_DIR, ignore_errors=True)
+
+    def _sizes(self, *, sizes: str, code_bits: int, fc7_dim: int, repeats: int, seed: int, out: Path) -> None:
         from catalog.management.commands.bench_search import SyntheticCatalog, _copy_rows, _relax_table_defaults
         from catalog.models import Merchant, ModelVersion
 
-        refuse_outside_bench_database(BENCH_DATABASE)
         call_command("migrate", interactive=False, verbosity=0)
         _relax_table_defaults()
         size_list = sorted(int(s) for s in sizes.split(","))
@@ -85,12 +99,28 @@ class Command(BaseCommand):
             loaded = size
             with connection.cursor() as cursor:
                 cursor.execute("VACUUM ANALYZE catalog_imageembedding")  # as a settled shop's table is
-            runs = [self._fresh_process_load() for _ in range(repeats)]
+            # The copy bypassed the triggers: a change row anchors this size's snapshot, and the last size's goes.
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "INSERT INTO catalog_indexchange (op, product_id, created_at) VALUES ('product', -1, now())"
+                )
+            shutil.rmtree(snapshot.directory(), ignore_errors=True)
+            sql = [self._fresh_process_load(snapshots=False) for _ in range(repeats)]
+            first = self._fresh_process_load(snapshots=True)  # from PostgreSQL, then the snapshot is written
+            again = [self._fresh_process_load(snapshots=True) for _ in range(repeats)]
+            if first["snapshot_loads"] or not all(run["snapshot_loads"] for run in again):
+                raise CommandError("the snapshot was not written, or not read back")
             entry = {
                 "products": size,
-                "load_s": round(statistics.median(run["load_s"] for run in runs), 2),
-                "load_s_runs": [run["load_s"] for run in runs],
-                **{key: runs[-1][key] for key in ("index_mb", "rss_before_mb", "rss_after_mb", "rss_peak_mb")},
+                "load_s": _median(sql),
+                "load_s_runs": [run["load_s"] for run in sql],
+                "load_and_write_snapshot_s": first["load_s"],
+                "snapshot_mb": round(sum(f.stat().st_size for f in snapshot.directory().glob("*.index")) / 1e6, 1),
+                "snapshot_load_s": _median(again),
+                "snapshot_load_s_runs": [run["load_s"] for run in again],
+                **{key: sql[-1][key] for key in ("index_mb", "rss_before_mb", "rss_after_mb", "rss_peak_mb")},
+                "snapshot_rss_after_mb": again[-1]["rss_after_mb"],
+                "snapshot_rss_peak_mb": again[-1]["rss_peak_mb"],
             }
             report["sizes"].append(entry)
             self.stdout.write(json.dumps(entry))
@@ -98,10 +128,12 @@ class Command(BaseCommand):
         out.write_text(json.dumps(report, indent=2))
         self.stdout.write(f"written {out}")
 
-    def _fresh_process_load(self) -> dict:
+    def _fresh_process_load(self, *, snapshots: bool) -> dict:
+        env = {**os.environ, "SEARCH_FC7_IN_MEMORY": "1", "SEARCH_INDEX_SNAPSHOTS": "1" if snapshots else "0",
+               "MODELS_DIR": str(settings.MODELS_DIR)}  # fmt: skip
         done = subprocess.run(
             [sys.executable, str(Path(settings.BASE_DIR) / "manage.py"), "bench_index_load", MEASURE_FLAG],
-            capture_output=True, text=True, cwd=settings.BASE_DIR, env={**os.environ, "SEARCH_FC7_IN_MEMORY": "1"},
+            capture_output=True, text=True, cwd=settings.BASE_DIR, env=env,
         )  # fmt: skip
         if done.returncode:
             raise CommandError(f"the load failed: {done.stderr[-2000:]}")
@@ -126,6 +158,7 @@ def _measure_one_load() -> dict:
         "rss_before_mb": round(rss_before, 1),
         "rss_after_mb": round(_status_mb("VmRSS"), 1),
         "rss_peak_mb": round(_status_mb("VmHWM"), 1),
+        "snapshot_loads": hamming.MEMORY_INDEX.stats().snapshot_loads,
     }
     _check_against_sql(version)
     return result
@@ -162,6 +195,10 @@ def _check_against_sql(version) -> None:
             or not np.array_equal(rows.fc7[at], np.array(json.loads(fc7), np.float32))
         ):
             raise CommandError(f"embedding {embedding_id} loaded differently from what SQL holds")
+
+
+def _median(runs: list[dict]) -> float:
+    return round(statistics.median(run["load_s"] for run in runs), 2)
 
 
 def _status_mb(field: str) -> float:
