@@ -251,8 +251,10 @@ def _sql_rows(version) -> dict[int, tuple[int, int, np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize(("code_bits", "fc7_in_memory", "parse_bytes"), [(32, True, 1000), (60, True, 1),
-                                                                         (256, False, 700), (256, True, 32 << 20)])
+@pytest.mark.parametrize(
+    ("code_bits", "fc7_in_memory", "parse_bytes"),
+    [(32, True, 1000), (60, True, 1), (256, False, 700), (256, True, 32 << 20)],
+)
 def test_the_loaded_index_holds_exactly_what_sql_holds(settings, monkeypatch, code_bits, fc7_in_memory, parse_bytes):
     """The load parses the binary COPY a slice at a time into arrays sized beforehand: with slices of one row, of
     a few rows (ending mid-stream), and the whole stream, every visible embedding is there once with its product,
