@@ -34,3 +34,22 @@ def test_the_coarse_selection_is_measured_next_to_its_floor_and_tabled():
     assert "| version 0 (224 px) | 20.0 ms | 8.0 ms | 60 images/s | 150 images/s |" in table
     assert "searchable 0.5 s after" in table
     assert "| concurrency 1 | 5.0 | 2 of 12 | 1.0 / 2.0 / 3.0 ms | 1.0 / 2.0 / 3.0 ms |" in table
+
+
+def test_the_ingest_ratio_and_the_index_load_are_tabled():
+    table = markdown(
+        {
+            "ingest": {"products": 100, "workers": 1, "images_per_s": 40.0, "images_per_worker_cpu_s": 44.0,
+                       "model_images_per_s": 50.0, "ingest_per_worker_process_to_model": 0.8,
+                       "ingest_per_worker_cpu_s_to_model": 0.88,
+                       "profile_ms_per_image": {"encode_network": 20.0, "keypoints_sift_and_write": 4.5}},
+            "load": {"sizes": [{"products": 1_000_000, "index_mb": 569.0, "load_s": 9.5,
+                                "load_and_write_snapshot_s": 10.2, "snapshot_load_s": 0.61, "rss_before_mb": 121.0,
+                                "rss_after_mb": 700.0, "rss_peak_mb": 740.0, "snapshot_rss_after_mb": 699.0,
+                                "snapshot_rss_peak_mb": 701.0}]},
+        }
+    )  # fmt: skip
+    assert "the model alone, same run (batch 64, one thread): 50.0 images/s" in table
+    assert "per worker process = 0.8x and per worker CPU second = 0.88x" in table
+    assert "| | 20.00 | 4.50 |" in table
+    assert "| 1,000,000 products | 569 MB | 9.50 s | 10.20 s | 0.61 s | 121 / 700 / 740 MB | 699 / 701 MB |" in table
