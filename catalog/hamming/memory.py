@@ -666,7 +666,7 @@ def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Row
         cursor.execute(f"SELECT count(*) FROM catalog_imageembedding e WHERE {version_sql('e', version_id)}")
         rows.reserve(int(cursor.fetchone()[0]))
 
-    def parse(data: bytes | bytearray) -> None:
+    def parse(data: memoryview) -> None:
         table = np.frombuffer(data, dtype=row_type)
         for name, value in expected.items():
             if len(table) and (table[name] != value).any():
