@@ -363,8 +363,9 @@ def markdown(report: dict) -> str:
             f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second"
             + (
                 f"; the model alone, same run (batch {EMBED_CHUNK}, one thread): {ingest['model_images_per_s']} "
-                f"images/s, so ingest per worker process = {ingest['ingest_per_worker_process_to_model']}x and per "
-                f"worker CPU second = {ingest['ingest_per_worker_cpu_s_to_model']}x the model's throughput"
+                f"images/s ({ingest.get('model_images_per_cpu_s', '-')} per CPU second), so ingest per worker "
+                f"process = {ingest['ingest_per_worker_process_to_model']}x and per worker CPU second = "
+                f"{ingest['ingest_per_worker_cpu_s_to_model']}x the model's throughput"
                 if "model_images_per_s" in ingest
                 else ""
             )
