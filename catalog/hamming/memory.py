@@ -7,15 +7,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 from django.conf import settings
 from django.db import connection
 
+import catalog.hamming.snapshot as snapshot
 from catalog.codes import bitstring_pack, code_sql, version_sql
-from catalog.hamming import snapshot
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k
 class _Rows:
     """Growable column arrays of one version's visible embeddings."""
 
-    COLUMNS = ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive", "fc7")
+    COLUMNS: ClassVar[tuple[str, ...]] = ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive", "fc7")
 
     code_bytes: int
     fc7_dim: int = 0  # 0: fc7 not held (settings.SEARCH_FC7_IN_MEMORY off); the fine stage then reads PostgreSQL
@@ -392,7 +392,12 @@ class MemoryCodeIndex:
     def _load_snapshot(self, *, version_id: int, code_bits: int, fc7_dim: int) -> bool:
         """Take the snapshot's rows and change-log position, then replay what changed since, exactly as a process
         that had slept since then would (a backlog too long or pruned makes that replay load from PostgreSQL)."""
-        stored = snapshot.read(version_id=version_id, code_bits=code_bits, fc7_dim=fc7_dim)
+        stored = snapshot.read(
+            version_id=version_id,
+            code_bits=code_bits,
+            fc7_dim=fc7_dim,
+            new_rows=lambda code_bytes, dim: _Rows(code_bytes=code_bytes, fc7_dim=dim),
+        )
         if stored is None:
             return False
         rows = stored.rows

@@ -19,15 +19,13 @@ import os
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from django.conf import settings
 from django.db import connection
-
-if TYPE_CHECKING:
-    from catalog.hamming.memory import _Rows
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +33,24 @@ FORMAT = 1
 _LENGTH = struct.Struct("<Q")
 
 
+class Columns(Protocol):
+    """What a snapshot stores of the index's rows (catalog.hamming.memory._Rows, which this module does not import:
+    memory imports it)."""
+
+    COLUMNS: ClassVar[tuple[str, ...]]
+    code_bytes: int
+    fc7_dim: int
+    size: int
+
+    def reserve(self, capacity: int) -> None: ...
+
+
+RowsT = TypeVar("RowsT", bound=Columns)
+
+
 @dataclass(frozen=True)
-class Snapshot:
-    rows: _Rows
+class Snapshot(Generic[RowsT]):
+    rows: RowsT
     high: int
     gaps: dict[frozenset[int], set[int]]
 
@@ -69,7 +82,7 @@ def _change_at(change_id: int) -> list | None:
     return list(found) if found else None
 
 
-def write(*, version_id: int, code_bits: int, rows: _Rows, high: int, gaps: dict[frozenset[int], set[int]]) -> None:
+def write(*, version_id: int, code_bits: int, rows: Columns, high: int, gaps: dict[frozenset[int], set[int]]) -> None:
     """Store the index's state at change `high`; failures are logged, never raised (the file is only a shortcut).
     Other snapshots of this database are removed: only the newest version's is ever read."""
     try:
@@ -110,11 +123,11 @@ def age_s(*, version_id: int) -> float | None:
         return None
 
 
-def read(*, version_id: int, code_bits: int, fc7_dim: int) -> Snapshot | None:
+def read(
+    *, version_id: int, code_bits: int, fc7_dim: int, new_rows: Callable[[int, int], RowsT]
+) -> Snapshot[RowsT] | None:
     """The stored state of the version if it is this database's, of these sizes, and its position is still in the
-    change log as the same change; else None. The arrays are read straight into a new index's columns."""
-    from catalog.hamming.memory import _Rows
-
+    change log as the same change; else None. The arrays are read straight into `new_rows(code_bytes, fc7_dim)`."""
     try:
         path = _path(_database(), version_id)
         with path.open("rb") as source:
@@ -128,7 +141,7 @@ def read(*, version_id: int, code_bits: int, fc7_dim: int) -> Snapshot | None:
                 or _change_at(header["high"]) != header["change"]
             ):
                 return None
-            rows = _Rows(code_bytes=header["code_bytes"], fc7_dim=fc7_dim)
+            rows = new_rows(header["code_bytes"], fc7_dim)
             size = int(header["size"])
             rows.reserve(size)
             expected = _LENGTH.size + length + sum(getattr(rows, name)[:size].nbytes for name in rows.COLUMNS)

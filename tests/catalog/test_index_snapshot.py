@@ -9,7 +9,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from catalog.hamming import snapshot
+from catalog.hamming import memory, snapshot
 from catalog.hamming.memory import MemoryCodeIndex
 from catalog.models import ImageEmbedding
 from catalog.services import maintenance
@@ -127,8 +127,12 @@ def test_a_snapshot_of_other_sizes_or_another_database_is_not_used(settings):
 
     (path,) = snapshot.directory().glob("*.index")
     path.rename(path.with_name(path.name.replace(f"-v{version.pk}", f"-v{version.pk + 1000}")))
-    assert snapshot.read(version_id=version.pk + 1000, code_bits=version.code_bits,
-                         fc7_dim=searchkit.FC7_DIM) is None  # fmt: skip
+
+    def new_rows(code_bytes: int, dim: int) -> memory._Rows:
+        return memory._Rows(code_bytes=code_bytes, fc7_dim=dim)
+
+    assert snapshot.read(version_id=version.pk + 1000, code_bits=version.code_bits, fc7_dim=searchkit.FC7_DIM,
+                         new_rows=new_rows) is None  # fmt: skip
     data = bytearray(path.with_name(path.name.replace(f"-v{version.pk}", f"-v{version.pk + 1000}")).read_bytes())
     path.write_bytes(bytes(data[:-4]))  # a truncated file
     assert _restarted(version).stats().snapshot_loads == 0
