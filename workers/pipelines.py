@@ -69,7 +69,7 @@ def images_embed(*, image_ids: Sequence[int]) -> dict[str, Any]:
     """Embed images under every serving version; images that cannot be decoded are marked failed, not retried.
 
     The images' local features (SIFT, for the verify stage) are extracted on a helper thread while this one waits
-    for PostgreSQL to store the first version's embeddings (the HNSW insert and the duplicate search: ~4 ms an
+    for PostgreSQL to store the first version's embeddings (the HNSW insert and the duplicate search: 2-5 ms an
     image, all of it on the database's core), not while the network runs: the worker keeps one core busy, not two.
     They are saved in the same transaction as those embeddings."""
     versions = list(selectors.model_versions_serving())
