@@ -15,6 +15,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +73,12 @@ def images_embed(*, image_ids: Sequence[int], delivery: embeddings.EmbedDelivery
     image leaves the count, and the image ends FAILED after EMBED_MAX_ATTEMPTS deliveries that died
     (catalog.services.embeddings). After such a death the batch is embedded one image at a time, the suspect last,
     so the others are saved before it can kill the process again. `delivery` is the Celery task's (see
-    EmbedDelivery); without one, every call counts."""
+    EmbedDelivery); without one, every call counts.
+
+    The images' local features (SIFT, for the verify stage) are extracted on a helper thread while this one waits
+    for PostgreSQL to store the first version's embeddings (the HNSW insert and the duplicate search: 2-5 ms an
+    image, all of it on the database's core), not while the network runs: the worker keeps one core busy, not two.
+    They are saved in the same transaction as those embeddings."""
     versions = list(selectors.model_versions_serving())
     if not versions:  # nothing to embed with yet: only find the files that no longer decode
         images = selectors.images_by_id(image_ids=image_ids).exclude(status=ProductImage.Status.FAILED)
@@ -107,22 +113,57 @@ def _batch_embed(images: Sequence[ProductImage], versions: Sequence[ModelVersion
     loaded, failed = _images_load(images)
     if not loaded:
         return {"embedded": 0, "failed": failed, "duplicates": 0}
-    keypoints_store(loaded)
     duplicates = 0
-    for version in versions:
-        encoded_ids, found = _embed_with(version, loaded)
-        duplicates += found
-        failed += len(loaded) - len(encoded_ids)
-        loaded = [(image, picture) for image, picture in loaded if image.pk in encoded_ids]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="keypoints") as pool:
+        keypoints = _KeypointsAlongside(pool, loaded)
+        for version in versions:
+            encoded_ids, found = _embed_with(version, loaded, keypoints=keypoints)
+            duplicates += found
+            failed += len(loaded) - len(encoded_ids)
+            loaded = [(image, picture) for image, picture in loaded if image.pk in encoded_ids]
     embeddings.images_mark_embedded(image_ids=[image.pk for image, _ in loaded])
     return {"embedded": len(loaded), "failed": failed, "duplicates": duplicates}
 
 
-def _embed_with(version: ModelVersion, loaded: Sequence[tuple[ProductImage, Image.Image]]) -> tuple[set[int], int]:
+class _KeypointsAlongside:
+    """The local features of a batch's images that have none yet: extracted on the pool's thread once started,
+    handed (once) to whichever embedding transaction comes first."""
+
+    def __init__(self, pool: ThreadPoolExecutor, loaded: Sequence[tuple[ProductImage, Image.Image]]) -> None:
+        missing = selectors.images_without_keypoints(image_ids=[image.pk for image, _ in loaded])
+        self._todo = [(image, picture) for image, picture in loaded if image.pk in missing]
+        self._pool = pool
+        self._future: Future[dict[int, tuple[bytes, int]]] | None = None
+        self._taken = False
+
+    def start(self) -> None:
+        if self._future is None:
+            self._future = self._pool.submit(keypoints_extract, self._todo)
+
+    def take(self) -> dict[int, tuple[bytes, int]]:
+        """The extracted features (waiting for them), the first time; nothing after."""
+        if self._taken:
+            return {}
+        self.start()
+        assert self._future is not None
+        packed = self._future.result()
+        self._taken = True
+        return packed
+
+
+def _embed_with(
+    version: ModelVersion,
+    loaded: Sequence[tuple[ProductImage, Image.Image]],
+    *,
+    keypoints: _KeypointsAlongside | None = None,
+) -> tuple[set[int], int]:
     """Encode loaded images with `version` and store their embeddings (codes, fc7, predictions): the ids of the images
-    embedded, and how many duplicates that revealed."""
+    embedded, and how many duplicates that revealed. With `keypoints`, their extraction starts once the network is
+    done and they are saved in the embeddings' transaction."""
     encoder = encoder_of(version)
     encoded = _encode_each_failing_alone(encoder, loaded)
+    if keypoints is not None:
+        keypoints.start()
     rows = [
         embeddings.embedding_row(
             image=image,
@@ -133,7 +174,9 @@ def _embed_with(version: ModelVersion, loaded: Sequence[tuple[ProductImage, Imag
         )
         for image, encoding, index in encoded
     ]
-    duplicates = embeddings.embeddings_record(model_version=version, rows=rows)
+    duplicates = embeddings.embeddings_record(
+        model_version=version, rows=rows, keypoints=keypoints.take if keypoints is not None else None
+    )
     return {image.pk for image, _, _ in encoded}, duplicates
 
 
@@ -168,18 +211,23 @@ def keypoints_store(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> int:
     """Extract and store the local features (catalog.geometry) of those images that have none yet; they depend on
     the image alone, so a re-embedding under a new version reuses them. Returns how many were stored."""
     missing = selectors.images_without_keypoints(image_ids=[image.pk for image, _ in loaded])
+    packed = keypoints_extract([(image, picture) for image, picture in loaded if image.pk in missing])
+    embeddings.keypoints_save(packed=packed)
+    return len(packed)
+
+
+def keypoints_extract(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> dict[int, tuple[bytes, int]]:
+    """The packed local features of each image (image id -> (bytes, count)); no database access, so it can run on
+    another thread. An image they cannot be extracted from is left out (verification is an extra)."""
     packed: dict[int, tuple[bytes, int]] = {}
     for image, picture in loaded:
-        if image.pk not in missing:
-            continue
         try:
             features = geometry.extract(picture)
-        except Exception:  # verification is an extra: an image it cannot read is still embedded (and unverified)
+        except Exception:  # an image it cannot read is still embedded (and unverified)
             logger.exception("could not extract local features of image %s", image.pk)
             continue
         packed[image.pk] = (geometry.pack(features), len(features))
-    embeddings.keypoints_save(packed=packed)
-    return len(packed)
+    return packed
 
 
 def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False, flip: bool = False) -> dict[str, Any]:

@@ -3,19 +3,19 @@ kernel and kept in step with the database through the change log (catalog_indexc
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import faiss
 import numpy as np
 from django.conf import settings
 from django.db import connection
 
+import catalog.hamming.snapshot as snapshot
 from catalog.codes import bitstring_pack, code_sql, version_sql
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
 from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
@@ -37,6 +37,11 @@ KNN_FIRST_FACTOR = 2
 KNN_GROWTH = 8
 KNN_MAX_K = 8_192
 CARD_CHANGE = "card"  # IndexChange.Op.CARD: what a result card shows changed (migration 0012); no code moved
+# A process that has kept its index fresh rewrites the version's snapshot (catalog/hamming/snapshot.py) when the one
+# on disk is older than this, so a restart finds one whose position the change-log prune (a day) has not removed.
+SNAPSHOT_REFRESH_S = 3 * 3600
+SNAPSHOT_CHECK_S = 60.0  # how often a process looks at the snapshot's age (one stat)
+COPY_PARSE_BYTES = 32 << 20  # a load parses the COPY stream this much at a time (bounded extra memory)
 POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k-NN; more are skipped by a bitmap
 
 
@@ -44,7 +49,7 @@ POSTFILTER_MAX_DEAD = 1_000  # up to this many dead rows are dropped after the k
 class _Rows:
     """Growable column arrays of one version's visible embeddings."""
 
-    COLUMNS = ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive", "fc7")
+    COLUMNS: ClassVar[tuple[str, ...]] = ("codes", "embedding_ids", "product_ids", "merchant_ids", "alive", "fc7")
 
     code_bytes: int
     fc7_dim: int = 0  # 0: fc7 not held (settings.SEARCH_FC7_IN_MEMORY off); the fine stage then reads PostgreSQL
@@ -99,6 +104,7 @@ class IndexStats:
     applied_changes: int
     change_id: int  # the highest change applied
     pending_changes: int  # change ids below it that a running transaction may still commit
+    snapshot_loads: int = 0  # full loads read from a snapshot file instead of PostgreSQL (counted in full_loads too)
 
 
 class MemoryCodeIndex:
@@ -125,6 +131,8 @@ class MemoryCodeIndex:
         self._gaps: dict[frozenset[int], set[int]] = {}
         self._last_poll = 0.0
         self._full_loads = 0
+        self._snapshot_loads = 0
+        self._snapshot_checked = 0.0
         self._applied_changes = 0
         # The result cards of the fine stage's winners (cards.py), kept exact by the same change log; cleared when
         # the index reloads (the changes a reload skips are unknown).
@@ -361,6 +369,7 @@ class MemoryCodeIndex:
                 return
             self._last_poll = now
             self._replay_changes()
+            self._snapshot_refresh(now)
 
     def stats(self) -> IndexStats:
         with self._lock:
@@ -374,6 +383,7 @@ class MemoryCodeIndex:
                 applied_changes=self._applied_changes,
                 change_id=self._high,
                 pending_changes=sum(len(ids) for ids in self._gaps.values()),
+                snapshot_loads=self._snapshot_loads,
             )
 
     def clear(self) -> None:
@@ -381,9 +391,20 @@ class MemoryCodeIndex:
             self.__init__()  # type: ignore[misc]
 
     # -- loading ----------------------------------------------------------------------------------------------------
-    def _load(self, *, version_id: int, code_bits: int) -> None:
+    def _load(self, *, version_id: int, code_bits: int, from_snapshot: bool = True) -> None:
+        """The whole version: from this database's snapshot file when it is still current (then the change log is
+        replayed from its position), else from PostgreSQL (then a snapshot is written for the next start)."""
         started = time.perf_counter()
-        code_bytes = (code_bits + 7) // 8
+        fc7_dim = _fc7_dim(version_id) if getattr(settings, "SEARCH_FC7_IN_MEMORY", True) else 0
+        snapshots = getattr(settings, "SEARCH_INDEX_SNAPSHOTS", True)
+        if snapshots and from_snapshot and self._load_snapshot(version_id=version_id, code_bits=code_bits,
+                                                                fc7_dim=fc7_dim):  # fmt: skip
+            logger.info(
+                "coarse index: loaded version %s from its snapshot (%d codes, %.1f MB) and caught up in %.2f s",
+                version_id, self._rows.size if self._rows else 0, self._rows.nbytes / 1e6 if self._rows else 0,
+                time.perf_counter() - started,
+            )  # fmt: skip
+            return
         # One statement, so one snapshot: the newest change, the ids missing below it, and which transactions were
         # running (only those can still commit a missing id; the others' holes are rollbacks).
         with connection.cursor() as cursor:
@@ -394,20 +415,10 @@ class MemoryCodeIndex:
                 " ARRAY(SELECT next FROM (SELECT id, lead(id) OVER (ORDER BY id) AS next FROM catalog_indexchange) t"
                 "  WHERE next > id + 1 ORDER BY id)"
             )
-            latest, snapshot, hole_starts, hole_ends = cursor.fetchone()
-        running = _running_transactions(snapshot)
-        fc7_dim = _fc7_dim(version_id) if getattr(settings, "SEARCH_FC7_IN_MEMORY", True) else 0
-        table = _copy_version_rows(version_id=version_id, code_bits=code_bits, fc7_dim=fc7_dim)
-        rows = _Rows(code_bytes=code_bytes, fc7_dim=fc7_dim)
-        rows.reserve(len(table.embedding_ids))
-        size = len(table.embedding_ids)
-        rows.size = size
-        rows.codes[:size] = table.codes
-        rows.embedding_ids[:size] = table.embedding_ids
-        rows.product_ids[:size] = table.product_ids
-        rows.merchant_ids[:size] = table.merchant_ids
-        rows.fc7[:size] = table.fc7
-        rows.alive[:size] = True
+            latest, position, hole_starts, hole_ends = cursor.fetchone()
+        running = _running_transactions(position)
+        rows = _copy_version_rows(version_id=version_id, code_bits=code_bits, fc7_dim=fc7_dim)
+        size = rows.size
         self._rows = rows
         self._version_id, self._code_bits = version_id, code_bits
         self._dead = 0
@@ -423,6 +434,47 @@ class MemoryCodeIndex:
             "coarse index: loaded version %s (%d codes, %.1f MB) in %.2f s",
             version_id, size, rows.nbytes / 1e6, time.perf_counter() - started,
         )  # fmt: skip
+        if snapshots:
+            self._snapshot_write()
+
+    def _load_snapshot(self, *, version_id: int, code_bits: int, fc7_dim: int) -> bool:
+        """Take the snapshot's rows and change-log position, then replay what changed since, exactly as a process
+        that had slept since then would (a backlog too long or pruned makes that replay load from PostgreSQL)."""
+        stored = snapshot.read(
+            version_id=version_id,
+            code_bits=code_bits,
+            fc7_dim=fc7_dim,
+            new_rows=lambda code_bytes, dim: _Rows(code_bytes=code_bytes, fc7_dim=dim),
+        )
+        if stored is None:
+            return False
+        rows = stored.rows
+        self._rows = rows
+        self._version_id, self._code_bits = version_id, code_bits
+        self._dead = int(rows.size - np.count_nonzero(rows.alive[: rows.size]))
+        self._index_rows()
+        self._high, self._gaps = stored.high, stored.gaps
+        self._full_loads += 1
+        self._snapshot_loads += 1
+        self._last_poll = self._snapshot_checked = time.monotonic()
+        self._replay_changes()
+        return True
+
+    def _snapshot_write(self) -> None:
+        assert self._version_id is not None and self._rows is not None
+        snapshot.write(version_id=self._version_id, code_bits=self._code_bits, rows=self._rows, high=self._high,
+                       gaps=self._gaps)  # fmt: skip
+        self._snapshot_checked = time.monotonic()
+
+    def _snapshot_refresh(self, now: float) -> None:
+        """Rewrite the snapshot when the one on disk has grown old (by any process of this database)."""
+        if not getattr(settings, "SEARCH_INDEX_SNAPSHOTS", True) or now - self._snapshot_checked < SNAPSHOT_CHECK_S:
+            return
+        self._snapshot_checked = now
+        assert self._version_id is not None
+        age = snapshot.age_s(version_id=self._version_id)
+        if age is None or age > SNAPSHOT_REFRESH_S:
+            self._snapshot_write()
 
     def _index_rows(self) -> None:
         rows = self._rows
@@ -453,11 +505,11 @@ class MemoryCodeIndex:
             changes, running = _changes_read("id > %s ORDER BY id LIMIT %s", [self._high, CHANGE_BATCH])
             if changes and int(changes[0][0]) > self._high + 1 and self._pruned_unseen():
                 assert self._version_id is not None
-                self._load(version_id=self._version_id, code_bits=self._code_bits)
+                self._load(version_id=self._version_id, code_bits=self._code_bits, from_snapshot=False)
                 return
             if len(changes) >= CHANGE_BATCH and self._backlog() > RELOAD_BACKLOG:
                 assert self._version_id is not None
-                self._load(version_id=self._version_id, code_bits=self._code_bits)
+                self._load(version_id=self._version_id, code_bits=self._code_bits, from_snapshot=False)
                 return
             late = self._gaps_filled(running=running)
             self._note_gaps(ids=[int(row[0]) for row in changes], running=running)
@@ -625,15 +677,6 @@ def _running_transactions(snapshot: str) -> frozenset[int]:
     return frozenset(xid for xid in running if xid % 2**32 not in other)
 
 
-@dataclass(frozen=True)
-class _VersionTable:
-    embedding_ids: np.ndarray
-    product_ids: np.ndarray
-    merchant_ids: np.ndarray
-    codes: np.ndarray
-    fc7: np.ndarray
-
-
 def _one_thread() -> None:
     """One query runs on one core. faiss's kernels open an OpenMP parallel region per block of 65k codes even for a
     single query; with a second thread that has nothing to do, each region's hand-off cost up to milliseconds on a
@@ -649,9 +692,13 @@ def _fc7_dim(version_id: int) -> int:
     return int(found[0]) if found else 0
 
 
-def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _VersionTable:
-    """All visible embeddings of a version in one binary COPY, parsed by numpy (1M rows with 128-d fc7 in a few
-    seconds); fc7 only when `fc7_dim`."""
+def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Rows:
+    """All visible embeddings of a version in one binary COPY, parsed by numpy a slice at a time straight into the
+    index's arrays (fc7 only when `fc7_dim`).
+
+    The stream is never held whole: COPY_PARSE_BYTES of it at a time are viewed as fixed-size rows and copied into
+    arrays sized once from the version's row count, so the load's peak memory is the index plus one slice (before,
+    the whole stream, a copy of it and per-column copies were held at once: ~4x the index at 1M rows with fc7)."""
     code_bytes = (code_bits + 7) // 8
     sql = (
         f"COPY (SELECT e.id, e.product_id, p.merchant_id, {code_sql('e.code', code_bits)}"
@@ -659,12 +706,6 @@ def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Ver
         "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
         f"WHERE {version_sql('e', version_id)} AND p.active) TO STDOUT (FORMAT BINARY)"
     )
-    buffer = io.BytesIO()
-    connection.ensure_connection()
-    with connection.connection.cursor() as cursor, cursor.copy(sql) as copy:
-        for chunk in copy:
-            buffer.write(chunk)
-    data = buffer.getvalue()
     # Binary COPY: 19-byte header, then per row int16 field count and (int32 length, bytes) per field, then -1.
     row_type = np.dtype(
         [
@@ -678,17 +719,46 @@ def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Ver
               if fc7_dim else []),
         ]
     )  # fmt: skip
-    body = data[19:-2]
-    table = np.frombuffer(body, dtype=row_type, count=len(body) // row_type.itemsize)
-    if fc7_dim and len(table) and (table["fc7_dim"] != fc7_dim).any():
-        raise ValueError(f"version {version_id} has fc7 vectors that are not {fc7_dim}-dimensional")
-    return _VersionTable(
-        embedding_ids=table["id"].astype(np.int64),
-        product_ids=table["product"].astype(np.int64),
-        merchant_ids=table["merchant"].astype(np.int64),
-        codes=np.ascontiguousarray(table["code"]),
-        fc7=table["fc7"].astype(np.float32) if fc7_dim else np.zeros((len(table), 0), np.float32),
-    )
+    expected = {"fields": 5 if fc7_dim else 4, "id_len": 8, "product_len": 8, "merchant_len": 8,
+                "code_len": 4 + code_bytes, "code_bits": code_bits,
+                **({"fc7_len": 4 + 4 * fc7_dim, "fc7_dim": fc7_dim} if fc7_dim else {})}  # fmt: skip
+    rows = _Rows(code_bytes=code_bytes, fc7_dim=fc7_dim)
+    with connection.cursor() as cursor:  # an upper bound (inactive products' rows are not copied): sized once
+        cursor.execute(f"SELECT count(*) FROM catalog_imageembedding e WHERE {version_sql('e', version_id)}")
+        rows.reserve(int(cursor.fetchone()[0]))
+
+    def parse(data: memoryview) -> None:
+        table = np.frombuffer(data, dtype=row_type)
+        for name, value in expected.items():
+            if len(table) and (table[name] != value).any():
+                raise ValueError(f"version {version_id}: a copied row's {name} is not {value}")
+        start, stop = rows.size, rows.size + len(table)
+        rows.reserve(stop)  # (only if rows were added since the count)
+        rows.embedding_ids[start:stop] = table["id"]
+        rows.product_ids[start:stop] = table["product"]
+        rows.merchant_ids[start:stop] = table["merchant"]
+        rows.codes[start:stop] = table["code"]
+        if fc7_dim:
+            rows.fc7[start:stop] = table["fc7"]
+        rows.alive[start:stop] = True
+        rows.size = stop
+
+    pending = bytearray()
+    header = 19
+    slice_bytes = max(1, COPY_PARSE_BYTES // row_type.itemsize) * row_type.itemsize
+    connection.ensure_connection()
+    with connection.connection.cursor() as cursor, cursor.copy(sql) as copy:
+        for chunk in copy:  # (one row per message)
+            pending += chunk
+            if len(pending) >= header + slice_bytes:
+                parse(memoryview(pending)[header : header + slice_bytes])
+                del pending[: header + slice_bytes]
+                header = 0
+    body = memoryview(pending)[header:]
+    if len(body) < 2 or bytes(body[-2:]) != b"\xff\xff" or (len(body) - 2) % row_type.itemsize:
+        raise ValueError(f"version {version_id}: the copied rows do not have the expected layout")
+    parse(body[:-2])
+    return rows
 
 
 def _complete_shell_rows(sorted_distances: np.ndarray) -> int:

@@ -3,7 +3,7 @@ embed workers, and the duplicate report their codes feed (near-identical images 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -125,12 +125,21 @@ def duplicates_find(*, model_version: ModelVersion, image_ids: Sequence[int]) ->
     return DuplicateFinding.objects.filter(model_version=model_version).count() - existing
 
 
-def embeddings_record(*, model_version: ModelVersion, rows: Sequence[ImageEmbedding]) -> int:
+def embeddings_record(
+    *,
+    model_version: ModelVersion,
+    rows: Sequence[ImageEmbedding],
+    keypoints: Callable[[], dict[int, tuple[bytes, int]]] | None = None,
+) -> int:
     """Save a batch of one version's embeddings and record the duplicates they reveal, in one transaction;
-    returns the findings created."""
+    returns the findings created. With `keypoints`, the local features it returns (as `keypoints_save` takes them)
+    are saved in the same transaction; it is called last, so the caller may still be computing them meanwhile."""
     with transaction.atomic():
         embeddings_bulk_save(model_version=model_version, rows=rows)
-        return duplicates_find(model_version=model_version, image_ids=[row.image_id for row in rows])
+        found = duplicates_find(model_version=model_version, image_ids=[row.image_id for row in rows])
+        if keypoints is not None:
+            keypoints_save(packed=keypoints())
+        return found
 
 
 def image_mark_failed(*, image_id: int, error: str) -> None:

@@ -232,3 +232,57 @@ def test_a_rolled_back_change_is_forgotten_once_its_transaction_ends():
         slow.roll_back()
         assert slow.result not in _search_ids(version, bits)
         assert hamming.MEMORY_INDEX.stats().pending_changes == 0
+
+
+def _sql_rows(version) -> dict[int, tuple[int, int, np.ndarray, np.ndarray]]:
+    """What SQL holds for the version's visible embeddings, read as text (no binary parsing involved)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT e.id, e.product_id, p.merchant_id, (e.code::bit({version.code_bits}))::text, e.fc7::text "
+            "FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
+            "WHERE e.model_version_id = %s AND p.active",
+            [version.pk],
+        )
+        return {
+            embedding_id: (product_id, merchant_id, np.packbits(np.array([c == "1" for c in bits])),
+                           np.array(fc7.strip("[]").split(","), np.float32))
+            for embedding_id, product_id, merchant_id, bits, fc7 in cursor.fetchall()
+        }  # fmt: skip
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("code_bits", "fc7_in_memory", "parse_bytes"),
+    [(32, True, 1000), (60, True, 1), (256, False, 700), (256, True, 32 << 20)],
+)
+def test_the_loaded_index_holds_exactly_what_sql_holds(settings, monkeypatch, code_bits, fc7_in_memory, parse_bytes):
+    """The load parses the binary COPY a slice at a time into arrays sized beforehand: with slices of one row, of
+    a few rows (ending mid-stream), and the whole stream, every visible embedding is there once with its product,
+    merchant, code and float32 fc7 as SQL returns them; inactive products' rows and other versions' are not."""
+    settings.SEARCH_FC7_IN_MEMORY = fc7_in_memory
+    monkeypatch.setattr(memory, "COPY_PARSE_BYTES", parse_bytes)
+    version = searchkit.active_version(code_bits=code_bits, fc7_dim=24)
+    other = searchkit.active_version(code_bits=code_bits, fc7_dim=24)  # retires `version`, then written to as well
+    for merchant, seed in ((factories.merchant("one"), 0), (factories.merchant("two"), 1)):
+        searchkit.random_catalog(merchant=merchant, version=version, count=9, seed=seed, images=2)
+        searchkit.random_catalog(merchant=merchant, version=version, count=3, seed=seed + 5, active=False)
+        searchkit.random_catalog(merchant=merchant, version=other, count=2, seed=seed + 9)
+    index = memory.MemoryCodeIndex()
+    index.refresh(version_id=version.pk, code_bits=code_bits)
+
+    expected = _sql_rows(version)
+    rows = index._rows
+    assert rows is not None and rows.size == len(expected) == 36 and index.stats().rows == 36
+    assert rows.codes.dtype == np.uint8 and rows.codes.shape[1] == (code_bits + 7) // 8
+    assert sorted(rows.embedding_ids[: rows.size].tolist()) == sorted(expected)
+    for row in range(rows.size):
+        product_id, merchant_id, code, fc7 = expected[int(rows.embedding_ids[row])]
+        assert (rows.product_ids[row], rows.merchant_ids[row]) == (product_id, merchant_id)
+        assert np.array_equal(rows.codes[row], code)
+        if fc7_in_memory:
+            assert rows.fc7.dtype == np.float32 and np.array_equal(rows.fc7[row], fc7)
+        else:
+            assert rows.fc7.shape[1] == 0
+    assert rows.alive[: rows.size].all()
+    for embedding_id in expected:  # the id lookup built at load finds each row
+        assert rows.embedding_ids[index._row_of(embedding_id)] == embedding_id

@@ -58,3 +58,22 @@ def test_the_fine_stage_and_the_api_floors_are_tabled():
     assert "| 0.400 ms (1.33x) | 0.300 ms | 0.600 ms (1.20x) | 2.50 ms | 5.00 ms | 0.50 ms |" in table
     assert "**1.25x** the floors + intake (14.3 ms: intake 3.0, encode floor 10.0" in table
     assert "1,000,000 codes); stage / floor: encode 1.1x, coarse 1.6x, fine 1.5x." in table
+
+
+def test_the_ingest_ratio_and_the_index_load_are_tabled():
+    table = markdown(
+        {
+            "ingest": {"products": 100, "workers": 1, "images_per_s": 40.0, "images_per_worker_cpu_s": 44.0,
+                       "model_images_per_s": 50.0, "model_images_per_cpu_s": 55.0,
+                       "ingest_per_worker_process_to_model": 0.8, "ingest_per_worker_cpu_s_to_model": 0.88,
+                       "profile_ms_per_image": {"encode_network": 20.0, "keypoints_sift_and_write": 4.5}},
+            "load": {"sizes": [{"products": 1_000_000, "index_mb": 569.0, "load_s": 9.5,
+                                "load_and_write_snapshot_s": 10.2, "snapshot_load_s": 0.61, "rss_before_mb": 121.0,
+                                "rss_after_mb": 700.0, "rss_peak_mb": 740.0, "snapshot_rss_after_mb": 699.0,
+                                "snapshot_rss_peak_mb": 701.0}]},
+        }
+    )  # fmt: skip
+    assert "the model alone, same run (batch 64, one thread): 50.0 images/s (55.0 per CPU second)" in table
+    assert "per worker process = 0.8x and per worker CPU second = 0.88x" in table
+    assert "| | 20.00 | 4.50 |" in table
+    assert "| 1,000,000 products | 569 MB | 9.50 s | 10.20 s | 0.61 s | 121 / 700 / 740 MB | 699 / 701 MB |" in table

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from django.core.files.base import ContentFile
+from PIL import Image
 
 from catalog.models import ImageEmbedding, ProductImage
 from tests import factories
@@ -66,3 +67,39 @@ def test_a_failed_image_is_marked_failed_and_the_rest_of_its_batch_is_embedded(m
     )
     embedded = set(ImageEmbedding.objects.filter(model_version=version).values_list("image_id", flat=True))
     assert embedded == {image.pk for image in good}
+
+
+def test_a_batch_stores_each_images_own_vectors_and_keypoints_whatever_thread_extracted_them(monkeypatch):
+    """The keypoints are extracted on a helper thread while the embeddings are written: each image still gets its
+    own code, fc7 and local features (those of its own working copy), and an image that already has keypoints
+    keeps them."""
+    from catalog import geometry, selectors
+    from catalog.codes import bits_to_bitstring
+    from catalog.models import ImageKeypoints
+
+    version = searchkit.active_version()
+    encoder = ChokingEncoder(version.code_bits, version.fc7_dim)
+    monkeypatch.setattr(pipelines, "encoder_of", lambda _version: encoder)
+    product = factories.product(factories.merchant())
+    images = [factories.image(product, f"img-{n}", color=(20 * n, 40, 255 - 20 * n)) for n in range(7)]
+    ImageKeypoints.objects.create(image=images[3], data=b"kept", features=0)  # stored before: not replaced
+    ids = [image.pk for image in images]
+
+    result = pipelines.images_embed(image_ids=ids)
+
+    assert (result["embedded"], result["failed"]) == (7, 0)
+    order = [image.pk for image in selectors.images_by_id(image_ids=ids)]  # the batch's order, as encoded
+    blank = Image.new("RGB", (1, 1))
+    expected = ChokingEncoder(version.code_bits, version.fc7_dim).encode([blank] * 7)  # depends on the size only
+    stored = {row.image_id: row for row in ImageEmbedding.objects.filter(model_version=version)}
+    for index, image_id in enumerate(order):
+        assert stored[image_id].code == bits_to_bitstring(expected.bits[index])
+        assert np.array_equal(np.asarray(stored[image_id].fc7, np.float32), expected.fc7[index])
+    for image in images:
+        features = ImageKeypoints.objects.get(image=image)
+        if image == images[3]:
+            assert bytes(features.data) == b"kept"
+        else:
+            own = geometry.extract(selectors.image_open(image=image))
+            assert bytes(features.data) == geometry.pack(own) and features.features == len(own)
+    assert set(ProductImage.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"embedded"}

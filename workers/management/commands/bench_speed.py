@@ -12,13 +12,16 @@ markdown table (var/bench/speed.json, speed.md); docs/benchmarks.md says how eac
   decoded at full size, re-encoded; then the query's 512-px copy) and now (`image_query`: the same checks, no
   re-encoded file, a JPEG decoded at reduced scale), interleaved on the same photos: phone JPEGs of 12, 3 and 0.5 MP
   and a PNG cut-out with alpha, next to decoding the file alone (Pillow, full size).
-- **ingest** (`bench_ingest` in a throwaway database, one worker process): images per second per worker core.
+- **ingest** (`bench_ingest` in a throwaway database, one worker process): images per second per worker core, next
+  to the model's own batch throughput measured in the same run, and the per-image cost of each stage.
+- **load** (`bench_index_load`, its own throwaway database): a fresh web process's load of the memory index at
+  100k and 1M products, from PostgreSQL and from the snapshot file, and its memory.
 - **api** (with `--url` of a running server, e.g. `manage.py demo` with its search worker): `POST /api/search`
   latency p50/p95/p99 at concurrency 1 and 8, client-side and the server's own total; with `--merchant-token`, the
   time from adding a product through the merchant API until the search API returns it. Only public routes are used,
   so whatever encode path is the server's default is what is measured.
 
-Sections: `--only search,encode,intake,ingest,api` (default: all; api needs --url). `--reuse-search JSON` and
+Sections: `--only search,encode,intake,ingest,load,api` (default: all; api needs --url). `--reuse-search JSON` and
 `--reuse-ingest JSON` put earlier results in the table instead of measuring again.
 """
 
@@ -40,11 +43,12 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from PIL import Image, ImageDraw
 
+from catalog.dispatch import EMBED_CHUNK
 from catalog.management.bench_database import run_inside_bench_database
 from workers.management.search_load import search_load, warm_up
 from workers.management.search_load import stats as latency_stats
 
-SECTIONS = ("search", "encode", "intake", "ingest", "api")
+SECTIONS = ("search", "encode", "intake", "ingest", "load", "api")
 INGEST_DATABASE = "shop_search_bench_ingest"
 FIT_SAMPLE = 300  # rendered products version 0 is fitted on for the encode section (its cost does not depend on it)
 ENCODE_BATCH = 32
@@ -65,6 +69,7 @@ class Command(BaseCommand):
         parser.add_argument("--checkpoints", default="", help="comma-separated .pt files to time as well")
         parser.add_argument("--intake-repeats", type=int, default=20, help="timed intakes per photo and path")
         parser.add_argument("--ingest-products", type=int, default=1000)
+        parser.add_argument("--load-sizes", default="100000,1000000", help="bench_index_load catalog sizes")
         parser.add_argument(
             "--url", default="", help="a running server for the api section, e.g. http://127.0.0.1:8034"
         )
@@ -104,6 +109,8 @@ class Command(BaseCommand):
             report["intake"] = self._intake(options)
         if "ingest" in only:
             report["ingest"] = self._ingest(options, out.parent)
+        if "load" in only:
+            report["load"] = self._load(out.parent, sizes=options["load_sizes"])
         if "api" in only:
             if not options["url"]:
                 self.stdout.write("api: skipped (no --url)")
@@ -190,6 +197,11 @@ class Command(BaseCommand):
             command="bench_ingest", database=INGEST_DATABASE, inner_flag=False,
             argv=["--products", str(options["ingest_products"]), "--workers", "1", "--json", str(path)],
         )  # fmt: skip
+        return json.loads(path.read_text())
+
+    def _load(self, directory: Path, *, sizes: str) -> dict:
+        path = directory / "index_load.json"
+        call_command("bench_index_load", sizes=sizes, out=path)
         return json.loads(path.read_text())
 
     def _api(self, options: dict) -> dict:
@@ -380,9 +392,43 @@ def markdown(report: dict) -> str:
     if ingest:
         lines += [
             f"Ingest ({ingest['products']:,} products, {ingest['workers']} worker process): "
-            f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second.",
+            f"{ingest['images_per_s']} images/s end to end, {ingest['images_per_worker_cpu_s']} per worker CPU second"
+            + (
+                f"; the model alone, same run (batch {EMBED_CHUNK}, one thread): {ingest['model_images_per_s']} "
+                f"images/s ({ingest.get('model_images_per_cpu_s', '-')} per CPU second), so ingest per worker "
+                f"process = {ingest['ingest_per_worker_process_to_model']}x and per worker CPU second = "
+                f"{ingest['ingest_per_worker_cpu_s_to_model']}x the model's throughput"
+                if "model_images_per_s" in ingest
+                else ""
+            )
+            + ".",
             "",
         ]
+        profile = ingest.get("profile_ms_per_image")
+        if profile:
+            lines += [
+                "| ingest stage (ms per image, one thread) | " + " | ".join(profile) + " |",
+                "|---|" + "---|" * len(profile),
+                "| | " + " | ".join(f"{value:.2f}" for value in profile.values()) + " |",
+                "",
+            ]
+    load = report.get("load")
+    if load:
+        lines += [
+            "| memory index load, a fresh web process (codes + 128-d fc7) | index memory "
+            "| from PostgreSQL (binary COPY) | first load + writing the snapshot "
+            "| from the snapshot + change-log catch-up | process RSS before / after / peak (from PostgreSQL) "
+            "| RSS after / peak (from the snapshot) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for entry in load["sizes"]:
+            lines.append(
+                f"| {entry['products']:,} products | {entry['index_mb']:.0f} MB | {entry['load_s']:.2f} s "
+                f"| {entry['load_and_write_snapshot_s']:.2f} s | {entry['snapshot_load_s']:.2f} s "
+                f"| {entry['rss_before_mb']:.0f} / {entry['rss_after_mb']:.0f} / {entry['rss_peak_mb']:.0f} MB "
+                f"| {entry['snapshot_rss_after_mb']:.0f} / {entry['snapshot_rss_peak_mb']:.0f} MB |"
+            )
+        lines.append("")
     api = report.get("api")
     if api:
         lines += [
