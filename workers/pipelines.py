@@ -208,6 +208,10 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
 
 # --- retraining -----------------------------------------------------------------------------------------------------
 CATALOG_EXPORT_DATASET = "catalog-export"  # what a run's resolved config names as its data
+# Of the products a retrain trains on, this share are rendered ones (workers.ml.datasets.mixed): a shop's catalog has
+# no landmark labels, and without them the landmark branch (and the landmark pooling fc7 is built on) stays
+# untrained. A run's config may choose another share: {"dataset": {"mix_rendered": 0}} trains on the catalog alone.
+RETRAIN_RENDERED_SHARE = 0.25
 
 
 def catalog_export_write(*, directory: Path) -> Path:
@@ -238,6 +242,7 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
     written back onto the run. A run the admin cancels stops between two steps, ends CANCELLED and registers
     nothing (None)."""
     from workers.ml.datasets.catalog_export import CatalogExport
+    from workers.ml.datasets.factory import build_dataset
     from workers.ml.training import TrainConfig, TrainingCancelled, train
 
     run = selectors.training_run_get(run_id=run_id)
@@ -245,19 +250,19 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
     export_dir = work_dir / "catalog"
     try:
         config = TrainConfig.from_overrides(
-            run.config,
-            {"out_dir": str(work_dir), "dataset": {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir)}},
+            run.config, {"out_dir": str(work_dir), "dataset": retrain_dataset(run.config, export_dir)}
         )
         if not training.training_run_begin(run=run, config=config.to_dict()):
             return None  # cancelled while it waited in the queue
         export = CatalogExport(catalog_export_write(directory=export_dir))
         if not len(export):
             raise ValueError("the catalog has no active product with an image to train on")
+        data = build_dataset(config.dataset)  # the catalog, with the rendered products mixed in
         path = train(
             config,
-            records=export,
-            label_space=export.label_space,
-            validate=golden_epoch_validator(export),
+            records=data.records,
+            label_space=data.label_space,
+            validate=golden_epoch_validator(export, data.label_space),
             progress=_progress_saver(run, config),
         )
         encoder = encoder_at(path)
@@ -278,6 +283,13 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
         return None
     version_evaluate_after_training(version=version)
     return version
+
+
+def retrain_dataset(run_config: dict[str, Any], export_dir: Path) -> dict[str, Any]:
+    """The data spec of a retrain (workers.ml.datasets.factory): the exported catalog, with RETRAIN_RENDERED_SHARE
+    rendered products mixed in unless the run chose another `mix_rendered`."""
+    share = (run_config.get("dataset") or {}).get("mix_rendered", RETRAIN_RENDERED_SHARE)
+    return {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir), "mix_rendered": float(share)}
 
 
 def version_evaluate_after_training(*, version: ModelVersion) -> None:
@@ -437,8 +449,12 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
             }
         )
     calibration = match_calibration(scored)
+    landmarks = version_landmarks(version=version)
     numbers = {
         **golden_numbers(outcomes),
+        # the landmark branch on held-out rendered views (a shop's catalog has no landmarks to measure it on)
+        **({"landmark_pck": landmarks["pck"]} if landmarks else {}),
+        "landmarks": landmarks,
         # the calibration's reliability, shown with the version's numbers (absent: too few results to measure it)
         **({"calibration_ece": calibration["ece"]} if calibration.get("ece") is not None else {}),
         "by_source": _grouped(outcomes, "source"),
@@ -456,6 +472,17 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     }
     golden.version_golden_record(version_id=version.pk, numbers=numbers)
     return numbers
+
+
+def version_landmarks(*, version: ModelVersion) -> dict[str, Any] | None:
+    """PCK@0.1 of the item box's diagonal of the version's landmark branch on held-out rendered products
+    (workers.ml.evaluation.landmark_report); None for a version without one (version 0, a catalog-only retrain)."""
+    if version.kind != ModelVersion.Kind.FASHIONNET:
+        return None
+    from workers.ml.datasets.factory import landmark_heldout_views
+    from workers.ml.evaluation import landmark_report
+
+    return landmark_report(encoder_of(version), landmark_heldout_views())
 
 
 def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:
@@ -535,11 +562,12 @@ def _grouped(outcomes: Sequence[dict[str, Any]], key: str) -> dict[str, dict[str
     }
 
 
-def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
+def golden_epoch_validator(export: Sequence[Any], label_space: Any = None) -> Callable[..., dict]:
     """train()'s per-epoch check: held-out shopper views (the golden set's seed and strength) of a sample of the
     catalog being trained on, searched in memory among the products' main photos (workers.ml.evaluation's cascade
     on the network as it is after the epoch). An indication while training; the numbers a switch is decided on come
-    from version_evaluate_golden through the real cascade once the version is registered."""
+    from version_evaluate_golden through the real cascade once the version is registered. `label_space`: the
+    network's, when it is wider than the export's (rendered products mixed in: the export's names come first)."""
     from workers.ml.evaluation import retrieval_validator
     from workers.ml.heldout_queries import heldout_query
     from workers.ml.records import Record
@@ -564,7 +592,7 @@ def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
             strength=GOLDEN_HELDOUT_STRENGTH,
         )
         queries.append(Record(image=photo, instance_id=record.instance_id, category=record.category))
-    return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
+    return retrieval_validator(gallery, queries, label_space or export.label_space)  # type: ignore[attr-defined]
 
 
 CALIBRATION_BINS = 10  # equal-count bins of the expected calibration error
