@@ -479,10 +479,14 @@ def version_landmarks(*, version: ModelVersion) -> dict[str, Any] | None:
     (workers.ml.evaluation.landmark_report); None for a version without one (version 0, a catalog-only retrain)."""
     if version.kind != ModelVersion.Kind.FASHIONNET:
         return None
+    from workers.ml.datasets import render
     from workers.ml.datasets.factory import landmark_heldout_views
     from workers.ml.evaluation import landmark_report
 
-    return landmark_report(encoder_of(version), landmark_heldout_views())
+    encoder = encoder_of(version)
+    if encoder.label_space.num_landmarks != render.LABEL_SPACE.num_landmarks:
+        return None  # no landmark branch, or another layout than the renders' (nothing to compare it with)
+    return landmark_report(encoder, landmark_heldout_views())
 
 
 def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:

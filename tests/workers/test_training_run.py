@@ -15,6 +15,7 @@ from tests import factories
 from tests.waiting import wait_until
 from tests.workers import celery_process
 from workers import pipelines
+from workers.ml.datasets.factory import LANDMARK_HELDOUT_PRODUCTS, LANDMARK_HELDOUT_VIEWS
 from workers.ml.model import FashionNetConfig
 from workers.ml.training import TrainConfig
 
@@ -106,6 +107,9 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert run.config == version.config["training"]
     assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs
     assert run.config["dataset"]["name"] == "catalog-export"
+    # rendered products mixed into the catalog teach the landmark branch, which the catalog has no labels for
+    assert run.config["dataset"]["mix_rendered"] == pipelines.RETRAIN_RENDERED_SHARE > 0
+    assert all(m["landmarks"] > 0 and m["visibility"] > 0 for m in run.epoch_metrics)
     # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
     onnx_path = Path(version.checkpoint).with_suffix(".onnx")
     assert onnx_path.exists() and version.config["path"] == str(onnx_path)
@@ -114,6 +118,9 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     numbers = golden.version_golden(_version(run))
     assert numbers is not None, version.metrics
     assert numbers["queries"] == DEFAULT_RUN_PRODUCTS and 0.0 <= numbers["r1"] <= numbers["r10"] <= 1.0
+    # and its landmark branch on held-out rendered products, beside the golden numbers
+    assert 0.0 <= numbers["landmark_pck"] <= 1.0
+    assert numbers["landmarks"]["images"] == LANDMARK_HELDOUT_PRODUCTS * LANDMARK_HELDOUT_VIEWS
 
 
 def _version(run: TrainingRun) -> ModelVersion:
