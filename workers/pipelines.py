@@ -485,7 +485,7 @@ def version_landmarks(*, version: ModelVersion) -> dict[str, Any] | None:
 
     encoder = encoder_of(version)
     if encoder.label_space.num_landmarks != render.LABEL_SPACE.num_landmarks:
-        return None  # no landmark branch, or another layout than the renders' (nothing to compare it with)
+        return None  # no landmark branch, or another layout than the renders' (before drawing them)
     return landmark_report(encoder, landmark_heldout_views())
 
 

@@ -18,7 +18,7 @@ from workers.ml.encoder import Encoder
 from workers.ml.evaluation import landmark_report
 from workers.ml.losses import MultiTaskLoss
 from workers.ml.model import FashionNet
-from workers.ml.records import LabelSpace
+from workers.ml.records import LabelSpace, Record
 from workers.ml.training import TrainConfig, build_model_config, epoch_loader, preprocessing_for, train
 
 SHOP_PRODUCTS = 12
@@ -166,3 +166,5 @@ def test_landmark_report_on_held_out_renders():
     without = tiny_config(num_landmarks=0, num_categories=len(space.categories), num_attributes=0)
     no_branch = Encoder.from_model(FashionNet(without), label_space=space, preprocessing=preprocessing_for(without))
     assert landmark_report(no_branch, views) is None
+    with pytest.raises(ValueError, match="landmarks and visibility"):
+        landmark_report(encoder, [Record(views[0].image)])

@@ -188,16 +188,20 @@ def landmark_report(encoder, records: Sequence[Record], *, threshold: float = PC
     """PCK@threshold of the item box's diagonal (the usual normalisation: a landmark's tolerance grows with the
     item, not the photo) on Records with landmarks and a normalised box in extra["bbox"]; None when the encoder's
     network has no landmark head of that layout."""
-    encoding = encoder.encode([r.image for r in records])
-    points = records[0].landmarks.shape[0] if records and records[0].landmarks is not None else 0
-    if encoding.landmarks is None or not points or encoding.landmarks.shape[1] != points:
+    targets = [r.landmarks for r in records if r.landmarks is not None]
+    visibilities = [r.visibility for r in records if r.visibility is not None]
+    if not records or len(targets) != len(records) or len(visibilities) != len(records):
+        raise ValueError("landmark_report needs records with landmarks and visibility")
+    if encoder.label_space.num_landmarks != len(targets[0]):
         return None
-    visibility = np.stack([r.visibility for r in records])
+    encoding = encoder.encode([r.image for r in records])
+    if encoding.landmarks is None:
+        return None
+    visibility = np.stack(visibilities)
     boxes = np.array([r.extra["bbox"] for r in records], np.float64)
     diagonal = np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    targets = np.stack([r.landmarks for r in records])
     return {
-        "pck": landmark_pck(encoding.landmarks, targets, visibility, threshold, scale=diagonal),
+        "pck": landmark_pck(encoding.landmarks, np.stack(targets), visibility, threshold, scale=diagonal),
         "threshold": threshold,
         "normalised_by": "item box diagonal",
         "images": len(records),

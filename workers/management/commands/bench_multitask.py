@@ -7,8 +7,9 @@ first retrain of a shop) on the retrain's data spec (`pipelines.retrain_dataset`
 - landmark PCK@0.1 of the item box's diagonal on held-out rendered products (`factory.landmark_heldout_views`:
   a seed range no training, demo or benchmark catalog uses), against the same network before training (its
   landmark branch untrained, pooling wherever that points);
-- the last epoch's golden check (`pipelines.golden_epoch_validator`: held-out shopper views of 200 of the shop's
-  products, R@1 among its main photos), so mixing is seen not to cost the shop's own retrieval;
+- the golden check (`pipelines.golden_epoch_validator`: held-out shopper views of 200 of the shop's products, R@1
+  among its main photos), so mixing is seen not to cost the shop's own retrieval;
+- both after every epoch too (`per_epoch`);
 - training time.
 No database: the catalog is exported straight from the sample shop's generator.
 """
@@ -85,16 +86,18 @@ class Command(BaseCommand):
             FashionNet(model_config), label_space=data.label_space, preprocessing=preprocessing_for(model_config)
         )
         before = landmark_report(untrained, views)
+        golden = pipelines.golden_epoch_validator(export, data.label_space)
+
+        def validate(model, prep) -> dict:  # after every epoch: the shop's golden check and the landmark PCK
+            report = landmark_report(Encoder.from_model(model, label_space=data.label_space, preprocessing=prep), views)
+            return {**golden(model, prep), "landmark_pck": report["pck"] if report else None}
+
         started = time.perf_counter()
-        path = train(
-            config,
-            records=data.records,
-            label_space=data.label_space,
-            validate=pipelines.golden_epoch_validator(export, data.label_space),
-        )
+        path = train(config, records=data.records, label_space=data.label_space, validate=validate)
         seconds = time.perf_counter() - started
         after = landmark_report(Encoder.load(path), views)
-        last = read_metrics(config.out_dir)[-1]
+        epochs = read_metrics(config.out_dir)
+        last = epochs[-1]
         return {
             "mix_rendered": config.dataset["mix_rendered"],
             "records": len(data.records),
@@ -106,6 +109,10 @@ class Command(BaseCommand):
             "golden_r1_cascade": last.get("validation", {}).get("cascade"),
             "golden_r1_fc7": last.get("validation", {}).get("fc7"),
             "last_epoch_losses": {k: round(v, 4) for k, v in last.items() if k in ("loss", "landmarks", "triplet")},
+            "per_epoch": [
+                {"epoch": m["epoch"], **{k: m["validation"].get(k) for k in ("landmark_pck", "cascade", "fc7")}}
+                for m in epochs
+            ],
         }
 
     def _table(self, results: list[dict]) -> None:
