@@ -135,3 +135,9 @@ def test_a_failed_run_says_why(settings, tmp_path):
         pipelines.training_run_execute(run_id=run.pk)
     run.refresh_from_db()
     assert run.state == TrainingRun.State.FAILED and "no active product" in run.log
+
+
+def test_a_run_mixes_rendered_products_into_the_catalog_unless_it_chooses_otherwise(tmp_path):
+    default = pipelines.retrain_dataset({}, tmp_path)
+    assert default == {"name": "catalog-export", "directory": str(tmp_path), "mix_rendered": 0.25}
+    assert pipelines.retrain_dataset({"dataset": {"mix_rendered": 0}}, tmp_path)["mix_rendered"] == 0.0
