@@ -286,6 +286,10 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
 
 # --- retraining -----------------------------------------------------------------------------------------------------
 CATALOG_EXPORT_DATASET = "catalog-export"  # what a run's resolved config names as its data
+# Of the products a retrain trains on, this share are rendered ones (workers.ml.datasets.mixed): a shop's catalog has
+# no landmark labels, and without them the landmark branch (and the landmark pooling fc7 is built on) stays
+# untrained. A run's config may choose another share: {"dataset": {"mix_rendered": 0}} trains on the catalog alone.
+RETRAIN_RENDERED_SHARE = 0.25
 
 
 def catalog_export_write(*, directory: Path) -> Path:
@@ -321,6 +325,7 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
     written back onto the run. A run the admin cancels stops between two steps, ends CANCELLED and registers
     nothing (None)."""
     from workers.ml.datasets.catalog_export import CatalogExport
+    from workers.ml.datasets.factory import build_dataset
     from workers.ml.training import TrainConfig, TrainingCancelled, train
 
     run = selectors.training_run_get(run_id=run_id)
@@ -328,19 +333,19 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
     export_dir = work_dir / "catalog"
     try:
         config = TrainConfig.from_overrides(
-            run.config,
-            {"out_dir": str(work_dir), "dataset": {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir)}},
+            run.config, {"out_dir": str(work_dir), "dataset": retrain_dataset(run.config, export_dir)}
         )
         if not training.training_run_begin(run=run, config=config.to_dict()):
             return None  # cancelled while it waited in the queue
         export = CatalogExport(catalog_export_write(directory=export_dir))
         if not len(export):
             raise ValueError("the catalog has no active product with an image to train on")
+        data = build_dataset(config.dataset)  # the catalog, with the rendered products mixed in
         path = train(
             config,
-            records=export,
-            label_space=export.label_space,
-            validate=golden_epoch_validator(export),
+            records=data.records,
+            label_space=data.label_space,
+            validate=golden_epoch_validator(export, data.label_space),
             progress=_progress_saver(run, config),
         )
         encoder = encoder_at(path)
@@ -366,6 +371,13 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
         return None
     version_evaluate_after_training(version=version)
     return version
+
+
+def retrain_dataset(run_config: dict[str, Any], export_dir: Path) -> dict[str, Any]:
+    """The data spec of a retrain (workers.ml.datasets.factory): the exported catalog, with RETRAIN_RENDERED_SHARE
+    rendered products mixed in unless the run chose another `mix_rendered`."""
+    share = (run_config.get("dataset") or {}).get("mix_rendered", RETRAIN_RENDERED_SHARE)
+    return {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir), "mix_rendered": float(share)}
 
 
 def version_evaluate_after_training(*, version: ModelVersion) -> None:
@@ -529,8 +541,12 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
             }
         )
     calibration = match_calibration(scored)
+    landmarks = version_landmarks(version=version)
     numbers = {
         **golden_numbers(outcomes),
+        # the landmark branch on held-out rendered views (a shop's catalog has no landmarks to measure it on)
+        **({"landmark_pck": landmarks["pck"]} if landmarks else {}),
+        "landmarks": landmarks,
         # the calibration's reliability, shown with the version's numbers (absent: too few results to measure it)
         **({"calibration_ece": calibration["ece"]} if calibration.get("ece") is not None else {}),
         "by_source": _grouped(outcomes, "source"),
@@ -549,6 +565,21 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     }
     golden.version_golden_record(version_id=version.pk, numbers=numbers)
     return numbers
+
+
+def version_landmarks(*, version: ModelVersion) -> dict[str, Any] | None:
+    """PCK@0.1 of the item box's diagonal of the version's landmark branch on held-out rendered products
+    (workers.ml.evaluation.landmark_report); None for a version without one (version 0, a catalog-only retrain)."""
+    if version.kind != ModelVersion.Kind.FASHIONNET:
+        return None
+    from workers.ml.datasets import render
+    from workers.ml.datasets.factory import landmark_heldout_views
+    from workers.ml.evaluation import landmark_report
+
+    encoder = encoder_of(version)
+    if encoder.label_space.num_landmarks != render.LABEL_SPACE.num_landmarks:
+        return None  # no landmark branch, or another layout than the renders' (before drawing them)
+    return landmark_report(encoder, landmark_heldout_views())
 
 
 def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:
@@ -639,16 +670,17 @@ def golden_split(product_key: str) -> str:
     return GOLDEN_SPLITS[zlib.crc32(product_key.encode()) % 2]
 
 
-def golden_epoch_validator(export: Sequence[Any]) -> Callable[..., dict]:
+def golden_epoch_validator(export: Sequence[Any], label_space: Any = None) -> Callable[..., dict]:
     """train()'s per-epoch check, on which a run chooses its checkpoint: held-out shopper views (the golden set's
     seed and strength) of the validation part's products of the catalog being trained on, searched in memory among
     the products' main photos (workers.ml.evaluation's cascade on the network as it is after the epoch). The numbers
     a switch is decided on come from version_evaluate_golden through the real cascade once the version is
-    registered."""
+    registered. `label_space`: the network's, when it is wider than the export's (rendered products mixed in: the
+    export's names come first)."""
     from workers.ml.evaluation import retrieval_validator
 
     gallery, queries = golden_epoch_sets(export)["validation"]
-    return retrieval_validator(gallery, queries, export.label_space)  # type: ignore[attr-defined]
+    return retrieval_validator(gallery, queries, label_space or export.label_space)  # type: ignore[attr-defined]
 
 
 def golden_epoch_sets(export: Sequence[Any]) -> dict[str, tuple[list[Any], list[Any]]]:

@@ -36,6 +36,7 @@ GOLDEN_NUMBERS = (  # (key, label, format) of a version's golden-set numbers, as
     ("encode_ms_p50", "encode ms p50", "{:.1f}"),
     ("encode_ms_p95", "encode ms p95", "{:.1f}"),
     ("calibration_ece", "calibration ECE", "{:.3f}"),  # of the "same product" confidence
+    ("landmark_pck", "landmark PCK@0.1 (held-out renders)", "{:.1%}"),  # the landmark branch, where there is one
 )
 
 

@@ -37,7 +37,9 @@ def versions() -> tuple[ModelVersion, ModelVersion]:
     overlap = {"against": "v0", "against_id": active.pk, "queries": 40, "overlap10": 0.625, "same_top1": 0.55}
     candidate = golden.version_golden_record(
         version_id=candidate.pk,
-        numbers=_numbers(0.35, {"dress": (120, 0.40, 0.75), "shoe": (80, 0.275, 0.65)}, recent_overlap=overlap),
+        numbers=_numbers(
+            0.35, {"dress": (120, 0.40, 0.75), "shoe": (80, 0.275, 0.65)}, recent_overlap=overlap, landmark_pck=0.413
+        ),
     )
     return candidate, active
 
@@ -76,6 +78,7 @@ def test_the_compare_page_shows_both_versions_per_category_and_the_overlap_to_st
     assert "62.5%" in page and "55.0%" in page and "40 recent shopper searches" in page  # the overlap
     assert "35.0%" in page and "30.0%" in page  # the overall golden numbers side by side
     assert "calibration ECE" in page and "0.018" in page  # the reliability of the "same product" confidence
+    assert "landmark PCK@0.1 (held-out renders)" in page and "41.3%" in page  # the candidate's landmark branch
     listing = staff.get("/admin/catalog/modelversion/").content.decode()
     assert url in listing
     assert staff.get("/admin/catalog/modelversion/999999/compare/").status_code == 403

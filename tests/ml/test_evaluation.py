@@ -71,6 +71,9 @@ def test_head_metrics():
     target = np.array([[[0.55, 0.5], [1.0, 1.0]], [[0.3, 0.1], [0.9, 0.9]]])
     visibility = np.array([[1, 0], [1, 1]])
     assert landmark_pck(predicted, target, visibility) == pytest.approx(2 / 3)
+    # normalised per image (its item box's diagonal): the second image's 0.2 error is within 0.1 of a 2.5 diagonal
+    assert landmark_pck(predicted, target, visibility, scale=np.array([1.0, 2.5])) == pytest.approx(1.0)
+    assert landmark_pck(predicted, target, visibility, scale=np.array([0.25, 1.0])) == pytest.approx(1 / 3)
     assert category_accuracy(np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]), [0, 0, -1]) == 0.5
     result = attribute_metrics(np.array([[0.9, 0.2], [0.1, 0.7]]), np.array([[1, 0], [0, 1]]))
     assert result["accuracy"] == 1.0 and result["mAP"] == 1.0

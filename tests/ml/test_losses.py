@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from tests.ml.ml_helpers import LABELS, random_records, tiny_config
@@ -112,3 +114,21 @@ def test_infonce_prefers_matching_instances_and_ignores_unknown():
     instance = torch.tensor([0, 0, 1, 1])
     assert infonce_loss(matched, instance) < infonce_loss(crossed, instance)
     assert infonce_loss(matched, torch.tensor([-1, -1, -1, -1])).item() == 0.0
+
+
+def test_attributes_outside_a_samples_vocabulary_are_not_taught():
+    """NaN marks an attribute the record's source does not label (a shop's catalog mixed with rendered products)."""
+    records = random_records(2)
+    records[0].attributes = np.array([1.0, np.nan, 0.0], np.float32)
+    batch = _batch(records)
+    assert batch["attributes_mask"].tolist() == [[True, False, True], [True, True, True]]
+    assert torch.isfinite(batch["attributes"]).all()
+    logits = torch.zeros(2, 3, requires_grad=True)
+    loss = attribute_loss(logits, batch["attributes"], batch["attributes_mask"])
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 1] == 0 and (grad[0, [0, 2]] != 0).all() and (grad[1] != 0).all()
+    # the mean over the labelled pairs: the NaN pair neither counts nor dilutes
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.zeros(5), torch.tensor([1.0, 0.0, *batch["attributes"][1].tolist()])
+    )
+    assert loss.item() == pytest.approx(expected.item())

@@ -15,6 +15,7 @@ from tests import factories
 from tests.waiting import wait_until
 from tests.workers import celery_process
 from workers import pipelines
+from workers.ml.datasets.factory import LANDMARK_HELDOUT_PRODUCTS, LANDMARK_HELDOUT_VIEWS
 from workers.ml.training import START_EPOCH, TrainConfig
 
 # A tiny network (timm's test model, random init, 32 px): the flow is under test here, not the accuracy.
@@ -111,6 +112,9 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert run.config == version.config["training"]
     assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs
     assert run.config["dataset"]["name"] == "catalog-export"
+    # rendered products mixed into the catalog teach the landmark branch, which the catalog has no labels for
+    assert run.config["dataset"]["mix_rendered"] == pipelines.RETRAIN_RENDERED_SHARE > 0
+    assert all(m["landmarks"] > 0 and m["visibility"] > 0 for m in run.epoch_metrics[1:])  # after the start row
     # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
     onnx_path = Path(version.checkpoint).with_suffix(".onnx")
     assert onnx_path.exists() and version.config["path"] == str(onnx_path)
@@ -119,6 +123,9 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     numbers = golden.version_golden(_version(run))
     assert numbers is not None, version.metrics
     assert numbers["queries"] == DEFAULT_RUN_PRODUCTS and 0.0 <= numbers["r1"] <= numbers["r10"] <= 1.0
+    # and its landmark branch on held-out rendered products, beside the golden numbers
+    assert 0.0 <= numbers["landmark_pck"] <= 1.0
+    assert numbers["landmarks"]["images"] == LANDMARK_HELDOUT_PRODUCTS * LANDMARK_HELDOUT_VIEWS
 
 
 def _version(run: TrainingRun) -> ModelVersion:
@@ -133,3 +140,9 @@ def test_a_failed_run_says_why(settings, tmp_path):
         pipelines.training_run_execute(run_id=run.pk)
     run.refresh_from_db()
     assert run.state == TrainingRun.State.FAILED and "no active product" in run.log
+
+
+def test_a_run_mixes_rendered_products_into_the_catalog_unless_it_chooses_otherwise(tmp_path):
+    default = pipelines.retrain_dataset({}, tmp_path)
+    assert default == {"name": "catalog-export", "directory": str(tmp_path), "mix_rendered": 0.25}
+    assert pipelines.retrain_dataset({"dataset": {"mix_rendered": 0}}, tmp_path)["mix_rendered"] == 0.0

@@ -166,14 +166,47 @@ def _cascade(
 
 
 def landmark_pck(
-    predicted: np.ndarray, target: np.ndarray, visibility: np.ndarray, threshold: float = PCK_THRESHOLD
+    predicted: np.ndarray,
+    target: np.ndarray,
+    visibility: np.ndarray,
+    threshold: float = PCK_THRESHOLD,
+    scale: np.ndarray | None = None,
 ) -> float:
-    """Fraction of visible landmarks predicted within `threshold` (normalised image coordinates)."""
+    """Fraction of visible landmarks predicted within `threshold` x `scale` (normalised image coordinates):
+    predicted/target (N, K, 2), visibility (N, K); `scale` (N,) per image, e.g. its item box's diagonal, or 1
+    (the image side)."""
     visible = np.asarray(visibility) > 0.5
     if not visible.any():
         return float("nan")
     error = np.linalg.norm(np.asarray(predicted) - np.asarray(target), axis=-1)
+    if scale is not None:
+        error = error / np.asarray(scale, np.float64).reshape(-1, *([1] * (error.ndim - 1)))
     return float((error[visible] <= threshold).mean())
+
+
+def landmark_report(encoder, records: Sequence[Record], *, threshold: float = PCK_THRESHOLD) -> dict | None:
+    """PCK@threshold of the item box's diagonal (the usual normalisation: a landmark's tolerance grows with the
+    item, not the photo) on Records with landmarks and a normalised box in extra["bbox"]; None when the encoder's
+    network has no landmark head of that layout."""
+    targets = [r.landmarks for r in records if r.landmarks is not None]
+    visibilities = [r.visibility for r in records if r.visibility is not None]
+    if not records or len(targets) != len(records) or len(visibilities) != len(records):
+        raise ValueError("landmark_report needs records with landmarks and visibility")
+    if encoder.label_space.num_landmarks != len(targets[0]):
+        return None
+    encoding = encoder.encode([r.image for r in records])
+    if encoding.landmarks is None:
+        return None
+    visibility = np.stack(visibilities)
+    boxes = np.array([r.extra["bbox"] for r in records], np.float64)
+    diagonal = np.hypot(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return {
+        "pck": landmark_pck(encoding.landmarks, np.stack(targets), visibility, threshold, scale=diagonal),
+        "threshold": threshold,
+        "normalised_by": "item box diagonal",
+        "images": len(records),
+        "landmarks": int((visibility > 0.5).sum()),
+    }
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:

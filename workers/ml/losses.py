@@ -84,9 +84,14 @@ def attribute_pos_weight(frequency: torch.Tensor) -> torch.Tensor:
 def attribute_loss(
     logits: torch.Tensor, attributes: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None = None
 ) -> torch.Tensor:
+    """Weighted BCE averaged over the labelled (sample, attribute) pairs. `mask` is (N, A), or (N,) for "all of
+    this sample's attributes are labelled"."""
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(1).expand_as(logits)
     if not mask.any():
         return _zero(logits)
-    return F.binary_cross_entropy_with_logits(logits[mask], attributes[mask], pos_weight=pos_weight)
+    per_label = F.binary_cross_entropy_with_logits(logits, attributes, pos_weight=pos_weight, reduction="none")
+    return per_label[mask].mean()
 
 
 def _pairwise_distances(x: torch.Tensor) -> torch.Tensor:

@@ -355,7 +355,11 @@ def _attribute_frequency(
     rows = [a for a in (records[int(i)].attributes for i in chosen) if a is not None]
     if not rows:
         return None
-    return torch.as_tensor(np.mean(rows, axis=0), dtype=torch.float32)
+    # NaN: not labelled on that record (mixed vocabularies); an attribute no sampled record labels weighs 1
+    labelled = np.stack(rows)
+    known = ~np.isnan(labelled)
+    frequency = np.where(known, labelled, 0.0).sum(axis=0) / np.maximum(known.sum(axis=0), 1)
+    return torch.as_tensor(np.where(known.any(axis=0), frequency, 0.5), dtype=torch.float32)
 
 
 def _optimizer(model: FashionNet, config: TrainConfig) -> torch.optim.Optimizer:
@@ -406,19 +410,18 @@ def _first_epoch(run: _Run) -> int:
 
 
 def _load_initial_weights(model: FashionNet, path: str) -> None:
-    """A FashionNet checkpoint's weights; with another code length, everything up to fc7 and a fresh hash layer."""
+    """A FashionNet checkpoint's weights. The backbone must fit exactly; a head that does not (another code length,
+    a shop whose categories or attributes changed, a landmark branch the checkpoint lacks and the fc7 layer that
+    then takes a wider input) starts fresh."""
     initial = load_checkpoint(path)
     if initial["kind"] != "fashionnet":
         raise ValueError(f"init_checkpoint must be a fashionnet checkpoint, not {initial['kind']!r}")
-    weights = dict(initial["state_dict"])
-    fresh: set[str] = set()
-    if weights["hash.weight"].shape != model.hash.weight.shape:
-        fresh = {"hash.weight", "hash.bias"}
-        for key in fresh:
-            del weights[key]
+    own = model.state_dict()
+    weights = {k: v for k, v in initial["state_dict"].items() if k not in own or v.shape == own[k].shape}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or set(missing) != fresh:
-        raise ValueError(f"init_checkpoint does not fit: missing {missing}, unexpected {unexpected}")
+    misfits = [key for key in [*missing, *unexpected] if key.startswith("backbone.")]
+    if misfits:
+        raise ValueError(f"init_checkpoint does not fit: backbone {misfits[:5]}")
 
 
 def _run_epoch(run: _Run, epoch: int, progress: Callable[[dict], None] | None) -> dict:

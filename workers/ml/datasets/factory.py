@@ -12,6 +12,8 @@ disjoint seed ranges. DeepFashion (data the user brings, under `root`): the benc
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from workers.ml.augment import shopper_view
 from workers.ml.datasets import fashion_mnist, render
 from workers.ml.datasets.catalog_export import CatalogExport
 from workers.ml.datasets.deepfashion import DeepFashionCategoryAttribute, DeepFashionInShop
+from workers.ml.datasets.mixed import MixedRecords
 from workers.ml.evaluation import retrieval_validator
 from workers.ml.records import LabelSpace, Record
 
@@ -41,6 +44,8 @@ EVALUATION_QUERY_SEED = 2024  # fixed: every model version is measured on the sa
 QUERY_STRENGTH = "query"  # the harsher shopper photos; per-epoch validation uses these
 RENDER_CACHE_LIMIT = 20000  # renders are pre-drawn once (15 ms each) and kept in memory, ~50 kB apiece
 RENDER_VALIDATION_OFFSET = 5_000_000  # validation products: inside the training seed range, past any run's count
+LANDMARK_HELDOUT_PRODUCTS = 100  # rendered products whose landmarks a version is measured on: ~1,200 visible points
+LANDMARK_HELDOUT_VIEWS = 2  # the canonical studio photo and one in another pose and backdrop
 
 
 class TrainingData(NamedTuple):
@@ -69,7 +74,9 @@ def build_dataset(spec: dict) -> TrainingData:
     is the user's: it cannot be downloaded here); `crop_to_bbox` for In-shop; Category-Attribute validates
     on its "val" split.
     catalog-export: a shop's exported catalog in `directory` (what the admin's retraining trains on), every
-    photo of a product one view of it; no validation.
+    photo of a product one view of it; no validation. `mix_rendered` (0 when absent: the export alone) is the
+    share of the training products that are rendered ones mixed in (datasets.mixed), `rendered_views` catalog
+    photos each: they carry the landmarks, visibility and attributes a shop's catalog lacks.
     """
     name = spec["name"]
     if name == "fashion-mnist":
@@ -104,8 +111,24 @@ def build_dataset(spec: dict) -> TrainingData:
         if not spec.get("directory"):
             raise ValueError("catalog-export needs the export's folder (dataset.directory)")
         export = CatalogExport(spec["directory"])
-        return TrainingData(export, export.label_space, None)
+        share = float(spec.get("mix_rendered", 0.0))
+        if not share:
+            return TrainingData(export, export.label_space, None)
+        rendered = PreRendered(
+            render.RenderedProducts(
+                rendered_products_to_mix(len(export.products), share), int(spec.get("rendered_views", 2))
+            )
+        )
+        mixed = MixedRecords([(export, export.label_space), (rendered, render.LABEL_SPACE)])
+        return TrainingData(mixed, mixed.label_space, None)
     raise ValueError(f"unknown training dataset {name!r} ({' | '.join(TRAINING_DATASETS)})")
+
+
+def rendered_products_to_mix(products: int, share: float) -> int:
+    """How many rendered products make up `share` of the products trained on, beside `products` of a shop's."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"mix_rendered is a share of the products trained on, in [0, 1): got {share}")
+    return math.ceil(products * share / (1.0 - share))
 
 
 def _validator(catalog: Sequence[Record], label_space: LabelSpace) -> Callable:
@@ -192,6 +215,17 @@ def evaluation_sets(
     else:
         raise ValueError(f"unknown evaluation dataset {name!r} ({' | '.join(EVALUATION_DATASETS)})")
     return EvaluationSets(catalog, shopper_queries(catalog, num_queries, seed=seed, strength=strength), label_space)
+
+
+@functools.cache
+def landmark_heldout_views(
+    products: int = LANDMARK_HELDOUT_PRODUCTS, views: int = LANDMARK_HELDOUT_VIEWS
+) -> tuple[Record, ...]:
+    """Rendered catalog photos, with landmarks, visibility and the item's box, of products from a seed range that
+    no training run, demo shop, evaluation or benchmark catalog draws from: where a version's landmark branch is
+    measured (workers.ml.evaluation.landmark_report). Drawn once per process (a few seconds)."""
+    rendered = render.RenderedProducts(products, views, first_seed=render.LANDMARK_HELDOUT_FIRST_SEED)
+    return tuple(rendered[i] for i in range(len(rendered)))
 
 
 def shopper_queries(catalog: Sequence[Record], num_queries: int, *, seed: int, strength: str) -> list[Record]:

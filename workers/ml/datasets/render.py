@@ -32,6 +32,8 @@ SUPERSAMPLE = 2  # draw at 2x and downsample: PIL polygons are not antialiased
 ITEM_FILL = 0.78  # the item's longer side in the canonical view, as a fraction of the image
 TRAIN_FIRST_SEED = 0  # renderer splits are disjoint seed ranges, so evaluation products are never trained on
 EVAL_FIRST_SEED = 10_000_000
+# Held-out landmark views (the PCK a shop retrain reports): past the demo (20M), benchmark (30M-49M) catalogs' ranges
+LANDMARK_HELDOUT_FIRST_SEED = 60_000_000
 
 CATEGORIES: tuple[str, ...] = ("top", "shirt", "dress", "coat", "trousers", "shorts", "skirt", "shoe", "bag")
 COLOURS: dict[str, tuple[int, int, int]] = {
