@@ -6,7 +6,7 @@ map's background level are the object (LEVEL); each connected region of them is 
 mass above the mean. A photo of two products on a table gives two boxes, the stronger first.
 
     boxes = item_boxes(activation_map, letterbox)           # what Encoder.encode attaches to each image
-    encoding, boxes = encode_with_item(encoder, photo, weight=0.5)   # the whole photo and its best box, fused
+    encoding, boxes, fused = encode_with_item(encoder, photo, weight=0.5)   # the photo and its best box, mixed
 
 Fusion: the photo is encoded again cropped to its best box (the item at the network's full input resolution instead
 of a few dozen of its pixels), and the two are mixed before anything is compared: fc7 as the normalised weighted
@@ -89,7 +89,8 @@ def item_boxes(activation: np.ndarray, letterbox: Letterbox, *, max_boxes: int =
         ys, xs = np.nonzero(labels == labels[y, x])
         boxes.append(
             ItemBox(
-                xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height,
+                float(xs.min() / width), float(ys.min() / height),
+                float((xs.max() + 1) / width), float((ys.max() + 1) / height),
                 round((peak - floor) / (top - floor), 4),
             )  # fmt: skip
         )
@@ -131,16 +132,18 @@ def crop_to(image: Image.Image, box: ItemBox) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
-def encode_with_item(encoder: Encoder, image: Image.Image, *, weight: float) -> tuple[Encoding, list[ItemBox]]:
-    """One photo's Encoding (one row) and its item boxes. With `weight` > 0 and a best box that is not the whole
-    photo, the photo cropped to that box is encoded too and mixed in with this weight (0: the whole photo alone,
-    1: the box alone)."""
+def encode_with_item(
+    encoder: Encoder, image: Image.Image, *, weight: float
+) -> tuple[Encoding, list[ItemBox], bool]:
+    """One photo's Encoding (one row), its item boxes, and whether the encoding is fused. With `weight` > 0 and a
+    best box that is not the whole photo, the photo cropped to that box is encoded too and mixed in with this weight
+    (0: the whole photo alone, 1: the box alone)."""
     whole = encoder.encode([image], boxes=True)
     boxes = list(whole.item_boxes[0]) if whole.item_boxes else []
     if weight <= 0 or not boxes or boxes[0].area >= FUSE_MAX_AREA:
-        return whole, boxes
+        return whole, boxes, False
     item = encoder.encode([crop_to(image, boxes[0])])
-    return fuse(whole, item, weight=weight), boxes
+    return fuse(whole, item, weight=weight), boxes, True
 
 
 def fuse(whole: Encoding, item: Encoding, *, weight: float) -> Encoding:
