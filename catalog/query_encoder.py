@@ -109,7 +109,9 @@ def _keypoint_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, int(settings.SEARCH_MAX_CONCURRENT)), thread_name_prefix="keypoints")
 
 
-def _encode_by_worker(*, image: Image.Image, version: ModelVersion, keypoints: bool, item_weight: float) -> EncodedQuery:
+def _encode_by_worker(
+    *, image: Image.Image, version: ModelVersion, keypoints: bool, item_weight: float
+) -> EncodedQuery:
     started = time.perf_counter()
     try:
         query = dispatch.encode_query(

@@ -114,7 +114,7 @@ def query_encoding(
         fc7=np.asarray(encoding.fc7[0], np.float32),
         category_probs=category_probs,
         keypoints=keypoints,
-        item_boxes=[[*box.as_list(), round(box.score, 4)] for box in item_boxes],
+        item_boxes=[box.as_row() for box in item_boxes],
         item_fused=item_fused,
         **predictions(encoding, 0, label_space),
     )

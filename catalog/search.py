@@ -45,6 +45,7 @@ from catalog.intake.images import image_query
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
 from catalog.services import golden
+from inference.localise import ItemBox
 
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
@@ -208,7 +209,8 @@ def search_photo(
     )
     encoding = encoded.encoding
     if box is not None:  # the boxes found in the crop, as fractions of the whole photo the page shows
-        encoding = dataclasses.replace(encoding, item_boxes=[_within(item, box) for item in encoding.item_boxes])
+        found = [ItemBox(*item).within(box).as_row() for item in encoding.item_boxes]
+        encoding = dataclasses.replace(encoding, item_boxes=found)
     result = search_encoding(encoding=encoding, version=version, options=options)
     timings = {
         "intake": _ms(intake_done - started),
@@ -359,14 +361,6 @@ def item_fusion_weight(options: SearchOptions) -> float:
     if options.item_fusion is not None:
         return options.item_fusion
     return float(getattr(settings, "SEARCH_ITEM_FUSION", DEFAULT_ITEM_FUSION))
-
-
-def _within(item: list[float], box: tuple[float, float, float, float]) -> list[float]:
-    """An item box [x0, y0, x1, y1, score] found in the shopper's crop `box`, as fractions of the whole photo."""
-    ox0, oy0, ox1, oy1 = box
-    w, h = ox1 - ox0, oy1 - oy0
-    x0, y0, x1, y1, score = item
-    return [round(ox0 + x0 * w, 4), round(oy0 + y0 * h, 4), round(ox0 + x1 * w, 4), round(oy0 + y1 * h, 4), score]
 
 
 def expansion_count(options: SearchOptions) -> int:

@@ -1,9 +1,11 @@
 """Where the item is in a photo, from the network's own activation map, and a query encoded with its item.
 
-No weights of its own and no torch: every exported version also returns the channel sum of its last feature maps
-(`activation_map`, SCDA: Wei et al., "Selective Convolutional Descriptor Aggregation", TIP 2017). Cells well above the
-map's background level are the object (LEVEL); each connected region of them is an item, boxed and scored by its share of the map's
-mass above the mean. A photo of two products on a table gives two boxes, the stronger first.
+No weights of its own and no torch: every exported version also returns the channel mean of its last feature maps
+(`activation_map`, SCDA: Wei et al., "Selective Convolutional Descriptor Aggregation", TIP 2017), high where an
+object is. Each summit of the map is an item, boxed where the map stays above LEVEL of the way from the background to
+that summit, and scored by its height relative to the highest. A photo of two products on a table, apart, gives two
+boxes, the stronger first; at 7 x 7 cells (224 px), items closer than about a cell (a seventh of the photo's longer
+side) merge into one box, and the boxes are coarse (about a cell on each side).
 
     boxes = item_boxes(activation_map, letterbox)           # what Encoder.encode attaches to each image
     encoding, boxes, fused = encode_with_item(encoder, photo, weight=0.5)   # the photo and its best box, mixed
@@ -60,6 +62,10 @@ class ItemBox:
     def as_list(self) -> list[float]:
         return [round(self.x0, 4), round(self.y0, 4), round(self.x1, 4), round(self.y1, 4)]
 
+    def as_row(self) -> list[float]:
+        """[x0, y0, x1, y1, score]: how a QueryEncoding (and a worker's JSON answer) carries it."""
+        return [*self.as_list(), round(self.score, 4)]
+
     def within(self, outer: tuple[float, float, float, float]) -> ItemBox:
         """This box (fractions of a crop) as fractions of the photo the crop `outer` was cut from."""
         ox0, oy0, ox1, oy1 = outer
@@ -89,8 +95,10 @@ def item_boxes(activation: np.ndarray, letterbox: Letterbox, *, max_boxes: int =
         ys, xs = np.nonzero(labels == labels[y, x])
         boxes.append(
             ItemBox(
-                float(xs.min() / width), float(ys.min() / height),
-                float((xs.max() + 1) / width), float((ys.max() + 1) / height),
+                float(xs.min() / width),
+                float(ys.min() / height),
+                float((xs.max() + 1) / width),
+                float((ys.max() + 1) / height),
                 round((peak - floor) / (top - floor), 4),
             )  # fmt: skip
         )
@@ -132,9 +140,7 @@ def crop_to(image: Image.Image, box: ItemBox) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
-def encode_with_item(
-    encoder: Encoder, image: Image.Image, *, weight: float
-) -> tuple[Encoding, list[ItemBox], bool]:
+def encode_with_item(encoder: Encoder, image: Image.Image, *, weight: float) -> tuple[Encoding, list[ItemBox], bool]:
     """One photo's Encoding (one row), its item boxes, and whether the encoding is fused. With `weight` > 0 and a
     best box that is not the whole photo, the photo cropped to that box is encoded too and mixed in with this weight
     (0: the whole photo alone, 1: the box alone)."""

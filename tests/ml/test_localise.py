@@ -54,7 +54,7 @@ def test_boxes_are_fractions_of_the_photo_not_of_the_letterboxed_square():
     activation += _blob((0.75, 0.5))  # the right-hand item, vertically in the middle of the photo
     (box,) = item_boxes(activation, wide)
     assert box.x0 > 0.5 and box.y0 < 0.5 < box.y1
-    assert 0 <= box.y0 and box.y1 <= 1
+    assert box.y0 >= 0 and box.y1 <= 1
     assert box.within((0.5, 0.0, 1.0, 1.0)).x0 == pytest.approx(0.5 + box.x0 / 2)
 
 
@@ -111,7 +111,12 @@ def test_the_fused_query_mixes_the_whole_photo_and_its_best_box(version_zero):
     mixed, same_boxes, fused = encode_with_item(version_zero, photo, weight=0.5)
     assert fused and same_boxes == boxes
     crop = photo.crop(
-        (int(boxes[0].x0 * 640), int(boxes[0].y0 * 480), int(np.ceil(boxes[0].x1 * 640)), int(np.ceil(boxes[0].y1 * 480)))
+        (
+            int(boxes[0].x0 * 640),
+            int(boxes[0].y0 * 480),
+            int(np.ceil(boxes[0].x1 * 640)),
+            int(np.ceil(boxes[0].y1 * 480)),
+        )
     )
     item = version_zero.encode([crop])
     expected = whole.fc7 + item.fc7

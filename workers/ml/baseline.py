@@ -211,7 +211,8 @@ class BaselineNetwork(nn.Module):
         heads = {"hash_logits": features @ self.hash_projection, "fc7": fc7}
         if self.class_means is not None:
             heads["category_probs"] = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1)
-        # SCDA (Wei et al., TIP 2017): the channel mean (SCDA: sum) of the last feature maps is high where the object is; the
-        # item boxes of a query photo are read from it (inference.localise), at no cost beyond this sum.
+        # SCDA (Wei et al., TIP 2017): the channel mean (SCDA sums; the mean keeps float32 exact enough for the
+        # export check) of the last feature maps is high where the object is; the item boxes of a query photo are
+        # read from it (inference.localise), at no cost beyond this mean.
         heads["activation_map"] = maps.mean(dim=1)
         return heads

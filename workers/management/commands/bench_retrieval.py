@@ -80,7 +80,8 @@ class Command(BaseCommand):
             "--variants",
             default="{}",
             help="other search recipes measured on the same catalog and photos, as JSON name -> SearchOptions fields "
-            '(and "flip": true for the query-side mirror average; "item_fusion": w re-encodes with the item box), e.g. \'{"qe3": {"expansion": 3}}\'',
+            '(and "flip": true for the query-side mirror average; "item_fusion": w re-encodes the photo with its best '
+            'item box), e.g. \'{"qe3": {"expansion": 3}}\'',
         )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
