@@ -124,6 +124,12 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            # what the page sends as `box` with each search (read back below)
+            page.add_init_script(
+                "window.sentBoxes = []; const send = window.fetch; window.fetch = (url, options) => {"
+                " if (options && options.body instanceof FormData) window.sentBoxes.push(options.body.get('box'));"
+                " return send(url, options); };"
+            )
             page.goto(live_server.url + "/")
             expect(page.locator("h1")).to_have_text("shop_search")
             page.set_input_files("#image-input", str(photo_path))
@@ -162,9 +168,14 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
             assert drawn["x"] < centre_x < drawn["x"] + drawn["width"], (drawn, photo_rect)
             assert drawn["y"] < centre_y < drawn["y"] + drawn["height"], (drawn, photo_rect)
             assert drawn["width"] < 0.9 * photo_rect["width"]  # the item, not the whole photo
-            with page.expect_request(lambda request: request.url.endswith("/api/search")) as sent:
+            suggested = page.locator("#item-choices button").first.get_attribute("title")
+            with page.expect_response(lambda response: response.url.endswith("/api/search")):
                 page.locator("#item-choices button").first.click()
-            assert 'name="box"' in (sent.value.post_data or "")
+            # the item's box went with the photo (Chromium does not hand Playwright a multipart body with a file)
+            sent = page.evaluate("window.sentBoxes[window.sentBoxes.length - 1]")
+            assert sent and [round(float(v), 2) for v in sent.split(",")] == [
+                float(v) for v in suggested[suggested.index("(") + 1 : suggested.index(")")].split(", ")
+            ], (sent, suggested)
             expect(page.locator("#crop-box")).to_be_visible()
             expect(page.locator("#item-box")).to_be_hidden()
             expect(page.locator("#item-choices button").first).to_have_class("item-choice chosen")
