@@ -126,12 +126,15 @@ def evaluate_version(*, version_id: int) -> None:
     _send_after_commit(EVALUATE_VERSION, version_id)
 
 
-def encode_query(*, photo: bytes, version_id: int, keypoints: bool = False) -> query_payload.QueryEncoding:
+def encode_query(
+    *, photo: bytes, version_id: int, keypoints: bool = False, item_weight: float = 0.0
+) -> query_payload.QueryEncoding:
     """Encode a validated query photo in a worker on the `search` queue and wait for it (the shopper is waiting);
-    with `keypoints`, the worker also returns the photo's local features (geometric verification).
+    with `keypoints`, the worker also returns the photo's local features (geometric verification); with
+    `item_weight`, the encoding mixes in the photo's best item box (inference.localise.encode_with_item).
 
     Raises TimeoutError when no worker answered within QUERY_ENCODE_TIMEOUT_S."""
-    result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id, keypoints)
+    result = _send(ENCODE_QUERY, query_payload.photo_to_message(photo), version_id, keypoints, item_weight)
     try:
         message = result.get(timeout=QUERY_ENCODE_TIMEOUT_S)
     except CeleryTimeout as exc:

@@ -33,6 +33,7 @@ from catalog import dispatch, geometry, query_payload, selectors
 from catalog.intake.images import image_downscale
 from catalog.models import ModelVersion
 from inference.encoder import Encoder
+from inference.localise import encode_with_item
 from inference.onnx_runtime import OnnxNetwork
 
 logger = logging.getLogger(__name__)
@@ -63,25 +64,34 @@ def query_image(image: Image.Image) -> Image.Image:
     return image_downscale(image, QUERY_MAX_SIDE)
 
 
-def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool = False) -> EncodedQuery:
-    """Encode the (query_image) photo with the version's network; with `keypoints`, also its packed local features.
+def query_encode(
+    *, image: Image.Image, version: ModelVersion, keypoints: bool = False, item_weight: float = 0.0
+) -> EncodedQuery:
+    """Encode the (query_image) photo with the version's network, with its item boxes; with `keypoints`, also its
+    packed local features; with `item_weight` > 0, the encoding mixes the whole photo with the photo cropped to its
+    best item box (inference.localise.encode_with_item: a second pass of the network).
 
     Raises EncoderUnavailable when the worker path is taken and no worker answered."""
     choice = str(getattr(settings, "SEARCH_ENCODER", DEFAULT_ENCODER))
     encoder = encoder_for(version) if choice == "inprocess" else None
     if encoder is None:
-        return _encode_by_worker(image=image, version=version, keypoints=keypoints)
+        return _encode_by_worker(image=image, version=version, keypoints=keypoints, item_weight=item_weight)
     started = time.perf_counter()
     # SIFT takes about as long as version 0's network (bench_encode): it runs on a pool thread meanwhile (OpenCV and
     # ONNX Runtime both release the GIL), so a shopper on a quiet machine waits for the slower of the two.
     extraction = _keypoint_pool().submit(_keypoints, image) if keypoints else None
-    encoding = encoder.encode([image])
+    encoding, boxes, fused = encode_with_item(encoder, image, weight=item_weight)
     timings = {"encode": _ms(time.perf_counter() - started)}
     packed = None
     if extraction is not None:
         packed, timings["keypoints"] = extraction.result()
     query = query_payload.query_encoding(
-        encoding, label_space=encoder.label_space, model_version_id=version.pk, keypoints=packed
+        encoding,
+        label_space=encoder.label_space,
+        model_version_id=version.pk,
+        keypoints=packed,
+        item_boxes=boxes,
+        item_fused=fused,
     )
     return EncodedQuery(encoding=query, encoder="inprocess", timings_ms=timings)
 
@@ -99,10 +109,14 @@ def _keypoint_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, int(settings.SEARCH_MAX_CONCURRENT)), thread_name_prefix="keypoints")
 
 
-def _encode_by_worker(*, image: Image.Image, version: ModelVersion, keypoints: bool) -> EncodedQuery:
+def _encode_by_worker(
+    *, image: Image.Image, version: ModelVersion, keypoints: bool, item_weight: float
+) -> EncodedQuery:
     started = time.perf_counter()
     try:
-        query = dispatch.encode_query(photo=query_payload.photo_jpeg(image), version_id=version.pk, keypoints=keypoints)
+        query = dispatch.encode_query(
+            photo=query_payload.photo_jpeg(image), version_id=version.pk, keypoints=keypoints, item_weight=item_weight
+        )
     except TimeoutError as exc:
         raise EncoderUnavailable(str(exc)) from exc
     return EncodedQuery(encoding=query, encoder="worker", timings_ms={"encode": _ms(time.perf_counter() - started)})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from catalog.codes import bitstring_pack, packed_bitstring
 if TYPE_CHECKING:
     from inference.checkpoint import LabelSpace
     from inference.encoder import Encoding
+    from inference.localise import ItemBox
 
 ATTRIBUTE_REPORT_THRESHOLD = 0.5  # predicted attributes kept on an embedding (independent sigmoids)
 CATEGORY_TOP = 5  # category probabilities returned with a query encoding
@@ -60,6 +62,10 @@ class QueryEncoding:
     attributes: dict[str, float] = field(default_factory=dict)
     landmarks: list[list[float]] = field(default_factory=list)  # [[x, y, visibility], ...] in [0, 1]
     keypoints: bytes | None = None  # catalog.geometry.pack()ed local features; None when not extracted
+    # Where the items are in the photo (inference.localise): [x0, y0, x1, y1, score] in fractions of the photo, best
+    # first; empty when the version's export has no activation map
+    item_boxes: list[list[float]] = field(default_factory=list)
+    item_fused: bool = False  # the encoding mixes the whole photo with its best item box (SEARCH_ITEM_FUSION)
 
 
 def predictions(encoding: Encoding, index: int, label_space: LabelSpace) -> dict[str, Any]:
@@ -88,9 +94,16 @@ def predictions(encoding: Encoding, index: int, label_space: LabelSpace) -> dict
 
 
 def query_encoding(
-    encoding: Encoding, *, label_space: LabelSpace, model_version_id: int, keypoints: bytes | None = None
+    encoding: Encoding,
+    *,
+    label_space: LabelSpace,
+    model_version_id: int,
+    keypoints: bytes | None = None,
+    item_boxes: Sequence[ItemBox] = (),
+    item_fused: bool = False,
 ) -> QueryEncoding:
-    """The first image of an Encoding as the search's query (`keypoints`: its packed local features, if any)."""
+    """The first image of an Encoding as the search's query (`keypoints`: its packed local features, if any;
+    `item_boxes`: where its items are, inference.localise.encode_with_item)."""
     category_probs = {}
     if encoding.category_probs is not None and label_space.categories:
         order = np.argsort(-encoding.category_probs[0])[:CATEGORY_TOP]
@@ -101,6 +114,8 @@ def query_encoding(
         fc7=np.asarray(encoding.fc7[0], np.float32),
         category_probs=category_probs,
         keypoints=keypoints,
+        item_boxes=[box.as_row() for box in item_boxes],
+        item_fused=item_fused,
         **predictions(encoding, 0, label_space),
     )
 
@@ -117,6 +132,8 @@ def encoding_to_message(query: QueryEncoding) -> dict[str, Any]:
         "landmarks": [list(point) for point in query.landmarks],
         "category_probs": dict(query.category_probs),
         "keypoints": None if query.keypoints is None else base64.b64encode(query.keypoints).decode("ascii"),
+        "item_boxes": [list(box) for box in query.item_boxes],
+        "item_fused": query.item_fused,
     }
 
 
@@ -131,4 +148,6 @@ def encoding_from_message(message: dict[str, Any]) -> QueryEncoding:
         attributes=dict(message.get("attributes") or {}),
         landmarks=[list(point) for point in message.get("landmarks") or []],
         keypoints=base64.b64decode(message["keypoints"]) if message.get("keypoints") else None,
+        item_boxes=[[float(v) for v in box] for box in message.get("item_boxes") or []],
+        item_fused=bool(message.get("item_fused")),
     )

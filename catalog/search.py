@@ -48,6 +48,7 @@ from catalog.intake.images import image_query
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
 from catalog.query_payload import QueryEncoding
 from catalog.services import golden
+from inference.localise import ItemBox
 
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
@@ -74,6 +75,10 @@ CATEGORY_MODES = ("off", "boost", "restrict")
 # A shopper can still ask for "boost" or "restrict".
 DEFAULT_CATEGORY_MODE = "off"
 MAX_EXPANSION = 20  # query expansion averages at most this many neighbours: beyond, they are mostly other products
+# Item fusion (SearchOptions.item_fusion, settings.SEARCH_ITEM_FUSION). On the validation split (docs/benchmarks.md,
+# "Item boxes": 1,000 products, two seeds, 400 photos) weight 0.5 took R@1 / R@10 from 0.350 / 0.513 to 0.368 / 0.553,
+# at twice the network's time; off until the test split and the real-photo set confirm it.
+DEFAULT_ITEM_FUSION = 0.0
 SQL_FOR_SELECTIVE_FILTERS = "sql"  # where a starved filtered query goes: it filters inside the coarse stage
 DEFAULT_BACKEND = "memory"  # bench_search: ~10x faster than the HNSW walk at 1M; settings.SEARCH_COARSE_BACKEND wins
 
@@ -99,6 +104,9 @@ class SearchOptions:
     # exponent; None = settings.SEARCH_QUERY_EXPANSION / SEARCH_QUERY_EXPANSION_ALPHA.
     expansion: int | None = None
     expansion_alpha: float | None = None
+    # Item fusion (inference.localise): the photo cropped to its best item box is encoded too and mixed in with this
+    # weight (0 = the whole photo alone); None = settings.SEARCH_ITEM_FUSION. Not applied to a shopper's own box.
+    item_fusion: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= MAX_K:
@@ -109,6 +117,8 @@ class SearchOptions:
             raise ValueError(f"expansion must be between 0 and {MAX_EXPANSION}")
         if self.expansion_alpha is not None and not 0 <= self.expansion_alpha <= 100:
             raise ValueError("expansion_alpha must be between 0 and 100")
+        if self.item_fusion is not None and not 0 <= self.item_fusion <= 1:
+            raise ValueError("item_fusion must be between 0 and 1")
 
 
 # --- outputs -------------------------------------------------------------------------------------------------------
@@ -203,10 +213,20 @@ def search_photo(
         raise
     image = decoding.result()
     intake_done = time.perf_counter()
-    encoding = _overlap_pool().submit(query_encode, image=image, version=version, keypoints=verify_enabled(options))
+    encoding_future = _overlap_pool().submit(
+        query_encode,
+        image=image,
+        version=version,
+        keypoints=verify_enabled(options),
+        item_weight=0.0 if box is not None else item_fusion_weight(options),  # the shopper's own box is the item
+    )
     polled = _poll_index(version=version, options=options)
-    encoded = encoding.result()
-    result = search_encoding(encoding=encoded.encoding, version=version, options=options, index_polled=polled)
+    encoded = encoding_future.result()
+    encoding = encoded.encoding
+    if box is not None:  # the boxes found in the crop, as fractions of the whole photo the page shows
+        found = [ItemBox(*item).within(box).as_row() for item in encoding.item_boxes]
+        encoding = dataclasses.replace(encoding, item_boxes=found)
+    result = search_encoding(encoding=encoding, version=version, options=options, index_polled=polled)
     timings = {
         "intake": _ms(intake_done - started),
         **encoded.timings_ms,
@@ -277,11 +297,13 @@ def version_serving() -> ModelVersion:
     return version
 
 
-def query_encode(*, image: Image.Image, version: ModelVersion, keypoints: bool = False) -> query_encoder.EncodedQuery:
+def query_encode(
+    *, image: Image.Image, version: ModelVersion, keypoints: bool = False, item_weight: float = 0.0
+) -> query_encoder.EncodedQuery:
     """Encode the query photo: in this process on ONNX Runtime, or by a worker on the `search` queue
     (settings.SEARCH_ENCODER; catalog.query_encoder). Never with torch: web processes do not load it."""
     try:
-        return query_encoder.query_encode(image=image, version=version, keypoints=keypoints)
+        return query_encoder.query_encode(image=image, version=version, keypoints=keypoints, item_weight=item_weight)
     except query_encoder.EncoderUnavailable as exc:
         raise SearchUnavailable(str(exc)) from exc
 
@@ -382,6 +404,13 @@ def search_encoding(
         timings_ms=timings,
         candidate_ids=candidates.embedding_ids,
     )
+
+
+def item_fusion_weight(options: SearchOptions) -> float:
+    """How much of the best item box's encoding is mixed into a photo's (0: none)."""
+    if options.item_fusion is not None:
+        return options.item_fusion
+    return float(getattr(settings, "SEARCH_ITEM_FUSION", DEFAULT_ITEM_FUSION))
 
 
 def expansion_count(options: SearchOptions) -> int:

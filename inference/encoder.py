@@ -21,11 +21,14 @@ import numpy as np
 from PIL import Image
 
 from inference.checkpoint import LabelSpace
+from inference.localise import ItemBox, item_boxes
 from inference.preprocess import Letterbox, Preprocessing, preprocess_batch
 
 DEFAULT_BATCH_SIZE = 64  # large enough to amortise per-call overhead, small enough to stay in cache
 # Every head an Encoding carries, in this order; a model without a head (no landmarks, say) lacks that one.
-HEAD_NAMES = ("hash_logits", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility")
+HEAD_NAMES = (
+    "hash_logits", "fc7", "category_probs", "attribute_probs", "landmarks", "visibility", "activation_map",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,10 @@ class Encoding:
     attribute_probs: np.ndarray | None  # (N, A) float32, independent sigmoids
     landmarks: np.ndarray | None  # (N, K, 2) float32, x/y in [0, 1] of the *original* image
     visibility: np.ndarray | None  # (N, K) float32 probabilities
+    hash_logits: np.ndarray | None = None  # (N, B) float32: the projections whose signs are the bits (for fusion)
+    # Per image, its item boxes, best first (inference.localise, from the activation map); None: the export has no
+    # activation map (made before maps were exported)
+    item_boxes: tuple[tuple[ItemBox, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.bits)
@@ -57,7 +64,7 @@ def network_result(heads: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]
     A bit is set where the sigmoid activation exceeds 0.5, i.e. where the logit is positive; comparing the logit
     is exact, while a float32 sigmoid rounds logits within ~1e-7 of zero to exactly 0.5.
     """
-    return {"bits": heads["hash_logits"] > 0, **{name: heads.get(name) for name in HEAD_NAMES[1:]}}
+    return {"bits": heads["hash_logits"] > 0, **{name: heads.get(name) for name in HEAD_NAMES}}
 
 
 def pack_bits(bits: np.ndarray) -> np.ndarray:
@@ -124,26 +131,40 @@ class Encoder:
         }
 
     def encode(
-        self, images: Sequence[Image.Image], batch_size: int = DEFAULT_BATCH_SIZE, *, flip: bool = False
+        self,
+        images: Sequence[Image.Image],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        *,
+        flip: bool = False,
+        boxes: bool = False,
     ) -> Encoding:
         """Encode PIL images (any mode, any size) into one Encoding, in input order. With `flip` (a query-side
         option), each image's fc7 is the normalised mean of its own and its mirror image's; the other heads are the
-        image's own."""
+        image's own. With `boxes`, each image's item boxes (inference.localise) where the network has an activation
+        map (a query photo's; a catalog's embedding does not need them)."""
         if flip:
             mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-            both = self.encode([*images, *mirrored], batch_size=batch_size)
+            both = self.encode([*images, *mirrored], batch_size=batch_size, boxes=boxes)
             own = {name: None if value is None else value[: len(images)] for name, value in vars(both).items()}
+            # (the mirror images' boxes are dropped with their rows: each image keeps its own)
             mean = both.fc7[: len(images)] + both.fc7[len(images) :]
             mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
             return Encoding(**{**own, "fc7": mean.astype(np.float32)})
         parts: list[dict[str, np.ndarray | None]] = []
+        found: list[tuple[ItemBox, ...]] = []
+        has_maps = False
         with self._lock:
             for start in range(0, len(images), batch_size):
                 chunk = images[start : start + batch_size]
-                batch, boxes = preprocess_batch(chunk, self.preprocessing)
+                batch, letterboxes = preprocess_batch(chunk, self.preprocessing)
                 result = self._network(batch)
                 if result["landmarks"] is not None:
-                    result["landmarks"] = _landmarks_to_original(result["landmarks"], boxes)
+                    result["landmarks"] = _landmarks_to_original(result["landmarks"], letterboxes)
+                maps = result.pop("activation_map", None)
+                if boxes and maps is not None:
+                    # a tuple of per-image box lists is no array: kept apart from the heads concatenated below
+                    found.extend(tuple(item_boxes(m, box)) for m, box in zip(maps, letterboxes))
+                    has_maps = True
                 parts.append(result)
         if not parts:
             return self._empty()
@@ -160,6 +181,8 @@ class Encoder:
             attribute_probs=_float32(merged["attribute_probs"]),
             landmarks=_float32(merged["landmarks"]),
             visibility=_float32(merged["visibility"]),
+            hash_logits=_float32(merged["hash_logits"]),
+            item_boxes=tuple(found) if has_maps else None,
         )
 
     def _empty(self) -> Encoding:

@@ -22,7 +22,8 @@ from inference.encoder import network_result
 INPUT_NAME = "images"
 METADATA_KEY = "shop_search.checkpoint"
 SOURCE_KEY = "shop_search.source"  # which checkpoint file (size, mtime) and export code made this graph
-EXPORT_FORMAT = 1  # bump when the graph's inputs or outputs change: older exports are then made again
+# bump when the graph's inputs or outputs change: older exports are then made again (2: the activation map)
+EXPORT_FORMAT = 2
 
 
 def checkpoint_source(checkpoint_path: Path) -> dict:

@@ -200,6 +200,8 @@ SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))
 # did not win on the validation split; docs/benchmarks.md).
 SEARCH_QUERY_EXPANSION = int(os.environ.get("SEARCH_QUERY_EXPANSION", "0"))
 SEARCH_QUERY_EXPANSION_ALPHA = float(os.environ.get("SEARCH_QUERY_EXPANSION_ALPHA", "3"))
+# The photo's best item box encoded too and mixed in with this weight (0 = off; catalog.search.item_fusion_weight)
+SEARCH_ITEM_FUSION = float(os.environ.get("SEARCH_ITEM_FUSION", "0"))
 # The recent-query sample the compare page runs a candidate version on (only where a shop allows it): the share of
 # shoppers' searches whose photo is kept, and how many are kept at most (the oldest go first).
 RECENT_QUERY_SAMPLE_RATE = float(os.environ.get("RECENT_QUERY_SAMPLE_RATE", "0.1"))

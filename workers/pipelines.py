@@ -26,6 +26,7 @@ from PIL import Image
 from catalog import geometry, query_payload, selectors
 from catalog.models import ModelVersion, ProductImage, TrainingRun
 from catalog.services import embeddings, model_versions, training
+from inference.localise import encode_with_item
 
 if TYPE_CHECKING:
     from catalog.query_payload import QueryEncoding
@@ -230,18 +231,30 @@ def keypoints_extract(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> dic
     return packed
 
 
-def query_encode(*, photo_message: str, version_id: int, keypoints: bool = False, flip: bool = False) -> dict[str, Any]:
-    """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back. With
-    `keypoints`, also the photo's packed local features (catalog.geometry) for the search's verify stage; with
-    `flip`, fc7 averaged with the mirror image's (Encoder.encode; measured by bench_retrieval --variants)."""
+def query_encode(
+    *, photo_message: str, version_id: int, keypoints: bool = False, flip: bool = False, item_weight: float = 0.0
+) -> dict[str, Any]:
+    """Encode one validated query photo (as catalog.query_payload sent it); plain JSON for the trip back, with the
+    photo's item boxes. With `keypoints`, also the photo's packed local features (catalog.geometry) for the search's
+    verify stage; with `flip`, fc7 averaged with the mirror image's (Encoder.encode; measured by bench_retrieval
+    --variants); with `item_weight` > 0, mixed with the photo cropped to its best item box
+    (inference.localise.encode_with_item, as the web's in-process encoder does)."""
     version = selectors.model_version_get(version_id=version_id)
     photo = Image.open(io.BytesIO(query_payload.photo_from_message(photo_message))).convert("RGB")
     encoder = encoder_of(version)
+    if flip:
+        encoding = encoder.encode([photo], flip=True, boxes=True)
+        boxes = list(encoding.item_boxes[0]) if encoding.item_boxes else []
+        fused = False
+    else:
+        encoding, boxes, fused = encode_with_item(encoder, photo, weight=item_weight)
     query = query_payload.query_encoding(
-        encoder.encode([photo], flip=flip),
+        encoding,
         label_space=encoder.label_space,
         model_version_id=version.pk,
         keypoints=geometry.pack(geometry.extract(photo)) if keypoints else None,
+        item_boxes=boxes,
+        item_fused=fused,
     )
     return query_payload.encoding_to_message(query)
 

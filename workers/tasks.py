@@ -53,10 +53,12 @@ def embed_images(self: Task, image_ids: list[int]) -> dict:
     time_limit=QUERY_ENCODE_TIMEOUT_S + 5,
     acks_late=False,  # a query nobody waits for any more is not worth running twice
 )
-def encode_query(image_b64: str, model_version_id: int, keypoints: bool = False) -> dict:
+def encode_query(image_b64: str, model_version_id: int, keypoints: bool = False, item_weight: float = 0.0) -> dict:
     """Encode a validated, re-encoded shopper photo with the given version (with `keypoints`, also extract its
-    local features for geometric verification); returns plain JSON."""
-    return pipelines.query_encode(photo_message=image_b64, version_id=model_version_id, keypoints=keypoints)
+    local features for geometric verification; with `item_weight`, mix in its best item box); returns plain JSON."""
+    return pipelines.query_encode(
+        photo_message=image_b64, version_id=model_version_id, keypoints=keypoints, item_weight=item_weight
+    )
 
 
 @shared_task(name="workers.tasks.train_baseline", acks_late=True, soft_time_limit=3000, time_limit=3600)

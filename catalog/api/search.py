@@ -68,6 +68,15 @@ class _FilterInputSerializer(serializers.Serializer):
         help_text="query expansion: how many of the first products' images join the query before a second "
         "ranking (0 = off); default: the server's setting",
     )
+    item_fusion = serializers.FloatField(
+        required=False,
+        allow_null=True,
+        default=None,  # absent = the server's SEARCH_ITEM_FUSION
+        min_value=0,
+        max_value=1,
+        help_text="a photo search without a box also encodes the photo cropped to its best item box and mixes it in "
+        "with this weight (0 = the whole photo alone, 1 = the box alone); default: the server's setting",
+    )
 
     def validate_merchant(self, slug: str) -> int:
         merchant = Merchant.objects.filter(Q(slug=slug)).values_list("pk", flat=True).first()
@@ -99,6 +108,7 @@ class _FilterInputSerializer(serializers.Serializer):
             radius=data.get("radius"),
             verify=data.get("verify"),
             expansion=data.get("expansion"),
+            item_fusion=data.get("item_fusion"),
         )
 
 
@@ -206,12 +216,34 @@ class HitOutputSerializer(serializers.Serializer):
         return request.build_absolute_uri(url) if request is not None else url
 
 
+class ItemBoxOutputSerializer(serializers.Serializer):
+    box = serializers.ListField(
+        child=serializers.FloatField(),
+        min_length=4,
+        max_length=4,
+        help_text="x0,y0,x1,y1 as fractions of the photo sent (the whole photo, also when a box was sent): post it "
+        "back as `box` to search that item alone",
+    )
+    score = serializers.FloatField(help_text="how strongly the network responds there, relative to the best (1.0)")
+
+    def to_representation(self, item: list[float]) -> dict[str, Any]:
+        return {"box": list(item[:4]), "score": item[4]}
+
+
 class QueryOutputSerializer(serializers.Serializer):
     category = serializers.CharField()
     category_confidence = serializers.FloatField(allow_null=True)
     category_probs = serializers.DictField(child=serializers.FloatField())
     attributes = serializers.DictField(child=serializers.FloatField())
     landmarks = serializers.ListField(child=serializers.ListField(child=serializers.FloatField()))
+    item_boxes = ItemBoxOutputSerializer(
+        many=True,
+        help_text="the items the network sees in the photo, best first (from its own activation map); empty for a "
+        "similar-products query or a model version exported without the map",
+    )
+    item_fused = serializers.BooleanField(
+        help_text="the search mixed the whole photo with its best item box (item_fusion)"
+    )
 
 
 class CoarseOutputSerializer(serializers.Serializer):

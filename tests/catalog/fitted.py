@@ -30,13 +30,14 @@ def as_sent(image: Image.Image) -> Image.Image:
     return Image.open(io.BytesIO(query_payload.photo_jpeg(image))).convert("RGB")
 
 
-def fitted_version(folder, *, name: str, seed: int = 0, export: bool = True) -> ModelVersion:
-    """Version 0 fitted on rendered products (64 px input: seconds, not minutes), exported to ONNX beside its
-    checkpoint as the worker that fits a version does (workers.encoders), and registered READY."""
+def fitted_version(folder, *, name: str, seed: int = 0, export: bool = True, input_size: int = 64) -> ModelVersion:
+    """Version 0 fitted on rendered products (64 px input: seconds, not minutes; 224 px, the served size, where a
+    test needs the 7 x 7 activation map of item boxes), exported to ONNX beside its checkpoint as the worker that
+    fits a version does (workers.encoders), and registered READY."""
     from workers.encoders import onnx_export_for
 
     checkpoint = fit_baseline(
-        photos(PRODUCTS, offset=seed), out_path=folder / f"{name}.pt", code_bits=32, fc7_dim=8, input_size=64,
+        photos(PRODUCTS, offset=seed), out_path=folder / f"{name}.pt", code_bits=32, fc7_dim=8, input_size=input_size,
         seed=seed,
     )  # fmt: skip
     if export:

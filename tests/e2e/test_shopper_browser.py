@@ -11,6 +11,7 @@ from decimal import Decimal
 
 import pytest
 from django.db import transaction
+from PIL import Image
 
 from catalog.models import GoldenQuery, Merchant, ModelVersion, RecentQuery
 from catalog.services import model_versions, products
@@ -28,6 +29,8 @@ PRODUCTS = 8  # enough for ITQ to find 32 directions' worth of signal, small eno
 VIEWS = 2  # catalog photos per product
 PLANTED = 5  # the product the shopper photographs
 ACTIVATION_TIMEOUT_S = 180
+TABLE_SIZE = (640, 480)
+TABLE_TILE = (360, 180, 200)  # left, top, side of the product in the table photo
 
 
 def _png(image) -> bytes:
@@ -108,6 +111,11 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
 
     photo_path = tmp_path / "my-photo.png"
     photo_path.write_bytes(indexed_shop[(PLANTED, 0)])
+    table = Image.new("RGB", TABLE_SIZE, (200, 190, 170))  # the planted product on a plain table, at a known place
+    left, top, side = TABLE_TILE
+    table.paste(render_product(PLANTED, view=0).image.convert("RGB").resize((side, side)), (left, top))
+    table_path = tmp_path / "on-the-table.png"
+    table_path.write_bytes(_png(table))
     # the version's golden-set evaluation fits the "same product" calibration the badges show; the shop keeps
     # shoppers' photos given with consent
     pipelines.version_evaluate_golden(version_id=ModelVersion.objects.get(status=ModelVersion.Status.ACTIVE).pk)
@@ -116,6 +124,12 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
+            # what the page sends as `box` with each search (read back below)
+            page.add_init_script(
+                "window.sentBoxes = []; const send = window.fetch; window.fetch = (url, options) => {"
+                " if (options && options.body instanceof FormData) window.sentBoxes.push(options.body.get('box'));"
+                " return send(url, options); };"
+            )
             page.goto(live_server.url + "/")
             expect(page.locator("h1")).to_have_text("shop_search")
             page.set_input_files("#image-input", str(photo_path))
@@ -125,6 +139,10 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
             assert first.get_attribute("data-sku") == f"R-{PLANTED}"
             expect(page.locator("#status")).to_contain_text("products found")
             expect(page.locator("#timings")).to_contain_text("encode")
+
+            # the item the search found is pre-drawn on the photo, and offered with any others as a button
+            expect(page.locator("#item-box")).to_be_visible()
+            expect(page.locator("#item-choices")).to_contain_text("Item 1")
 
             first.locator(".why summary").click()
             expect(first.locator(".why dl")).to_contain_text("0 of 32 bits")
@@ -139,6 +157,29 @@ def test_a_shopper_uploads_a_photo_and_sees_that_product_first(indexed_shop, liv
             first.locator(".confirm").click()
             expect(page.locator("#status")).to_contain_text("thank you")
             assert GoldenQuery.objects.get().product.sku == f"R-{PLANTED}"
+
+            # A product lying on a table, small in the photo: the pre-drawn box is on it; picking the item searches it
+            # alone (the shopper's box replaces the suggestion), and the shopper may still draw another box.
+            page.set_input_files("#image-input", str(table_path))
+            expect(page.locator("#item-box")).to_be_visible(timeout=60_000)
+            drawn, photo_rect = page.locator("#item-box").bounding_box(), page.locator("#preview-image").bounding_box()
+            centre_x = photo_rect["x"] + photo_rect["width"] * (TABLE_TILE[0] + TABLE_TILE[2] / 2) / TABLE_SIZE[0]
+            centre_y = photo_rect["y"] + photo_rect["height"] * (TABLE_TILE[1] + TABLE_TILE[2] / 2) / TABLE_SIZE[1]
+            assert drawn["x"] < centre_x < drawn["x"] + drawn["width"], (drawn, photo_rect)
+            assert drawn["y"] < centre_y < drawn["y"] + drawn["height"], (drawn, photo_rect)
+            assert drawn["width"] < 0.9 * photo_rect["width"]  # the item, not the whole photo
+            suggested = page.locator("#item-choices button").first.get_attribute("title")
+            with page.expect_response(lambda response: response.url.endswith("/api/search")):
+                page.locator("#item-choices button").first.click()
+            # the item's box went with the photo (Chromium does not hand Playwright a multipart body with a file)
+            sent = page.evaluate("window.sentBoxes[window.sentBoxes.length - 1]")
+            assert sent and [round(float(v), 2) for v in sent.split(",")] == [
+                float(v) for v in suggested[suggested.index("(") + 1 : suggested.index(")")].split(", ")
+            ], (sent, suggested)
+            expect(page.locator("#crop-box")).to_be_visible()
+            expect(page.locator("#item-box")).to_be_hidden()
+            expect(page.locator("#item-choices button").first).to_have_class("item-choice chosen")
+            expect(page.locator("#status")).to_contain_text("products found")
 
             page.set_input_files("#image-input", {"name": "notes.png", "mimeType": "image/png", "buffer": b"nope"})
             expect(page.locator("#error")).to_contain_text("invalid image")

@@ -52,7 +52,7 @@ def test_onnx_file_is_self_describing(exported):
 def test_model_without_landmarks_exports_only_its_heads(tmp_path):
     onnx_path = export(save_tiny_checkpoint(tmp_path / "plain.pt", num_landmarks=0, num_attributes=0))
     names = [output.name for output in onnx.load(str(onnx_path)).graph.output]
-    assert names == ["hash_logits", "fc7", "category_probs"]
+    assert names == ["hash_logits", "fc7", "category_probs", "activation_map"]  # the map: item boxes
     encoding = Encoder.load(onnx_path).encode(_images(3))
     assert encoding.landmarks is None and encoding.visibility is None and encoding.attribute_probs is None
     assert encoding.category_probs.shape == (3, len(LABELS.categories))
@@ -71,6 +71,10 @@ def test_version_zero_exports_too(tmp_path):
     assert np.allclose(actual.category_probs, expected.category_probs, atol=1e-4)
     assert actual.landmarks is None and actual.attribute_probs is None
     assert Encoder.load(onnx_path).version_info["kind"] == "baseline"
+    # the exported activation map is torch's (at 32 px it is 1 x 1: flat, so no item boxes; at 224 px,
+    # tests/ml/test_localise.py)
+    boxed = Encoder.load(onnx_path).encode(images[:4], boxes=True)
+    assert boxed.item_boxes == Encoder.load(baseline).encode(images[:4], boxes=True).item_boxes == ((),) * 4
 
 
 def test_an_onnx_file_from_elsewhere_is_refused(tmp_path, exported):

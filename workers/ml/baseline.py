@@ -42,7 +42,11 @@ MIN_SAMPLES = 2  # PCA needs at least two images to find a direction
 def pooled_descriptor(backbone: nn.Module, images: torch.Tensor, pooling: str = BASELINE_POOLING) -> torch.Tensor:
     """The backbone's last feature maps aggregated into one L2-normalised vector per image: the one definition
     the fit and the fitted network (BaselineNetwork) share."""
-    maps = backbone.forward_features(images)  # type: ignore[operator]  # every timm model has it
+    return pool_maps(backbone.forward_features(images), pooling)  # type: ignore[operator]  # every timm model has it
+
+
+def pool_maps(maps: torch.Tensor, pooling: str = BASELINE_POOLING) -> torch.Tensor:
+    """(N, C, h, w) feature maps -> one L2-normalised (N, C) vector per image."""
     if pooling == "gem":
         pooled = maps.clamp(min=1e-6).pow(GEM_POWER).mean(dim=(2, 3)).pow(1.0 / GEM_POWER)
     elif pooling == "gap":
@@ -201,9 +205,14 @@ class BaselineNetwork(nn.Module):
         self.pooling = str(checkpoint["model_config"].get("pooling", "gap"))  # versions fitted before GeM: "gap"
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = pooled_descriptor(self.backbone, images, self.pooling) - self.feature_mean
+        maps = self.backbone.forward_features(images)  # type: ignore[operator]
+        features = pool_maps(maps, self.pooling) - self.feature_mean
         fc7 = F.normalize(features @ self.fc7_projection, dim=1)
         heads = {"hash_logits": features @ self.hash_projection, "fc7": fc7}
         if self.class_means is not None:
             heads["category_probs"] = (CLASS_MEAN_TEMPERATURE * fc7 @ self.class_means.T).softmax(dim=1)
+        # SCDA (Wei et al., TIP 2017): the channel mean (SCDA sums; the mean keeps float32 exact enough for the
+        # export check) of the last feature maps is high where the object is; the item boxes of a query photo are
+        # read from it (inference.localise), at no cost beyond this mean.
+        heads["activation_map"] = maps.mean(dim=1)
         return heads

@@ -33,6 +33,7 @@ class FashionNetHeads(nn.Module):
             "attribute_probs": torch.sigmoid(out.attribute_logits) if out.attribute_logits is not None else None,
             "landmarks": out.landmarks,
             "visibility": torch.sigmoid(out.visibility_logits) if out.visibility_logits is not None else None,
+            "activation_map": out.activation_map,
         }
         return {name: value for name, value in heads.items() if value is not None}
 

@@ -88,6 +88,8 @@ class FashionNetOutput(NamedTuple):
     attribute_logits: torch.Tensor | None  # (N, A)
     landmarks: torch.Tensor | None  # (N, K, 2) x/y in [0, 1] of the input image
     visibility_logits: torch.Tensor | None  # (N, K)
+    # (N, h, w) channel mean of the last feature maps (SCDA): where the item is, read by inference.localise
+    activation_map: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- pooling
@@ -299,6 +301,7 @@ class FashionNet(nn.Module):
             attribute_logits=self.attributes(fc7_raw) if self.attributes is not None else None,
             landmarks=landmarks,
             visibility_logits=visibility_logits,
+            activation_map=last.mean(dim=1),
         )
 
 

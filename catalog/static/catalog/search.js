@@ -11,6 +11,8 @@
   const previewImage = document.getElementById("preview-image");
   const cropBox = document.getElementById("crop-box");
   const queryLandmarkBox = document.getElementById("query-landmark-box");
+  const itemBox = document.getElementById("item-box"); // the best item box the search found, pre-drawn
+  const itemChoices = document.getElementById("item-choices"); // one button per item box found
   const searchButton = document.getElementById("search-button");
   const statusLine = document.getElementById("status");
   const errorLine = document.getElementById("error");
@@ -31,6 +33,10 @@
     box = null;
     cropBox.hidden = true;
     queryLandmarkBox.hidden = true;
+    itemBox.hidden = true;
+    itemChoices.hidden = true;
+    itemChoices.replaceChildren();
+    items = [];
     previewImage.src = URL.createObjectURL(file);
     preview.hidden = false;
     searchButton.disabled = false;
@@ -87,15 +93,45 @@
     if (candidate[2] - candidate[0] < 0.05 || candidate[3] - candidate[1] < 0.05) {
       return; // a click, not a box
     }
-    box = candidate;
-    placeBox(cropBox, box);
-    runSearch();
+    useBox(candidate);
   });
   document.getElementById("clear-box").addEventListener("click", () => {
     box = null;
     cropBox.hidden = true;
     runSearch();
   });
+
+  function useBox(fractions) {
+    box = fractions;
+    itemBox.hidden = true;
+    placeBox(cropBox, box);
+    runSearch();
+  }
+
+  // --- the items the search found: the best one pre-drawn, each one a button ------------------------------------
+  let items = []; // the item boxes of the photo's last search without a box: the choices stay while one is searched
+
+  function showItems(found) {
+    // boxes are fractions of the whole photo (also those found inside a shopper's box, which are not offered)
+    if (!box) items = found;
+    if (items.length && !box) placeBox(itemBox, items[0].box);
+    else itemBox.hidden = true;
+    const same = (a, b) => a && b && a.every((v, i) => Math.abs(v - b[i]) < 1e-3);
+    const buttons = items.map((item, index) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "item-choice";
+      button.textContent = `Item ${index + 1}`;
+      button.title = `search only this item (${item.box.map((v) => v.toFixed(2)).join(", ")})`;
+      if (same(box, item.box)) button.classList.add("chosen");
+      button.addEventListener("click", () => useBox(item.box.slice()));
+      return button;
+    });
+    const label = document.createElement("span");
+    label.textContent = items.length > 1 ? "Items found:" : "Item found:";
+    itemChoices.replaceChildren(label, ...buttons);
+    itemChoices.hidden = items.length === 0;
+  }
 
   // --- searching -------------------------------------------------------------------------------------------------
   form.addEventListener("submit", (event) => {
@@ -169,8 +205,10 @@
       .map((stage) => `${stage} ${number(t[stage], 1)} ms`)
       .join(" · ");
     const q = body.query;
+    showItems(q.item_boxes || []);
     querySummary.textContent =
       (q.category ? `Looks like: ${q.category} (${Math.round((q.category_confidence || 0) * 100)}%). ` : "") +
+      (q.item_fused ? "Searched the whole photo and the dashed item together. " : "") +
       `Coarse stage: ${body.coarse.candidates} candidates within Hamming distance ${body.coarse.radius} ` +
       `(${body.coarse.backend}). Model: ${body.model_version.name}.`;
     const queryBox = body.results.length ? body.results[0].explanation.query_landmark_box : null;

@@ -80,7 +80,8 @@ class Command(BaseCommand):
             "--variants",
             default="{}",
             help="other search recipes measured on the same catalog and photos, as JSON name -> SearchOptions fields "
-            '(and "flip": true for the query-side mirror average), e.g. \'{"qe3": {"expansion": 3}}\'',
+            '(and "flip": true for the query-side mirror average; "item_fusion": w re-encodes the photo with its best '
+            'item box), e.g. \'{"qe3": {"expansion": 3}}\'',
         )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
@@ -250,6 +251,7 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
         photo_message=query_payload.photo_to_message(validated.data),
         version_id=version.pk,
         keypoints=search.verify_enabled(options),  # what search_photo asks the worker for
+        item_weight=search.item_fusion_weight(options),
     )
     encoding = query_payload.encoding_from_message(message)
     encode_ms = (time.perf_counter() - started) * 1000
@@ -262,21 +264,20 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
     variant_ranks = {}
     for name, recipe in variants.items():
         fields = {key: value for key, value in recipe.items() if key != "flip"}
+        variant_options = dataclasses.replace(options, **fields)
         variant_encoding = encoding
-        if recipe.get("flip"):
+        if recipe.get("flip") or "item_fusion" in recipe:  # recipes of the encoder: the photo is encoded again
             variant_encoding = query_payload.encoding_from_message(
                 pipelines.query_encode(
                     photo_message=query_payload.photo_to_message(validated.data),
                     version_id=version.pk,
                     keypoints=search.verify_enabled(options),
-                    flip=True,
+                    flip=bool(recipe.get("flip")),
+                    item_weight=search.item_fusion_weight(variant_options),
                 )  # fmt: skip
             )
         variant_ranks[name] = _rank(
-            search.search_encoding(
-                encoding=variant_encoding, version=version, options=dataclasses.replace(options, **fields)
-            ),
-            product_id,
+            search.search_encoding(encoding=variant_encoding, version=version, options=variant_options), product_id
         )
     return {
         "variants": variant_ranks,
