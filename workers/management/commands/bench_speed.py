@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
@@ -53,6 +54,24 @@ INTAKE_JPEG_SIZES = ((4032, 3024), (2016, 1512), (816, 612))  # 12, 3 and 0.5 MP
 FRESHNESS_TIMEOUT_S = 120.0
 
 
+def _interleaved_encode_ms(onnx_of: dict[str, Path], repeats: int = 31) -> dict[str, float]:
+    """Median ms of Encoder.encode on one photo (preprocessing included, one thread) for each model, the models
+    taking turns photo by photo, so that a busy minute on the shared cores slows them all alike."""
+    from workers.ml.encoder import Encoder
+
+    encoders = {name: Encoder.load(path, num_threads=1) for name, path in onnx_of.items()}
+    photo = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 220, 3), dtype=np.uint8))]
+    timings: dict[str, list[float]] = {name: [] for name in encoders}
+    for encoder in encoders.values():
+        encoder.encode(photo)  # warm-up
+    for _ in range(repeats):
+        for name, encoder in encoders.items():
+            started = time.perf_counter()
+            encoder.encode(photo)
+            timings[name].append((time.perf_counter() - started) * 1000)
+    return {name: round(float(np.median(values)), 2) for name, values in timings.items()}
+
+
 class Command(BaseCommand):
     help = "The speed table: search stages vs floors, encode, ingest, API latency; JSON + markdown."
 
@@ -63,6 +82,12 @@ class Command(BaseCommand):
         parser.add_argument("--queries", type=int, default=200, help="bench_search queries per size")
         parser.add_argument("--input-sizes", default="224,112", help="version 0 input sizes for the encode section")
         parser.add_argument("--checkpoints", default="", help="comma-separated .pt files to time as well")
+        parser.add_argument(
+            "--recipes",
+            default="{}",
+            help='version 0 recipes to time as well, as JSON name -> fit_baseline arguments, e.g. \'{"lite2": '
+            '{"backbone": "tf_efficientnet_lite2"}}\'; then all encoders take turns at batch 1 (interleaved medians)',
+        )
         parser.add_argument("--intake-repeats", type=int, default=20, help="timed intakes per photo and path")
         parser.add_argument("--ingest-products", type=int, default=1000)
         parser.add_argument(
@@ -131,9 +156,14 @@ class Command(BaseCommand):
                                                         input_size=size, num_threads=1))
                 for size in (int(s) for s in options["input_sizes"].split(",") if s.strip())
             ]  # fmt: skip
+            models += [
+                (name, fit_baseline(pictures, out_path=Path(scratch) / f"v0-{name}.pt", num_threads=1, **recipe))
+                for name, recipe in json.loads(options["recipes"]).items()
+            ]
             models += [(Path(path).stem, Path(path)) for path in options["checkpoints"].split(",") if path.strip()]
+            onnx_of = {}
             for name, checkpoint in models:
-                onnx = export(checkpoint, Path(scratch) / f"{Path(checkpoint).stem}.onnx", verify=True)
+                onnx = onnx_of[name] = export(checkpoint, Path(scratch) / f"{Path(checkpoint).stem}.onnx", verify=True)
                 torch_1, onnx_1 = compare_speed(checkpoint, onnx, batch_size=1, threads=1)
                 torch_b, onnx_b = compare_speed(checkpoint, onnx, batch_size=ENCODE_BATCH, threads=1)
                 row = {
@@ -145,6 +175,11 @@ class Command(BaseCommand):
                 }  # fmt: skip
                 rows.append(row)
                 self.stdout.write(f"encode {json.dumps(row)}")
+            if len(onnx_of) > 1:
+                turns = _interleaved_encode_ms(onnx_of)
+                for row in rows:
+                    row["batch1_ms_interleaved"] = turns[row["model"]]
+                self.stdout.write(f"encode, taking turns (ONNX Runtime, batch 1, one thread): {json.dumps(turns)}")
         return rows
 
     def _intake(self, options: dict) -> list[dict]:
