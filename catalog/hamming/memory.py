@@ -169,6 +169,7 @@ class MemoryCodeIndex:
                 if product_filter.merchant_id is not None:
                     of_excluded &= rows.merchant_ids[:n] == product_filter.merchant_id
                 visible -= int(np.count_nonzero(of_excluded))
+            depth = depth.for_rows(visible)
             k = min(n, max(KNN_FIRST_FACTOR * depth.min_count, 1) + 1 + pad)
             while n and k <= KNN_MAX_K:
                 labels, distances, complete = self._knn(query, k=k, selector=selector)
@@ -234,6 +235,7 @@ class MemoryCodeIndex:
                 hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
             distances[hidden] = code_bits + 1  # beyond any real distance: the histogram's overflow bin
             visible = n - int(np.count_nonzero(hidden))
+        depth = depth.for_rows(visible)  # (search_loaded's depth is already resolved: this changes nothing then)
         rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
         order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
         rows_taken = rows_taken[order]
