@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -90,7 +91,7 @@ class Command(BaseCommand):
 
     def _write(self, out: Path, runs: list, **config) -> None:
         """After every catalog: a long run that is stopped keeps what it measured."""
-        report = {
+        report: dict[str, Any] = {
             "config": {**config, "depths": list(COARSE_CURVE), "cpus": os.cpu_count()},
             "coarse_curve": curve_summary(runs),
             "runs": runs,

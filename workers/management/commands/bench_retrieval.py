@@ -424,11 +424,11 @@ def curve_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             per_seed[key][run["seed"]] = metrics
     summary = []
     for (size, strength), seeds in sorted(per_seed.items()):
-        metrics = {}
+        summarised: dict[str, dict[str, float]] = {}
         for name in next(iter(seeds.values())):
             values = [seed[name] for seed in seeds.values()]
-            metrics[name] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
-        summary.append({"size": size, "strength": strength, "seeds": len(seeds), **metrics})
+            summarised[name] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
+        summary.append({"size": size, "strength": strength, "seeds": len(seeds), **summarised})
     return summary
 
 

@@ -34,6 +34,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from django.conf import settings
@@ -154,7 +155,7 @@ class Command(BaseCommand):
         from workers.ml.onnx_export import compare_speed
 
         pictures = [_rendered(seed) for seed in range(FIT_SAMPLE)]
-        rows = []
+        rows: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory() as scratch:
             models = [
                 (f"version 0 ({size} px)", fit_baseline(pictures, out_path=Path(scratch) / f"v0-{size}.pt",
@@ -174,7 +175,7 @@ class Command(BaseCommand):
                     continue
                 torch_1, onnx_1 = compare_speed(checkpoint, onnx, batch_size=1, threads=1)
                 torch_b, onnx_b = compare_speed(checkpoint, onnx, batch_size=ENCODE_BATCH, threads=1)
-                row = {
+                row: dict[str, Any] = {
                     "model": name,
                     "batch1_ms": {"torch": round(torch_1, 2), "onnxruntime": round(onnx_1, 2)},
                     f"batch{ENCODE_BATCH}_images_per_s": {
@@ -185,8 +186,8 @@ class Command(BaseCommand):
                 self.stdout.write(f"encode {json.dumps(row)}")
             if len(onnx_of) > 1:
                 turns = _interleaved_encode_ms(onnx_of)
-                for row in rows:
-                    row["batch1_ms_interleaved"] = turns[row["model"]]
+                for measured in rows:
+                    measured["batch1_ms_interleaved"] = turns[str(measured["model"])]
                 self.stdout.write(f"encode, taking turns (ONNX Runtime, batch 1, one thread): {json.dumps(turns)}")
         return rows
 
