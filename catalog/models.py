@@ -252,7 +252,7 @@ class IndexChange(models.Model):
     class Op(models.TextChoices):
         EMBEDDING = "embedding"  # an embedding row was inserted, updated or deleted
         PRODUCT = "product"  # a product's visibility (active) changed or it was deleted
-        CARD = "card"  # what a result card shows changed (migration 0012); no embedding id: a product's, none: all
+        CARD = "card"  # what a result card shows changed (migration 0013); no embedding id: a product's, none: all
 
     id = models.BigAutoField(primary_key=True)
     op = models.CharField(max_length=16, choices=Op.choices)

@@ -53,7 +53,11 @@ from inference.localise import ItemBox
 # --- tunables ------------------------------------------------------------------------------------------------------
 DEFAULT_K = 12  # one screen of results on the shopper page
 MAX_K = 100  # beyond this a visual search is browsing, and the fine stage pays for every extra product
-COARSE_MIN_CANDIDATES = 400  # bench_search: recall@10 >= 0.99 against exact fc7 at 1M with the synthetic data
+# Coarse depth: whole Hamming shells until COARSE_CANDIDATE_SHARE of the rows the query may see (the shop's catalog),
+# at least COARSE_MIN_CANDIDATES and k x COARSE_CANDIDATES_PER_RESULT rows, at most COARSE_MAX_CANDIDATES. Chosen on
+# bench_coarse's validation split (docs/benchmarks.md, "Coarse depth"): version 0's codes, held-out shopper photos.
+COARSE_CANDIDATE_SHARE = 0.04
+COARSE_MIN_CANDIDATES = 200
 COARSE_CANDIDATES_PER_RESULT = 20  # products have several images and filters drop some: k products need ~20x rows
 COARSE_MAX_CANDIDATES = 4_000  # a whole shell can be big; the fine stage over 4k rows still takes a few ms
 COARSE_WIDEN_FACTOR = 8  # when filters starve the fine stage, ask the coarse stage for this many times more
@@ -456,17 +460,25 @@ def _filters_beyond_memory(product_filter: ProductFilter) -> bool:
 
 
 def candidate_depth(*, k: int, radius: int | None = None) -> CandidateDepth:
+    """The coarse stage's depth for k results; the backend raises it to COARSE_CANDIDATE_SHARE of the rows it can
+    return (CandidateDepth.for_rows), so it grows with the shop."""
     min_count = max(COARSE_MIN_CANDIDATES, k * COARSE_CANDIDATES_PER_RESULT)
-    return CandidateDepth(min_count=min_count, max_count=max(min_count, COARSE_MAX_CANDIDATES), radius=radius)
+    return CandidateDepth(
+        min_count=min_count,
+        max_count=max(min_count, COARSE_MAX_CANDIDATES),
+        radius=radius,
+        share=COARSE_CANDIDATE_SHARE,
+    )
 
 
 def _widen(depth: CandidateDepth, *, rounds: int) -> CandidateDepth:
     if rounds > COARSE_WIDEN_ROUNDS:
-        return CandidateDepth(min_count=COARSE_EVERYTHING, max_count=COARSE_EVERYTHING, radius=depth.radius)
+        return CandidateDepth(min_count=COARSE_EVERYTHING, max_count=COARSE_EVERYTHING, radius=depth.radius)  # all
     return CandidateDepth(
         min_count=depth.min_count * COARSE_WIDEN_FACTOR,
         max_count=depth.max_count * COARSE_WIDEN_FACTOR,
         radius=depth.radius,
+        share=depth.share,
     )
 
 

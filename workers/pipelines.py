@@ -263,11 +263,14 @@ def query_encode(
 def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
     """Fit version 0 (pretrained backbone + PCA + ITQ) on a sample of the catalog's images, then start indexing
     the catalog with it."""
-    from workers.ml.baseline import BASELINE_INPUT_SIZE, fit_baseline
+    from workers.ml.baseline import baseline_input_size, fit_baseline
 
     version = selectors.model_version_get(version_id=version_id)
     recipe = (version.config or {}).get("baseline", {})  # a recipe under comparison (bench_retrieval --baseline)
-    side = max(BASELINE_FIT_MIN_SIDE, int(recipe.get("input_size", BASELINE_INPUT_SIZE)))
+    side = max(
+        BASELINE_FIT_MIN_SIDE,
+        baseline_input_size(**{k: v for k, v in recipe.items() if k in ("backbone", "input_size")}),
+    )
     pictures, categories = [], []
     for image in selectors.images_usable(limit=BASELINE_FIT_SAMPLE, seed=version.pk):
         try:

@@ -3,7 +3,9 @@ which products may come back, and the candidates found."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -18,10 +20,22 @@ class CandidateDepth:
     min_count: int  # shells are added until at least this many candidates are taken
     max_count: int  # a shell that would overshoot this is left out (unless it is the first one: then truncated)
     radius: int | None = None  # hard limit on the Hamming distance of any candidate (the hashing papers' threshold)
+    # min_count grows to this share of the rows the query may see (the shop's catalog), up to max_count: how deep
+    # the codes must be searched grows with the catalog (the backend knows its size: `for_rows`).
+    share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_count <= self.max_count:
             raise ValueError(f"need 1 <= min_count <= max_count, got {self.min_count}, {self.max_count}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share}")
+
+    def for_rows(self, rows: int) -> CandidateDepth:
+        """This depth for a search over `rows` visible rows: min_count raised to `share` of them, within max_count."""
+        if not self.share:
+            return self
+        wanted = min(self.max_count, max(self.min_count, math.ceil(self.share * rows)))
+        return dataclasses.replace(self, min_count=wanted, share=0.0)
 
 
 @dataclass(frozen=True)

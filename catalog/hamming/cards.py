@@ -3,7 +3,7 @@ the memory index, so that the fine stage returns its winners without a PostgreSQ
 
 A card is keyed by embedding id (the image and the landmarks are the embedding's, the rest its product's); the
 values are opaque here (catalog.search builds them). Kept exact by the change log the memory index already follows:
-migration 0012 makes the database log every change of what a card shows (op "card": a product's fields, an image's
+migration 0013 makes the database log every change of what a card shows (op "card": a product's fields, an image's
 file, an embedding's image or landmarks, a merchant's slug), and the index's replay hands every change it reads to
 `forget` before the next search. A full reload of the index clears the cache (the changes it skipped are unknown).
 

@@ -36,7 +36,7 @@ APPENDED_RESORT_FRACTION = 0.05  # (or this fraction of the index: an argsort of
 KNN_FIRST_FACTOR = 2
 KNN_GROWTH = 8
 KNN_MAX_K = 8_192
-CARD_CHANGE = "card"  # IndexChange.Op.CARD: what a result card shows changed (migration 0012); no code moved
+CARD_CHANGE = "card"  # IndexChange.Op.CARD: what a result card shows changed (migration 0013); no code moved
 # A process that has kept its index fresh rewrites the version's snapshot (catalog/hamming/snapshot.py) when the one
 # on disk is older than this, so a restart finds one whose position the change-log prune (a day) has not removed.
 SNAPSHOT_REFRESH_S = 3 * 3600
@@ -195,6 +195,7 @@ class MemoryCodeIndex:
                 if product_filter.merchant_id is not None:
                     of_excluded &= rows.merchant_ids[:n] == product_filter.merchant_id
                 visible -= int(np.count_nonzero(of_excluded))
+            depth = depth.for_rows(visible)
             k = min(n, max(KNN_FIRST_FACTOR * depth.min_count, 1) + 1 + pad)
             while n and k <= KNN_MAX_K:
                 labels, distances, complete = self._knn(query, k=k, selector=selector)
@@ -261,6 +262,7 @@ class MemoryCodeIndex:
                 hidden |= rows.product_ids[:n] == product_filter.exclude_product_id
             distances[hidden] = code_bits + 1  # beyond any real distance: the histogram's overflow bin
             visible = n - int(np.count_nonzero(hidden))
+        depth = depth.for_rows(visible)  # (search_loaded's depth is already resolved: this changes nothing then)
         rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
         order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
         rows_taken = rows_taken[order]

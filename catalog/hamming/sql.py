@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 from django.db import connection, transaction
 
@@ -12,6 +15,7 @@ HNSW_EF_SEARCH_MIN = 40  # pgvector's default: below this the graph walk loses r
 HNSW_EF_SEARCH_MAX = 1_000  # pgvector's upper bound for hnsw.ef_search
 SQL_SHELL_HEADROOM = 1.5  # SQL rows fetched per candidate wanted: room to finish the last shell in one query
 HNSW_MAX_SCAN_TUPLES = 50_000  # iterative scans stop here; anything still short falls back to an exact scan
+ROWS_COUNT_TTL_S = 60.0  # a depth that is a share of the catalog needs its size: counted at most once a minute
 
 
 class SqlCodeIndex:
@@ -19,9 +23,35 @@ class SqlCodeIndex:
 
     name = "sql"
 
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counted: dict[tuple[int, int | None], tuple[float, int]] = {}
+
+    def _rows(self, *, version_id: int, merchant_id: int | None) -> int:
+        """The version's embeddings of active products (of the merchant, if any), counted at most once a minute
+        per (version, merchant): the share of the catalog a depth asks for does not need the exact count."""
+        key = (version_id, merchant_id)
+        with self._lock:
+            found = self._counted.get(key)
+        if found and time.monotonic() - found[0] < ROWS_COUNT_TTL_S:
+            return found[1]
+        where = ProductFilter(merchant_id=merchant_id).where_sql("p")
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id"
+                f" WHERE {version_sql('e', version_id)} AND {where.sql}",
+                where.params,
+            )
+            rows = int(cursor.fetchone()[0])
+        with self._lock:
+            self._counted[key] = (time.monotonic(), rows)
+        return rows
+
     def candidates(
         self, *, version_id: int, code_bits: int, code: np.ndarray, depth: CandidateDepth, product_filter: ProductFilter
     ) -> CoarseCandidates:
+        if depth.share:
+            depth = depth.for_rows(self._rows(version_id=version_id, merchant_id=product_filter.merchant_id))
         # Enough rows to complete the shell that reaches min_count (usually), plus one to tell whether the LIMIT cut
         # the last shell; asking for max_count would make every query walk the graph for thousands of rows.
         limit = min(depth.max_count, int(depth.min_count * SQL_SHELL_HEADROOM)) + 1

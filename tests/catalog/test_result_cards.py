@@ -1,6 +1,6 @@
 """The fine stage's result cards kept in each web process (catalog.hamming.cards): the same results as PostgreSQL
 ranking the same candidates, no query once cached, and every change of what a card shows visible to the next
-search (migration 0012's triggers, written by queryset updates so that no model code runs)."""
+search (migration 0013's triggers, written by queryset updates so that no model code runs)."""
 
 from decimal import Decimal
 

@@ -455,3 +455,41 @@ def test_without_fc7_in_memory_the_fine_stage_reads_postgresql(shop, settings):
         [h.explanation.fc7_distance for h in with_fc7.hits], abs=1e-5
     )
     hamming.MEMORY_INDEX.clear()  # the next test's index holds fc7 again
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_depth_with_a_share_takes_that_share_of_the_rows_the_query_may_see(backend):
+    """CandidateDepth.share against a real catalog: the backend raises min_count to the share of the rows the query
+    can see (the merchant's, when the query is for one shop), whole shells, never past max_count."""
+    version = searchkit.active_version()
+    shop, other = factories.merchant("shop"), factories.merchant("other")
+    searchkit.random_catalog(merchant=shop, version=version, count=150, seed=31, images=2)
+    searchkit.random_catalog(merchant=other, version=version, count=250, seed=32)
+    code = np.packbits(searchkit.random_bits(np.random.default_rng(33)))
+
+    def candidates(depth, **filters):
+        return hamming.backend_get(backend).candidates(
+            version_id=version.pk, code_bits=version.code_bits, code=code, depth=depth,
+            product_filter=ProductFilter(**filters),
+        )  # fmt: skip
+
+    share = CandidateDepth(min_count=10, max_count=1_000, share=0.25)
+    in_the_shop = candidates(share, merchant_id=shop.pk)  # 300 images of this shop: a quarter is 75
+    everywhere = candidates(share)  # 550 images in all: 138
+    capped = candidates(CandidateDepth(min_count=10, max_count=100, share=0.5))
+    floor = candidates(CandidateDepth(min_count=200, max_count=1_000, share=0.01), merchant_id=shop.pk)
+
+    assert 75 <= len(in_the_shop) < 138
+    shop_ids = set(ImageEmbedding.objects.filter(product__merchant=shop).values_list("id", flat=True))
+    assert set(in_the_shop.embedding_ids.tolist()) <= shop_ids
+    assert len(everywhere) >= 138
+    assert len(capped) <= 100
+    assert len(floor) >= 200
+
+
+def test_the_default_depth_passes_at_most_five_percent_of_a_10k_shop():
+    """The rule chosen on bench_coarse's validation split (docs/benchmarks.md, "Coarse depth")."""
+    depth = search.candidate_depth(k=search.DEFAULT_K)
+    assert depth.for_rows(10_000).min_count <= 0.05 * 10_000  # whole shells add a few: bench_coarse measures it
+    assert depth.for_rows(1_000).min_count >= search.DEFAULT_K * search.COARSE_CANDIDATES_PER_RESULT
+    assert depth.for_rows(10_000_000).min_count == depth.max_count  # huge shops: the cap, not a share

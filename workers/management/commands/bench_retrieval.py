@@ -36,6 +36,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection, transaction
 from tqdm import tqdm
 
+from catalog.hamming.memory import _copy_version_rows
 from catalog.management.bench_database import (
     INNER_FLAG,
     INNER_HELP,
@@ -51,6 +52,9 @@ QUERY_JPEG_QUALITY = 90  # what a phone uploads
 WRITE_BATCH = 200  # products per transaction while loading
 EMBED_BATCH = 64  # images per call of the embed pipeline, as the workers batch them
 TOP_K = 10
+# Candidate counts (the coarse stage's min_count, in whole Hamming shells) at which the coarse curve ranks each query
+# again: the fine stage's exact fc7 ranking over those candidates against the exact fc7 ranking over the whole shop.
+COARSE_CURVE = (25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1500, 2000)
 
 
 class Command(BaseCommand):
@@ -83,6 +87,12 @@ class Command(BaseCommand):
             '(and "flip": true for the query-side mirror average; "item_fusion": w re-encodes the photo with its best '
             'item box), e.g. \'{"qe3": {"expansion": 3}}\'',
         )
+        parser.add_argument(
+            "--redis-db", type=int, default=BENCH_REDIS_DB, help="Redis database the bench's queued tasks land in"
+        )
+        parser.add_argument(
+            "--database-suffix", default="", help="run beside another bench_retrieval: its own throwaway database"
+        )
         parser.add_argument("--keep-database", action="store_true", help="leave the bench database for inspection")
         parser.add_argument(INNER_FLAG, action="store_true", help=INNER_HELP)
 
@@ -91,25 +101,28 @@ class Command(BaseCommand):
             self._benchmark(**options)
             return
         argv = options_argv(
-            options, ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode", "variants")
-        )
+            options,
+            ("sizes", "seeds", "queries", "strengths", "split", "out", "baseline", "category_mode", "variants",
+             "database_suffix"),
+        )  # fmt: skip
         if options["checkpoint"]:
             argv += ["--checkpoint", str(options["checkpoint"].resolve())]
         run_inside_bench_database(
-            command="bench_retrieval", database=BENCH_DATABASE, argv=argv, redis_db=BENCH_REDIS_DB,
+            command="bench_retrieval", database=BENCH_DATABASE + options["database_suffix"], argv=argv,
+            redis_db=options["redis_db"],
             keep=options["keep_database"],
         )  # fmt: skip
 
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
                    checkpoint: Path | None, baseline: str, category_mode: str, variants: str,
-                   **_) -> None:  # fmt: skip
+                   database_suffix: str = "", **_) -> None:  # fmt: skip
         from celery import current_app
 
         from catalog import search
         from workers.ml.datasets.real_photos import background_photos
 
-        refuse_outside_bench_database(BENCH_DATABASE)
+        refuse_outside_bench_database(BENCH_DATABASE + database_suffix)
         call_command("migrate", interactive=False, verbosity=0)
         try:
             backgrounds = background_photos()
@@ -137,11 +150,12 @@ class Command(BaseCommand):
                 "category_mode": category_mode, "variants": json.loads(variants),
             },
             "results": summarise(runs),
+            "coarse_curve": curve_summary(runs),
             "runs": runs,
         }  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1))
-        table = markdown_table(report)
+        table = markdown_table(report) + "\n" + curve_table(report)
         out.with_suffix(".md").write_text(table)
         self.stdout.write(table)
         self.stdout.write(f"written: {out} and {out.with_suffix('.md')}")
@@ -201,6 +215,7 @@ class Command(BaseCommand):
             raise CommandError("the catalog did not finish indexing")
         version = ModelVersion.objects.get(pk=version.pk)
         product_of = dict(ImageEmbedding.objects.filter(model_version=version).values_list("id", "product_id"))
+        table = _copy_version_rows(version_id=version.pk, code_bits=version.code_bits, fc7_dim=version.fc7_dim)
         measured: list[dict[str, Any]] = []
         in_the_shop = dataclasses.replace(
             options, product_filter=dataclasses.replace(options.product_filter, merchant_id=merchant.pk)
@@ -210,7 +225,8 @@ class Command(BaseCommand):
             for query in tqdm(photos, desc=f"queries {strength}", unit="query"):
                 measured.append(
                     _search(query.photo, product_ids[query.product_index], catalog[query.product_index].category,
-                            version=version, product_of=product_of, options=in_the_shop, variants=variants)
+                            version=version, product_of=product_of, options=in_the_shop, variants=variants,
+                            table=table)
                     | {"strength": strength, "source": query.source}
                 )  # fmt: skip
         real_index = len(catalog) - len(real_queries)
@@ -224,6 +240,7 @@ class Command(BaseCommand):
                     product_of=product_of,
                     options=options,
                     variants=variants,
+                    table=table,
                 )  # fmt: skip
                 | {"strength": "real photo", "source": "real", "name": catalog[real_index + offset].sku}
             )
@@ -234,7 +251,7 @@ class Command(BaseCommand):
 
 
 def _search(photo, product_id: int, category: str, *, version, product_of: dict[int, int], options,
-            variants: dict[str, dict[str, Any]]) -> dict[str, Any]:  # fmt: skip
+            variants: dict[str, dict[str, Any]], table) -> dict[str, Any]:  # fmt: skip
     """One query through what `POST /api/search` runs, with the true product's rank and each stage's time; and the
     rank each variant recipe gives it (SearchOptions fields, "flip": the photo encoded again with its mirror)."""
     from catalog import query_payload, search
@@ -280,6 +297,13 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
             search.search_encoding(encoding=variant_encoding, version=version, options=variant_options), product_id
         )
     return {
+        "coarse_curve": coarse_curve(
+            table=table,
+            code=encoding.code,
+            fc7=encoding.fc7,
+            product_id=product_id,
+            merchant_id=options.product_filter.merchant_id,
+        ),  # fmt: skip
         "variants": variant_ranks,
         "rank": _rank(result, product_id),
         "rank_before_verify": _rank(unverified, product_id),
@@ -288,6 +312,44 @@ def _search(photo, product_id: int, category: str, *, version, product_of: dict[
         "category_correct": bool(encoding.category) and encoding.category == category,
         "ms": {"intake": intake_ms, "encode": encode_ms, **result.timings_ms},
     }
+
+
+def coarse_curve(*, table, code: np.ndarray, fc7: np.ndarray, product_id: int, merchant_id: int | None) -> dict:
+    """What the coarse stage costs this query at each depth of COARSE_CURVE: the true product's rank by exact fc7
+    over the whole shop ("exact"), and per depth [candidates taken (whole shells, as `shell_cut` takes them), the
+    true product's fc7 rank among them (None: not there or past TOP_K), how many of the exact search's first TOP_K
+    products are among them]. Ranks are per product (its best image), before the verify re-rank."""
+    from catalog.hamming.candidates import CandidateDepth, shell_cut
+    from catalog.search import COARSE_MAX_CANDIDATES
+
+    rows = (
+        np.flatnonzero(table.merchant_ids == merchant_id)
+        if merchant_id is not None
+        else np.arange(len(table.embedding_ids))
+    )
+    hamming = np.unpackbits(np.bitwise_xor(table.codes[rows], np.asarray(code, np.uint8)), axis=1).sum(axis=1)
+    distances = np.linalg.norm(table.fc7[rows] - np.asarray(fc7, np.float32).ravel(), axis=1)
+    products = table.product_ids[rows]
+
+    def ranked(subset: np.ndarray) -> np.ndarray:  # products nearest first, each at its best image
+        order = subset[np.argsort(distances[subset], kind="stable")]
+        _, first = np.unique(products[order], return_index=True)
+        return products[order[np.sort(first)]]
+
+    def rank_of(ranking: np.ndarray) -> int | None:
+        found = np.flatnonzero(ranking[:TOP_K] == product_id)
+        return int(found[0]) + 1 if len(found) else None
+
+    exact = ranked(np.arange(len(rows)))
+    exact_top = set(exact[:TOP_K].tolist())
+    by_hamming = np.argsort(hamming, kind="stable")
+    curve = {}
+    for minimum in COARSE_CURVE:
+        depth = CandidateDepth(min_count=minimum, max_count=max(minimum, COARSE_MAX_CANDIDATES))
+        taken = shell_cut(sorted_distances=hamming[by_hamming], depth=depth, complete=True)
+        ranking = ranked(by_hamming[:taken])
+        curve[str(minimum)] = [taken, rank_of(ranking), len(exact_top & set(ranking[:TOP_K].tolist()))]
+    return {"exact": rank_of(exact), "curve": curve}
 
 
 def _rank(result, product_id: int) -> int | None:
@@ -330,6 +392,68 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             metrics[name] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
         summary.append({"size": size, "strength": strength, "source": source, "seeds": len(seeds), **metrics})
     return summary
+
+
+def curve_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The coarse curve per (size, strength), the shop's synthetic queries of both sources pooled, mean and spread
+    over seeds: at each depth the share of the shop passed on, R@1 and R@10 of the fine stage over those candidates
+    (before verify), their ratio to the exact fc7 search's, and the share of the exact search's first TOP_K kept."""
+    per_seed: dict[tuple, dict[int, dict[str, float]]] = defaultdict(dict)
+    for run in runs:
+        groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+        for query in run["queries"]:
+            if query["source"] != "real":
+                groups[(run["size"], query["strength"])].append(query["coarse_curve"])
+                groups[(run["size"], "all")].append(query["coarse_curve"])
+        for key, curves in groups.items():
+            exact = [c["exact"] for c in curves]
+            exact_r1 = float(np.mean([r == 1 for r in exact]))
+            exact_r10 = float(np.mean([r is not None for r in exact]))
+            metrics = {"exact R@1": exact_r1, "exact R@10": exact_r10}
+            for minimum in COARSE_CURVE:
+                points = [c["curve"][str(minimum)] for c in curves]
+                r1 = float(np.mean([p[1] == 1 for p in points]))
+                r10 = float(np.mean([p[1] is not None for p in points]))
+                metrics |= {
+                    f"{minimum} share": float(np.mean([p[0] for p in points])) / run["size"],
+                    f"{minimum} R@1": r1,
+                    f"{minimum} R@10": r10,
+                    f"{minimum} R@1 ratio": r1 / exact_r1 if exact_r1 else 1.0,
+                    f"{minimum} R@10 ratio": r10 / exact_r10 if exact_r10 else 1.0,
+                    f"{minimum} top{TOP_K} kept": float(np.mean([p[2] for p in points])) / TOP_K,
+                }
+            per_seed[key][run["seed"]] = metrics
+    summary = []
+    for (size, strength), seeds in sorted(per_seed.items()):
+        summarised: dict[str, dict[str, float]] = {}
+        for name in next(iter(seeds.values())):
+            values = [seed[name] for seed in seeds.values()]
+            summarised[name] = {"mean": round(statistics.fmean(values), 4), "std": round(statistics.pstdev(values), 4)}
+        summary.append({"size": size, "strength": strength, "seeds": len(seeds), **summarised})
+    return summary
+
+
+def curve_table(report: dict[str, Any]) -> str:
+    lines = [
+        "Coarse curve (the shop's held-out photos; fine stage before verify; mean ± spread over seeds): candidates "
+        "passed as a share of the shop, R@10 and R@1 over them as a ratio of the exact fc7 search's, and the share "
+        f"of the exact search's first {TOP_K} kept.",
+        "",
+        "| products | queries | exact R@1 / R@10 | min candidates | passes | R@10 ratio | R@1 ratio | top-10 kept |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report.get("coarse_curve", []):
+        exact = f"{row['exact R@1']['mean']:.3f} / {row['exact R@10']['mean']:.3f}"
+        for minimum in COARSE_CURVE:
+            if row[f"{minimum} share"]["mean"] > 0.5:
+                continue
+            lines.append(
+                f"| {row['size']:,} | {row['strength']} | {exact} | {minimum} | {row[f'{minimum} share']['mean']:.1%} "
+                f"| {row[f'{minimum} R@10 ratio']['mean']:.3f} ± {row[f'{minimum} R@10 ratio']['std']:.3f} "
+                f"| {row[f'{minimum} R@1 ratio']['mean']:.3f} ± {row[f'{minimum} R@1 ratio']['std']:.3f} "
+                f"| {row[f'{minimum} top{TOP_K} kept']['mean']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def markdown_table(report: dict[str, Any]) -> str:

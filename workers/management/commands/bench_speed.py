@@ -37,7 +37,9 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
@@ -57,6 +59,24 @@ INTAKE_JPEG_SIZES = ((4032, 3024), (2016, 1512), (816, 612))  # 12, 3 and 0.5 MP
 FRESHNESS_TIMEOUT_S = 120.0
 
 
+def _interleaved_encode_ms(onnx_of: dict[str, Path], repeats: int = 31) -> dict[str, float]:
+    """Median ms of Encoder.encode on one photo (preprocessing included, one thread) for each model, the models
+    taking turns photo by photo, so that a busy minute on the shared cores slows them all alike."""
+    from workers.ml.encoder import Encoder
+
+    encoders = {name: Encoder.load(path, num_threads=1) for name, path in onnx_of.items()}
+    photo = [Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 220, 3), dtype=np.uint8))]
+    timings: dict[str, list[float]] = {name: [] for name in encoders}
+    for encoder in encoders.values():
+        encoder.encode(photo)  # warm-up
+    for _ in range(repeats):
+        for name, encoder in encoders.items():
+            started = time.perf_counter()
+            encoder.encode(photo)
+            timings[name].append((time.perf_counter() - started) * 1000)
+    return {name: round(float(np.median(values)), 2) for name, values in timings.items()}
+
+
 class Command(BaseCommand):
     help = "The speed table: search stages vs floors, encode, ingest, API latency; JSON + markdown."
 
@@ -67,6 +87,17 @@ class Command(BaseCommand):
         parser.add_argument("--queries", type=int, default=200, help="bench_search queries per size")
         parser.add_argument("--input-sizes", default="224,112", help="version 0 input sizes for the encode section")
         parser.add_argument("--checkpoints", default="", help="comma-separated .pt files to time as well")
+        parser.add_argument(
+            "--encode-turns-only",
+            action="store_true",
+            help="encode section: only the interleaved batch-1 ONNX latencies (no torch, no batch throughput)",
+        )
+        parser.add_argument(
+            "--recipes",
+            default="{}",
+            help='version 0 recipes to time as well, as JSON name -> fit_baseline arguments, e.g. \'{"lite2": '
+            '{"backbone": "tf_efficientnet_lite2"}}\'; then all encoders take turns at batch 1 (interleaved medians)',
+        )
         parser.add_argument("--intake-repeats", type=int, default=20, help="timed intakes per photo and path")
         parser.add_argument("--ingest-products", type=int, default=1000)
         parser.add_argument("--load-sizes", default="100000,1000000", help="bench_index_load catalog sizes")
@@ -140,19 +171,27 @@ class Command(BaseCommand):
         from workers.ml.onnx_export import compare_speed
 
         pictures = [_rendered(seed) for seed in range(FIT_SAMPLE)]
-        rows = []
+        rows: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory() as scratch:
             models = [
                 (f"version 0 ({size} px)", fit_baseline(pictures, out_path=Path(scratch) / f"v0-{size}.pt",
                                                         input_size=size, num_threads=1))
                 for size in (int(s) for s in options["input_sizes"].split(",") if s.strip())
             ]  # fmt: skip
+            models += [
+                (name, fit_baseline(pictures, out_path=Path(scratch) / f"v0-{name}.pt", num_threads=1, **recipe))
+                for name, recipe in json.loads(options["recipes"]).items()
+            ]
             models += [(Path(path).stem, Path(path)) for path in options["checkpoints"].split(",") if path.strip()]
+            onnx_of = {}
             for name, checkpoint in models:
-                onnx = export(checkpoint, Path(scratch) / f"{Path(checkpoint).stem}.onnx", verify=True)
+                onnx = onnx_of[name] = export(checkpoint, Path(scratch) / f"{Path(checkpoint).stem}.onnx", verify=True)
+                if options["encode_turns_only"]:
+                    rows.append({"model": name})
+                    continue
                 torch_1, onnx_1 = compare_speed(checkpoint, onnx, batch_size=1, threads=1)
                 torch_b, onnx_b = compare_speed(checkpoint, onnx, batch_size=ENCODE_BATCH, threads=1)
-                row = {
+                row: dict[str, Any] = {
                     "model": name,
                     "batch1_ms": {"torch": round(torch_1, 2), "onnxruntime": round(onnx_1, 2)},
                     f"batch{ENCODE_BATCH}_images_per_s": {
@@ -161,6 +200,11 @@ class Command(BaseCommand):
                 }  # fmt: skip
                 rows.append(row)
                 self.stdout.write(f"encode {json.dumps(row)}")
+            if len(onnx_of) > 1:
+                turns = _interleaved_encode_ms(onnx_of)
+                for measured in rows:
+                    measured["batch1_ms_interleaved"] = turns[str(measured["model"])]
+                self.stdout.write(f"encode, taking turns (ONNX Runtime, batch 1, one thread): {json.dumps(turns)}")
         return rows
 
     def _intake(self, options: dict) -> list[dict]:
@@ -361,7 +405,11 @@ def markdown(report: dict) -> str:
             )
         lines.append("")
     encode = report.get("encode")
-    if encode:
+    if encode and "batch1_ms" not in encode[0]:  # --encode-turns-only
+        lines += ["| model | batch 1, one thread, ONNX Runtime, taking turns (median) |", "|---|---|"]
+        lines += [f"| {row['model']} | {row.get('batch1_ms_interleaved', float('nan')):.1f} ms |" for row in encode]
+        lines.append("")
+    elif encode:
         lines += [
             f"| model | batch 1, one thread: torch | ONNX Runtime | batch {ENCODE_BATCH}, one thread: torch "
             "| ONNX Runtime |",
