@@ -15,7 +15,7 @@ from workers.ml.datasets.torch_dataset import prepare_record
 from workers.ml.encoder import Encoder
 from workers.ml.evaluation import evaluate_encoder
 from workers.ml.losses import MultiTaskLoss
-from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.model import FashionNet
 from workers.ml.recipes import FINE_TUNE_STAGES, RECIPES
 from workers.ml.records import collate
 from workers.ml.training import (
@@ -195,13 +195,15 @@ def test_from_overrides_lays_each_mapping_over_the_defaults():
 
 
 def test_the_admins_retraining_defaults_are_the_train_config_defaults():
-    """What a TrainingRun without overrides trains: 5 epochs of P=32 x K=2, strong shopper views, 2 threads,
-    64 px input and 64-bit codes (the model's defaults)."""
+    """What a TrainingRun without overrides trains (the recipe chosen with bench_shop_recipe, docs/benchmarks.md):
+    2 epochs of P=32 x K=2, strong shopper views, 2 threads, starting as version 0 (224 px, 256-bit codes) with the
+    backbone's last two blocks trained and the best epoch on validation kept."""
     config = TrainConfig.from_overrides({})
-    assert (config.epochs, config.instances_per_batch, config.views_per_instance) == (5, 32, 2)
+    assert (config.epochs, config.instances_per_batch, config.views_per_instance) == (2, 32, 2)
     assert (config.augment, config.num_threads) == ("strong", 2)
+    assert (config.start_from_version0, config.trainable_blocks, config.select_on_validation) == (True, 2, True)
     model = build_model_config(config, LABELS)
-    assert (model.input_size, model.code_bits) == (64, 64) == (FashionNetConfig.input_size, FashionNetConfig.code_bits)
+    assert (model.input_size, model.code_bits) == (224, 256)
 
 
 def test_train_stages_fine_tunes_each_stage_from_the_previous_one(tmp_path):

@@ -328,8 +328,11 @@ def _start_and_model(config: TrainConfig, data: TrainingData, out_dir: Path) -> 
         return None, config.model  # version 0 exists only on the packaged ImageNet weights
     path = out_dir / START_CHECKPOINT
     if not path.exists():  # a resumed run starts from the same fit
-        chosen = fit_sample(START_FIT_SAMPLE, len(data.records), config.seed)
-        records = [data.records[int(i)] for i in chosen]
+        # fitted on the shop's own photos, as the shop's version 0 is: with rendered products mixed in
+        # (datasets.mixed), the catalog is the first part, whose category indices the merged label space keeps
+        own = getattr(data.records, "parts", [data.records])[0]
+        chosen = fit_sample(START_FIT_SAMPLE, len(own), config.seed)
+        records = [own[int(i)] for i in chosen]
         categories = data.label_space.categories
         fit_baseline(
             [r.image for r in records],
