@@ -55,10 +55,11 @@ class Command(BaseCommand):
         from workers.ml.baseline import fit_baseline
         from workers.ml.checkpoint import load_checkpoint
         from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
+        from workers.ml.datasets.factory import build_dataset
         from workers.ml.encoder import Encoder
         from workers.ml.evaluation import RetrievalInputs, retrieval_report
         from workers.ml.training import TrainConfig, read_metrics, train
-        from workers.pipelines import golden_epoch_sets, golden_epoch_validator, product_key
+        from workers.pipelines import golden_epoch_sets, golden_epoch_validator, product_key, retrain_dataset
         from workers.sample_shop import sample_products
 
         started = time.perf_counter()
@@ -92,14 +93,20 @@ class Command(BaseCommand):
                 categories=[names[r.category] if r.category >= 0 else None for r in records],
             )
         sets = golden_epoch_sets(export)
+        overrides = json.loads(options["config"])
         config = TrainConfig.from_overrides(
             {"init_checkpoint": str(version0)},
-            json.loads(options["config"]),
-            {"out_dir": str(work / "run"), "dataset": {"name": "catalog-export", "directory": str(export_dir)}},
+            overrides,
+            # the dashboard's data: the catalog with rendered products mixed in (pipelines.retrain_dataset)
+            {"out_dir": str(work / "run"), "dataset": retrain_dataset(overrides, export_dir)},
         )
+        data = build_dataset(config.dataset)
         trained_at = time.perf_counter()
         checkpoint = train(
-            config, records=export, label_space=export.label_space, validate=golden_epoch_validator(export)
+            config,
+            records=data.records,
+            label_space=data.label_space,
+            validate=golden_epoch_validator(export, data.label_space),
         )
         train_seconds = time.perf_counter() - trained_at
         epochs = read_metrics(config.out_dir)
