@@ -1,5 +1,5 @@
 """`manage.py bench_multitask`: does a shop retrain keep its landmark branch trained? With and without rendered
-products mixed into the catalog (workers.pipelines.RETRAIN_RENDERED_SHARE), on the demo shop's catalog.
+products mixed into the catalog (a run's `mix_rendered`), on the demo shop's catalog.
 
 For each share: the demo shop's products (workers.sample_shop, as `manage.py demo_catalog` loads them) exported
 in the retrain's format, trained with the dashboard's defaults (TrainConfig, fresh from the ImageNet backbone: the
