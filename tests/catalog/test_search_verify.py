@@ -108,7 +108,9 @@ def test_the_search_api_switch_asks_the_worker_for_keypoints_and_shows_inliers(w
     version, query, look, _, true = wrong_by_fc7
     asked = []
 
-    def encode_query(*, photo: bytes, version_id: int, keypoints: bool = False) -> QueryEncoding:
+    def encode_query(
+        *, photo: bytes, version_id: int, keypoints: bool = False, item_weight: float = 0.0
+    ) -> QueryEncoding:
         asked.append(keypoints)
         return query if keypoints else QueryEncoding(model_version_id=version_id, code=query.code, fc7=query.fc7)
 

@@ -140,7 +140,7 @@ def _pad_chunk(*, cursor, owner: int, version, rng, products, images, embeddings
         for p in products.tolist()
     )
     files = "".join(
-        f"{i}\t{p}\tpadded/{p}.png\t{i:064x}\t256\t256\t0\t0\t\tembedded\t\tnow\n"
+        f"{i}\t{p}\tpadded/{p}.png\t{i:064x}\t256\t256\t0\t0\t\tembedded\t\tnow\t0\t\n"
         for i, p in zip(images.tolist(), products.tolist())
     )
     with raw.cursor() as copying:
@@ -151,7 +151,7 @@ def _pad_chunk(*, cursor, owner: int, version, rng, products, images, embeddings
             copy.write(rows)
         with copying.copy(
             "COPY catalog_productimage (id, product_id, file, sha256, width, height, size_bytes, position, source_url,"
-            " status, error, created_at) FROM STDIN"
+            " status, error, created_at, embed_attempts, embed_attempt_by) FROM STDIN"
         ) as copy:
             copy.write(files)
         copying.execute("TRUNCATE pad_embedding")
