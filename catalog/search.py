@@ -649,17 +649,7 @@ def _result_cards_read(*, embedding_ids: list[int], version: ModelVersion) -> di
     cards = {}
     for (embedding_id, image_id, image_file, landmarks, product_id, merchant_id, merchant_slug, sku, title, category,
          attributes, price, url) in found:  # fmt: skip
-        product = ProductCard(
-            pk=product_id,
-            merchant_id=merchant_id,
-            merchant_slug=merchant_slug,
-            sku=sku,
-            title=title,
-            category=category,
-            attributes=list(_json(attributes) or []),
-            price=price,
-            url=url,
-        )
+        product = _product_card(product_id, merchant_id, merchant_slug, sku, title, category, attributes, price, url)
         cards[embedding_id] = ResultCard(
             product=product, image_id=image_id, image_file=image_file, landmarks=_json(landmarks) or []
         )
@@ -710,11 +700,19 @@ def _fine_cards(
         return cursor.fetchall()
 
 
-def _fine_row(found: tuple, candidates: CoarseCandidates) -> FineRow:
-    """One row of the fine stage's query (its column order) as a FineRow, with the candidate's Hamming distance."""
-    (product_id, embedding_id, image_id, image_file, fc7_distance, score, landmarks, merchant_id, merchant_slug,
-     sku, title, category, attributes, price, url) = found  # fmt: skip
-    card = ProductCard(
+def _product_card(
+    product_id: int,
+    merchant_id: int,
+    merchant_slug: str,
+    sku: str,
+    title: str,
+    category: str,
+    attributes: Any,
+    price: Any,
+    url: str,
+) -> ProductCard:
+    """A product's card from the columns both card queries read (the fine stage's and the card cache's misses)."""
+    return ProductCard(
         pk=product_id,
         merchant_id=merchant_id,
         merchant_slug=merchant_slug,
@@ -725,6 +723,13 @@ def _fine_row(found: tuple, candidates: CoarseCandidates) -> FineRow:
         price=price,
         url=url,
     )
+
+
+def _fine_row(found: tuple, candidates: CoarseCandidates) -> FineRow:
+    """One row of the fine stage's query (its column order) as a FineRow, with the candidate's Hamming distance."""
+    (product_id, embedding_id, image_id, image_file, fc7_distance, score, landmarks, merchant_id, merchant_slug,
+     sku, title, category, attributes, price, url) = found  # fmt: skip
+    card = _product_card(product_id, merchant_id, merchant_slug, sku, title, category, attributes, price, url)
     return FineRow(
         product=card,
         embedding_id=embedding_id,
