@@ -115,6 +115,13 @@ def test_a_mixed_batch_teaches_landmarks_on_rendered_samples_only(tmp_path):
     assert landmark_grad[~rendered].abs().sum() == 0
     assert (landmark_grad[rendered].abs().sum(dim=(1, 2)) > 0).all()
 
+    # the rendered products stay out of the shop's metric space: no triplet (nor hash triplet) gradient reaches them
+    assert torch.equal(batch["metric"], ~rendered)
+    for name, vectors in (("triplet", output.embedding), ("hash_triplet", output.hash_probs)):
+        (metric_grad,) = torch.autograd.grad(parts[name], vectors, retain_graph=True)
+        assert metric_grad[rendered].abs().sum() == 0, name
+        assert metric_grad[~rendered].abs().sum() > 0, name
+
     (attribute_grad,) = torch.autograd.grad(parts["attributes"], output.attribute_logits)
     shop_only = torch.tensor([name.startswith("shop:") for name in space.attributes])
     assert attribute_grad[rendered][:, shop_only].abs().sum() == 0
@@ -125,6 +132,38 @@ def test_a_mixed_batch_teaches_landmarks_on_rendered_samples_only(tmp_path):
         == 0
     )
     assert (attribute_grad[~rendered][:, shop_only] != 0).all() and (attribute_grad[rendered][:, ~shop_only] != 0).any()
+
+
+def test_rendered_products_join_the_metric_space_only_when_asked(tmp_path):
+    directory = _shop_export(tmp_path)
+    spec = {"name": "catalog-export", "directory": str(directory), "mix_rendered": SHARE}
+    inside = build_dataset({**spec, "rendered_metric": True}).records
+    outside = build_dataset(spec).records
+    shop, rendered = 0, SHOP_PRODUCTS * 2
+    assert outside[shop].metric and not outside[rendered].metric
+    assert inside[shop].metric and inside[rendered].metric
+    assert outside[rendered].instance_id == inside[rendered].instance_id  # the sampler still groups its views
+    with pytest.raises(ValueError, match="one flag per part"):
+        MixedRecords([(outside.parts[0], outside.label_space)], metric_parts=(True, False))
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_the_landmark_losses_reach_the_backbone_only_when_it_is_tuned_by_them(tune):
+    space = render.LABEL_SPACE
+    model_config = tiny_config(
+        num_landmarks=space.num_landmarks, num_categories=len(space.categories), num_attributes=len(space.attributes),
+        landmarks_tune_backbone=tune,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = FashionNet(model_config)
+    output = model(torch.randn(4, 3, model_config.input_size, model_config.input_size))
+    loss = output.landmarks.sum() + output.visibility_logits.sum()
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    branch = list(model.heatmap.parameters())
+    grads = torch.autograd.grad(loss, backbone + branch, allow_unused=True)
+    backbone_grad = sum(float(g.abs().sum()) for g in grads[: len(backbone)] if g is not None)
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[len(backbone) :])  # the branch itself learns
+    assert (backbone_grad > 0) == tune
 
 
 def test_training_on_the_mix_learns_landmarks_from_the_rendered_products(tmp_path):

@@ -181,6 +181,9 @@ class MultiTaskLoss(nn.Module):
     def forward(self, output: FashionNetOutput, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         w = self.weights
         parts: dict[str, torch.Tensor] = {}
+        instance = batch["instance"]
+        if "metric" in batch:  # images outside the metric space are neither anchors, positives nor negatives
+            instance = instance.masked_fill(~batch["metric"], -1)
         if output.landmarks is not None and output.visibility_logits is not None:
             mask = batch["landmarks_mask"]
             if w.landmarks:
@@ -194,17 +197,17 @@ class MultiTaskLoss(nn.Module):
                 output.attribute_logits, batch["attributes"], batch["attributes_mask"], self.attribute_pos_weight
             )
         if w.triplet:
-            parts["triplet"] = batch_hard_triplet_loss(output.embedding, batch["instance"])
+            parts["triplet"] = batch_hard_triplet_loss(output.embedding, instance)
         if w.contrastive:
-            parts["contrastive"] = contrastive_loss(output.embedding, batch["instance"])
+            parts["contrastive"] = contrastive_loss(output.embedding, instance)
         if w.infonce:
-            parts["infonce"] = infonce_loss(output.embedding, batch["instance"])
+            parts["infonce"] = infonce_loss(output.embedding, instance)
         if w.hash_infonce:
             # On the (-1, 1) relaxation normalised to the unit sphere: cosine = 1 - 2 * hamming / B for binary codes.
             relaxed = F.normalize(2 * output.hash_probs - 1, dim=1)
-            parts["hash_infonce"] = infonce_loss(relaxed, batch["instance"])
+            parts["hash_infonce"] = infonce_loss(relaxed, instance)
         if w.hash_triplet:
-            parts["hash_triplet"] = batch_hard_triplet_loss(hash_relaxation(output.hash_probs), batch["instance"])
+            parts["hash_triplet"] = batch_hard_triplet_loss(hash_relaxation(output.hash_probs), instance)
         if w.hash_quantization:
             parts["hash_quantization"] = hash_quantization_loss(output.hash_probs)
         if w.hash_balance:

@@ -57,6 +57,10 @@ class FashionNetConfig:
     # version 0's descriptor (workers.ml.baseline.pooled_descriptor), so a network can start as version 0
     # (workers.ml.warm_start). The landmark branch keeps reading the last stage's map.
     global_head: bool = False
+    # The landmark and visibility losses train the backbone too (FashionNet's joint training). False: the landmark
+    # branch learns on the backbone's features as they are (stop-gradient), so labels the shop's catalog does not
+    # have cannot pull its retrieval features away from its own photos.
+    landmarks_tune_backbone: bool = True
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -273,16 +277,21 @@ class FashionNet(nn.Module):
 
         landmarks = visibility_logits = None
         if self.config.num_landmarks:
-            upsampled = F.interpolate(last, size=local_features.shape[2:], mode="nearest")
-            local = self.local(torch.cat([local_features, upsampled], dim=1))
+            seen = (last, local_features, pooled)  # what the landmark branch reads
+            if not self.config.landmarks_tune_backbone:
+                seen = (last.detach(), local_features.detach(), pooled.detach())
+            branch_last, branch_local, branch_pooled = seen
+            upsampled = F.interpolate(branch_last, size=branch_local.shape[2:], mode="nearest")
+            local = self.local(torch.cat([branch_local, upsampled], dim=1))
             if self.config.landmark_mode == "heatmap":
                 heatmaps = self.heatmap(local)
                 landmarks = soft_argmax(heatmaps)
                 peak = heatmaps.flatten(2).amax(dim=2)  # a confident, sharp peak suggests a visible landmark
-                visibility_logits = self.visibility(torch.cat([pooled, peak], dim=1))
+                visibility_logits = self.visibility(torch.cat([branch_pooled, peak], dim=1))
             else:
-                landmarks = torch.sigmoid(self.landmark_regressor(pooled)).reshape(-1, self.config.num_landmarks, 2)
-                visibility_logits = self.visibility(pooled)
+                regressed = self.landmark_regressor(branch_pooled)
+                landmarks = torch.sigmoid(regressed).reshape(-1, self.config.num_landmarks, 2)
+                visibility_logits = self.visibility(branch_pooled)
             # Pool where the network believes the landmarks are, but do not let the pooling pull them around:
             # their positions are taught by the landmark loss alone.
             weights = torch.sigmoid(visibility_logits).detach()

@@ -32,6 +32,10 @@ class Record:
     attributes: np.ndarray | None = None  # (A,) float32 in {0, 1}; NaN = this attribute is not labelled
     landmarks: np.ndarray | None = None  # (K, 2) float32, x/y normalised to [0, 1] of the image
     visibility: np.ndarray | None = None  # (K,) float32 in {0, 1}
+    # False: the metric losses (triplet, hash) leave this image out; its other labels still teach their heads. A
+    # rendered product mixed into a shop's retrain (datasets.mixed) is one: it teaches landmarks and attributes,
+    # and the shop's metric space stays the shop's.
+    metric: bool = True
     extra: dict = field(default_factory=dict)  # free-form provenance (file name, sku, ...)
 
 
@@ -51,6 +55,7 @@ def collate(samples: Sequence[tuple[torch.Tensor, Record]], label_space: LabelSp
         "landmarks": torch.zeros(n, k, 2),
         "visibility": torch.zeros(n, k),
         "landmarks_mask": torch.zeros(n, dtype=torch.bool),
+        "metric": torch.tensor([r.metric for _, r in samples], dtype=torch.bool),
     }
     for i, (_, record) in enumerate(samples):
         if record.attributes is not None and num_attributes:

@@ -16,6 +16,7 @@ a run is registered (`by_split`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tempfile
@@ -98,7 +99,8 @@ class Command(BaseCommand):
             {"init_checkpoint": str(version0)},
             overrides,
             # the dashboard's data: the catalog with rendered products mixed in (pipelines.retrain_dataset)
-            {"out_dir": str(work / "run"), "dataset": retrain_dataset(overrides, export_dir)},
+            # one run folder per recipe: runs resume from their folder, so two recipes sharing a work dir must not
+            {"out_dir": str(work / f"run-{_recipe_key(overrides)}"), "dataset": retrain_dataset(overrides, export_dir)},
         )
         data = build_dataset(config.dataset)
         trained_at = time.perf_counter()
@@ -159,3 +161,8 @@ def markdown(report: dict) -> str:
             )
     lines += ["", "per epoch (validation part): " + json.dumps(report["epochs"])]
     return "\n".join(lines)
+
+
+def _recipe_key(overrides: dict) -> str:
+    """A short stable name for a recipe's overrides."""
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]

@@ -76,7 +76,8 @@ def build_dataset(spec: dict) -> TrainingData:
     catalog-export: a shop's exported catalog in `directory` (what the admin's retraining trains on), every
     photo of a product one view of it; no validation. `mix_rendered` (0 when absent: the export alone) is the
     share of the training products that are rendered ones mixed in (datasets.mixed), `rendered_views` catalog
-    photos each: they carry the landmarks, visibility and attributes a shop's catalog lacks.
+    photos each: they carry the landmarks, visibility and attributes a shop's catalog lacks; the metric losses
+    leave them out unless `rendered_metric`.
     """
     name = spec["name"]
     if name == "fashion-mnist":
@@ -119,7 +120,11 @@ def build_dataset(spec: dict) -> TrainingData:
                 rendered_products_to_mix(len(export.products), share), int(spec.get("rendered_views", 2))
             )
         )
-        mixed = MixedRecords([(export, export.label_space), (rendered, render.LABEL_SPACE)])
+        # rendered products inside the shop's metric space only when asked (`rendered_metric`): see datasets.mixed
+        mixed = MixedRecords(
+            [(export, export.label_space), (rendered, render.LABEL_SPACE)],
+            metric_parts=(True, bool(spec.get("rendered_metric", False))),
+        )
         return TrainingData(mixed, mixed.label_space, None)
     raise ValueError(f"unknown training dataset {name!r} ({' | '.join(TRAINING_DATASETS)})")
 

@@ -12,7 +12,11 @@ keep every head trained (`factory.build_dataset`, catalog-export's `mix_rendered
 - a record's attributes are re-expressed in the merged vocabulary, NaN where its part does not label that
   attribute (collate masks them one by one); a part without attribute labels stays without;
 - landmarks need one layout: parts have the same number of landmarks or none;
-- instance ids are offset per part, so no two parts share a product.
+- instance ids are offset per part, so no two parts share a product;
+- a part may stay outside the metric space (`metric_parts`): its records keep their labels for the other heads
+  but the metric losses leave them out (Record.metric). A shop's retrain mixes its rendered products in so:
+  batch-hard mining among procedural renders taught the shop's metric space to tell renders apart and measured
+  worse on the shop's own golden set (docs/architecture.md, "Retraining").
 Batches then mix the parts in proportion to their products (the P x K sampler draws products at random).
 """
 
@@ -40,9 +44,14 @@ def merged_label_space(spaces: Sequence[LabelSpace]) -> LabelSpace:
 class MixedRecords(Sequence[Record]):
     """The records of every (records, label space) part in turn, in their merged label space."""
 
-    def __init__(self, parts: Sequence[tuple[Sequence[Record], LabelSpace]]) -> None:
+    def __init__(
+        self, parts: Sequence[tuple[Sequence[Record], LabelSpace]], metric_parts: Sequence[bool] | None = None
+    ) -> None:
         if not parts:
             raise ValueError("nothing to mix")
+        self._metric = list(metric_parts) if metric_parts is not None else [True] * len(parts)
+        if len(self._metric) != len(parts):
+            raise ValueError("metric_parts needs one flag per part")
         self.parts = [records for records, _ in parts]
         self.label_space = merged_label_space([space for _, space in parts])
         self._starts = np.cumsum([0, *(len(records) for records in self.parts)])
@@ -76,6 +85,7 @@ class MixedRecords(Sequence[Record]):
             instance_id=record.instance_id + self._offsets[part] if record.instance_id >= 0 else -1,
             category=int(self._categories[part][record.category]) if record.category >= 0 else -1,
             attributes=attributes,
+            metric=record.metric and self._metric[part],
         )
 
     @property
