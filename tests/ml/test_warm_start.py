@@ -13,6 +13,8 @@ from workers.ml.datasets.render import render_product
 from workers.ml.encoder import Encoder
 from workers.ml.evaluation import RetrievalInputs, retrieval_report, retrieval_validator
 from workers.ml.heldout_queries import heldout_query
+from workers.ml.model import FashionNet, FashionNetConfig
+from workers.ml.preprocess import Preprocessing, preprocess_batch
 from workers.ml.records import LabelSpace, Record
 from workers.ml.training import LAST_CHECKPOINT, START_EPOCH, TrainConfig, read_metrics, train
 
@@ -132,3 +134,29 @@ def test_selection_registers_the_best_epoch_and_a_tie_keeps_the_earlier(tmp_path
     )  # fmt: skip
     assert load_checkpoint(checkpoint)["metrics"]["selected_epoch"] == 0
     assert load_checkpoint(checkpoint)["metrics"]["validation"] == {"cascade": 0.5}
+
+
+def test_a_landmark_branch_enters_fc7_at_version_0s_scale(tmp_path, shop):
+    """fc7 starts reading the landmark part through zero weights; the part itself is scaled to version 0's fc7
+    components (a few hundredths), not BatchNorm's unit scale, so a few AdamW steps cannot let it swamp them."""
+    space = LabelSpace(categories=("item",), attributes=(), num_landmarks=8)
+    validate = retrieval_validator(shop["gallery"], shop["queries"], space)
+    checkpoint = load_checkpoint(
+        train(_config(tmp_path, shop, epochs=0), records=shop["records"], label_space=space, validate=validate)
+    )
+    assert checkpoint["metrics"]["selected_epoch"] == START_EPOCH
+    model = FashionNet(FashionNetConfig.from_dict(checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    raw: list[torch.Tensor] = []
+    model.fc7.register_forward_hook(lambda _module, _inputs, output: raw.append(output))
+    images, _ = preprocess_batch(
+        [r.image for r in shop["records"]], Preprocessing.from_dict(checkpoint["preprocessing"])
+    )
+    with torch.no_grad():
+        model(images)
+    version0_rms = float(raw[0].pow(2).mean().sqrt())  # the landmark part is still 0: fc7_raw is version 0's z
+    assert version0_rms < 0.2  # what makes the unit scale a problem
+    scale = checkpoint["state_dict"]["fc6_local.1.weight"]
+    assert torch.allclose(scale, torch.full_like(scale, version0_rms), rtol=0.25)
+    assert checkpoint["state_dict"]["fc7.0.weight"][:, -model.config.fc6_local_dim :].abs().sum() == 0

@@ -9,6 +9,7 @@ fc6_global = ReLU(BN(Linear(x))) and fc7 = BN(Linear(concat(fc6_global, fc6_loca
     fc6_global's Linear:  [P^T; -P^T] x + [-P^T mean; P^T mean]   (2 x fc7_dim rows)  -> [z, -z]
     ReLU:                 [max(z, 0), max(-z, 0)]
     fc7's Linear:         [I, -I] (the landmark part 0)                                -> z
+    fc6_local's BN:       its scale set to version 0's fc7's (the landmark part then grows at the pace of the rest)
     hash:                 A^T z with P A = H (H lies in P's span), scaled             -> version 0's code signs
 
 and both BatchNorms as identities (running mean 0, running variance 1 - eps, weight 1, bias 0). Their statistics
@@ -95,10 +96,27 @@ def warm_start_from_baseline(model: FashionNet, baseline: dict, sample: torch.Te
     scale = 1.0
     if sample is not None and len(sample):
         model.eval()
-        logits = (_pooled(model, sample).double() - mean) @ codes  # version 0's hash logits on the sample
+        centred = _pooled(model, sample).double() - mean
+        logits = centred @ codes  # version 0's hash logits on the sample
         scale = HASH_LOGIT_STD / float(logits.std().clamp(min=1e-12))
+        if model.config.num_landmarks:
+            _landmark_part_at_version0_scale(model, float((centred @ pca).pow(2).mean().sqrt()))
     model.hash.weight.copy_((rotation.T * scale).float())
     model.hash.bias.zero_()
+
+
+def _landmark_part_at_version0_scale(model: FashionNet, rms: float) -> None:
+    """fc6_local's output at the scale of version 0's fc7 (`rms`, measured on the sample), not BatchNorm's unit one.
+
+    fc7 starts reading it through zero weights, and AdamW moves every weight by about the learning rate a step
+    whatever the gradient's size: at unit scale, against version 0's components of a few hundredths, a few steps
+    let an untrained landmark branch's features swamp version 0's fc7 (measured: the golden R@1 of a run with
+    rendered products mixed in fell from 0.40 to 0.32 in its first epoch). At version 0's scale the landmark part
+    enters fc7 at the pace of the rest of it."""
+    norm = model.fc6_local[1]
+    assert isinstance(norm, nn.BatchNorm1d)
+    norm.weight.fill_(rms)
+    norm.bias.zero_()
 
 
 def _pooled(model: FashionNet, images: torch.Tensor) -> torch.Tensor:
