@@ -56,9 +56,9 @@ class Command(BaseCommand):
         from workers.ml.baseline import fit_baseline
         from workers.ml.checkpoint import load_checkpoint
         from workers.ml.datasets.catalog_export import CatalogExport, CatalogProduct, write_catalog_export
-        from workers.ml.datasets.factory import build_dataset
+        from workers.ml.datasets.factory import build_dataset, landmark_heldout_views
         from workers.ml.encoder import Encoder
-        from workers.ml.evaluation import RetrievalInputs, retrieval_report
+        from workers.ml.evaluation import RetrievalInputs, landmark_report, retrieval_report
         from workers.ml.training import TrainConfig, read_metrics, train
         from workers.pipelines import golden_epoch_sets, golden_epoch_validator, product_key, retrain_dataset
         from workers.sample_shop import sample_products
@@ -140,6 +140,9 @@ class Command(BaseCommand):
                     "gallery": len(gallery),
                     **{f"{mode}_{k}": round(numbers[mode][k], 4) for mode in MODES for k in ("R@1", "R@10")},
                 }
+        # the landmark branch a mixed retrain trains (none without rendered products): PCK on held-out renders
+        landmarks = landmark_report(Encoder.load(checkpoint), landmark_heldout_views())
+        report["landmark_pck"] = round(landmarks["pck"], 4) if landmarks else None
         report["seconds"] = round(time.perf_counter() - started, 1)
         return report
 
@@ -148,7 +151,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"{report['products']} products ({report['images']} photos); overrides {json.dumps(report['config'])}; "
         f"training {report['train_seconds']:.0f} s (epochs {report['epoch_seconds']} s), selected epoch "
-        f"{report['selected_epoch']} (-1 = the start)",
+        f"{report['selected_epoch']} (-1 = the start); landmark PCK@0.1 on held-out renders "
+        f"{'n/a (no landmark branch)' if report['landmark_pck'] is None else format(report['landmark_pck'], '.3f')}",
         "",
         "| version | split | queries | cascade R@1 | cascade R@10 | fc7 R@1 | fc7 R@10 |",
         "|---|---|---|---|---|---|---|",
