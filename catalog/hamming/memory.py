@@ -93,25 +93,27 @@ class _SnapshotWrite:
 
     Appended rows land past `size` (or in new arrays when they grow), and a compaction or reload makes new arrays:
     neither touches what the thread reads. Only `_upsert` of a row already there and `_hide` change rows in place,
-    and they call `keep` first, under the index's lock, as `changed` (the thread, once it has read every column)
-    takes them under it too: a row changed after that is not read any more."""
+    and they call `keep` before the change; the thread calls `changed` once it has read every column, and a row
+    changed after that is not read any more. The two meet on a lock of their own, not the index's, so that the
+    thread never waits behind a search."""
 
-    def __init__(self, rows: _Rows, lock: threading.RLock) -> None:
+    def __init__(self, rows: _Rows) -> None:
         self.rows = rows
         self.size = rows.size
         self.columns = {name: getattr(rows, name) for name in _Rows.COLUMNS}
-        self._lock = lock
+        self._kept = threading.Lock()
         self._before: dict[int, tuple[np.ndarray, ...]] | None = {}
 
     def keep(self, rows: _Rows, row: int) -> None:
-        """Row `row` of `rows` is about to change in place (the index's lock is held)."""
-        before = self._before
-        if before is not None and rows is self.rows and row < self.size and row not in before:
-            before[row] = tuple(column[row].copy() for column in self.columns.values())
+        """Row `row` of `rows` is about to change in place (under the index's lock: the rows change nowhere else)."""
+        with self._kept:
+            before = self._before
+            if before is not None and rows is self.rows and row < self.size and row not in before:
+                before[row] = tuple(column[row].copy() for column in self.columns.values())
 
     def changed(self) -> dict[int, tuple[np.ndarray, ...]]:
         """The rows changed since the write began, as they were then; no more are kept after this call."""
-        with self._lock:
+        with self._kept:
             before, self._before = self._before or {}, None
         return before
 
@@ -147,7 +149,8 @@ class IndexStats:
 class MemoryCodeIndex:
     """One process's copy of the active version's codes, refreshed from the change log.
 
-    Thread-safe: a lock guards refreshes and searches (a search over 1M codes takes ~2 ms).
+    Thread-safe: a lock guards refreshes and searches (a search over 1M codes takes ~2 ms). The snapshot is written
+    beside them, without it (`_SnapshotWrite`).
     """
 
     name = "memory"
@@ -416,7 +419,7 @@ class MemoryCodeIndex:
     @staticmethod
     def wait_snapshot(timeout: float | None = None) -> bool:
         """Wait for the process's snapshot write, if one runs (a command that exits after a load, a test); False if
-        it still runs after `timeout` seconds. Not with the index's lock held: the write takes it once to end."""
+        it still runs after `timeout` seconds."""
         thread = _snapshot_thread
         if thread is not None:
             thread.join(timeout)
@@ -541,7 +544,7 @@ class MemoryCodeIndex:
             if pending is None:
                 _SNAPSHOT_WRITER.release()
                 return
-            writing = _SnapshotWrite(self._rows, self._lock)
+            writing = _SnapshotWrite(self._rows)
             thread = threading.Thread(
                 target=_snapshot_store, args=(pending, writing), name="coarse-index-snapshot", daemon=True
             )

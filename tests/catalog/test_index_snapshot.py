@@ -245,7 +245,12 @@ def test_searches_go_on_during_a_snapshot_refresh_which_stores_the_index_as_it_b
     live = set(_content(_from_sql(version)))
     assert _search(index, version, ones) == live and set(_content(index)) == live
     assert not held.done.is_set()  # every search above answered while the write was held
-    held.release()
+    monkeypatch.setattr(memory, "SNAPSHOT_CHECK_S", 3600.0)  # (no other write once this one ends)
+    held.released.set()
+    deadline = time.monotonic() + 20.0
+    while not held.done.is_set() and time.monotonic() < deadline:  # polls back to back do not starve the write
+        index.refresh(version_id=version.pk, code_bits=version.code_bits)
+    assert held.done.is_set() and index.wait_snapshot(timeout=5.0)
     assert _stored_content(version) == (began, began_at)
     restarted = _restarted(version)
     assert restarted.stats().snapshot_loads == 1
