@@ -181,7 +181,8 @@ SEARCH_FC7_IN_MEMORY = env_bool("SEARCH_FC7_IN_MEMORY", True)
 # without a database round trip (catalog.hamming.cards, kept exact by the change log); ~1 KB each; 0: none kept.
 SEARCH_CARD_CACHE = int(os.environ.get("SEARCH_CARD_CACHE", "100000"))
 # Each web process writes its memory index to MODELS_DIR/index-snapshots after loading it from PostgreSQL (and every
-# few hours while it runs); a restarted process reads that file and replays the change log from its position.
+# few hours while it runs), on a thread of its own beside the searches; a restarted process reads that file and
+# replays the change log from its position.
 SEARCH_INDEX_SNAPSHOTS = env_bool("SEARCH_INDEX_SNAPSHOTS", True)
 # Who encodes the shopper's photo (catalog.query_encoder): "inprocess", this web process on ONNX Runtime (no torch),
 # or "worker", a Celery worker on the `search` queue. `manage.py bench_encode` compares them (README).

@@ -39,6 +39,8 @@ KNN_MAX_K = 8_192
 CARD_CHANGE = "card"  # IndexChange.Op.CARD: what a result card shows changed (migration 0013); no code moved
 # A process that has kept its index fresh rewrites the version's snapshot (catalog/hamming/snapshot.py) when the one
 # on disk is older than this, so a restart finds one whose position the change-log prune (a day) has not removed.
+# The file is written by a thread of its own (`_SnapshotWrite`): the search that asks for it does not wait (~9 s at
+# 1M products with fc7), nor do the searches behind it.
 SNAPSHOT_REFRESH_S = 3 * 3600
 SNAPSHOT_CHECK_S = 60.0  # how often a process looks at the snapshot's age (one stat)
 COPY_PARSE_BYTES = 32 << 20  # a load parses the COPY stream this much at a time (bounded extra memory)
@@ -84,6 +86,43 @@ class _Rows:
         return sum(getattr(self, name).nbytes for name in self.COLUMNS)
 
 
+class _SnapshotWrite:
+    """One snapshot being written on a thread of its own while searches go on and the change log is replayed into
+    the same arrays: the columns as they were when it began (the arrays themselves, not a copy: ~570 MB at 1M
+    products with fc7), and the values then of the rows changed in place since (`keep`, at their first change).
+
+    Appended rows land past `size` (or in new arrays when they grow), and a compaction or reload makes new arrays:
+    neither touches what the thread reads. Only `_upsert` of a row already there and `_hide` change rows in place,
+    and they call `keep` before the change; the thread calls `changed` once it has read every column, and a row
+    changed after that is not read any more. The two meet on a lock of their own, not the index's, so that the
+    thread never waits behind a search."""
+
+    def __init__(self, rows: _Rows) -> None:
+        self.rows = rows
+        self.size = rows.size
+        self.columns = {name: getattr(rows, name) for name in _Rows.COLUMNS}
+        self._kept = threading.Lock()
+        self._before: dict[int, tuple[np.ndarray, ...]] | None = {}
+
+    def keep(self, rows: _Rows, row: int) -> None:
+        """Row `row` of `rows` is about to change in place (under the index's lock: the rows change nowhere else)."""
+        with self._kept:
+            before = self._before
+            if before is not None and rows is self.rows and row < self.size and row not in before:
+                before[row] = tuple(column[row].copy() for column in self.columns.values())
+
+    def changed(self) -> dict[int, tuple[np.ndarray, ...]]:
+        """The rows changed since the write began, as they were then; no more are kept after this call."""
+        with self._kept:
+            before, self._before = self._before or {}, None
+        return before
+
+
+# At most one snapshot write at a time in a process (a second would only write the same file again); its thread.
+_SNAPSHOT_WRITER = threading.Lock()
+_snapshot_thread: threading.Thread | None = None
+
+
 @dataclass(frozen=True)
 class Fc7Ranking:
     """Products nearest first, each with its best embedding and that embedding's exact fc7 L2 distance."""
@@ -110,7 +149,8 @@ class IndexStats:
 class MemoryCodeIndex:
     """One process's copy of the active version's codes, refreshed from the change log.
 
-    Thread-safe: a lock guards refreshes and searches (a search over 1M codes takes ~2 ms).
+    Thread-safe: a lock guards refreshes and searches (a search over 1M codes takes ~2 ms). The snapshot is written
+    beside them, without it (`_SnapshotWrite`).
     """
 
     name = "memory"
@@ -133,6 +173,8 @@ class MemoryCodeIndex:
         self._full_loads = 0
         self._snapshot_loads = 0
         self._snapshot_checked = 0.0
+        self._snapshot_due = False  # a load from PostgreSQL asks for a snapshot, whatever the age of the one on disk
+        self._snapshot_writing: _SnapshotWrite | None = None
         self._applied_changes = 0
         # The result cards of the fine stage's winners (cards.py), kept exact by the same change log; cleared when
         # the index reloads (the changes a reload skips are unknown).
@@ -361,17 +403,28 @@ class MemoryCodeIndex:
         return found
 
     def refresh(self, *, version_id: int, code_bits: int, force: bool = False) -> None:
-        """Make the index reflect the database: a full load for a new version, else replay new changes."""
+        """Make the index reflect the database: a full load for a new version, else replay new changes. A snapshot
+        this asks for is written by another thread: it returns without waiting for the file (`wait_snapshot`)."""
         with self._lock:
+            now = time.monotonic()
             if self._version_id != version_id or self._code_bits != code_bits or self._rows is None:
                 self._load(version_id=version_id, code_bits=code_bits)
+            elif not force and now - self._last_poll < CHANGE_POLL_INTERVAL_S:
                 return
-            now = time.monotonic()
-            if not force and now - self._last_poll < CHANGE_POLL_INTERVAL_S:
-                return
-            self._last_poll = now
-            self._replay_changes()
+            else:
+                self._last_poll = now
+                self._replay_changes()
             self._snapshot_refresh(now)
+
+    @staticmethod
+    def wait_snapshot(timeout: float | None = None) -> bool:
+        """Wait for the process's snapshot write, if one runs (a command that exits after a load, a test); False if
+        it still runs after `timeout` seconds."""
+        thread = _snapshot_thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
 
     def stats(self) -> IndexStats:
         with self._lock:
@@ -390,12 +443,13 @@ class MemoryCodeIndex:
 
     def clear(self) -> None:
         with self._lock:
-            self.__init__()  # type: ignore[misc]
+            self.__init__()  # type: ignore[misc]  # (a snapshot write running goes on with the arrays it holds)
 
     # -- loading ----------------------------------------------------------------------------------------------------
     def _load(self, *, version_id: int, code_bits: int, from_snapshot: bool = True) -> None:
         """The whole version: from this database's snapshot file when it is still current (then the change log is
-        replayed from its position), else from PostgreSQL (then a snapshot is written for the next start)."""
+        replayed from its position), else from PostgreSQL (then a snapshot is due for the next start: `refresh`
+        starts writing it once the load is done)."""
         started = time.perf_counter()
         fc7_dim = _fc7_dim(version_id) if getattr(settings, "SEARCH_FC7_IN_MEMORY", True) else 0
         snapshots = getattr(settings, "SEARCH_INDEX_SNAPSHOTS", True)
@@ -436,8 +490,7 @@ class MemoryCodeIndex:
             "coarse index: loaded version %s (%d codes, %.1f MB) in %.2f s",
             version_id, size, rows.nbytes / 1e6, time.perf_counter() - started,
         )  # fmt: skip
-        if snapshots:
-            self._snapshot_write()
+        self._snapshot_due = snapshots
 
     def _load_snapshot(self, *, version_id: int, code_bits: int, fc7_dim: int) -> bool:
         """Take the snapshot's rows and change-log position, then replay what changed since, exactly as a process
@@ -462,21 +515,50 @@ class MemoryCodeIndex:
         self._replay_changes()
         return True
 
-    def _snapshot_write(self) -> None:
-        assert self._version_id is not None and self._rows is not None
-        snapshot.write(version_id=self._version_id, code_bits=self._code_bits, rows=self._rows, high=self._high,
-                       gaps=self._gaps)  # fmt: skip
-        self._snapshot_checked = time.monotonic()
-
     def _snapshot_refresh(self, now: float) -> None:
-        """Rewrite the snapshot when the one on disk has grown old (by any process of this database)."""
-        if not getattr(settings, "SEARCH_INDEX_SNAPSHOTS", True) or now - self._snapshot_checked < SNAPSHOT_CHECK_S:
+        """Start writing the snapshot when a load from PostgreSQL asked for one, or the one on disk has grown old
+        (by any process of this database). While a write runs, nothing is asked: the next poll after it ends is."""
+        if not getattr(settings, "SEARCH_INDEX_SNAPSHOTS", True) or _SNAPSHOT_WRITER.locked():
+            return
+        if not self._snapshot_due and now - self._snapshot_checked < SNAPSHOT_CHECK_S:
             return
         self._snapshot_checked = now
         assert self._version_id is not None
-        age = snapshot.age_s(version_id=self._version_id)
-        if age is None or age > SNAPSHOT_REFRESH_S:
-            self._snapshot_write()
+        if not self._snapshot_due:
+            age = snapshot.age_s(version_id=self._version_id)
+            if age is not None and age <= SNAPSHOT_REFRESH_S:
+                return
+        self._snapshot_due = False
+        self._snapshot_start()
+
+    def _snapshot_start(self) -> None:
+        """Fix the snapshot's header here, under the lock (the position, the row count: two primary-key reads),
+        then hand the file to a thread: the arrays are read there while searches go on (`_SnapshotWrite`)."""
+        global _snapshot_thread
+        assert self._version_id is not None and self._rows is not None
+        if not _SNAPSHOT_WRITER.acquire(blocking=False):
+            return
+        try:
+            pending = snapshot.begin(version_id=self._version_id, code_bits=self._code_bits, rows=self._rows,
+                                     high=self._high, gaps=self._gaps)  # fmt: skip
+            if pending is None:
+                _SNAPSHOT_WRITER.release()
+                return
+            writing = _SnapshotWrite(self._rows)
+            thread = threading.Thread(
+                target=_snapshot_store, args=(pending, writing), name="coarse-index-snapshot", daemon=True
+            )
+            thread.start()  # (its rows are read from here on; their changes are kept once this call returns)
+            self._snapshot_writing, _snapshot_thread = writing, thread
+        except BaseException:
+            self._snapshot_writing = None
+            _SNAPSHOT_WRITER.release()
+            raise
+
+    def _snapshot_keep(self, rows: _Rows, row: int) -> None:
+        """Row `row` changes in place: a snapshot being written keeps its value first."""
+        if self._snapshot_writing is not None:
+            self._snapshot_writing.keep(rows, row)
 
     def _index_rows(self) -> None:
         rows = self._rows
@@ -612,8 +694,10 @@ class MemoryCodeIndex:
             row = rows.size
             rows.size += 1
             self._appended[embedding_id] = row
-        elif not rows.alive[row]:
-            self._dead -= 1
+        else:
+            self._snapshot_keep(rows, row)
+            if not rows.alive[row]:
+                self._dead -= 1
         rows.codes[row] = code
         if rows.fc7_dim:
             rows.fc7[row] = fc7
@@ -627,6 +711,7 @@ class MemoryCodeIndex:
         assert rows is not None
         row = self._row_of(embedding_id)
         if row is not None and rows.alive[row]:
+            self._snapshot_keep(rows, row)
             rows.alive[row] = False
             self._dead += 1
 
@@ -642,6 +727,18 @@ class MemoryCodeIndex:
         self._rows = compacted
         self._dead = 0
         self._index_rows()
+
+
+def _snapshot_store(pending: snapshot.Pending, writing: _SnapshotWrite) -> None:
+    """The snapshot thread: write the file (failures are logged there), then let the next write start."""
+    try:
+        started = time.perf_counter()
+        if snapshot.store(pending, columns=writing.columns, changed=writing.changed):
+            logger.info("coarse index: wrote the snapshot of version %s (%d codes) in %.2f s", pending.version_id,
+                        pending.size, time.perf_counter() - started)  # fmt: skip
+    finally:
+        writing.changed()  # (if the write failed before asking: nothing more is kept)
+        _SNAPSHOT_WRITER.release()
 
 
 def _changes_read(where: str, params: list) -> tuple[list[tuple], frozenset[int]]:

@@ -5,9 +5,13 @@ In a throwaway database (`bench_search`'s synthetic catalog, loaded by binary CO
 codes (SEARCH_FC7_IN_MEMORY), `--repeats` times; reported are the median load time, the index's arrays, the
 process's resident memory after the load (what each web process keeps) and its peak during it (VmHWM), next to the
 same process's memory before the load (Django, numpy, faiss). Three ways: from PostgreSQL with snapshots off (the
-binary COPY), the first process with snapshots on (the COPY, then the snapshot file written), and the processes
-after it (the snapshot read, then the change log replayed). Each load is checked against SQL: the row count, and
-the first 2,000 embeddings' id, product, merchant, code and fc7 as `SELECT` returns them.
+binary COPY), the first process with snapshots on (the COPY, then the snapshot file written by a thread of its own
+after the load returned: both times are reported), and the processes after it (the snapshot read, then the change
+log replayed). Each load is checked against SQL: the row count, and the first 2,000 embeddings' id, product,
+merchant, code and fc7 as `SELECT` returns them. Those later processes then time a search's refresh twice: a plain
+poll of the change log, and one that finds the snapshot due for its periodic rewrite (what that search waits for,
+and how long the write then takes beside it), then poll again and again until that write ends (the slowest of
+those polls: what the searches beside the write wait for).
 
     DEBUG=1 .venv/bin/python manage.py bench_index_load --sizes 100000,1000000
 """
@@ -114,14 +118,18 @@ class Command(BaseCommand):
                 "products": size,
                 "load_s": _median(sql),
                 "load_s_runs": [run["load_s"] for run in sql],
-                "load_and_write_snapshot_s": first["load_s"],
+                "first_load_s": first["load_s"],  # what the first search waits: the snapshot is written after it
+                "load_and_write_snapshot_s": round(first["load_s"] + first["snapshot_write_s"], 2),
                 "snapshot_mb": round(sum(f.stat().st_size for f in snapshot.directory().glob("*.index")) / 1e6, 1),
                 "snapshot_load_s": _median(again),
                 "snapshot_load_s_runs": [run["load_s"] for run in again],
                 **{key: sql[-1][key] for key in ("index_mb", "rss_before_mb", "rss_after_mb", "rss_peak_mb")},
                 "snapshot_rss_after_mb": again[-1]["rss_after_mb"],
                 "snapshot_rss_peak_mb": again[-1]["rss_peak_mb"],
-            }
+                **{key: round(statistics.median(run[key] for run in again), 3)
+                   for key in ("refresh_poll_ms", "refresh_rewriting_snapshot_ms", "snapshot_rewrite_s",
+                               "refreshes_during_rewrite", "refresh_during_rewrite_max_ms")},
+            }  # fmt: skip
             report["sizes"].append(entry)
             self.stdout.write(json.dumps(entry))
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,8 +160,10 @@ def _measure_one_load() -> dict:
     started = time.perf_counter()
     hamming.MEMORY_INDEX.refresh(version_id=version.pk, code_bits=version.code_bits, force=True)
     load_s = time.perf_counter() - started
+    hamming.MEMORY_INDEX.wait_snapshot()  # (written after a load from PostgreSQL, beside the searches)
     result = {
         "load_s": round(load_s, 3),
+        "snapshot_write_s": round(time.perf_counter() - started - load_s, 3),
         "index_mb": round(hamming.MEMORY_INDEX.stats().memory_bytes / 1e6, 1),
         "rss_before_mb": round(rss_before, 1),
         "rss_after_mb": round(_status_mb("VmRSS"), 1),
@@ -161,7 +171,45 @@ def _measure_one_load() -> dict:
         "snapshot_loads": hamming.MEMORY_INDEX.stats().snapshot_loads,
     }
     _check_against_sql(version)
+    if result["snapshot_loads"]:
+        result |= _refresh_rewriting_snapshot(version)
     return result
+
+
+def _refresh_rewriting_snapshot(version, polls: int = 5) -> dict:
+    """A search's refresh of the loaded index (no change to replay): the median of `polls` plain polls, then one that
+    finds the snapshot on disk due for its periodic rewrite (SNAPSHOT_REFRESH_S), how long that write takes, and
+    the polls made meanwhile (how many, the slowest)."""
+    from catalog import hamming
+    from catalog.hamming import memory
+
+    index = hamming.MEMORY_INDEX
+    plain = []
+    for _ in range(polls):
+        started = time.perf_counter()
+        index.refresh(version_id=version.pk, code_bits=version.code_bits, force=True)
+        plain.append(time.perf_counter() - started)
+    saved = memory.SNAPSHOT_CHECK_S, memory.SNAPSHOT_REFRESH_S
+    memory.SNAPSHOT_CHECK_S, memory.SNAPSHOT_REFRESH_S = 0.0, -1  # the file just read is due at once
+    try:
+        started = time.perf_counter()
+        index.refresh(version_id=version.pk, code_bits=version.code_bits, force=True)
+        refresh_s = time.perf_counter() - started
+    finally:
+        memory.SNAPSHOT_CHECK_S, memory.SNAPSHOT_REFRESH_S = saved  # (no other write once this one ends)
+    during = []  # searches go on while the file is written: each one's refresh
+    while not index.wait_snapshot(timeout=0):
+        polled = time.perf_counter()
+        index.refresh(version_id=version.pk, code_bits=version.code_bits, force=True)
+        during.append(time.perf_counter() - polled)
+    written_s = time.perf_counter() - started
+    return {
+        "refresh_poll_ms": round(statistics.median(plain) * 1e3, 2),
+        "refresh_rewriting_snapshot_ms": round(refresh_s * 1e3, 2),
+        "snapshot_rewrite_s": round(written_s, 3),
+        "refreshes_during_rewrite": len(during),
+        "refresh_during_rewrite_max_ms": round(max(during, default=0.0) * 1e3, 2),
+    }
 
 
 def _check_against_sql(version) -> None:
