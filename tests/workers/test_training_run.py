@@ -72,11 +72,12 @@ def _wait_finished(run: TrainingRun, worker, timeout_s: float) -> TrainingRun:
 
 
 @pytest.mark.django_db(transaction=True)
-@pytest.mark.parametrize(("pool", "mix"), [("prefork", None), ("solo", None), ("prefork", 0.25)])
+@pytest.mark.parametrize(("pool", "mix"), [("prefork", None), ("solo", None), ("prefork", 0.0)])
 def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_version(pool, mix, tmp_path):
     """The defaults exactly as the dashboard saves them (the network, its size, epochs, loader processes),
-    in a real worker process: a prefork pool child is daemonic and may not start DataLoader processes. And the
-    same run with rendered products mixed in, as an admin may ask: its landmark branch trains and is measured."""
+    in a real worker process: a prefork pool child is daemonic and may not start DataLoader processes. Rendered
+    products are mixed into the catalog by default, so its landmark branch trains and is measured; and the same run
+    on the catalog alone, as an admin may ask."""
     _tiny_catalog(DEFAULT_RUN_PRODUCTS)
     config = _dashboard_default_config()
     assert config == {}  # nothing overridden: TrainConfig's defaults are what runs
@@ -115,9 +116,11 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     assert run.config == version.config["training"]
     assert run.config["loader_workers"] == defaults.loader_workers and run.config["epochs"] == defaults.epochs
     assert run.config["dataset"]["name"] == "catalog-export"
-    # by default the catalog alone; rendered products mixed in teach the landmark branch (no labels in a catalog)
+    # rendered products mixed in by default teach the landmark branch (a catalog has no landmark labels)
     assert run.config["dataset"]["mix_rendered"] == (pipelines.RETRAIN_RENDERED_SHARE if mix is None else mix)
-    if mix:
+    mixed = run.config["dataset"]["mix_rendered"] > 0
+    assert mixed == (mix is None)
+    if mixed:
         assert all(m["landmarks"] > 0 and m["visibility"] > 0 for m in run.epoch_metrics[1:])  # after the start row
     # the train worker exported the network for the search and embed workers (ONNX Runtime is their default)
     onnx_path = Path(version.checkpoint).with_suffix(".onnx")
@@ -127,7 +130,7 @@ def test_the_dashboards_default_run_trains_on_the_catalog_and_registers_a_ready_
     numbers = golden.version_golden(_version(run))
     assert numbers is not None, version.metrics
     assert numbers["queries"] == DEFAULT_RUN_PRODUCTS and 0.0 <= numbers["r1"] <= numbers["r10"] <= 1.0
-    if mix:  # and its landmark branch on held-out rendered products, beside the golden numbers
+    if mixed:  # and its landmark branch on held-out rendered products, beside the golden numbers
         assert 0.0 <= numbers["landmark_pck"] <= 1.0
         assert numbers["landmarks"]["images"] == LANDMARK_HELDOUT_PRODUCTS * LANDMARK_HELDOUT_VIEWS
     else:  # a catalog alone has no landmark labels: the network has no landmark branch to measure
@@ -150,5 +153,5 @@ def test_a_failed_run_says_why(settings, tmp_path):
 
 def test_a_run_mixes_rendered_products_into_the_catalog_unless_it_chooses_otherwise(tmp_path):
     default = pipelines.retrain_dataset({}, tmp_path)
-    assert default == {"name": "catalog-export", "directory": str(tmp_path), "mix_rendered": 0.0}
-    assert pipelines.retrain_dataset({"dataset": {"mix_rendered": 0.25}}, tmp_path)["mix_rendered"] == 0.25
+    assert default == {"name": "catalog-export", "directory": str(tmp_path), "mix_rendered": 0.25}
+    assert pipelines.retrain_dataset({"dataset": {"mix_rendered": 0}}, tmp_path)["mix_rendered"] == 0.0

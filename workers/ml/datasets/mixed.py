@@ -61,11 +61,13 @@ class MixedRecords(Sequence[Record]):
         self._attributes = [np.array([attribute_index[n] for n in space.attributes], np.int64) for _, space in parts]
         ids, offset = [], 0
         self._offsets = []
-        for records in self.parts:
+        self.metric_products = 0  # distinct products in the parts inside the metric space
+        for records, metric in zip(self.parts, self._metric, strict=True):
             part_ids = instance_ids(records)
             self._offsets.append(offset)
             ids.append(part_ids + offset)
             offset += int(part_ids.max()) + 1 if len(part_ids) else 0
+            self.metric_products += len(np.unique(part_ids[part_ids >= 0])) if metric else 0
         self._ids = np.concatenate(ids)
 
     def __len__(self) -> int:
