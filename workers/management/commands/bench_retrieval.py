@@ -54,7 +54,7 @@ EMBED_BATCH = 64  # images per call of the embed pipeline, as the workers batch 
 TOP_K = 10
 # Candidate counts (the coarse stage's min_count, in whole Hamming shells) at which the coarse curve ranks each query
 # again: the fine stage's exact fc7 ranking over those candidates against the exact fc7 ranking over the whole shop.
-COARSE_CURVE = (25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 750, 1000, 1500, 2000)
+COARSE_CURVE = (25, 50, 75, 100, 150, 200, 250, 300, 400, 450, 475, 500, 750, 1000, 1500, 2000)
 
 
 class Command(BaseCommand):
