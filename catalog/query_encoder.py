@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "inprocess"  # settings.SEARCH_ENCODER wins (and is checked there: "inprocess" or "worker")
 # The photo is downscaled once, before either encoder sees it: the networks here letterbox to 224 px or less and
-# geometry works at WORK_SIDE (256) px, so twice that keeps their own resizing filtering from finer pixels, while
+# geometry works at QUERY_SIDE (256) px, so twice that keeps their own resizing filtering from finer pixels, while
 # resizing, SIFT's grey conversion and the JPEG a worker is sent no longer scale with a 12-MP phone photo.
 QUERY_MAX_SIDE = 512
 EXPORT_RETRY_S = 30.0  # a version without a usable export is looked for again this often (a worker may make it)
@@ -99,7 +99,7 @@ def query_encode(
 def _keypoints(image: Image.Image) -> tuple[bytes, float]:
     """The photo's packed local features, and how long extracting them took (ms)."""
     started = time.perf_counter()
-    packed = geometry.pack(geometry.extract(image))
+    packed = geometry.pack(geometry.extract(image, side=geometry.QUERY_SIDE))
     return packed, _ms(time.perf_counter() - started)
 
 

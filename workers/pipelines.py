@@ -223,7 +223,7 @@ def keypoints_extract(loaded: Sequence[tuple[ProductImage, Image.Image]]) -> dic
     packed: dict[int, tuple[bytes, int]] = {}
     for image, picture in loaded:
         try:
-            features = geometry.extract(picture)
+            features = geometry.extract(picture, side=geometry.CATALOG_SIDE)
         except Exception:  # an image it cannot read is still embedded (and unverified)
             logger.exception("could not extract local features of image %s", image.pk)
             continue
@@ -252,7 +252,7 @@ def query_encode(
         encoding,
         label_space=encoder.label_space,
         model_version_id=version.pk,
-        keypoints=geometry.pack(geometry.extract(photo)) if keypoints else None,
+        keypoints=geometry.pack(geometry.extract(photo, side=geometry.QUERY_SIDE)) if keypoints else None,
         item_boxes=boxes,
         item_fused=fused,
     )

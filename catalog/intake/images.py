@@ -3,8 +3,8 @@
 re-encoded without metadata at full size (the file that is stored and displayed), downscaled to a working copy
 (what is encoded, has its keypoints extracted and is cropped), and a shopper's crop box applied to it.
 
-The working copy's longer side is at most WORK_MAX_SIDE: the network sees 224 px and the verify stage 256 px
-(catalog.geometry.WORK_SIDE), so a 12-MP photo (36 MB decoded) becomes at most 3 MB in memory, and an import chunk,
+The working copy's longer side is at most WORK_MAX_SIDE: the network sees 224 px and the verify stage at most 256 px
+(catalog.geometry.QUERY_SIDE), so a 12-MP photo (36 MB decoded) becomes at most 3 MB in memory, and an import chunk,
 an embedding batch or a query holds working copies, never full-size pictures. `image_downscale` makes one from any
 picture and `image_open_downscaled` decodes a stored file straight to one (a JPEG is decoded at reduced scale).
 

@@ -44,31 +44,31 @@ def warped(image: Image.Image, *, seed: int) -> Image.Image:
 
 
 def test_pack_unpack_round_trip_and_size():
-    features = geometry.extract(product_photo(1))
+    features = geometry.extract(product_photo(1), side=geometry.CATALOG_SIDE)
     assert 20 <= len(features) <= geometry.MAX_FEATURES
     packed = geometry.pack(features)
     assert len(packed) == 10 + 132 * len(features)  # 10-byte header, x and y (float16), 128-byte descriptor
     back = geometry.unpack(packed)
-    assert back.size == features.size and max(back.size) == geometry.WORK_SIDE
+    assert back.size == features.size and max(back.size) == geometry.CATALOG_SIDE
     np.testing.assert_array_equal(back.descriptors, features.descriptors)
     np.testing.assert_allclose(back.xy, features.xy, atol=0.25)  # float16 at <= 320 px: a quarter pixel at worst
 
 
 def test_uint8_descriptors_are_sift_s_own_values():
-    grey = geometry.working_grey(product_photo(2))
+    grey = geometry.working_grey(product_photo(2), geometry.QUERY_SIDE)
     _, raw = cv2.SIFT.create(nfeatures=geometry.MAX_FEATURES).detectAndCompute(grey, None)
     assert raw.min() >= 0 and raw.max() <= 255 and np.array_equal(raw, np.rint(raw))  # so uint8 loses nothing
 
 
 def test_a_blank_image_packs_to_no_features():
-    features = geometry.extract(Image.new("RGB", (100, 60), (255, 255, 255)))
+    features = geometry.extract(Image.new("RGB", (100, 60), (255, 255, 255)), side=geometry.CATALOG_SIDE)
     assert len(features) == 0
     back = geometry.unpack(geometry.pack(features))
     assert len(back) == 0 and geometry.verify(back, back) == geometry.Verification(0, 0)
 
 
 def test_unpack_refuses_what_is_not_packed_features():
-    packed = geometry.pack(geometry.extract(product_photo(3)))
+    packed = geometry.pack(geometry.extract(product_photo(3), side=geometry.CATALOG_SIDE))
     with pytest.raises(ValueError):
         geometry.unpack(b"XX" + packed[2:])
     with pytest.raises(ValueError):
@@ -78,11 +78,24 @@ def test_unpack_refuses_what_is_not_packed_features():
 
 
 def test_the_same_product_seen_from_elsewhere_has_many_inliers_another_product_few():
-    catalog = [geometry.extract(product_photo(seed)) for seed in range(10, 16)]
-    query = geometry.extract(warped(product_photo(10), seed=0))
+    catalog = [geometry.extract(product_photo(seed), side=geometry.CATALOG_SIDE) for seed in range(10, 16)]
+    query = geometry.extract(warped(product_photo(10), seed=0), side=geometry.QUERY_SIDE)
 
     same, *others = geometry.verify_many(query, catalog)
 
     assert same is not None and same.inliers >= 40, same
     assert all(other is not None and other.inliers <= 6 for other in others), others
     assert geometry.verify_many(query, [None]) == [None]  # no stored features: not verified
+
+
+@pytest.mark.parametrize("stored_side", [geometry.CATALOG_SIDE, geometry.QUERY_SIDE, 320])
+def test_catalog_features_stored_at_any_side_verify_the_same_product(stored_side):
+    # Rows written before CATALOG_SIDE changed keep their side (in the packed header): RANSAC's tolerance follows it.
+    stored = geometry.unpack(geometry.pack(geometry.extract(product_photo(10), side=stored_side)))
+    other = geometry.unpack(geometry.pack(geometry.extract(product_photo(11), side=stored_side)))
+    query = geometry.extract(warped(product_photo(10), seed=0), side=geometry.QUERY_SIDE)
+
+    same, different = geometry.verify_many(query, [stored, other])
+
+    assert same is not None and same.inliers >= 30, same
+    assert different is not None and different.inliers <= 6, different

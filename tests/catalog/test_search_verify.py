@@ -35,7 +35,7 @@ def wrong_by_fc7():
         vector = searchkit.unit(fc7 + distance * noise[len(sku) % 3])
         row = searchkit.product_with_embeddings(merchant=merchant, version=version, sku=sku, encodings=[(bits, vector)])
         image = row.embeddings[0].image
-        features = geometry.extract(product_photo(seed))
+        features = geometry.extract(product_photo(seed), side=geometry.CATALOG_SIDE)
         embeddings.keypoints_save(packed={image.pk: (geometry.pack(features), len(features))})
         return row.product
 
@@ -47,7 +47,7 @@ def wrong_by_fc7():
         model_version_id=version.pk,
         code=np.packbits(bits),
         fc7=fc7,
-        keypoints=geometry.pack(geometry.extract(warped(product_photo(20), seed=1))),
+        keypoints=geometry.pack(geometry.extract(warped(product_photo(20), seed=1), side=geometry.QUERY_SIDE)),
     )
     return version, query, look, other, true
 
@@ -149,7 +149,7 @@ def test_similar_products_verifies_with_the_stored_keypoints(wrong_by_fc7):
 
 
 def test_the_query_payload_carries_the_keypoints_as_json_text():
-    packed = geometry.pack(geometry.extract(product_photo(4)))
+    packed = geometry.pack(geometry.extract(product_photo(4), side=geometry.QUERY_SIDE))
     code = np.packbits(np.ones(8, bool))
     message = query_payload.encoding_to_message(
         QueryEncoding(model_version_id=1, code=code, fc7=np.zeros(2, np.float32), keypoints=packed)

@@ -100,6 +100,6 @@ def test_a_batch_stores_each_images_own_vectors_and_keypoints_whatever_thread_ex
         if image == images[3]:
             assert bytes(features.data) == b"kept"
         else:
-            own = geometry.extract(selectors.image_open(image=image))
+            own = geometry.extract(selectors.image_open(image=image), side=geometry.CATALOG_SIDE)
             assert bytes(features.data) == geometry.pack(own) and features.features == len(own)
     assert set(ProductImage.objects.filter(pk__in=ids).values_list("status", flat=True)) == {"embedded"}
