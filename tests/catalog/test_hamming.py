@@ -114,10 +114,13 @@ def _loaded_index(*, rng: np.random.Generator, size: int, code_bits: int) -> mem
     return index
 
 
+@pytest.mark.parametrize("range_min_rows", [memory.RANGE_MIN_ROWS, 0], ids=["as-served", "range-search-always"])
 @pytest.mark.parametrize("seed", range(60))
-def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed):
-    """The counting k-NN pass (with its growth, post-filter and bitmap selector) answers exactly what the full
-    distance pass with its histogram answers: same rows, radius, exhaustiveness and searched rows."""
+def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed, range_min_rows, monkeypatch):
+    """The counting k-NN pass (with its growth, post-filter and bitmap selector), and the range search at an
+    estimated radius that large indexes use first, answer exactly what the full distance pass with its histogram
+    answers: same rows, radius, exhaustiveness and searched rows."""
+    monkeypatch.setattr(memory, "RANGE_MIN_ROWS", range_min_rows)
     rng = np.random.default_rng(seed)
     code_bits = int(rng.choice([32, 64, 256]))
     size = int(rng.choice([1, 40, 3_000, 30_000]))
