@@ -248,16 +248,20 @@ class MemoryCodeIndex:
                     of_excluded &= rows.merchant_ids[:n] == product_filter.merchant_id
                 visible -= int(np.count_nonzero(of_excluded))
             depth = depth.for_rows(visible)
+
+            def visible_only(labels: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                """Drop the dead rows a pass without a selector returns, and the excluded product's."""
+                keep = np.ones(len(labels), bool)
+                if pad:
+                    keep &= rows.alive[labels]
+                if excluded is not None:
+                    keep &= rows.product_ids[labels] != excluded
+                return labels[keep], distances[keep]
+
             if selector is None and depth.radius is None and n >= RANGE_MIN_ROWS:
                 found = self._range(query, rows=rows, min_count=depth.min_count, visible=visible)
                 if found is not None:
-                    labels, distances = found
-                    keep = np.ones(len(labels), bool)
-                    if pad:
-                        keep &= rows.alive[labels]
-                    if excluded is not None:
-                        keep &= rows.product_ids[labels] != excluded
-                    labels, distances = labels[keep], distances[keep]
+                    labels, distances = visible_only(*found)
                     if len(labels) >= depth.min_count:  # else the estimate fell short: the k-NN below answers
                         order = np.argsort(distances, kind="stable")
                         labels, distances = labels[order], distances[order]
@@ -271,12 +275,7 @@ class MemoryCodeIndex:
             k = min(n, max(min(KNN_FIRST_FACTOR * depth.min_count, depth.max_count), 1) + 1 + pad)
             while n and k <= KNN_MAX_K:
                 labels, distances, complete = self._knn(query, k=k, selector=selector)
-                keep = np.ones(len(labels), bool)
-                if pad:
-                    keep &= rows.alive[labels]
-                if excluded is not None:
-                    keep &= rows.product_ids[labels] != excluded
-                labels, distances = labels[keep], distances[keep]
+                labels, distances = visible_only(labels, distances)
                 within = len(distances)
                 if depth.radius is not None:
                     within = int(np.searchsorted(distances, depth.radius, side="right"))
