@@ -263,7 +263,7 @@ class MemoryCodeIndex:
                 if found is not None:
                     labels, distances = visible_only(*found)
                     if len(labels) >= depth.min_count:  # else the estimate fell short: the k-NN below answers
-                        order = np.argsort(distances, kind="stable")
+                        order = np.argsort(distances.astype(np.uint16), kind="stable")  # (radix: ~5x an int32 sort)
                         labels, distances = labels[order], distances[order]
                         taken = shell_cut(sorted_distances=distances, depth=depth, complete=True)
                         return self._candidates(
@@ -293,7 +293,7 @@ class MemoryCodeIndex:
         self, rows: Any, labels: np.ndarray, distances: np.ndarray, *, exhaustive: bool, visible: int
     ) -> CoarseCandidates:
         """The rows taken (distance-sorted), ordered by distance then embedding id, as the fine stage gets them."""
-        order = np.lexsort((rows.embedding_ids[labels], distances))
+        order = _by_distance_then_id(distances, rows.embedding_ids[labels])
         chosen = labels[order]
         return CoarseCandidates(
             embedding_ids=rows.embedding_ids[chosen].copy(),
@@ -378,7 +378,7 @@ class MemoryCodeIndex:
             visible = n - int(np.count_nonzero(hidden))
         depth = depth.for_rows(visible)  # (search_loaded's depth is already resolved: this changes nothing then)
         rows_taken, radius = _shells_from_histogram(distances, code_bits=code_bits, depth=depth)
-        order = np.lexsort((rows.embedding_ids[rows_taken], distances[rows_taken]))
+        order = _by_distance_then_id(distances[rows_taken], rows.embedding_ids[rows_taken])
         rows_taken = rows_taken[order]
         # hidden rows sit at code_bits + 1: a radius past code_bits would count them as reachable
         if depth.radius is None or depth.radius >= code_bits:
@@ -930,6 +930,17 @@ def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Row
         raise ValueError(f"version {version_id}: the copied rows do not have the expected layout")
     parse(body[:-2])
     return rows
+
+
+_ID_BITS = 48  # embedding ids below 2**48 share one int64 sort key with their distance (< 2**15)
+
+
+def _by_distance_then_id(distances: np.ndarray, embedding_ids: np.ndarray) -> np.ndarray:
+    """The order of candidates by distance, then embedding id: one int64 key sorted (a third of np.lexsort's time
+    on the ~4,000 candidates of a large shop)."""
+    if len(embedding_ids) and int(embedding_ids.max()) >= 1 << _ID_BITS:
+        return np.lexsort((embedding_ids, distances))
+    return np.argsort((distances.astype(np.int64) << _ID_BITS) | embedding_ids)
 
 
 def _complete_shell_rows(sorted_distances: np.ndarray) -> int:
