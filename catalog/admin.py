@@ -74,14 +74,44 @@ class ModelVersionAdmin(admin.ModelAdmin):
     """Versions are made by training and bootstrap, and switched only through the action below: editing `status`
     by hand would point search at a version whose embeddings may not exist."""
 
-    list_display = ["name", "kind", "status", "golden_r1", "golden_r10", "compare_link", "code_bits", "fc7_dim",
-                    "created_at", "activated_at"]  # fmt: skip
+    list_display = ["name", "kind", "status", "golden_r1", "golden_r10", "compare_link", "fitted_on", "code_bits",
+                    "fc7_dim", "created_at", "activated_at"]  # fmt: skip
     list_filter = ["status", "kind"]
     readonly_fields = [
         "kind", "status", "golden_table", "checkpoint", "code_bits", "fc7_dim", "config", "metrics", "created_at",
         "activated_at",
     ]  # fmt: skip
-    actions = ["switch_to_version", "cancel_indexing", "evaluate_on_golden_set"]
+    actions = ["switch_to_version", "cancel_indexing", "evaluate_on_golden_set", "refit_version_zero"]
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None):
+        if request.method == "GET" and (due := model_versions.baseline_refit_due()) is not None:
+            self.message_user(request, f"{due}: refit it on today's catalog (action: Refit version 0).", messages.INFO)
+        return super().changelist_view(request, extra_context)
+
+    @admin.display(description="fitted on (version 0)")
+    def fitted_on(self, version: ModelVersion) -> str:
+        images = model_versions.baseline_fitted_on(version)
+        return "-" if images is None else f"{images:,} catalog images"
+
+    @admin.action(
+        description="Refit version 0 on today's catalog (a new version: switch to it once its golden numbers are in)",
+        permissions=["change"],
+    )
+    def refit_version_zero(self, request: HttpRequest, queryset: QuerySet[ModelVersion]) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one version 0 to refit.", messages.ERROR)
+            return
+        try:
+            version = model_versions.model_version_refit_baseline(of=queryset.get())
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
+        self.message_user(
+            request,
+            f"Fitting {version.name} on a sample of today's catalog with the same recipe: it is evaluated on the "
+            "golden set when ready; then compare it and switch to it.",
+            messages.SUCCESS,
+        )
 
     @admin.display(description="golden R@1")
     def golden_r1(self, version: ModelVersion) -> str:

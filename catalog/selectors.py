@@ -98,6 +98,11 @@ def images_usable(*, limit: int, seed: int | None = None) -> list[ProductImage]:
     return list(usable.filter(id__in=chosen.tolist()).select_related("product").order_by("id"))
 
 
+def images_usable_count() -> int:
+    """Images that have not failed to decode: the catalog a version 0 is fitted on (`images_usable`)."""
+    return ProductImage.objects.exclude(status=ProductImage.Status.FAILED).count()
+
+
 def image_read(*, image: ProductImage) -> bytes:
     """The stored (validated, re-encoded) file of an image."""
     with image.file.open("rb") as handle:

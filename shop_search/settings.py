@@ -136,6 +136,8 @@ CELERY_BEAT_SCHEDULE = {
     "sweep-stuck-work": {"task": "workers.tasks.stuck_work_sweep", "schedule": 60.0},
     # shoppers' photos past their shop's retention (days), files included
     "expire-shopper-photos": {"task": "workers.tasks.shopper_photos_expire", "schedule": 3600.0},
+    # a new version 0 fitted on today's catalog once it has outgrown the active one's fit (BASELINE_REFIT_GROWTH)
+    "refit-version-zero": {"task": "workers.tasks.baseline_refit_check", "schedule": 3600.0},
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
@@ -203,6 +205,9 @@ SEARCH_QUERY_EXPANSION = int(os.environ.get("SEARCH_QUERY_EXPANSION", "0"))
 SEARCH_QUERY_EXPANSION_ALPHA = float(os.environ.get("SEARCH_QUERY_EXPANSION_ALPHA", "3"))
 # The photo's best item box encoded too and mixed in with this weight (0 = off; catalog.search.item_fusion_weight)
 SEARCH_ITEM_FUSION = float(os.environ.get("SEARCH_ITEM_FUSION", "0"))
+# Version 0 is refitted (a new version, switched to by an admin) once the catalog holds this many times the images it
+# was fitted on (catalog.services.model_versions.baseline_refit_due; checked hourly by beat). 0 = never by itself.
+BASELINE_REFIT_GROWTH = float(os.environ.get("BASELINE_REFIT_GROWTH", "2"))
 # The recent-query sample the compare page runs a candidate version on (only where a shop allows it): the share of
 # shoppers' searches whose photo is kept, and how many are kept at most (the oldest go first).
 RECENT_QUERY_SAMPLE_RATE = float(os.environ.get("RECENT_QUERY_SAMPLE_RATE", "0.1"))

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from django.core.files.base import ContentFile
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from catalog.models import ImageEmbedding, Merchant, ModelVersion, Product, ProductImage
 from catalog.services import embeddings
@@ -17,6 +17,23 @@ from catalog.services import embeddings
 def png_bytes(color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def shape_png(
+    seed: int, *, ellipse: tuple[int, int] = (30, 34), rectangle: tuple[int, int] = (30, 34), size: int = 64
+) -> bytes:
+    """A distinct little product shot per seed: a coloured ellipse (odd seeds) or rectangle (even) of the given width
+    and height on a light background, for tests that need a network to tell products apart."""
+    rng = np.random.default_rng(seed)
+    picture = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 255, 3)))
+    draw = ImageDraw.Draw(picture)
+    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+    x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
+    width, height = ellipse if seed % 2 else rectangle
+    (draw.ellipse if seed % 2 else draw.rectangle)([x0, y0, x0 + width, y0 + height], fill=colour)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

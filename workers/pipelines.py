@@ -261,8 +261,9 @@ def query_encode(
 
 # --- version 0 ------------------------------------------------------------------------------------------------------
 def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
-    """Fit version 0 (pretrained backbone + PCA + ITQ) on a sample of the catalog's images, then start indexing
-    the catalog with it."""
+    """Fit version 0 (pretrained backbone + PCA + ITQ) on a sample of the catalog's images. The shop's first
+    version then indexes the catalog and becomes active; a refit (another version serves) ends ready and is
+    evaluated on the golden set, for an admin to switch to (model_versions.model_version_refit_baseline)."""
     from workers.ml.baseline import baseline_input_size, fit_baseline
 
     version = selectors.model_version_get(version_id=version_id)
@@ -272,6 +273,7 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
         baseline_input_size(**{k: v for k, v in recipe.items() if k in ("backbone", "input_size")}),
     )
     pictures, categories = [], []
+    catalog_images = selectors.images_usable_count()
     for image in selectors.images_usable(limit=BASELINE_FIT_SAMPLE, seed=version.pk):
         try:
             pictures.append(selectors.image_open(image=image, max_side=side))
@@ -293,10 +295,18 @@ def model_version_fit_baseline(*, version_id: int) -> ModelVersion:
         model_versions.model_version_fail(version=version, error=str(exc))
         raise
     encoder = encoder_at(path)  # the fitted checkpoint's real sizes (fc7 may be clamped to the sample)
+    refit_of = (version.config or {}).get("refit_of")
     model_versions.model_version_ready(
         version=version, checkpoint=path, code_bits=encoder.code_bits, fc7_dim=encoder.fc7_dim,
-        config=encoder.version_info,
+        config={**encoder.version_info, **({"baseline": recipe} if recipe else {}),
+                **({"refit_of": refit_of} if refit_of else {})},
     )  # fmt: skip
+    model_versions.baseline_fit_record(version=version, catalog_images=catalog_images, sample=len(pictures))
+    active = selectors.model_version_active()
+    if active is not None and active.pk != version.pk:
+        version_evaluate_for_switch(version=version)  # an admin switches to it, like a trained version
+        version.refresh_from_db()
+        return version
     return model_versions.model_version_start_indexing(version=version)
 
 
@@ -388,7 +398,7 @@ def training_run_execute(*, run_id: int) -> ModelVersion | None:
         raise
     if version is None:  # cancelled after the last step: finish registered nothing
         return None
-    version_evaluate_after_training(version=version)
+    version_evaluate_for_switch(version=version)
     return version
 
 
@@ -399,9 +409,9 @@ def retrain_dataset(run_config: dict[str, Any], export_dir: Path) -> dict[str, A
     return {"name": CATALOG_EXPORT_DATASET, "directory": str(export_dir), "mix_rendered": float(share)}
 
 
-def version_evaluate_after_training(*, version: ModelVersion) -> None:
-    """The new version's golden-set numbers, for the admin's switch decision. The version is trained and ready
-    either way: an evaluation that fails says why on the version instead of failing the run."""
+def version_evaluate_for_switch(*, version: ModelVersion) -> None:
+    """The new version's golden-set numbers (a retrain's, or a refit version 0's), for the admin's switch decision.
+    The version is ready either way: an evaluation that fails says why on the version instead of failing the run."""
     from catalog.services import golden
 
     active = selectors.model_version_active()

@@ -189,6 +189,14 @@ def shopper_photos_expire() -> dict:
     return {"deleted": maintenance.shopper_photos_expire()}
 
 
+@shared_task(name="workers.tasks.baseline_refit_check", acks_late=True)
+def baseline_refit_check() -> dict:
+    """Periodic (beat): fit a new version 0 once the catalog has outgrown the active one's fit; see
+    catalog.services.model_versions.baseline_refit_if_due (an admin switches to it)."""
+    version = model_versions.baseline_refit_if_due()
+    return {"refit": version.pk if version else None}
+
+
 @shared_task(name="workers.tasks.index_changes_prune", acks_late=True)
 def index_changes_prune() -> dict:
     """Periodic (beat): keep the change log short; see catalog.services.maintenance.index_changes_prune."""

@@ -3,9 +3,11 @@ atomic switch that makes it the one search reads. The network itself runs in the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -36,7 +38,12 @@ def model_version_activate(*, version: ModelVersion) -> ModelVersion:
     return version
 
 
-def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 256, fc7_dim: int = 256) -> ModelVersion:
+DEFAULT_BASELINE_FC7_DIM = 256
+
+
+def model_version_bootstrap(
+    *, name: str = "v0-baseline", code_bits: int = 256, fc7_dim: int = DEFAULT_BASELINE_FC7_DIM
+) -> ModelVersion:
     """Make sure a shop can search before anyone trains: if no version is active or on its way, fit version 0
     (pretrained backbone + PCA + ITQ) on the catalog in the background. Returns the version that will serve."""
     serving = ModelVersion.objects.filter(
@@ -53,6 +60,103 @@ def model_version_bootstrap(*, name: str = "v0-baseline", code_bits: int = 256, 
     )
     dispatch.fit_baseline(version_id=version.pk)
     return version
+
+
+# --- refitting version 0 as the catalog grows ------------------------------------------------------------------------
+# Version 0's PCA and ITQ are fitted on a random sample of the catalog as it was: a catalog that has since grown
+# several times over (other merchants, other kinds of product) is described by directions fitted on a fraction of
+# it. A refit is a new version, fitted with the same recipe on a sample of today's catalog, evaluated on the golden
+# set and switched to like any other (the switch refuses it if it scores worse).
+FIT_METRICS_KEY = "fit"
+
+
+@dataclass(frozen=True)
+class RefitDue:
+    version: ModelVersion  # the baseline version whose fit is out of date
+    fitted_on: int  # usable catalog images when it was fitted
+    now: int  # usable catalog images today
+
+    @property
+    def growth(self) -> float:
+        return self.now / max(self.fitted_on, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"The catalog holds {self.now:,} images, {self.growth:.1f}x the {self.fitted_on:,} that "
+            f"{self.version.name} was fitted on"
+        )
+
+
+def baseline_fit_record(*, version: ModelVersion, catalog_images: int, sample: int) -> None:
+    """What a version 0 was fitted on (metrics["fit"]): what `baseline_refit_due` measures the catalog's growth by."""
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        locked.metrics = {**(locked.metrics or {}), FIT_METRICS_KEY: {"catalog_images": catalog_images,
+                                                                      "sample": sample}}  # fmt: skip
+        locked.save(update_fields=["metrics"])
+    version.metrics = locked.metrics
+
+
+def baseline_fitted_on(version: ModelVersion) -> int | None:
+    """Usable catalog images when this version 0 was fitted; None for a trained network or an unrecorded fit."""
+    if version.kind != ModelVersion.Kind.BASELINE:
+        return None
+    fit = (version.metrics or {}).get(FIT_METRICS_KEY) or {}
+    count = fit.get("catalog_images")
+    return int(count) if isinstance(count, int) and count > 0 else None
+
+
+def baseline_refit_due(*, version: ModelVersion | None = None, growth: float | None = None) -> RefitDue | None:
+    """The active version 0 (or `version`), if the catalog has grown `growth` times over (settings
+    BASELINE_REFIT_GROWTH) since it was fitted; None otherwise, and for a trained network."""
+    growth = settings.BASELINE_REFIT_GROWTH if growth is None else growth
+    version = version or selectors.model_version_active()
+    fitted_on = None if version is None else baseline_fitted_on(version)
+    if version is None or fitted_on is None or growth <= 0:
+        return None
+    now = selectors.images_usable_count()
+    return RefitDue(version=version, fitted_on=fitted_on, now=now) if now >= growth * fitted_on else None
+
+
+def model_version_refit_baseline(*, of: ModelVersion) -> ModelVersion:
+    """Fit a new version 0 with `of`'s recipe on a sample of today's catalog, in the background. It ends ready and
+    evaluated on the golden set, and search switches to it only through `model_version_switch` (an admin's action;
+    refused if it scores worse). One fit at a time: ValueError while another version 0 is being fitted."""
+    if of.kind != ModelVersion.Kind.BASELINE:
+        raise ValueError(f"{of.name} is a trained network: retrain it instead of refitting")
+    with transaction.atomic():
+        fitting = ModelVersion.objects.select_for_update().filter(
+            kind=ModelVersion.Kind.BASELINE, status=ModelVersion.Status.TRAINING
+        )
+        if busy := fitting.first():
+            raise ValueError(f"{busy.name} is being fitted already")
+        recipe = (of.config or {}).get("baseline") or {}
+        version = ModelVersion.objects.create(
+            name=f"v0-refit-{timezone.now():%Y%m%d%H%M%S}",
+            kind=ModelVersion.Kind.BASELINE,
+            status=ModelVersion.Status.TRAINING,
+            code_bits=of.code_bits,
+            fc7_dim=DEFAULT_BASELINE_FC7_DIM,  # (the fit clamps it to what the sample allows)
+            config={"baseline": recipe, "refit_of": of.pk},
+        )
+        dispatch.fit_baseline(version_id=version.pk)
+    return version
+
+
+def baseline_refit_if_due() -> ModelVersion | None:
+    """The periodic check (beat): start refitting the active version 0 when the catalog has outgrown its fit, unless
+    a fit is running or a refit of it is waiting for an admin's switch already."""
+    due = baseline_refit_due()
+    if due is None:
+        return None
+    waiting = ModelVersion.objects.filter(
+        kind=ModelVersion.Kind.BASELINE,
+        status__in=[ModelVersion.Status.TRAINING, ModelVersion.Status.READY, ModelVersion.Status.INDEXING],
+        config__refit_of=due.version.pk,
+    )
+    if waiting.exists() or ModelVersion.objects.filter(status=ModelVersion.Status.TRAINING).exists():
+        return None
+    return model_version_refit_baseline(of=due.version)
 
 
 def model_version_fail(*, version: ModelVersion, error: str) -> None:

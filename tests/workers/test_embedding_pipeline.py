@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from django.core.files.base import ContentFile
 from django.db import transaction
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from catalog import geometry, query_payload
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage
@@ -18,19 +18,7 @@ from workers import pipelines, tasks
 
 
 def _picture(seed: int) -> bytes:
-    """A distinct little product shot per seed: a coloured shape on a light background."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(200, 255, 3)))
-    draw = ImageDraw.Draw(image)
-    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
-    x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
-    if seed % 2:
-        draw.ellipse([x0, y0, x0 + 30, y0 + 36], fill=colour)
-    else:
-        draw.rectangle([x0, y0, x0 + 34, y0 + 28], fill=colour)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return factories.shape_png(seed, ellipse=(30, 36), rectangle=(34, 28))
 
 
 @pytest.mark.django_db(transaction=True)

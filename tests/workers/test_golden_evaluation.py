@@ -10,7 +10,6 @@ import pytest
 from django.core.files.base import ContentFile
 from django.core.management import call_command
 from django.db import transaction
-from PIL import Image, ImageDraw
 
 from catalog.models import ImageEmbedding, ImageKeypoints, ModelVersion, ProductImage, RecentQuery
 from catalog.services import golden, model_versions
@@ -22,27 +21,15 @@ from workers import pipelines
 PRODUCTS = 12
 
 
-def _picture(seed: int) -> bytes:
-    """A distinct little product shot per seed: a coloured shape on a light background."""
-    rng = np.random.default_rng(seed)
-    image = Image.new("RGB", (64, 64), tuple(int(v) for v in rng.integers(200, 255, 3)))
-    draw = ImageDraw.Draw(image)
-    colour = tuple(int(v) for v in rng.integers(0, 200, 3))
-    x0, y0 = (int(v) for v in rng.integers(4, 24, 2))
-    (draw.ellipse if seed % 2 else draw.rectangle)([x0, y0, x0 + 30, y0 + 34], fill=colour)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _catalog_and_version(tmp_path) -> ModelVersion:
     merchant = factories.merchant()
     for i in range(PRODUCTS):
         product = factories.product(merchant, sku=f"SKU-{i}", category="abc"[i % 3])
         row = ProductImage(product=product, sha256=f"{i:064d}")
-        row.file.save(f"p{i}.png", ContentFile(_picture(i)), save=True)
+        row.file.save(f"p{i}.png", ContentFile(factories.shape_png(i)), save=True)
     hidden = factories.product(merchant, sku="hidden", active=False)
-    ProductImage(product=hidden, sha256="f" * 64).file.save("hidden.png", ContentFile(_picture(99)), save=True)
+    hidden_image = ProductImage(product=hidden, sha256="f" * 64)
+    hidden_image.file.save("hidden.png", ContentFile(factories.shape_png(99)), save=True)
     checkpoint = save_tiny_checkpoint(tmp_path / "tiny.pt", spread_codes=True)
     return ModelVersion.objects.create(
         name="candidate", kind=ModelVersion.Kind.FASHIONNET, status=ModelVersion.Status.READY,
@@ -55,7 +42,8 @@ def test_a_version_is_evaluated_on_the_golden_set_by_a_real_worker(settings, tmp
     settings.MODELS_DIR = tmp_path
     version = _catalog_and_version(tmp_path)
     shopper_photo_of = factories.Product.objects.get(sku="SKU-3")
-    golden.golden_query_add(product=shopper_photo_of, photo=_picture(3))  # the catalog photo itself: must be found
+    # the catalog photo itself: must be found
+    golden.golden_query_add(product=shopper_photo_of, photo=factories.shape_png(3))
 
     with celery_worker_on("train"):
         with transaction.atomic():
@@ -178,7 +166,7 @@ def test_the_top10_overlap_on_recent_queries_compares_the_candidate_with_the_act
     merchant = factories.Merchant.objects.get(slug="acme")
     for seed in (1, 4, 7):
         query = RecentQuery(merchant=merchant if seed != 7 else None)
-        query.photo.save("q.png", ContentFile(_picture(seed)), save=True)
+        query.photo.save("q.png", ContentFile(factories.shape_png(seed)), save=True)
 
     overlap = pipelines.recent_overlap(version=candidate)
 
