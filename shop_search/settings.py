@@ -203,8 +203,9 @@ SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))
 # did not win on the validation split; docs/benchmarks.md).
 SEARCH_QUERY_EXPANSION = int(os.environ.get("SEARCH_QUERY_EXPANSION", "0"))
 SEARCH_QUERY_EXPANSION_ALPHA = float(os.environ.get("SEARCH_QUERY_EXPANSION_ALPHA", "3"))
-# The photo's best item box encoded too and mixed in with this weight (0 = off; catalog.search.item_fusion_weight)
-SEARCH_ITEM_FUSION = float(os.environ.get("SEARCH_ITEM_FUSION", "0"))
+# The photo's best item box encoded too and mixed in with this weight (0 = off; catalog.search.DEFAULT_ITEM_FUSION
+# says why 0.5)
+SEARCH_ITEM_FUSION = float(os.environ.get("SEARCH_ITEM_FUSION", "0.5"))
 # Version 0 is refitted (a new version, switched to by an admin) once the catalog holds this many times the images it
 # was fitted on (catalog.services.model_versions.baseline_refit_due; checked hourly by beat). 0 = never by itself.
 BASELINE_REFIT_GROWTH = float(os.environ.get("BASELINE_REFIT_GROWTH", "2"))

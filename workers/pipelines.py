@@ -30,6 +30,7 @@ from inference.localise import encode_with_item
 
 if TYPE_CHECKING:
     from catalog.query_payload import QueryEncoding
+    from catalog.search import SearchOptions
     from workers.ml.encoder import Encoder, Encoding
     from workers.ml.training import TrainConfig
 
@@ -539,8 +540,9 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     embedded = version_embed_catalog(version=version)
     outcomes: list[dict[str, Any]] = []
     scored: list[tuple[float, bool, int]] = []  # (a result's score, is it the query's product, query number)
-    # The cascade as served (verify per the server's SEARCH_VERIFY): the calibration is fitted on these scores and
-    # applied to the scores shoppers are served, so the two must come from the same stages.
+    # The cascade as served (verify per the server's SEARCH_VERIFY, item fusion per SEARCH_ITEM_FUSION): the
+    # calibration is fitted on these scores and applied to the scores shoppers are served, so the two must come from
+    # the same stages.
     options = SearchOptions(k=GOLDEN_K)
     verify = verify_enabled(options)
     photos = golden_query_photos(version=version)
@@ -548,7 +550,7 @@ def version_evaluate_golden(*, version_id: int) -> dict[str, Any]:
     key_of = selectors.product_merchant_skus(product_ids=[product_id for _, product_id, _, _ in photos])
     for source, product_id, merchant, photo in photos:
         encode_started = time.perf_counter()
-        encoding = _query_encoding(photo, version=version, keypoints=verify)
+        encoding = _query_encoding(photo, version=version, options=options)
         encode_ms = (time.perf_counter() - encode_started) * 1000
         result = search_encoding(encoding=encoding, version=version, options=options)
         ranked = [hit.product.pk for hit in result.hits]
@@ -611,11 +613,15 @@ def version_landmarks(*, version: ModelVersion) -> dict[str, Any] | None:
     return landmark_report(encoder, landmark_heldout_views())
 
 
-def _query_encoding(photo: bytes, *, version: ModelVersion, keypoints: bool) -> QueryEncoding:
-    """A query photo encoded here exactly as the search worker encodes it for a shopper."""
+def _query_encoding(photo: bytes, *, version: ModelVersion, options: SearchOptions) -> QueryEncoding:
+    """A query photo encoded here exactly as the search worker encodes it for a shopper searching with `options`
+    (local features if the verify stage runs, the best item box mixed in as item fusion says)."""
+    from catalog.search import item_fusion_weight, verify_enabled
+
     message = query_encode(
-        photo_message=query_payload.photo_to_message(photo), version_id=version.pk, keypoints=keypoints
-    )
+        photo_message=query_payload.photo_to_message(photo), version_id=version.pk,
+        keypoints=verify_enabled(options), item_weight=item_fusion_weight(options),
+    )  # fmt: skip
     return query_payload.encoding_from_message(message)
 
 
@@ -625,7 +631,7 @@ def recent_overlap(*, version: ModelVersion) -> dict[str, Any] | None:
     was): the mean share of the top 10 both return, and how often both put the same product first. None when
     there is no other active version or no sample. `version` has embedded the catalog (version_embed_catalog)."""
     from catalog.hamming.candidates import ProductFilter
-    from catalog.search import SearchOptions, search_encoding, verify_enabled
+    from catalog.search import SearchOptions, search_encoding
 
     active = selectors.model_version_active()
     queries = list(selectors.recent_queries())
@@ -643,7 +649,7 @@ def recent_overlap(*, version: ModelVersion) -> dict[str, Any] | None:
         results = []
         for merchant_id, photo in photos:
             options = SearchOptions(k=GOLDEN_K, product_filter=ProductFilter(merchant_id=merchant_id))
-            encoding = _query_encoding(photo, version=searched, keypoints=verify_enabled(options))
+            encoding = _query_encoding(photo, version=searched, options=options)
             results.append(
                 [hit.product.pk for hit in search_encoding(encoding=encoding, version=searched, options=options).hits]
             )

@@ -14,6 +14,7 @@ from catalog import dispatch, geometry, query_encoder, search
 from catalog.intake.images import image_validate
 from catalog.search import SearchOptions
 from catalog.services import model_versions
+from inference.localise import encode_with_item
 from tests.catalog.fitted import as_sent, fitted_version, photos, png
 from tests.ml.ml_helpers import assert_same_bits
 from workers.ml.encoder import Encoder as TorchEncoder
@@ -70,7 +71,10 @@ def test_the_worker_path_still_serves_when_selected_or_when_a_version_has_no_exp
 
     assert "keypoints" not in remote.timings_ms and remote.timings_ms["encode"] > 0  # one round trip
     # the worker encoded the small JPEG it was sent, exactly as this process encodes that JPEG
-    expected = query_encoder.query_encode(image=sent, version=version_zero, keypoints=True).encoding
+    served_fusion = search.item_fusion_weight(SearchOptions())  # both paths mix in the photo's best item box alike
+    expected = query_encoder.query_encode(
+        image=sent, version=version_zero, keypoints=True, item_weight=served_fusion
+    ).encoding
     assert remote.query.code.tobytes() == expected.code.tobytes() and np.allclose(remote.query.fc7, expected.fc7)
     assert remote.query.keypoints == expected.keypoints is not None
     assert fallback.encoder == "worker"  # no ONNX file yet: a worker encodes (and exports it for next time)
@@ -90,7 +94,10 @@ def test_a_switch_makes_the_web_encoder_use_the_new_version(settings, tmp_path, 
     assert query_encoder.loaded_version() == (newer.pk, newer.checkpoint)
     assert before.version.pk == version_zero.pk and after.version.pk == newer.pk
     assert after.query.model_version_id == newer.pk
-    expected = TorchEncoder.load(newer.checkpoint).encode([query_encoder.query_image(photo)])
+    expected, _, _ = encode_with_item(  # the photo and its best item box, as served
+        TorchEncoder.load(newer.checkpoint), query_encoder.query_image(photo),
+        weight=search.item_fusion_weight(SearchOptions()),
+    )  # fmt: skip
     assert after.query.code.tobytes() == expected.codes[0].tobytes()
     assert np.allclose(after.query.fc7, expected.fc7[0], atol=1e-5)
 
@@ -112,7 +119,9 @@ def test_the_search_s_fast_intake_gives_the_encoding_the_stored_copy_gave(versio
         photo.resize((2000, 1500), Image.Resampling.BICUBIC).save(buffer, format="JPEG", quality=90)
         data = buffer.getvalue()
         before = encoder.encode([query_encoder.query_image(image_validate(data).image)])
-        result = search.search_photo(data=data, options=SearchOptions(k=3, verify=False))
+        # the whole photo alone: a resampling difference may move the coarse item box by a map cell, and the fused
+        # encoding with it (item fusion as served: test_search_items, and the test above)
+        result = search.search_photo(data=data, options=SearchOptions(k=3, verify=False, item_fusion=0))
         after = result.query
         assert np.count_nonzero(np.unpackbits(np.bitwise_xor(after.code, before.codes[0]))) <= 2  # of 32 bits
         assert np.linalg.norm(after.fc7 - before.fc7[0]) <= 0.02 * np.linalg.norm(before.fc7[0])

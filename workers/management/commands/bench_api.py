@@ -11,10 +11,11 @@ second. JSON (`--out`) and a markdown table (stdout).
 
 `--fields verify=false` adds form fields to every search (here: no geometric re-rank). `--floors`, at concurrency 1,
 measures in this process, between two searches and on the same photo, what each stage of that search cannot beat:
-the version's network alone on the preprocessed photo (ONNX Runtime, one thread: the encode floor), reading as many
-codes as the server's index holds once (the coarse floor), and gathering, ranking exactly and sorting as many fc7
-vectors as that search's coarse stage handed on, from an array as large as the index's (the fine floor); the report
-puts the server's total next to the sum of those floors plus the server's own intake (ratio of medians).
+the version's network alone on the preprocessed photo, and on its best item box when the search fused one (ONNX
+Runtime, one thread: the encode floor), reading as many codes as the server's index holds once (the coarse floor),
+and gathering, ranking exactly and sorting as many fc7 vectors as that search's coarse stage handed on, from an
+array as large as the index's (the fine floor); the report puts the server's total next to the sum of those floors
+plus the server's own intake (ratio of medians).
 
 Needs the server's database (run this with the server's settings: same SHOP_SEARCH_VAR_DIR or DATABASE_URL), an
 active model version, and whatever encodes queries for the server (SEARCH_ENCODER).
@@ -33,6 +34,8 @@ from django.core.management.base import BaseCommand, CommandError
 from PIL import Image
 
 from catalog import selectors
+from inference.localise import ItemBox, crop_to
+from inference.preprocess import preprocess_batch
 from workers.management.search_load import search_load, warm_up
 
 
@@ -105,17 +108,14 @@ class StageFloors:
         from catalog import query_encoder
         from catalog.codes import version_sql
         from catalog.intake.images import image_query
-        from inference.preprocess import preprocess_batch
 
         encoder = query_encoder.encoder_for(version)
         if encoder is None:
             raise CommandError(f"{version} has no usable ONNX export: no encode floor")
         self.network = encoder.network
-        self.batches = [
-            preprocess_batch([image_query(photo, box=None, max_side=query_encoder.QUERY_MAX_SIDE)],
-                             encoder.preprocessing)[0]
-            for photo in photos
-        ]  # fmt: skip
+        self.preprocessing = encoder.preprocessing
+        self.images = [image_query(photo, box=None, max_side=query_encoder.QUERY_MAX_SIDE) for photo in photos]
+        self.batches = [preprocess_batch([image], encoder.preprocessing)[0] for image in self.images]
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT count(*) FROM catalog_imageembedding e JOIN catalog_product p ON p.id = e.product_id "
@@ -131,7 +131,14 @@ class StageFloors:
         self.times: dict[str, list[float]] = {"encode": [], "coarse": [], "fine": []}
 
     def measure(self, index: int, answer: dict) -> None:
-        self.times["encode"].append(_timed(lambda: self.network(self.batches[index])))
+        encode = _timed(lambda: self.network(self.batches[index]))
+        query = answer.get("query") or {}
+        if query.get("item_fused") and query.get("item_boxes"):  # the network ran on the photo's best box too
+            x0, y0, x1, y1 = query["item_boxes"][0]["box"]
+            box = ItemBox(x0, y0, x1, y1, score=1.0)
+            crop = preprocess_batch([crop_to(self.images[index], box)], self.preprocessing)[0]
+            encode += _timed(lambda: self.network(crop))
+        self.times["encode"].append(encode)
         self.times["coarse"].append(
             min(_timed(lambda: self.codes.sum()), _timed(lambda: np.bitwise_or.reduce(self.codes)))
         )
