@@ -88,6 +88,12 @@ class Command(BaseCommand):
             'item box), e.g. \'{"qe3": {"expansion": 3}}\'',
         )
         parser.add_argument(
+            "--catalog-side",
+            type=int,
+            default=None,
+            help="the longer side catalog keypoints are extracted at (default: geometry.CATALOG_SIDE, as ingest does)",
+        )
+        parser.add_argument(
             "--redis-db", type=int, default=BENCH_REDIS_DB, help="Redis database the bench's queued tasks land in"
         )
         parser.add_argument(
@@ -107,6 +113,8 @@ class Command(BaseCommand):
         )  # fmt: skip
         if options["checkpoint"]:
             argv += ["--checkpoint", str(options["checkpoint"].resolve())]
+        if options["catalog_side"]:
+            argv += ["--catalog-side", str(options["catalog_side"])]
         run_inside_bench_database(
             command="bench_retrieval", database=BENCH_DATABASE + options["database_suffix"], argv=argv,
             redis_db=options["redis_db"],
@@ -116,10 +124,13 @@ class Command(BaseCommand):
     # -- inside the bench database ----------------------------------------------------------------------------------
     def _benchmark(self, *, sizes: str, seeds: str, queries: int, strengths: str, split: str, out: Path,
                    checkpoint: Path | None, baseline: str, category_mode: str, variants: str,
-                   database_suffix: str = "", **_) -> None:  # fmt: skip
+                   database_suffix: str = "", catalog_side: int | None = None, **_) -> None:  # fmt: skip
         from celery import current_app
 
-        from catalog import search
+        from catalog import geometry, search
+
+        if catalog_side:  # this process embeds the catalog (pipelines.keypoints_store reads it at each call)
+            geometry.CATALOG_SIDE = catalog_side
         from workers.ml.datasets.real_photos import background_photos
 
         refuse_outside_bench_database(BENCH_DATABASE + database_suffix)
@@ -148,6 +159,7 @@ class Command(BaseCommand):
                 "split": split, "sizes": sizes, "seeds": seeds, "queries": queries, "strengths": strengths,
                 "model": str(checkpoint) if checkpoint else f"version 0 {baseline}", "cpus": os.cpu_count(),
                 "category_mode": category_mode, "variants": json.loads(variants),
+                "catalog_side": geometry.CATALOG_SIDE, "item_fusion": search.item_fusion_weight(search.SearchOptions()),
             },
             "results": summarise(runs),
             "coarse_curve": curve_summary(runs),
@@ -460,7 +472,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     config = report["config"]
     lines = [
         f"Model: {config['model']}; split: {config['split']}; seeds: {config['seeds']}; "
-        f"{config['queries']} held-out photos per strength and seed (mean ± spread over seeds).",
+        f"{config['queries']} held-out photos per strength and seed (mean ± spread over seeds); catalog keypoints at "
+        f"{config.get('catalog_side', '?')} px, item fusion {config.get('item_fusion', '?')}.",
         "",
         "| products | queries | source | R@1 | R@1 before verify | R@10 | MRR@10 | coarse recall | coarse passes "
         "| category right | encode ms | search ms |",
