@@ -168,7 +168,7 @@ def test_a_web_process_encodes_and_searches_in_process_without_loading_torch(set
     for the verify stage included) on a real version 0 export; torch and the worker side never load."""
     from django.db import connection
 
-    from catalog import query_encoder
+    from catalog import query_encoder, search
     from catalog.services import model_versions
     from tests.catalog.fitted import fitted_version, photos, png
 
@@ -193,7 +193,10 @@ def test_a_web_process_encodes_and_searches_in_process_without_loading_torch(set
 
     assert web["loaded"] == ["workers", "workers.apps"]  # no torch, nothing of the worker side
     assert web["encoder"] and {"encode", "keypoints", "verify"} <= set(web["timings"])
-    here = query_encoder.query_encode(image=query_encoder.query_image(photos(1, view=1)[0]), version=version)
+    here = query_encoder.query_encode(  # as served: the photo mixed with its best item box
+        image=query_encoder.query_image(photos(1, view=1)[0]), version=version,
+        item_weight=search.item_fusion_weight(search.SearchOptions()),
+    )  # fmt: skip
     assert web["code"] == here.encoding.code.tobytes().hex()
 
 
