@@ -87,10 +87,15 @@ def images_without_keypoints(*, image_ids: Sequence[int]) -> set[int]:
     return set(image_ids) - have
 
 
+def _usable_images() -> QuerySet[ProductImage]:
+    """Images that have not failed to decode."""
+    return ProductImage.objects.exclude(status=ProductImage.Status.FAILED)
+
+
 def images_usable(*, limit: int, seed: int | None = None) -> list[ProductImage]:
     """Up to `limit` images that have not failed to decode, with their products: the oldest first, or with a
     `seed` a uniform random sample (what a fit needs: the first ids are one merchant's first upload)."""
-    usable = ProductImage.objects.exclude(status=ProductImage.Status.FAILED)
+    usable = _usable_images()
     if seed is None:
         return list(usable.select_related("product").order_by("id")[:limit])
     ids = np.fromiter(usable.values_list("id", flat=True), dtype=np.int64)  # 8 bytes an image: 8 MB at 1M
@@ -100,7 +105,7 @@ def images_usable(*, limit: int, seed: int | None = None) -> list[ProductImage]:
 
 def images_usable_count() -> int:
     """Images that have not failed to decode: the catalog a version 0 is fitted on (`images_usable`)."""
-    return ProductImage.objects.exclude(status=ProductImage.Status.FAILED).count()
+    return _usable_images().count()
 
 
 def image_read(*, image: ProductImage) -> bytes:

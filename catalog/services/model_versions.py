@@ -149,12 +149,12 @@ def baseline_refit_if_due() -> ModelVersion | None:
     due = baseline_refit_due()
     if due is None:
         return None
+    if ModelVersion.objects.filter(status=ModelVersion.Status.TRAINING).exists():
+        return None  # a fit or a retrain is running
     waiting = ModelVersion.objects.filter(
-        kind=ModelVersion.Kind.BASELINE,
-        status__in=[ModelVersion.Status.TRAINING, ModelVersion.Status.READY, ModelVersion.Status.INDEXING],
-        config__refit_of=due.version.pk,
+        status__in=[ModelVersion.Status.READY, ModelVersion.Status.INDEXING], config__refit_of=due.version.pk
     )
-    if waiting.exists() or ModelVersion.objects.filter(status=ModelVersion.Status.TRAINING).exists():
+    if waiting.exists():
         return None
     return model_version_refit_baseline(of=due.version)
 

@@ -128,11 +128,10 @@ class Command(BaseCommand):
         from celery import current_app
 
         from catalog import geometry, search
+        from workers.ml.datasets.real_photos import background_photos
 
         if catalog_side:  # this process embeds the catalog (pipelines.keypoints_store reads it at each call)
             geometry.CATALOG_SIDE = catalog_side
-        from workers.ml.datasets.real_photos import background_photos
-
         refuse_outside_bench_database(BENCH_DATABASE + database_suffix)
         call_command("migrate", interactive=False, verbosity=0)
         try:
