@@ -43,4 +43,8 @@ if [ ! -f "$venv/.complete" ]; then
 fi
 flock -u 9
 ln -sfn "$venv" .venv
+# The C extension lives in the checkout (the venv is shared between checkouts): built here, in a second when it has
+# changed. Without a compiler the project still runs (the coarse stage falls back to faiss), so a failure only warns.
+"$venv/bin/python" scripts/build_native.py \
+    || echo ">> WARNING: the C range scan was not built; large catalogs' coarse stage will use faiss (slower)"
 echo ">> virtual environment ready: .venv -> $venv"

@@ -125,19 +125,22 @@ def shell_cut(*, sorted_distances: np.ndarray, depth: CandidateDepth, complete: 
         complete = complete or len(d) < len(sorted_distances)
     if len(d) == 0:
         return 0
-    ends = np.append(np.flatnonzero(np.diff(d)) + 1, len(d))
-    if not complete:
-        ends = ends[:-1]  # the last shell is partial
-    taken = 0
-    for end in ends:
-        if end > depth.max_count:
-            return taken or depth.max_count  # never overshoot; a lone huge first shell is truncated
-        taken = int(end)
-        if taken >= depth.min_count:
-            return taken
-    if taken == 0 and not complete:
-        return min(len(d), depth.max_count)  # only a partial first shell: some candidates beat none
-    return taken
+    # Shells are runs of equal distances: each is found by a binary search, not by walking the list.
+    if len(d) < depth.min_count:  # every shell here is needed; the last only if it is whole
+        taken = len(d) if complete else int(np.searchsorted(d, d[-1], side="left"))
+        if taken == 0 and not complete:
+            return min(len(d), depth.max_count)  # only a partial first shell: some candidates beat none
+        return taken
+    last = d[depth.min_count - 1]  # the shell that reaches min_count
+    end = int(np.searchsorted(d, last, side="right"))
+    if end == len(d) and not complete:  # that shell may go on past the list: it is not taken
+        end = -1
+    if end != -1 and end <= depth.max_count:
+        return end
+    start = int(np.searchsorted(d, last, side="left"))  # the shells before it
+    if start:
+        return start
+    return depth.max_count if end != -1 else min(len(d), depth.max_count)  # a lone first shell, truncated
 
 
 def _json_list(values: tuple[str, ...]) -> str:

@@ -1,5 +1,6 @@
 """The memory backend: one process's copy of the active version's packed codes, searched with faiss's Hamming
-kernel and kept in step with the database through the change log (catalog_indexchange) its triggers write."""
+kernels and the project's own range scan (`_scan.c`), and kept in step with the database through the change log
+(catalog_indexchange) its triggers write."""
 
 from __future__ import annotations
 
@@ -20,7 +21,17 @@ from catalog.codes import bitstring_pack, code_sql, version_sql
 from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, ProductFilter, shell_cut
 from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
 
+try:  # the range scan in C, built in place by scripts/build_native.py (scripts/venv.sh runs it)
+    from catalog.hamming import _scan as native_scan
+except ImportError:  # not built (no C compiler where the venv was made): faiss's range search does the same, slower
+    native_scan = None  # type: ignore[assignment]
+
 logger = logging.getLogger(__name__)
+if native_scan is None:
+    logger.warning(
+        "catalog/hamming/_scan.c is not built (python scripts/build_native.py): large catalogs' coarse stage uses "
+        "faiss's range search instead, ~1.4x slower"
+    )
 
 CHANGE_POLL_INTERVAL_S = 0.0  # every search polls (one primary-key range scan, ~0.2 ms): a change is seen at once
 CHANGE_BATCH = 10_000  # change rows read per round trip; a backlog beyond RELOAD_BACKLOG is cheaper as a reload
@@ -38,9 +49,10 @@ KNN_GROWTH = 8
 KNN_MAX_K = 8_192
 # On a large index the k-NN's per-distance id lists for thousands of rows cost about as much again as the scan. There,
 # the radius whose whole shells hold RANGE_MARGIN x min_count rows is first estimated from a fixed random sample of
-# the codes (RANGE_SAMPLE rows, ~0.04 ms), then one range search collects every row within it (~1.3x the time to read
-# the codes once at 1M, against ~1.9x for a k-NN of 4,000). An estimate that falls short costs that pass and the
-# k-NN answers; either way the answer is the same whole shells.
+# the codes (RANGE_SAMPLE rows, ~0.04 ms), then one range scan collects every row within it: `_scan.c` (AVX2, about
+# the time it takes numpy to read the codes once at 1M x 256 bits) or, where it is not built, faiss's range search
+# (~1.4x that). An estimate that falls short costs that pass and the k-NN answers; either way the answer is the same
+# whole shells.
 RANGE_MIN_ROWS = 200_000
 RANGE_SAMPLE = 16_384
 RANGE_MARGIN = 1.5
@@ -251,6 +263,8 @@ class MemoryCodeIndex:
 
             def visible_only(labels: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 """Drop the dead rows a pass without a selector returns, and the excluded product's."""
+                if not pad and excluded is None:
+                    return labels, distances
                 keep = np.ones(len(labels), bool)
                 if pad:
                     keep &= rows.alive[labels]
@@ -320,6 +334,8 @@ class MemoryCodeIndex:
         radius = int(np.searchsorted(estimated, RANGE_MARGIN * min_count))  # the first distance estimated to hold them
         if radius >= rows.code_bytes * 8:
             return None
+        if native_scan is not None:
+            return _within_radius(query, rows=rows, radius=radius, expected=int(estimated[radius]))
         result = faiss.RangeSearchResult(1)
         # faiss keeps the rows strictly nearer than its radius: radius + 1 takes the whole shell at `radius`.
         range_search: Any = getattr(faiss, "hamming_range_search")  # noqa: B009 (not in the stubs)
@@ -935,12 +951,29 @@ def _copy_version_rows(*, version_id: int, code_bits: int, fc7_dim: int) -> _Row
 _ID_BITS = 48  # embedding ids below 2**48 share one int64 sort key with their distance (< 2**15)
 
 
+def _within_radius(query: np.ndarray, *, rows: Any, radius: int, expected: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row within `radius` of the query and its distance, in row order (`_scan.c`). The arrays are sized for
+    twice the rows the sample expects; the rare query with more is scanned again with room for all of them."""
+    room = 2 * expected + 64
+    while True:
+        labels = np.empty(room, np.int64)
+        distances = np.empty(room, np.int32)
+        assert native_scan is not None
+        found = native_scan.within_radius(rows.codes, rows.size, query, radius, labels, distances)
+        if found <= room:
+            return labels[:found], distances[:found]
+        room = found
+
+
 def _by_distance_then_id(distances: np.ndarray, embedding_ids: np.ndarray) -> np.ndarray:
     """The order of candidates by distance, then embedding id: one int64 key sorted (a third of np.lexsort's time
     on the ~4,000 candidates of a large shop)."""
     if len(embedding_ids) and int(embedding_ids.max()) >= 1 << _ID_BITS:
         return np.lexsort((embedding_ids, distances))
-    return np.argsort((distances.astype(np.int64) << _ID_BITS) | embedding_ids)
+    keys = (distances.astype(np.int64) << _ID_BITS) | embedding_ids
+    if len(keys) < 2 or bool((keys[1:] > keys[:-1]).all()):
+        return np.arange(len(keys))  # already in order: a range scan's rows by distance when ids follow the rows
+    return np.argsort(keys)
 
 
 def _complete_shell_rows(sorted_distances: np.ndarray) -> int:

@@ -114,13 +114,20 @@ def _loaded_index(*, rng: np.random.Generator, size: int, code_bits: int) -> mem
     return index
 
 
-@pytest.mark.parametrize("range_min_rows", [memory.RANGE_MIN_ROWS, 0], ids=["as-served", "range-search-always"])
+@pytest.mark.parametrize(
+    ("range_min_rows", "range_scan"),
+    [(memory.RANGE_MIN_ROWS, "native"), (0, "native"), (0, "faiss")],
+    ids=["as-served", "range-scan-always", "faiss-range-search-always"],
+)
 @pytest.mark.parametrize("seed", range(60))
-def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed, range_min_rows, monkeypatch):
-    """The counting k-NN pass (with its growth, post-filter and bitmap selector), and the range search at an
-    estimated radius that large indexes use first, answer exactly what the full distance pass with its histogram
-    answers: same rows, radius, exhaustiveness and searched rows."""
+def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed, range_min_rows, range_scan, monkeypatch):
+    """The counting k-NN pass (with its growth, post-filter and bitmap selector), and the range scan at an
+    estimated radius that large indexes use first (the project's C scan, and faiss's range search where it is not
+    built), answer exactly what the full distance pass with its histogram answers: same rows, radius,
+    exhaustiveness and searched rows."""
     monkeypatch.setattr(memory, "RANGE_MIN_ROWS", range_min_rows)
+    if range_scan == "faiss":
+        monkeypatch.setattr(memory, "native_scan", None)
     rng = np.random.default_rng(seed)
     code_bits = int(rng.choice([32, 64, 256]))
     size = int(rng.choice([1, 40, 3_000, 30_000]))
@@ -149,6 +156,62 @@ def test_the_knn_pass_takes_the_same_shells_as_the_full_scan(seed, range_min_row
     assert np.array_equal(fast.distances, full.distances)
     if len(full) and (full.distances[-1] != full.distances[0] or len(full) < depth.max_count):
         assert np.array_equal(fast.embedding_ids, full.embedding_ids)  # (a truncated lone shell may differ)
+
+
+def test_the_range_scan_is_built():
+    """scripts/venv.sh builds the C range scan (scripts/build_native.py); without it large catalogs fall back to
+    faiss, slower, and this environment would not be the one the README's commands make."""
+    assert memory.native_scan is not None, "catalog/hamming/_scan.c is not built: run python scripts/build_native.py"
+
+
+@pytest.mark.parametrize("code_bits", [8, 24, 64, 72, 256, 512, 1024])
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 5, 1_001])
+def test_the_range_scan_finds_every_row_within_the_radius(code_bits, size):
+    """Every code length (the AVX2 path takes multiples of 32 bytes four rows at a time, the scalar loop the rest
+    and the last rows), radii from 0 to the whole code, and fewer result slots than rows found."""
+    rng = np.random.default_rng(code_bits * 10_007 + size)
+    codes = rng.integers(0, 256, (size + 3, code_bits // 8), dtype=np.uint8)  # (rows past `size` are not scanned)
+    query = rng.integers(0, 256, code_bits // 8, dtype=np.uint8)
+    codes[: size // 2] ^= rng.random((size // 2, code_bits // 8)) < 0.9  # near and far rows
+    codes[-1] = ~query  # the farthest code possible, past `size`
+    if size:
+        codes[size - 1] = ~query
+    distances = np.unpackbits(codes[:size] ^ query, axis=1).sum(axis=1)
+    for radius in (0, code_bits // 4, code_bits // 2, code_bits - 1, code_bits):
+        want = np.flatnonzero(distances <= radius)
+        found_rows, found_distances = np.empty(size, np.int64), np.empty(size, np.int32)
+        count = memory.native_scan.within_radius(codes, size, query, radius, found_rows, found_distances)
+        assert count == len(want)
+        assert np.array_equal(found_rows[:count], want)
+        assert np.array_equal(found_distances[:count], distances[want])
+        one_slot = np.zeros(1, np.int64), np.zeros(1, np.int32)
+        assert memory.native_scan.within_radius(codes, size, query, radius, *one_slot) == len(want)
+        if len(want):
+            assert (one_slot[0][0], one_slot[1][0]) == (want[0], distances[want[0]])
+
+
+def test_the_range_scan_rejects_arrays_that_do_not_fit():
+    codes = np.zeros((10, 32), np.uint8)
+    rows, distances = np.empty(10, np.int64), np.empty(10, np.int32)
+    with pytest.raises(ValueError):
+        memory.native_scan.within_radius(codes, 11, np.zeros(32, np.uint8), 5, rows, distances)  # rows past the end
+    with pytest.raises(ValueError):
+        memory.native_scan.within_radius(codes, 10, np.zeros(32, np.uint8), -1, rows, distances)
+    with pytest.raises(ValueError):
+        memory.native_scan.within_radius(codes, 10, np.zeros(0, np.uint8), 5, rows, distances)
+    with pytest.raises(TypeError):
+        memory.native_scan.within_radius(codes, 10, np.zeros(32, np.uint8), 5, bytes(80), distances)  # read-only
+
+
+def test_a_range_scan_finding_more_rows_than_expected_is_run_again_with_room_for_all():
+    rng = np.random.default_rng(3)
+    index = _loaded_index(rng=rng, size=5_000, code_bits=256)
+    query = index._rows.codes[:1].copy()
+    labels, distances = memory._within_radius(query, rows=index._rows, radius=128, expected=0)  # room for 64
+    reference = np.unpackbits(index._rows.codes[: index._rows.size] ^ query, axis=1).sum(axis=1)
+    assert len(labels) > 64
+    assert np.array_equal(labels, np.flatnonzero(reference <= 128))
+    assert np.array_equal(distances, reference[labels])
 
 
 LATER_CHANGES = 1_500  # more than the 1,000 ids the catch-up used to look back
