@@ -102,8 +102,12 @@ class Command(BaseCommand):
         refuse_outside_bench_database(BENCH_DATABASE)
         call_command("migrate", interactive=False, verbosity=0)
         _relax_table_defaults()
-        size_list = sorted(int(s) for s in sizes.split(","))
-        data = SyntheticCatalog.make(size=size_list[-1], code_bits=code_bits, fc7_dim=fc7_dim, seed=seed)
+        size_list = sorted(int(s) for s in sizes.split(",") if s.strip())  # none: only the codes-only sizes
+        data = (
+            SyntheticCatalog.make(size=size_list[-1], code_bits=code_bits, fc7_dim=fc7_dim, seed=seed)
+            if size_list
+            else None
+        )
         merchant = Merchant.objects.create(name="Bench", slug="bench")
         version = ModelVersion.objects.create(
             name="bench", code_bits=code_bits, fc7_dim=fc7_dim, status=ModelVersion.Status.ACTIVE
@@ -121,6 +125,7 @@ class Command(BaseCommand):
         for size in size_list:
             _drop_hnsw(version)  # inserting into a live HNSW graph row by row is far slower than building it afterwards
             started = time.perf_counter()
+            assert data is not None
             _copy_rows(data=data, start=loaded, stop=size, merchant_id=merchant.pk, version_id=version.pk)
             load_s = time.perf_counter() - started
             loaded = size
