@@ -134,7 +134,7 @@ static PyObject *within_radius(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     const Py_ssize_t code_bytes = query.len;
-    if (code_bytes <= 0 || rows < 0 || codes.len < rows * code_bytes) {
+    if (code_bytes <= 0 || rows < 0 || rows > codes.len / code_bytes) { /* (a division: no product to overflow) */
         PyErr_SetString(PyExc_ValueError, "codes must hold `rows` codes as long as the query");
         goto done;
     }

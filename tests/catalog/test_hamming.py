@@ -196,6 +196,8 @@ def test_the_range_scan_rejects_arrays_that_do_not_fit():
     with pytest.raises(ValueError):
         memory.native_scan.within_radius(codes, 11, np.zeros(32, np.uint8), 5, rows, distances)  # rows past the end
     with pytest.raises(ValueError):
+        memory.native_scan.within_radius(codes, 2**62, np.zeros(32, np.uint8), 5, rows, distances)  # no overflow
+    with pytest.raises(ValueError):
         memory.native_scan.within_radius(codes, 10, np.zeros(32, np.uint8), -1, rows, distances)
     with pytest.raises(ValueError):
         memory.native_scan.within_radius(codes, 10, np.zeros(0, np.uint8), 5, rows, distances)
