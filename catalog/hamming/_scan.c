@@ -84,8 +84,11 @@ scan_avx2_chunks(const uint8_t *codes, Py_ssize_t rows, Py_ssize_t chunks, const
     const Py_ssize_t row_bytes = 32 * chunks, whole = rows - rows % 4;
     for (Py_ssize_t row = 0; row < whole; row += 4) {
         __m256i sums[4];
-        for (Py_ssize_t line = 0; line < 4 * row_bytes; line += 64) /* (past the end: a prefetch never faults) */
-            _mm_prefetch((const char *)(codes + row * row_bytes + PREFETCH_BYTES + line), _MM_HINT_T0);
+        /* Ahead of the rows being counted; past the end of the codes near the last rows, which is harmless: a
+         * prefetch never faults (the address is formed as an integer, not as a pointer past the array). */
+        for (Py_ssize_t line = 0; line < 4 * row_bytes; line += 64)
+            _mm_prefetch((const char *)((uintptr_t)codes + (uintptr_t)(row * row_bytes + PREFETCH_BYTES + line)),
+                         _MM_HINT_T0);
         for (int r = 0; r < 4; r++) {
             const uint8_t *code = codes + (row + r) * row_bytes;
             __m256i counts = zero;
