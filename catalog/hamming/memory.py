@@ -22,7 +22,7 @@ from catalog.hamming.candidates import CandidateDepth, CoarseCandidates, Product
 from catalog.hamming.cards import DEFAULT_CAPACITY, CardCache
 
 try:  # the range scan in C, built in place by scripts/build_native.py (scripts/venv.sh runs it)
-    from catalog.hamming import _scan as native_scan
+    import catalog.hamming._scan as native_scan
 except ImportError:  # not built (no C compiler where the venv was made): faiss's range search does the same, slower
     native_scan = None  # type: ignore[assignment]
 
