@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from setuptools import Distribution, Extension
+from setuptools import Distribution, Extension  # (in every Python 3.11 venv, and a dependency of torch)
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTENSIONS = [
