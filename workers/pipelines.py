@@ -705,16 +705,20 @@ def golden_split(product_key: str) -> str:
     return GOLDEN_SPLITS[zlib.crc32(product_key.encode()) % 2]
 
 
-def golden_epoch_validator(export: Sequence[Any], label_space: Any = None) -> Callable[..., dict]:
+def golden_epoch_validator(export: Sequence[Any], label_space: Any = None) -> Callable[..., dict] | None:
     """train()'s per-epoch check, on which a run chooses its checkpoint: held-out shopper views (the golden set's
     seed and strength) of the validation part's products of the catalog being trained on, searched in memory among
     the products' main photos (workers.ml.evaluation's cascade on the network as it is after the epoch). The numbers
     a switch is decided on come from version_evaluate_golden through the real cascade once the version is
     registered. `label_space`: the network's, when it is wider than the export's (rendered products mixed in: the
-    export's names come first)."""
+    export's names come first). None when no product falls in the validation part (a shop of a few products):
+    the run then keeps its last epoch, as a run without selection does."""
     from workers.ml.evaluation import retrieval_validator
 
     gallery, queries = golden_epoch_sets(export)["validation"]
+    if not queries:
+        logger.warning("no catalog product falls in the golden set's validation part: the run keeps its last epoch")
+        return None
     return retrieval_validator(gallery, queries, label_space or export.label_space)  # type: ignore[attr-defined]
 
 

@@ -5,6 +5,7 @@ admin's decision (catalog.services.model_versions.model_version_switch)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,10 @@ def training_run_cancelled(*, run: TrainingRun) -> None:
 
 
 def training_run_progress(*, run: TrainingRun, progress: float, epoch_metrics: list[dict[str, Any]]) -> None:
+    """The run's fraction done and per-epoch metrics; a metric that is not a finite number (a diverged loss, an
+    empty evaluation's mean) is saved as null: JSON has no NaN, and PostgreSQL refuses it."""
     run.progress = progress
-    run.epoch_metrics = epoch_metrics
+    run.epoch_metrics = _finite_or_none(epoch_metrics)
     run.save(update_fields=["progress", "epoch_metrics"])
 
 
@@ -101,3 +104,14 @@ def training_run_finish(
         run.finished_at = timezone.now()
         run.save(update_fields=["state", "progress", "model_version", "finished_at", "epoch_metrics"])
     return version
+
+
+def _finite_or_none(value: Any) -> Any:
+    """`value` with every non-finite float in it (lists and dicts included) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value

@@ -155,3 +155,35 @@ def test_a_run_mixes_rendered_products_into_the_catalog_unless_it_chooses_otherw
     default = pipelines.retrain_dataset({}, tmp_path)
     assert default == {"name": "catalog-export", "directory": str(tmp_path), "mix_rendered": 0.25}
     assert pipelines.retrain_dataset({"dataset": {"mix_rendered": 0}}, tmp_path)["mix_rendered"] == 0.0
+
+
+@pytest.mark.django_db
+def test_a_shop_with_no_product_in_the_golden_validation_part_still_trains(settings, tmp_path):
+    """Which golden part a product's views fall in is a hash of "<merchant id>/<sku>": a shop of a few products can
+    have none in the validation part. The run then has no per-epoch check to choose on and keeps its last epoch (it
+    used to save the empty check's NaN R@1, which PostgreSQL's JSON refuses, and fail)."""
+    settings.MODELS_DIR = tmp_path
+    merchant = factories.merchant()
+    skus = [sku for sku in (f"T{i}" for i in range(64)) if pipelines.golden_split(f"{merchant.pk}/{sku}") == "test"]
+    rng = np.random.default_rng(0)
+    for i, sku in enumerate(skus[:4]):
+        product = factories.product(merchant, sku=sku, category="dress" if i % 2 else "bag", attributes=["red"])
+        factories.image(product, f"p{i}", color=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    run = TrainingRun.objects.create(config={**TINY_RUN, "dataset": {"mix_rendered": 0}})
+
+    pipelines.training_run_execute(run_id=run.pk)
+
+    run.refresh_from_db()
+    assert run.state == TrainingRun.State.DONE, run.log
+    assert _version(run).status == ModelVersion.Status.READY
+    assert [m["epoch"] for m in run.epoch_metrics] == list(range(TINY_RUN["epochs"]))  # no start row: no selection
+    assert not any("golden_r1_cascade" in m for m in run.epoch_metrics)
+
+
+@pytest.mark.django_db
+def test_a_metric_that_is_not_a_number_is_saved_as_null():
+    run = TrainingRun.objects.create(config=TINY_RUN)
+    rows = [{"epoch": 0, "loss": float("nan"), "parts": {"hash": float("inf"), "ok": 0.5}, "list": [float("-inf")]}]
+    training.training_run_progress(run=run, progress=0.5, epoch_metrics=rows)
+    run.refresh_from_db()
+    assert run.epoch_metrics == [{"epoch": 0, "loss": None, "parts": {"hash": None, "ok": 0.5}, "list": [None]}]

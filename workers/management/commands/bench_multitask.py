@@ -90,7 +90,8 @@ class Command(BaseCommand):
 
         def validate(model, prep) -> dict:  # after every epoch: the shop's golden check and the landmark PCK
             report = landmark_report(Encoder.from_model(model, label_space=data.label_space, preprocessing=prep), views)
-            return {**golden(model, prep), "landmark_pck": report["pck"] if report else None}
+            shop = golden(model, prep) if golden is not None else {}
+            return {**shop, "landmark_pck": report["pck"] if report else None}
 
         started = time.perf_counter()
         path = train(config, records=data.records, label_space=data.label_space, validate=validate)
