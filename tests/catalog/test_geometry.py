@@ -88,6 +88,23 @@ def test_the_same_product_seen_from_elsewhere_has_many_inliers_another_product_f
     assert geometry.verify_many(query, [None]) == [None]  # no stored features: not verified
 
 
+def test_root_sift_compares_histograms_by_hellinger_distance():
+    rng = np.random.default_rng(0)
+    descriptors = rng.integers(0, 120, (5, geometry.DESCRIPTOR_BYTES)).astype(np.uint8)
+    descriptors[4] = 0  # a descriptor of a blank patch: stays zeros, not NaN
+    rooted = geometry.root_sift(descriptors)
+
+    assert rooted.dtype == np.float32 and rooted.shape == descriptors.shape
+    np.testing.assert_allclose(np.linalg.norm(rooted[:4], axis=1), 1.0, rtol=1e-6)  # unit length: sqrt of an L1 unit
+    assert not rooted[4].any()
+    # squared Euclidean distance = 2 - 2 x the Bhattacharyya coefficient of the two normalised histograms
+    p, q = (descriptors[i] / descriptors[i].sum() for i in (0, 1))
+    assert np.sum((rooted[0] - rooted[1]) ** 2) == pytest.approx(2 - 2 * np.sum(np.sqrt(p * q)), rel=1e-5)
+    # a descriptor and the same histogram at another scale (another contrast) are the same point
+    even = (descriptors[:1] // 2 * 2).astype(np.uint8)
+    np.testing.assert_allclose(geometry.root_sift(even), geometry.root_sift(even // 2), atol=1e-6)
+
+
 @pytest.mark.parametrize("stored_side", [geometry.CATALOG_SIDE, geometry.QUERY_SIDE, 320])
 def test_catalog_features_stored_at_any_side_verify_the_same_product(stored_side):
     # Rows written before CATALOG_SIDE changed keep their side (in the packed header): RANSAC's tolerance follows it.
