@@ -4,10 +4,10 @@ The search's verify stage (catalog.search) asks: does the shopper's photo show t
 catalog image, seen from somewhere else? SIFT keypoints of both (grey, the longer side scaled to CATALOG_SIDE px for a
 catalog image, QUERY_SIDE px for the shopper's photo), nearest-neighbour matches of their RootSIFT forms
 (`root_sift`) that pass Lowe's ratio test, and a robust (USAC) homography: the matches it explains are the
-**inliers**. A different product rarely gets past MIN_MATCHES (99% of look-alikes among the top 20 end with at
-most 6 inliers on the held-out validation photos); the same product gets tens on a clear view, and on the harsh
-held-out photos (small, tilted, blurred, on clutter) often a few, often none: verification lifts some of them, never
-hurts much.
+**inliers**. A different product rarely gets far past MIN_MATCHES (99% of the hardest look-alikes end with at most 8
+inliers on the held-out validation photos, 11 with raw SIFT: `manage.py bench_verify`); the same product gets tens
+on a clear view, and on the harsh held-out photos (small, tilted, blurred, on clutter) often a few, often none:
+verification lifts some of them, never hurts much.
 
 Who runs what: the embedding worker extracts and packs a catalog image's features once (they depend on the image
 alone, not on a model version); the shopper's photo has its features extracted where it is encoded (in the web

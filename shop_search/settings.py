@@ -197,7 +197,7 @@ SEARCH_ENCODER_THREADS = int(os.environ.get("SEARCH_ENCODER_THREADS", "1"))
 SEARCH_SLOW_MS = float(os.environ.get("SEARCH_SLOW_MS", "250"))
 # Geometric verification of the top candidates (catalog.geometry): the default of the search API's `verify` switch.
 SEARCH_VERIFY = env_bool("SEARCH_VERIFY", True)
-SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "20"))  # N: how many the verify stage checks
+SEARCH_VERIFY_CANDIDATES = int(os.environ.get("SEARCH_VERIFY_CANDIDATES", "30"))  # N: how many the verify stage checks
 # α query expansion in the fine stage (catalog.search.expanded_query): the query's fc7 joined by its first n products'
 # best images, weighted by similarity ** alpha, then the same candidates ranked again. 0 = off (bench_retrieval: it
 # did not win on the validation split; docs/benchmarks.md).
