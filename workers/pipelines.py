@@ -715,16 +715,20 @@ def golden_epoch_validator(export: Sequence[Any], label_space: Any = None) -> Ca
     the run then keeps its last epoch, as a run without selection does."""
     from workers.ml.evaluation import retrieval_validator
 
-    gallery, queries = golden_epoch_sets(export)["validation"]
+    gallery, queries = golden_epoch_sets(export, splits=("validation",))["validation"]
     if not queries:
         logger.warning("no catalog product falls in the golden set's validation part: the run keeps its last epoch")
         return None
     return retrieval_validator(gallery, queries, label_space or export.label_space)  # type: ignore[attr-defined]
 
 
-def golden_epoch_sets(export: Sequence[Any]) -> dict[str, tuple[list[Any], list[Any]]]:
-    """Per golden split: (gallery, queries) for the in-memory check: the main photos of up to GOLDEN_EPOCH_GALLERY
-    products, and held-out views of up to GOLDEN_SAMPLE_PRODUCTS of them from that split."""
+def golden_epoch_sets(
+    export: Sequence[Any], splits: Sequence[str] = GOLDEN_SPLITS
+) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Per golden split in `splits`: (gallery, queries) for the in-memory check: the main photos of up to
+    GOLDEN_EPOCH_GALLERY products, and held-out views of up to GOLDEN_SAMPLE_PRODUCTS of them from that split. A
+    split left out is not rendered (a run's per-epoch check needs only the validation part's views), and the others'
+    queries are the same either way."""
     from workers.ml.heldout_queries import heldout_query
     from workers.ml.records import Record
 
@@ -739,8 +743,11 @@ def golden_epoch_sets(export: Sequence[Any]) -> dict[str, tuple[list[Any], list[
     sets = {}
     for split in GOLDEN_SPLITS:
         members = [i for i, record in enumerate(gallery) if golden_split(str(record.extra.get("sku", ""))) == split]
+        chosen_members = rng.choice(members, size=min(GOLDEN_SAMPLE_PRODUCTS, len(members)), replace=False)
+        if split not in splits:
+            continue  # (drawn all the same: the next split's draw does not depend on which splits are asked for)
         queries = []
-        for chosen in rng.choice(members, size=min(GOLDEN_SAMPLE_PRODUCTS, len(members)), replace=False):
+        for chosen in chosen_members:
             record = gallery[int(chosen)]
             query_rng = np.random.default_rng([GOLDEN_SEED, int(record.instance_id)])
             others = query_rng.choice(len(gallery), size=min(GOLDEN_OCCLUDERS, len(gallery)), replace=False)

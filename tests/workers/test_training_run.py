@@ -187,3 +187,41 @@ def test_a_metric_that_is_not_a_number_is_saved_as_null():
     training.training_run_progress(run=run, progress=0.5, epoch_metrics=rows)
     run.refresh_from_db()
     assert run.epoch_metrics == [{"epoch": 0, "loss": None, "parts": {"hash": None, "ok": 0.5}, "list": [None]}]
+
+
+class _Export(list):
+    """What golden_epoch_sets reads of a catalog export: records by index, and (product number, path) items."""
+
+    @property
+    def items(self) -> list[tuple[int, str]]:
+        return [(record.instance_id, f"{index}.png") for index, record in enumerate(self)]
+
+
+def test_the_per_epoch_check_renders_only_the_validation_part_s_views(monkeypatch):
+    from PIL import Image
+
+    import workers.ml.heldout_queries as heldout_queries
+    from workers.ml.records import Record
+
+    rng = np.random.default_rng(0)
+    export = _Export(
+        Record(image=Image.new("RGB", (48, 48), tuple(int(v) for v in rng.integers(0, 200, 3))), instance_id=i,
+               extra={"sku": f"1/S{i}"})
+        for i in range(24)
+    )  # fmt: skip
+    both = pipelines.golden_epoch_sets(export)
+    rendered = []
+    real_heldout_query = heldout_queries.heldout_query
+
+    def counting(*args, **kwargs):
+        rendered.append(1)
+        return real_heldout_query(*args, **kwargs)
+
+    monkeypatch.setattr(heldout_queries, "heldout_query", counting)
+    validation_only = pipelines.golden_epoch_sets(export, splits=("validation",))
+
+    assert set(both) == {"validation", "test"} and set(validation_only) == {"validation"}
+    assert len(both["test"][1]) > 0 and len(rendered) == len(both["validation"][1]) > 0  # the test part: not rendered
+    same, alone = both["validation"][1], validation_only["validation"][1]
+    assert [q.instance_id for q in same] == [q.instance_id for q in alone]
+    assert all(np.array_equal(np.asarray(a.image), np.asarray(b.image)) for a, b in zip(same, alone, strict=True))
